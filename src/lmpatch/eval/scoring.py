@@ -1,0 +1,206 @@
+"""Teacher-forced scoring and greedy generation: the only two ways metrics read a model.
+
+Every metric (token accuracy, probability comparison, locality agreement) is derived
+from :func:`score_targets`, so they cannot disagree about tokenisation, padding or
+normalisation. Three choices make the numbers independent of how a run was batched:
+
+* prompt and target are joined as *ID lists* built by :func:`lmpatch.tokens.prompt_target`
+  on the chat-wrapped prompt, never by re-tokenising a glued string (METHODS §4.1);
+* target positions are computed per row from the real lengths and the padding side, and
+  left-padded rows get position ids from the attention mask (METHODS §4.3), so batch
+  size and padding side change nothing beyond float rounding;
+* the vocabulary projection runs only at the gathered target positions (a batch of
+  prompts never materialises a ``batch x length x vocab`` tensor), and the softmax is
+  taken in float32 whatever the model dtype.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from lmpatch.model.loading import LoadedModel
+from lmpatch.tokens import PromptTarget, encode, pad_left, pad_right, prompt_target
+
+PADDING_SIDES = ("right", "left")
+
+
+@dataclass(frozen=True)
+class TargetScore:
+    """Per-token view of how a model reads ``target`` after ``prompt``.
+
+    ``logprobs[i]`` is log P(target[i] | prompt, target[:i]); ``argmax[i]`` is the token
+    the model ranks first at that same position. Everything else is derived from these.
+    """
+
+    logprobs: list[float]
+    argmax: list[int]
+    target: list[int]
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.target)
+
+    @property
+    def mean_logprob(self) -> float:
+        """Length-normalised log-likelihood (ROME's per-token NLL, negated)."""
+        return sum(self.logprobs) / len(self.logprobs)
+
+    @property
+    def prob(self) -> float:
+        """exp(mean_logprob): the per-token geometric-mean probability ROME compares."""
+        return math.exp(self.mean_logprob)
+
+    @property
+    def token_accuracy(self) -> float:
+        """Fraction of target positions where the argmax is the target token (EasyEdit)."""
+        return sum(a == t for a, t in zip(self.argmax, self.target)) / len(self.target)
+
+
+def encode_pairs(model: LoadedModel, pairs: Sequence[tuple[str, str]]) -> list[PromptTarget]:
+    """Prompt and target IDs exactly as scored (chat wrapping included)."""
+    tok = model.tokenizer
+    return [prompt_target(tok, model.format_prompt(prompt), target) for prompt, target in pairs]
+
+
+def _pad_id(model: LoadedModel) -> int:
+    tok = model.tokenizer
+    return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+
+def _input_device(model: LoadedModel) -> torch.device:
+    """Where token IDs must go: the embedding's device (differs from others under device_map)."""
+    return model.model.get_input_embeddings().weight.device
+
+
+@torch.inference_mode()
+def score_targets(
+    model: LoadedModel,
+    pairs: Sequence[tuple[str, str]],
+    batch_size: int = 16,
+    padding_side: str = "right",
+) -> list[TargetScore]:
+    """Teacher-forced log-probabilities and argmaxes of each target after its prompt.
+
+    ``pairs`` are ``(prompt, target)``; results come back in the same order. Sequences
+    are sorted by length before batching so rows in a batch waste little padding.
+    """
+    if padding_side not in PADDING_SIDES:
+        raise ValueError(f"padding_side must be one of {PADDING_SIDES}, got {padding_side!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    encoded = encode_pairs(model, pairs)
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].ids), reverse=True)
+    results: list[TargetScore | None] = [None] * len(encoded)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        for i, score in zip(chunk, _score_batch(model, [encoded[i] for i in chunk], padding_side)):
+            results[i] = score
+    return results  # type: ignore[return-value]
+
+
+def _score_batch(model: LoadedModel, items: list[PromptTarget], padding_side: str) -> list[TargetScore]:
+    seqs = [it.ids for it in items]
+    pad = pad_right if padding_side == "right" else pad_left
+    ids, mask = pad(seqs, _pad_id(model))
+    width = ids.shape[1]
+    device = _input_device(model)
+    ids, mask = ids.to(device), mask.to(device)
+    kwargs = {"input_ids": ids, "attention_mask": mask, "use_cache": False}
+    if padding_side == "left":
+        # Real tokens must see positions 0..n-1 whatever padding precedes them.
+        kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = model.spec.base_model(model.model)(**kwargs)
+    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+    # Row r's target token j sits at offset + P + j and is predicted at offset + P + j - 1.
+    rows, cols = [], []
+    for r, it in enumerate(items):
+        offset = 0 if padding_side == "right" else width - len(it.ids)
+        first = offset + len(it.prompt_ids) - 1
+        rows.extend([r] * len(it.target_ids))
+        cols.extend(range(first, first + len(it.target_ids)))
+    rows_t = torch.tensor(rows, device=hidden.device)
+    cols_t = torch.tensor(cols, device=hidden.device)
+    h = hidden[rows_t, cols_t]
+    logits = model.spec.logits(model.model, h).float()
+    logp = torch.log_softmax(logits, dim=-1)
+    targets = torch.tensor([t for it in items for t in it.target_ids], device=logp.device)
+    picked = logp.gather(1, targets[:, None])[:, 0].cpu().tolist()
+    best = logp.argmax(-1).cpu().tolist()
+
+    scores, k = [], 0
+    for it in items:
+        n = len(it.target_ids)
+        scores.append(TargetScore(logprobs=picked[k : k + n], argmax=best[k : k + n], target=list(it.target_ids)))
+        k += n
+    return scores
+
+
+@torch.inference_mode()
+def generate_ids(
+    model: LoadedModel,
+    prompts: Sequence[str],
+    max_new_tokens: int | Sequence[int] = 20,
+    batch_size: int = 8,
+) -> list[list[int]]:
+    """Greedy continuation token IDs for each prompt (chat-wrapped), in input order.
+
+    ``max_new_tokens`` may differ per prompt: a batch is generated to its longest limit
+    and each row is cut to its own, which is exact because greedy decoding is
+    deterministic step by step. Rows stop at EOS; the EOS itself is not returned.
+    """
+    if isinstance(max_new_tokens, int):
+        limits = [max_new_tokens] * len(prompts)
+    else:
+        limits = [int(n) for n in max_new_tokens]
+        if len(limits) != len(prompts):
+            raise ValueError("max_new_tokens must be one int or one per prompt")
+    tok = model.tokenizer
+    pad_id = _pad_id(model)
+    eos = _eos_ids(model)
+    encoded = [encode(tok, model.format_prompt(p)) for p in prompts]
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]), reverse=True)
+    results: list[list[int]] = [[] for _ in prompts]
+    device = _input_device(model)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        ids, mask = pad_left([encoded[i] for i in chunk], pad_id)
+        out = model.model.generate(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            max_new_tokens=max(limits[i] for i in chunk),
+            do_sample=False,
+            num_beams=1,
+            pad_token_id=pad_id,
+        )
+        new = out[:, ids.shape[1] :].cpu().tolist()
+        for i, row in zip(chunk, new):
+            row = row[: limits[i]]
+            cut = next((j for j, t in enumerate(row) if t in eos), len(row))
+            results[i] = row[:cut]
+    return results
+
+
+def generate(
+    model: LoadedModel,
+    prompts: Sequence[str],
+    max_new_tokens: int | Sequence[int] = 20,
+    batch_size: int = 8,
+) -> list[str]:
+    """Greedy continuations (text after the prompt only), batched with left padding."""
+    ids = generate_ids(model, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    return [model.tokenizer.decode(row, skip_special_tokens=True) for row in ids]
+
+
+def _eos_ids(model: LoadedModel) -> set[int]:
+    ids: set[int] = set()
+    cfg_eos = getattr(getattr(model.model, "generation_config", None), "eos_token_id", None)
+    for value in (cfg_eos, model.tokenizer.eos_token_id):
+        if isinstance(value, int):
+            ids.add(value)
+        elif value:
+            ids.update(int(v) for v in value)
+    return ids

@@ -1,0 +1,613 @@
+"""Patches: apply/revert bit-exactness, stacking rules, composition, the file format and merging."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, PreTrainedTokenizerFast
+
+import lmpatch
+from lmpatch.errors import PatchError
+from lmpatch.patch import MERGE_MANIFEST, AppliedPatch, Patch, WeightDelta, compose
+from lmpatch.request import EditRequest, Probe
+
+VOCAB = 100
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+def _tokenizer() -> PreTrainedTokenizerFast:
+    vocab = {f"w{i}": i for i in range(VOCAB - 2)}
+    vocab["<unk>"] = VOCAB - 2
+    vocab["<eos>"] = VOCAB - 1
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>")
+
+
+def tiny_llama(dtype: torch.dtype = torch.float32, seed: int = 0) -> lmpatch.LoadedModel:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64,
+    )
+    model = AutoModelForCausalLM.from_config(cfg).to(dtype)
+    return lmpatch.wrap_model(model, _tokenizer(), name="tiny-llama")
+
+
+def tiny_gpt2(dtype: torch.dtype = torch.float32, seed: int = 0) -> lmpatch.LoadedModel:
+    torch.manual_seed(seed)
+    cfg = GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64)
+    model = AutoModelForCausalLM.from_config(cfg).to(dtype)
+    return lmpatch.wrap_model(model, _tokenizer(), name="tiny-gpt2")
+
+
+BUILDERS = {
+    "llama-f32": lambda: tiny_llama(torch.float32),
+    "llama-bf16": lambda: tiny_llama(torch.bfloat16),
+    "gpt2-f32": lambda: tiny_gpt2(torch.float32),
+    "gpt2-bf16": lambda: tiny_gpt2(torch.bfloat16),
+}
+
+
+@pytest.fixture(params=sorted(BUILDERS))
+def lm(request) -> lmpatch.LoadedModel:
+    return BUILDERS[request.param]()
+
+
+@pytest.fixture
+def llama() -> lmpatch.LoadedModel:
+    return tiny_llama()
+
+
+def snapshot(lm: lmpatch.LoadedModel) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in lm.model.named_parameters()}
+
+
+def assert_weights_equal(lm: lmpatch.LoadedModel, snap: dict[str, torch.Tensor]) -> None:
+    params = dict(lm.model.named_parameters())
+    assert params.keys() == snap.keys()
+    differing = [n for n, p in params.items() if not torch.equal(p, snap[n])]
+    assert differing == [], f"parameters not restored bit-exactly: {differing}"
+
+
+def make_delta(lm, param: str, kind: str, seed: int, rank: int = 2, scale: float = 0.5) -> WeightDelta:
+    gen = torch.Generator().manual_seed(seed)
+    shape = tuple(lm.model.get_parameter(param).shape)
+    if kind == "low_rank":
+        rows, cols = shape
+        return WeightDelta(
+            param,
+            left=torch.randn(rows, rank, generator=gen) * scale,
+            right=torch.randn(rank, cols, generator=gen) * scale,
+        )
+    return WeightDelta(param, dense=torch.randn(shape, generator=gen) * scale)
+
+
+def make_patch(lm, params_kinds: list[tuple[str, str]], seed: int = 1, method: str = "test", **kw) -> Patch:
+    deltas = [make_delta(lm, p, k, seed + i) for i, (p, k) in enumerate(params_kinds)]
+    return Patch(deltas=deltas, method=method, model_fingerprint=lm.fingerprint, model_name=lm.name, **kw)
+
+
+def mlp_out(lm, layer: int) -> str:
+    return lm.spec.layers[layer].mlp_out + ".weight"
+
+
+def a_vector_param(lm) -> str:
+    """A 1-D parameter (norm weight / bias) so non-matrix deltas are covered too."""
+    return next(n for n, p in lm.model.named_parameters() if p.dim() == 1)
+
+
+def an_embedding(lm) -> str:
+    return next(n for n, p in lm.model.named_parameters() if p.shape[0] == VOCAB)
+
+
+def request(i: int = 0) -> EditRequest:
+    return EditRequest(
+        prompt=f"The Eiffel Tower {i} is in", subject=f"Eiffel Tower {i}", target_new="Rome",
+        target_true="Paris", rephrase=["Where is it?"], locality=[Probe("Japan capital is", "Tokyo")],
+    )
+
+
+def logits(lm) -> torch.Tensor:
+    ids = torch.tensor([[1, 5, 9, 13, 2]])
+    with torch.no_grad():
+        return lm.model(input_ids=ids).logits.float()
+
+
+# --------------------------------------------------------------------------- WeightDelta
+
+
+def test_weight_delta_stores_private_float32_cpu_copy():
+    dense = torch.ones(3, 4, dtype=torch.bfloat16)
+    d = WeightDelta("w", dense=dense)
+    dense.add_(5)  # caller keeps mutating its tensor
+    assert d.dense.dtype == torch.float32 and d.dense.device.type == "cpu"
+    assert torch.equal(d.dense, torch.ones(3, 4))
+    assert not d.is_low_rank and d.rank is None and d.shape == (3, 4) and d.kind == "dense"
+
+
+def test_low_rank_delta_materializes_product_in_parameter_layout():
+    left, right = torch.randn(5, 2), torch.randn(2, 7)
+    d = WeightDelta("w", left=left, right=right)
+    assert d.is_low_rank and d.rank == 2 and d.shape == (5, 7) and d.stored_numel == 24
+    full = d.materialize()
+    assert torch.allclose(full, left @ right)
+    assert d.materialize(torch.float64).dtype == torch.float64
+    assert abs(d.norm() - float(torch.linalg.norm(left @ right))) < 1e-4
+    full.add_(1)  # materialize hands out a fresh tensor
+    assert torch.allclose(d.materialize(), left @ right)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},
+        {"dense": torch.ones(2, 2), "left": torch.ones(2, 1), "right": torch.ones(1, 2)},
+        {"left": torch.ones(2, 1)},
+        {"left": torch.ones(2, 1), "right": torch.ones(2, 2)},
+        {"dense": torch.tensor([1.0, float("nan")])},
+        {"dense": [[1.0, 2.0]]},
+    ],
+    ids=["neither", "both", "one-factor", "factor-mismatch", "nan", "not-tensor"],
+)
+def test_weight_delta_rejects_malformed_input(kwargs):
+    with pytest.raises(PatchError):
+        WeightDelta("w", **kwargs)
+
+
+def test_patch_rejects_two_deltas_for_one_param(llama):
+    name = mlp_out(llama, 0)
+    with pytest.raises(PatchError, match="two deltas"):
+        make_patch(llama, [(name, "dense"), (name, "low_rank")])
+
+
+# --------------------------------------------------------------------------- apply / revert
+
+
+@pytest.mark.parametrize("kind", ["dense", "low_rank"])
+def test_apply_then_revert_restores_every_parameter_bit_exactly(lm, kind):
+    before = snapshot(lm)
+    out_before = logits(lm)
+    targets = [(mlp_out(lm, 0), kind), (mlp_out(lm, 1), kind), (a_vector_param(lm), "dense"), (an_embedding(lm), "dense")]
+    patch = make_patch(lm, targets)
+
+    patch.apply(lm)
+    assert patch.is_applied(lm)
+    params = dict(lm.model.named_parameters())
+    for d in patch.deltas:
+        w = params[d.param]
+        expected = (before[d.param].float() + d.materialize()).to(w.dtype)
+        assert torch.equal(w, expected), d.param
+        assert not torch.equal(w, before[d.param])
+    untouched = set(params) - {d.param for d in patch.deltas}
+    assert untouched and all(torch.equal(params[n], before[n]) for n in untouched)
+    assert not torch.equal(logits(lm), out_before)
+
+    patch.revert(lm)
+    assert_weights_equal(lm, before)
+    assert torch.equal(logits(lm), out_before)
+    assert lm.applied == [] and not patch.is_applied(lm)
+
+
+def test_apply_writes_in_place_and_records_originals_on_the_model(llama):
+    name = mlp_out(llama, 1)
+    param = llama.model.get_parameter(name)
+    storage = param.data_ptr()
+    before = param.detach().clone()
+    patch = make_patch(llama, [(name, "low_rank")])
+    patch.apply(llama)
+    assert llama.model.get_parameter(name) is param and param.data_ptr() == storage
+    [record] = llama.applied
+    assert isinstance(record, AppliedPatch) and record.patch_id == patch.patch_id
+    assert set(record.originals) == {name} and torch.equal(record.originals[name], before)
+    patch.revert(llama)
+    assert torch.equal(param, before)
+
+
+def test_applied_context_reverts_even_when_body_raises(lm):
+    before = snapshot(lm)
+    patch = make_patch(lm, [(mlp_out(lm, 0), "low_rank")])
+    with pytest.raises(RuntimeError, match="boom"):
+        with patch.applied(lm):
+            assert patch.is_applied(lm)
+            raise RuntimeError("boom")
+    assert not patch.is_applied(lm)
+    assert_weights_equal(lm, before)
+    with patch.applied(lm) as p:
+        assert p is patch and patch.is_applied(lm)
+    assert_weights_equal(lm, before)
+
+
+def test_double_apply_is_refused(llama):
+    patch = make_patch(llama, [(mlp_out(llama, 0), "dense")])
+    patch.apply(llama)
+    applied_weights = snapshot(llama)
+    with pytest.raises(PatchError, match="already applied"):
+        patch.apply(llama)
+    twin = make_patch(llama, [(mlp_out(llama, 0), "dense")])  # same content, another object
+    assert twin.patch_id == patch.patch_id
+    with pytest.raises(PatchError, match="already applied"):
+        twin.apply(llama)
+    assert_weights_equal(llama, applied_weights)
+    assert len(llama.applied) == 1
+
+
+def test_revert_of_a_patch_that_is_not_applied_is_refused(llama):
+    patch = make_patch(llama, [(mlp_out(llama, 0), "dense")])
+    with pytest.raises(PatchError, match="not applied"):
+        patch.revert(llama)
+    patch.apply(llama)
+    patch.revert(llama)
+    with pytest.raises(PatchError, match="not applied"):
+        patch.revert(llama)
+
+
+def test_overlapping_patches_revert_last_in_first_out(lm):
+    before = snapshot(lm)
+    shared = mlp_out(lm, 0)
+    first = make_patch(lm, [(shared, "low_rank"), (mlp_out(lm, 1), "dense")], seed=1)
+    second = make_patch(lm, [(shared, "dense")], seed=7)
+    first.apply(lm)
+    second.apply(lm)
+    stacked = snapshot(lm)
+    with pytest.raises(PatchError, match=f"revert {second.patch_id} first"):
+        first.revert(lm)
+    assert_weights_equal(lm, stacked)  # the refused revert changed nothing
+    assert first.is_applied(lm) and second.is_applied(lm)
+    second.revert(lm)
+    first.revert(lm)
+    assert_weights_equal(lm, before)
+
+
+def test_disjoint_patches_revert_in_any_order(lm):
+    before = snapshot(lm)
+    first = make_patch(lm, [(mlp_out(lm, 0), "low_rank")], seed=1)
+    second = make_patch(lm, [(mlp_out(lm, 1), "low_rank")], seed=2)
+    first.apply(lm)
+    second.apply(lm)
+    first.revert(lm)
+    assert not first.is_applied(lm) and second.is_applied(lm)
+    assert torch.equal(lm.model.get_parameter(mlp_out(lm, 0)), before[mlp_out(lm, 0)])
+    second.revert(lm)
+    assert_weights_equal(lm, before)
+
+
+def test_wrong_fingerprint_is_refused_naming_both_models(llama):
+    other = tiny_llama(seed=3)
+    other.name = "other-llama"
+    assert other.fingerprint != llama.fingerprint
+    patch = make_patch(llama, [(mlp_out(llama, 0), "dense")])
+    before = snapshot(other)
+    with pytest.raises(PatchError, match="tiny-llama.*other-llama") as err:
+        patch.apply(other)
+    assert "\n" not in str(err.value)
+    assert_weights_equal(other, before)
+    assert other.applied == []
+
+
+def test_missing_or_misshapen_parameter_is_refused_before_any_change(llama):
+    before = snapshot(llama)
+    good = make_delta(llama, mlp_out(llama, 0), "dense", 1)
+    for bad, pattern in [
+        (WeightDelta("model.layers.9.mlp.down_proj.weight", dense=torch.ones(64, 128)), "does not have"),
+        (WeightDelta(mlp_out(llama, 1), dense=torch.ones(128, 64)), "shape"),
+    ]:
+        patch = Patch([good, bad], "test", llama.fingerprint, llama.name)
+        with pytest.raises(PatchError, match=pattern):
+            patch.apply(llama)
+        assert_weights_equal(llama, before)
+        assert llama.applied == []
+
+
+def test_overflow_rolls_back_deltas_already_written():
+    lm = tiny_llama(torch.float16)
+    before = snapshot(lm)
+    fine = make_delta(lm, mlp_out(lm, 0), "dense", 1)
+    huge = WeightDelta(mlp_out(lm, 1), dense=torch.full((64, 128), 1e6))
+    with pytest.raises(PatchError, match="overflow"):
+        Patch([fine, huge], "test", lm.fingerprint, lm.name).apply(lm)
+    assert_weights_equal(lm, before)
+    assert lm.applied == []
+
+
+def test_tied_weights_follow_the_patch_and_double_naming_is_refused():
+    lm = tiny_gpt2()
+    assert lm.model.get_parameter("lm_head.weight") is lm.model.get_parameter("transformer.wte.weight")
+    before = snapshot(lm)
+    patch = make_patch(lm, [("lm_head.weight", "low_rank")])
+    other = make_patch(lm, [("transformer.wte.weight", "dense")], seed=5)
+    patch.apply(lm)
+    assert not torch.equal(lm.model.get_parameter("transformer.wte.weight"), before["transformer.wte.weight"])
+    other.apply(lm)  # the same tensor under its other name overlaps: LIFO applies
+    with pytest.raises(PatchError, match="first"):
+        patch.revert(lm)
+    other.revert(lm)
+    patch.revert(lm)
+    assert_weights_equal(lm, before)
+    both = make_patch(lm, [("lm_head.weight", "dense"), ("transformer.wte.weight", "dense")])
+    with pytest.raises(PatchError, match="tied"):
+        both.apply(lm)
+    assert_weights_equal(lm, before)
+
+
+def test_apply_needs_an_lmpatch_model(llama):
+    patch = make_patch(llama, [(mlp_out(llama, 0), "dense")])
+    with pytest.raises(PatchError, match="wrap_model"):
+        patch.apply(llama.model)
+
+
+# --------------------------------------------------------------------------- identity
+
+
+def test_patch_id_is_a_content_hash(llama):
+    a = make_patch(llama, [(mlp_out(llama, 0), "low_rank")], hparams={"layers": (3,)}, requests=[request()])
+    b = make_patch(llama, [(mlp_out(llama, 0), "low_rank")], hparams={"layers": [3]}, requests=[request()],
+                   metrics={"efficacy": 1.0}, created_at="2000-01-01T00:00:00+00:00")
+    assert a.patch_id == b.patch_id  # when it was made and how it scored do not change what it is
+    assert make_patch(llama, [(mlp_out(llama, 0), "low_rank")], seed=2).patch_id != a.patch_id
+    assert make_patch(llama, [(mlp_out(llama, 0), "low_rank")], method="rome").patch_id != a.patch_id
+    assert make_patch(llama, [(mlp_out(llama, 0), "low_rank")], requests=[request(1)]).patch_id != a.patch_id
+    a.deltas[0].left[0, 0] += 1.0
+    assert a.patch_id != b.patch_id
+
+
+def test_manifest_fields_are_json_normalised(llama):
+    @dataclass
+    class HP:
+        layers: tuple = (1, 2)
+        dtype: torch.dtype = torch.float32
+
+    patch = make_patch(llama, [(mlp_out(llama, 0), "dense")], hparams=HP(), requests=[request().to_dict()])
+    assert patch.hparams == {"layers": [1, 2], "dtype": "torch.float32"}
+    assert patch.requests == [request()]
+    assert patch.lmpatch_version == lmpatch.__version__
+    summary = patch.summary()
+    json.dumps(summary)  # JSON-able as promised
+    assert summary["patch_id"] == patch.patch_id and summary["model_fingerprint"] == llama.fingerprint
+    assert summary["deltas"][0]["param"] == mlp_out(llama, 0) and summary["deltas"][0]["kind"] == "dense"
+    assert "tensor(" not in repr(patch)
+
+
+# --------------------------------------------------------------------------- compose
+
+
+def test_compose_equals_applying_both(lm):
+    before = snapshot(lm)
+    a = make_patch(lm, [(mlp_out(lm, 0), "low_rank"), (a_vector_param(lm), "dense")], seed=1, method="rome",
+                   requests=[request(0)], hparams={"layer": 0})
+    b = make_patch(lm, [(mlp_out(lm, 0), "low_rank"), (mlp_out(lm, 1), "dense")], seed=5, method="ft",
+                   requests=[request(1)], hparams={"lr": 0.1})
+    a.apply(lm)
+    b.apply(lm)
+    both = snapshot(lm)
+    b.revert(lm)
+    a.revert(lm)
+
+    combined = compose([a, b])
+    assert combined.method == "compose(rome+ft)"
+    assert combined.requests == [request(0), request(1)]
+    assert [p["hparams"] for p in combined.hparams["parts"]] == [{"layer": 0}, {"lr": 0.1}]
+    assert [p["patch_id"] for p in combined.hparams["parts"]] == [a.patch_id, b.patch_id]
+    by_param = {d.param: d for d in combined.deltas}
+    assert len(by_param) == 3
+    assert by_param[mlp_out(lm, 0)].is_low_rank and by_param[mlp_out(lm, 0)].rank == 4
+    assert combined.compose().patch_id == compose([combined]).patch_id
+    assert a.compose(b).patch_id == combined.patch_id
+
+    with combined.applied(lm):
+        for name, p in lm.model.named_parameters():
+            tol = 1e-5 if p.dtype == torch.float32 else 2e-2
+            assert torch.allclose(p.float(), both[name].float(), rtol=tol, atol=tol), name
+    assert_weights_equal(lm, before)
+
+
+def test_compose_mixed_kinds_and_large_ranks_become_dense(llama):
+    name = mlp_out(llama, 0)  # 64 x 128: low-rank is smaller than dense only below rank 42
+    low = make_patch(llama, [(name, "low_rank")], seed=1)
+    dense = make_patch(llama, [(name, "dense")], seed=2)
+    mixed = compose([low, dense]).deltas[0]
+    assert not mixed.is_low_rank
+    assert torch.allclose(mixed.materialize(), low.deltas[0].materialize() + dense.deltas[0].materialize())
+    big = [Patch([make_delta(llama, name, "low_rank", s, rank=30)], "m", llama.fingerprint, llama.name) for s in (1, 2)]
+    summed = compose(big).deltas[0]
+    assert not summed.is_low_rank
+    assert torch.allclose(summed.materialize(), big[0].deltas[0].materialize() + big[1].deltas[0].materialize(), atol=1e-4)
+
+
+def test_compose_refuses_different_base_models_and_empty_input(llama):
+    other = tiny_llama(seed=3)
+    a = make_patch(llama, [(mlp_out(llama, 0), "dense")])
+    b = make_patch(other, [(mlp_out(other, 0), "dense")])
+    with pytest.raises(PatchError, match="different base models"):
+        compose([a, b])
+    with pytest.raises(PatchError, match="at least one"):
+        compose([])
+
+
+# --------------------------------------------------------------------------- save / load
+
+
+def assert_same_patch(a: Patch, b: Patch) -> None:
+    assert b.patch_id == a.patch_id
+    assert b.summary() == a.summary()
+    assert b.requests == a.requests and b.metrics == a.metrics and b.created_at == a.created_at
+    assert len(a.deltas) == len(b.deltas)
+    for x, y in zip(a.deltas, b.deltas):
+        assert x.param == y.param and x.kind == y.kind
+        assert x.tensors().keys() == y.tensors().keys()
+        assert all(torch.equal(x.tensors()[k], y.tensors()[k]) for k in x.tensors())
+
+
+def test_save_load_round_trip(lm, tmp_path):
+    patch = make_patch(
+        lm, [(mlp_out(lm, 0), "low_rank"), (mlp_out(lm, 1), "dense"), (a_vector_param(lm), "dense")],
+        hparams={"layers": [0, 1], "v_lr": 0.5}, requests=[request(0), request(1)],
+        metrics={"efficacy": 0.75, "nested": {"a": [1, 2]}},
+    )
+    path = patch.save(tmp_path / "sub" / "edit.lmpatch")
+    assert path.is_file() and not list(path.parent.glob(".*tmp*"))
+    loaded = Patch.load(path)
+    assert_same_patch(patch, loaded)
+    # The file really is safetensors with the manifest in its metadata.
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        manifest = json.loads(f.metadata()["lmpatch"])
+    assert manifest["format_version"] == 1 and manifest["method"] == "test"
+    assert manifest["model_fingerprint"] == lm.fingerprint and len(manifest["deltas"]) == 3
+    # And the loaded patch does to the model exactly what the original does.
+    before = snapshot(lm)
+    with patch.applied(lm):
+        via_original = snapshot(lm)
+    with loaded.applied(lm):
+        assert_weights_equal(lm, via_original)
+    assert_weights_equal(lm, before)
+
+
+def test_fields_set_after_construction_round_trip(llama, tmp_path):
+    patch = make_patch(llama, [(mlp_out(llama, 0), "low_rank")], requests=None)
+    patch.hparams = {"layers": (1, 2), "dtype": torch.float32}  # as methods do after compose()
+    patch.metrics = {"loss": torch.tensor(0.5)}
+    loaded = Patch.load(patch.save(tmp_path / "late.lmpatch"))
+    assert_same_patch(patch, loaded)
+    assert loaded.hparams == {"layers": [1, 2], "dtype": "torch.float32"} and loaded.metrics == {"loss": 0.5}
+
+
+def test_empty_patch_round_trips(llama, tmp_path):
+    empty = Patch([], "noop", llama.fingerprint, llama.name)
+    loaded = Patch.load(empty.save(tmp_path / "empty.lmpatch"))
+    assert_same_patch(empty, loaded)
+    before = snapshot(llama)
+    with loaded.applied(llama):
+        assert_weights_equal(llama, before)
+
+
+def _saved(llama, tmp_path) -> tuple[Patch, bytes]:
+    patch = make_patch(llama, [(mlp_out(llama, 0), "low_rank")], requests=[request()])
+    path = patch.save(tmp_path / "good.lmpatch")
+    return patch, path.read_bytes()
+
+
+def _write_with_manifest(path, manifest) -> None:
+    save_file({"x": torch.zeros(2)}, str(path), metadata={"lmpatch": manifest} if manifest is not None else None)
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["missing", "directory", "random-bytes", "empty", "truncated", "flipped-byte", "plain-safetensors",
+     "bad-json", "future-version", "unknown-feature", "inconsistent"],
+)
+def test_load_rejects_bad_files_with_one_clear_error(llama, tmp_path, case):
+    patch, good = _saved(llama, tmp_path)
+    manifest = patch._manifest()
+    path = tmp_path / "bad.lmpatch"
+    if case == "directory":
+        path.mkdir()
+    elif case == "random-bytes":
+        path.write_bytes(os.urandom(4096))
+    elif case == "empty":
+        path.write_bytes(b"")
+    elif case == "truncated":
+        path.write_bytes(good[: len(good) - 100])
+    elif case == "flipped-byte":
+        data = bytearray(good)
+        data[-5] ^= 0xFF  # inside the tensor data: only the content hash can notice
+        path.write_bytes(bytes(data))
+    elif case == "plain-safetensors":
+        _write_with_manifest(path, None)
+    elif case == "bad-json":
+        _write_with_manifest(path, "{not json")
+    elif case == "future-version":
+        _write_with_manifest(path, json.dumps({**manifest, "format_version": 99}))
+    elif case == "unknown-feature":
+        _write_with_manifest(path, json.dumps({**manifest, "requires": ["weight_deltas", "grace_codebook"]}))
+    elif case == "inconsistent":
+        _write_with_manifest(path, json.dumps(manifest))  # manifest names tensors the file lacks
+    with pytest.raises(PatchError) as err:
+        Patch.load(path)
+    message = str(err.value)
+    assert "\n" not in message and "bad.lmpatch" in message
+    if case == "future-version":
+        assert "upgrade" in message
+
+
+# --------------------------------------------------------------------------- merge
+
+
+@pytest.mark.parametrize("build", [lambda: tiny_llama(), lambda: tiny_gpt2(torch.bfloat16)], ids=["llama", "gpt2-bf16"])
+def test_merge_writes_a_loadable_checkpoint_with_the_edited_weights(build, tmp_path):
+    lm = build()
+    before = snapshot(lm)
+    patch = make_patch(lm, [(mlp_out(lm, 0), "low_rank"), (mlp_out(lm, 1), "dense")])
+    with patch.applied(lm):
+        edited = snapshot(lm)
+
+    out = patch.merge(lm, tmp_path / "merged")
+    assert out == tmp_path / "merged"
+    assert_weights_equal(lm, before)  # merge applied only for the save
+    assert lm.applied == []
+    record = json.loads((out / MERGE_MANIFEST).read_text())
+    assert record["patch"]["patch_id"] == patch.patch_id and record["base_fingerprint"] == lm.fingerprint
+
+    merged = lmpatch.load_model(out)
+    merged_params = dict(merged.model.named_parameters())
+    assert merged_params.keys() == edited.keys()
+    for name, w in edited.items():
+        assert torch.equal(merged_params[name], w.to(merged_params[name].dtype)), name
+
+
+def test_merge_keeps_an_applied_patch_applied_and_refuses_occupied_dirs(llama, tmp_path):
+    patch = make_patch(llama, [(mlp_out(llama, 0), "low_rank")])
+    patch.apply(llama)
+    edited = snapshot(llama)
+    out = patch.merge(llama, tmp_path / "m")
+    assert patch.is_applied(llama)
+    assert_weights_equal(llama, edited)
+    patch.merge(llama, out)  # an earlier merge may be overwritten
+    occupied = tmp_path / "base"
+    occupied.mkdir()
+    (occupied / "config.json").write_text("{}")
+    with pytest.raises(PatchError, match="not an empty directory"):
+        patch.merge(llama, occupied)
+    patch.revert(llama)
+
+
+# --------------------------------------------------------------------------- real model
+
+
+@pytest.fixture(scope="module")
+def smollm():
+    os.environ.setdefault("LMPATCH_CACHE", "/tmp/lmcache")
+    return lmpatch.load_model()
+
+
+@pytest.mark.model
+def test_rank_one_patch_on_smollm2_is_exact_and_round_trips(smollm, tmp_path):
+    lm = smollm
+    name = lm.spec.layers[5].mlp_out + ".weight"
+    assert tuple(lm.model.get_parameter(name).shape) == (576, 1536)
+    gen = torch.Generator().manual_seed(0)
+    delta = WeightDelta(name, left=torch.randn(576, 1, generator=gen) * 0.2, right=torch.randn(1, 1536, generator=gen) * 0.2)
+    patch = Patch([delta], "test", lm.fingerprint, lm.name, requests=[request()])
+    before = snapshot(lm)
+    enc = lm.tokenizer("The Eiffel Tower is located in the city of", return_tensors="pt")
+    with torch.no_grad():
+        out_before = lm.model(**enc).logits
+    loaded = Patch.load(patch.save(tmp_path / "p.lmpatch"))
+    assert loaded.patch_id == patch.patch_id
+    with loaded.applied(lm):
+        with torch.no_grad():
+            assert not torch.allclose(lm.model(**enc).logits, out_before)
+        assert torch.equal(
+            lm.model.get_parameter(name), before[name] + delta.materialize()
+        )
+    assert_weights_equal(lm, before)
+    with torch.no_grad():
+        assert torch.equal(lm.model(**enc).logits, out_before)
