@@ -1,0 +1,48 @@
+"""The one-call entry point: ``edit(model, requests, method=...) -> Patch``."""
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any, Sequence
+
+from lmpatch.errors import InvalidRequestError
+from lmpatch.methods.hparams import with_overrides
+from lmpatch.methods.registry import get_method
+from lmpatch.model.loading import LoadedModel
+from lmpatch.patch import Patch
+from lmpatch.request import EditRequest
+
+
+def edit(
+    model: LoadedModel,
+    requests: EditRequest | Sequence[EditRequest],
+    method: str = "rome",
+    hparams: dict[str, Any] | Any | None = None,
+    **overrides: Any,
+) -> Patch:
+    """Compute an edit as a :class:`Patch`; the caller's model is left exactly as it was.
+
+    ``hparams`` (a dict or the method's dataclass) and keyword ``overrides`` replace
+    the method's defaults, e.g. ``edit(m, req, "rome", layer=4)``.
+    """
+    if not isinstance(model, LoadedModel):
+        raise InvalidRequestError(
+            "edit() needs the object returned by lmpatch.load_model() (or lmpatch.wrap_model(model, tokenizer))."
+        )
+    reqs = [requests] if isinstance(requests, EditRequest) else list(requests)
+    if not reqs:
+        raise InvalidRequestError("No edit requests given.")
+    for r in reqs:
+        if not isinstance(r, EditRequest):
+            raise InvalidRequestError(f"Expected EditRequest objects, got {type(r).__name__}.")
+    info = get_method(method)
+    if hparams is None:
+        base: dict[str, Any] = {}
+    elif isinstance(hparams, dict):
+        base = dict(hparams)
+    elif isinstance(hparams, info.hparams_cls):
+        base = asdict(hparams)
+    else:
+        raise InvalidRequestError(
+            f"hparams for {info.name} must be a dict or {info.hparams_cls.__name__}, got {type(hparams).__name__}."
+        )
+    return info.run(model, reqs, with_overrides(info.hparams_cls, {**base, **overrides}))

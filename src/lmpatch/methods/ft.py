@@ -1,0 +1,314 @@
+"""FT-L and FT-M: constrained fine-tuning of a few weight matrices (METHODS §2.1).
+
+The two baselines every editing paper compares against. Both train only the chosen
+projection matrices of a few layers with Adam on the edit prompts; they differ in the
+loss and in the constraint:
+
+* **FT-L** (ROME's "FT+L", EasyEdit ``objective_optimization: prompt_last``) supervises
+  every target token from the distribution at the prompt's *last* position (a
+  bag-of-tokens loss: the mean over target tokens of -log p(token | prompt)) and keeps
+  the weights in an L-infinity ball around the originals after every step.
+* **FT-M** (EasyEdit ``target_new``, the strong baseline of KnowEdit) is teacher-forced
+  cross-entropy over the target tokens only, normalised by target length, unconstrained.
+
+As every lmpatch method, this computes a :class:`~lmpatch.patch.Patch` and leaves the
+caller's model bit-exactly as it found it: the originals are saved, the model is trained
+in place (the only way to run the real architecture's forward), the difference is taken
+in float32 and the originals are copied back, even when training fails.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+import torch
+
+from lmpatch.errors import InvalidRequestError, LmpatchError
+from lmpatch.model.loading import LoadedModel
+from lmpatch.patch import Patch, WeightDelta
+from lmpatch.request import EditRequest
+from lmpatch.tokens import pad_right, prompt_target
+
+__all__ = ["FTHparams", "FTLHparams", "FTMHparams", "apply_ft", "ft_params"]
+
+log = logging.getLogger(__name__)
+
+PROMPT_LAST = "prompt_last"
+TARGET_NEW = "target_new"
+OBJECTIVES = (PROMPT_LAST, TARGET_NEW)
+MODULES = ("mlp_out", "mlp_in", "attn_out")
+
+
+@dataclass(frozen=True)
+class FTHparams:
+    """Fine-tuning hyperparameters; the defaults are FT-L's (ROME repo ``FT/*_constr.json``).
+
+    The layer is a fraction of the depth instead of a fixed index so one default fits any
+    model: EasyEdit edits layer 21 of LLaMA-2-7B's 32 (0.66), which is layer 20 of
+    SmolLM2's 30. ``batch_size`` is larger than EasyEdit's (1-3) because on a CPU one
+    forward over eight short prompts costs little more than over one; it only matters
+    when several requests are edited together.
+    """
+
+    layers: tuple[int, ...] | None = None  # None: (spec.depth_layer(layer_fraction),)
+    layer_fraction: float = 0.66
+    modules: tuple[str, ...] = ("mlp_out",)  # any of "mlp_out", "mlp_in", "attn_out"
+    lr: float = 5e-4
+    steps: int = 25                        # passes over all requests (epochs)
+    norm_constraint: float | None = 5e-4   # L-inf radius around the original weights; None = off
+    stop_loss: float = 1e-2                # stop once a pass's mean loss is below this
+    objective: str = PROMPT_LAST           # or "target_new"
+    batch_size: int = 8
+
+
+@dataclass(frozen=True)
+class FTLHparams(FTHparams):
+    """FT-L: ROME's constrained fine-tuning (prompt-last loss, ε = 5e-4 as for GPT-2 XL)."""
+
+    objective: str = PROMPT_LAST
+    norm_constraint: float | None = 5e-4
+
+
+@dataclass(frozen=True)
+class FTMHparams(FTHparams):
+    """FT-M: EasyEdit's masked teacher-forced fine-tuning, without a norm constraint."""
+
+    objective: str = TARGET_NEW
+    norm_constraint: float | None = None
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _check_hparams(hp: FTHparams) -> None:
+    """Reject settings that would make training silently do nothing or diverge."""
+    if hp.objective not in OBJECTIVES:
+        raise InvalidRequestError(f"Unknown FT objective {hp.objective!r}; choose one of {', '.join(OBJECTIVES)}.")
+    if not hp.modules:
+        raise InvalidRequestError(f"FT needs at least one module to train; choose from {', '.join(MODULES)}.")
+    unknown = [m for m in hp.modules if m not in MODULES]
+    if unknown:
+        raise InvalidRequestError(f"Unknown FT module {unknown[0]!r}; choose from {', '.join(MODULES)}.")
+    if hp.layers is not None and len(hp.layers) == 0:
+        raise InvalidRequestError("FT layers is empty; give at least one layer index, or None for the default.")
+    if not hp.lr > 0:
+        raise InvalidRequestError(f"FT learning rate must be positive, got {hp.lr}.")
+    if isinstance(hp.steps, bool) or not isinstance(hp.steps, int) or hp.steps < 1:
+        raise InvalidRequestError(f"FT steps must be a positive integer, got {hp.steps!r}.")
+    if isinstance(hp.batch_size, bool) or not isinstance(hp.batch_size, int) or hp.batch_size < 1:
+        raise InvalidRequestError(f"FT batch_size must be a positive integer, got {hp.batch_size!r}.")
+    if hp.norm_constraint is not None and not hp.norm_constraint > 0:
+        raise InvalidRequestError(
+            f"FT norm_constraint must be positive (or None to train unconstrained), got {hp.norm_constraint}."
+        )
+    if not hp.stop_loss >= 0:
+        raise InvalidRequestError(f"FT stop_loss must be zero or positive, got {hp.stop_loss}.")
+
+
+def _layers(model: LoadedModel, hp: FTHparams) -> list[int]:
+    spec = model.spec
+    try:
+        if hp.layers is None:
+            return [spec.depth_layer(hp.layer_fraction)]
+        return sorted({spec.check_layer(layer) for layer in hp.layers})
+    except LmpatchError as exc:
+        raise InvalidRequestError(f"Bad FT layers: {exc}") from None
+
+
+def ft_params(model: LoadedModel, hp: FTHparams) -> list[str]:
+    """Names of the weight matrices FT trains, in layer then module order, without duplicates."""
+    _check_hparams(hp)
+    names: list[str] = []
+    for layer in _layers(model, hp):
+        paths = model.spec.layers[layer]
+        for kind in hp.modules:
+            chosen = paths.mlp_in if kind == "mlp_in" else (getattr(paths, kind),)
+            for path in chosen:
+                name = f"{path}.weight"
+                if name not in names:
+                    names.append(name)
+    for name in names:
+        try:
+            p = model.model.get_parameter(name)
+        except AttributeError:
+            raise InvalidRequestError(f"Model '{model.name}' has no parameter '{name}' to fine-tune.") from None
+        if not p.is_floating_point():
+            raise InvalidRequestError(f"Parameter '{name}' is stored as {p.dtype} (quantized) and cannot be fine-tuned.")
+    return names
+
+
+# --------------------------------------------------------------------------- batches
+
+
+@dataclass(frozen=True)
+class _Batch:
+    """One mini-batch, with the supervised tokens already located.
+
+    The model's last hidden state is gathered at (``pos_rows``, ``pos_cols``) only, and
+    supervised token i is read from gathered position ``pick[i]`` with weight
+    ``weights[i]``; the loss is -Σ weights · log p. The weights make each request's loss a
+    mean over its target tokens and the batch loss a mean over requests. FT-L reads all of
+    a request's target tokens from the same (last prompt) position, hence ``pick``.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    n_requests: int
+    pos_rows: torch.Tensor
+    pos_cols: torch.Tensor
+    pick: torch.Tensor
+    tokens: torch.Tensor
+    weights: torch.Tensor
+
+
+def _build_batch(model: LoadedModel, requests: Sequence[EditRequest], objective: str) -> _Batch:
+    tok = model.tokenizer
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    seqs: list[tuple[int, ...]] = []
+    pos_rows: list[int] = []
+    pos_cols: list[int] = []
+    pick: list[int] = []
+    tokens: list[int] = []
+    weights: list[float] = []
+    for row, request in enumerate(requests):
+        # Target tokens come from the ID-level join (METHODS §4.1): no double leading space.
+        pt = prompt_target(tok, model.format_prompt(request.prompt), request.target_new)
+        n_prompt, n_target = len(pt.prompt_ids), len(pt.target_ids)
+        w = 1.0 / (n_target * len(requests))
+        if objective == PROMPT_LAST:
+            seqs.append(pt.prompt_ids)
+            pos_rows.append(row)
+            pos_cols.append(n_prompt - 1)
+            pick.extend([len(pos_rows) - 1] * n_target)
+        else:
+            # Right padding: target token j sits at n_prompt + j and is predicted one earlier.
+            seqs.append(pt.ids)
+            for j in range(n_target):
+                pos_rows.append(row)
+                pos_cols.append(n_prompt - 1 + j)
+                pick.append(len(pos_rows) - 1)
+        tokens.extend(pt.target_ids)
+        weights.extend([w] * n_target)
+    ids, mask = pad_right(seqs, pad_id)
+    return _Batch(
+        input_ids=ids, attention_mask=mask, n_requests=len(requests),
+        pos_rows=_long(pos_rows), pos_cols=_long(pos_cols), pick=_long(pick), tokens=_long(tokens),
+        weights=torch.tensor(weights, dtype=torch.float32),
+    )
+
+
+def _long(values: list[int]) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.long)
+
+
+def _loss(model: LoadedModel, batch: _Batch) -> torch.Tensor:
+    """Mean NLL of the supervised tokens, with logits only at the positions that need them."""
+    device = model.model.get_input_embeddings().weight.device
+    out = model.spec.base_model(model.model)(
+        input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device), use_cache=False,
+    )
+    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    h = hidden[batch.pos_rows.to(hidden.device), batch.pos_cols.to(hidden.device)]
+    logp = torch.log_softmax(model.spec.logits(model.model, h).float(), dim=-1)
+    picked = logp[batch.pick.to(logp.device), batch.tokens.to(logp.device)]
+    return -(picked * batch.weights.to(logp.device)).sum()
+
+
+# --------------------------------------------------------------------------- training
+
+
+def _train(model: LoadedModel, params: list[torch.nn.Parameter], batches: list[_Batch], hp: FTHparams) -> list[float]:
+    """Adam on ``params`` in place; returns the mean loss of each pass over the batches.
+
+    The L-inf projection follows every optimiser step (as in ROME's FT+L). The stop test
+    uses the pass's mean loss over requests, each batch's loss measured before its own
+    update, as both reference implementations do.
+    """
+    optimizer = torch.optim.Adam(params, lr=hp.lr)
+    bounds = None
+    if hp.norm_constraint is not None:
+        with torch.no_grad():
+            bounds = [(p.detach() - hp.norm_constraint, p.detach() + hp.norm_constraint) for p in params]
+    history: list[float] = []
+    for _ in range(hp.steps):
+        total = 0.0
+        for batch in batches:
+            optimizer.zero_grad(set_to_none=True)
+            loss = _loss(model, batch)
+            loss.backward()
+            optimizer.step()
+            if bounds is not None:
+                with torch.no_grad():
+                    for p, (lo, hi) in zip(params, bounds):
+                        torch.clamp(p, min=lo, max=hi, out=p)
+            total += float(loss.detach()) * batch.n_requests
+        history.append(total / sum(b.n_requests for b in batches))
+        if not math.isfinite(history[-1]):
+            raise LmpatchError(f"FT diverged (loss {history[-1]}); lower the learning rate `lr`.")
+        if history[-1] < hp.stop_loss:
+            break
+    return history
+
+
+def apply_ft(
+    model: LoadedModel, requests: Sequence[EditRequest], hp: FTHparams, method: str | None = None,
+) -> Patch:
+    """Fine-tune the chosen matrices on all ``requests`` together and return the change as a patch.
+
+    ``method`` names the patch (default ``"ft-l"`` or ``"ft-m"`` from the objective). The
+    returned deltas are dense: fine-tuning changes every entry of a matrix.
+    """
+    requests = list(requests)
+    if not requests:
+        raise InvalidRequestError("FT needs at least one edit request.")
+    names = ft_params(model, hp)
+    method = method or ("ft-l" if hp.objective == PROMPT_LAST else "ft-m")
+
+    net = model.model
+    chosen = [net.get_parameter(n) for n in names]
+    all_params = list(net.parameters())
+    grad_flags = [p.requires_grad for p in all_params]
+    old_grads = [p.grad for p in all_params]
+    originals = [p.detach().clone() for p in chosen]
+    try:
+        for p in all_params:
+            p.requires_grad_(False)
+        for p in chosen:
+            p.requires_grad_(True)
+            p.grad = None
+        # Also under a caller's inference_mode: the batches are built inside, so that the
+        # token tensors autograd saves are ordinary tensors.
+        with torch.inference_mode(False), torch.enable_grad():
+            batches = [
+                _build_batch(model, requests[i : i + hp.batch_size], hp.objective)
+                for i in range(0, len(requests), hp.batch_size)
+            ]
+            history = _train(model, chosen, batches, hp)
+        with torch.no_grad():
+            deltas = [
+                WeightDelta(param=n, dense=p.detach().float().cpu() - o.float().cpu())
+                for n, p, o in zip(names, chosen, originals)
+            ]
+    finally:
+        with torch.no_grad():
+            for p, o in zip(chosen, originals):
+                p.copy_(o)
+        for p, flag, grad in zip(all_params, grad_flags, old_grads):
+            p.requires_grad_(flag)
+            p.grad = grad
+    metrics = {
+        "steps": len(history),
+        "initial_loss": history[0],
+        "final_loss": history[-1],
+        "losses": history,
+        "params": names,
+        "max_abs_delta": max(float(d.dense.abs().max()) for d in deltas),
+    }
+    log.debug("%s on %d request(s): %s", method, len(requests), {k: metrics[k] for k in ("steps", "final_loss")})
+    return Patch(
+        deltas=deltas, method=method, model_fingerprint=model.fingerprint, model_name=model.name,
+        hparams=asdict(hp), requests=requests, metrics=metrics,
+    )
+

@@ -1,0 +1,242 @@
+"""Optimise the vector that, added at one layer, makes the model say the new target.
+
+This is the expensive half of every locate-and-edit method (ROME's v*, MEMIT's z), and
+it is where lmpatch is fast by construction (METHODS §5.2):
+
+* The vector is injected at the subject's last token. By causality, nothing at earlier
+  positions changes at any layer, so every prompt is split there: the *prefix* runs once
+  through the whole model and its attention keys/values are cached; each optimisation
+  step runs only the short *suffix* (subject's last token, rest of the prompt, target)
+  on top of that cache.
+* Logits are computed only where the loss reads them (target positions and the single
+  KL position), never over the full vocabulary at every position.
+* The keys at the edit layer and the unedited output fall out of the first step, so no
+  separate passes are needed for them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from lmpatch.model.hooks import capture_input, edit_output
+from lmpatch.model.loading import LoadedModel
+from lmpatch.request import EditRequest
+from lmpatch.tokens import encode, pad_left, pad_right, subject_last_index, target_ids
+
+
+@dataclass(frozen=True)
+class ValueConfig:
+    """Hyperparameters of the value optimisation (ROME repo names in comments)."""
+
+    lr: float = 0.5                  # v_lr
+    steps: int = 20                  # v_num_grad_steps
+    weight_decay: float = 0.5        # v_weight_decay (on ||delta|| / ||v_init||^2, not squared)
+    clamp_norm_factor: float = 4.0   # ||delta|| <= factor * ||v_init||
+    kl_factor: float = 0.0625
+    stop_loss: float = 5e-2          # early stop on the total loss
+    kl_prompts: tuple[str, ...] = ("{} is a",)
+
+
+@dataclass
+class ValueResult:
+    """What one optimisation produced, plus the by-products the weight update needs."""
+
+    delta: torch.Tensor            # the optimised additive change at the edit point
+    v_init: torch.Tensor           # output at the edit point on the bare prompt, before editing
+    key_prompt: torch.Tensor       # key at the subject's last token, bare prompt
+    key_mean: torch.Tensor         # key averaged over all context templates
+    steps: int
+    losses: list[float] = field(default_factory=list)
+    target_prob: float = 0.0       # mean P(target) over templates at the last step
+
+
+@dataclass
+class _Rows:
+    """The prompts of one optimisation, split at the subject's last token."""
+
+    prefix_ids: torch.Tensor
+    prefix_mask: torch.Tensor
+    suffix_ids: torch.Tensor
+    suffix_mask: torch.Tensor
+    positions: torch.Tensor
+    tgt_rows: torch.Tensor         # (n_target_tokens,) row of each supervised token
+    tgt_pos: torch.Tensor          # its position in the suffix (the logit that predicts it)
+    tgt_tok: torch.Tensor          # the token id
+    tgt_weight: torch.Tensor       # 1 / (target length * n_rewrite_rows): per-row mean, then mean
+    n_rewrite: int
+    kl_rows: torch.Tensor          # rows whose position 0 carries the KL term
+
+
+def build_rows(model: LoadedModel, request: EditRequest, templates: list[str], kl_prompts) -> _Rows:
+    tok = model.tokenizer
+    prefixes, suffixes, rows_t, pos_t, tok_t, w_t = [], [], [], [], [], []
+    for row, template in enumerate(templates):
+        text = model.format_prompt(template.format(request.prompt))
+        ctx = encode(tok, text)
+        tgt = target_ids(tok, text, request.target_new, ctx)
+        start = text.find(request.prompt)
+        s = subject_last_index(tok, text, request.subject, start=max(start, 0))
+        full = ctx + tgt
+        prefixes.append(full[:s])
+        suffixes.append(full[s:-1])
+        for j, t in enumerate(tgt):
+            rows_t.append(row)
+            pos_t.append(len(ctx) - 1 + j - s)
+            tok_t.append(t)
+            w_t.append(1.0 / (len(tgt) * len(templates)))
+    kl_rows = []
+    for kp in kl_prompts:
+        text = model.format_prompt(kp.format(request.subject))
+        ids = encode(tok, text)
+        s = subject_last_index(tok, text, request.subject)
+        kl_rows.append(len(prefixes))
+        prefixes.append(ids[:s])
+        suffixes.append(ids[s : s + 1])
+    pad = tok.pad_token_id
+    p_ids, p_mask = pad_left(prefixes, pad) if any(prefixes) else (torch.zeros(len(prefixes), 0, dtype=torch.long),) * 2
+    s_ids, s_mask = pad_right(suffixes, pad)
+    positions = p_mask.sum(-1, keepdim=True) + torch.arange(s_ids.shape[1])[None, :]
+    return _Rows(
+        prefix_ids=p_ids, prefix_mask=p_mask, suffix_ids=s_ids, suffix_mask=s_mask, positions=positions,
+        tgt_rows=torch.tensor(rows_t), tgt_pos=torch.tensor(pos_t), tgt_tok=torch.tensor(tok_t),
+        tgt_weight=torch.tensor(w_t), n_rewrite=len(templates), kl_rows=torch.tensor(kl_rows, dtype=torch.long),
+    )
+
+
+class SuffixRunner:
+    """Runs the suffix of every row on top of the once-computed prefix cache."""
+
+    def __init__(self, model: LoadedModel, rows: _Rows):
+        self.model = model
+        self.rows = rows
+        self.device = model.device
+        self.base = model.spec.base_model(model.model)
+        self.prefix_len = rows.prefix_ids.shape[1]
+        self.cache = None
+        self.prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.mask = torch.cat([rows.prefix_mask, rows.suffix_mask], dim=1).to(self.device)
+        self.positions = rows.positions.to(self.device)
+        self.suffix_ids = rows.suffix_ids.to(self.device)
+        if self.prefix_len:
+            with torch.no_grad():
+                out = self.base(
+                    input_ids=rows.prefix_ids.to(self.device),
+                    attention_mask=rows.prefix_mask.to(self.device),
+                    position_ids=(rows.prefix_mask.cumsum(-1) - 1).clamp(min=0).to(self.device),
+                    use_cache=True,
+                )
+            self.prefix_kv = _cache_tensors(out.past_key_values)
+
+    def reset(self) -> None:
+        """A fresh cache holding only the prefix: each step must start from a cache that
+        belongs to no earlier autograd graph (cropping would keep views of old graphs)."""
+        if self.prefix_kv is None:
+            return
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        for i, (k, v) in enumerate(self.prefix_kv):
+            cache.update(k, v, i)
+        self.cache = cache
+
+    def hidden(self) -> torch.Tensor:
+        """Final hidden states of the suffix tokens (hooks placed by the caller apply)."""
+        self.reset()
+        out = self.base(
+            input_ids=self.suffix_ids,
+            attention_mask=self.mask,
+            position_ids=self.positions,
+            past_key_values=self.cache,
+            use_cache=self.cache is not None,
+        )
+        return out.last_hidden_state
+
+
+def _cache_tensors(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per-layer (keys, values) of a transformers cache, across its API generations."""
+    if hasattr(cache, "layers"):
+        return [(layer.keys, layer.values) for layer in cache.layers]
+    if hasattr(cache, "key_cache"):
+        return list(zip(cache.key_cache, cache.value_cache))
+    return [(k, v) for k, v in cache]  # legacy tuple-of-tuples
+
+
+def optimize_value(
+    model: LoadedModel,
+    request: EditRequest,
+    layer: int,
+    templates: list[str],
+    config: ValueConfig = ValueConfig(),
+) -> ValueResult:
+    """Find delta so that adding it to layer ``layer``'s MLP output at the subject makes
+    the model predict ``request.target_new`` after every context template (ROME's v*)."""
+    spec = model.spec
+    mlp_out = spec.mlp_out(model.model, layer)
+    rows = build_rows(model, request, templates, config.kl_prompts)
+    runner = SuffixRunner(model, rows)
+    dev = runner.device
+    tgt_rows, tgt_pos = rows.tgt_rows.to(dev), rows.tgt_pos.to(dev)
+    tgt_tok, tgt_w = rows.tgt_tok.to(dev), rows.tgt_weight.to(dev)
+    kl_rows = rows.kl_rows.to(dev)
+
+    hidden = spec.hidden_size
+    delta = torch.zeros(hidden, device=dev, dtype=torch.float32, requires_grad=True)
+    opt = torch.optim.Adam([delta], lr=config.lr)
+
+    keys: list[torch.Tensor] = []
+    outs: list[torch.Tensor] = []
+
+    def add_delta(y: torch.Tensor) -> torch.Tensor:
+        if not outs:
+            outs.append(y[0, 0].detach().float().clone())
+        bump = torch.zeros_like(y)
+        bump[:, 0, :] = 1.0
+        return y + bump * delta.to(y.dtype)
+
+    losses: list[float] = []
+    kl_init = None
+    step = 0
+    target_prob = 0.0
+    with edit_output(mlp_out, add_delta):
+        for step in range(config.steps):
+            if step == 0:
+                with capture_input(mlp_out, keys):
+                    h = runner.hidden()
+            else:
+                h = runner.hidden()
+            logits = spec.logits(model.model, h[tgt_rows, tgt_pos]).float()
+            logp = torch.log_softmax(logits, dim=-1).gather(1, tgt_tok[:, None]).squeeze(1)
+            nll = -(logp * tgt_w).sum()
+            kl_logp = torch.log_softmax(spec.logits(model.model, h[kl_rows, 0]).float(), dim=-1)
+            if kl_init is None:
+                kl_init = kl_logp.detach().clone()
+            kl = F.kl_div(kl_init, kl_logp, log_target=True, reduction="batchmean")
+            v_norm = outs[0].norm()
+            decay = config.weight_decay * delta.norm() / v_norm**2
+            loss = nll + config.kl_factor * kl + decay
+            losses.append(float(loss.detach()))
+            with torch.no_grad():
+                target_prob = float((logp.detach().exp() * tgt_w).sum())
+            if float(loss) < config.stop_loss or step == config.steps - 1:
+                break
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                limit = config.clamp_norm_factor * v_norm
+                if delta.norm() > limit:
+                    delta.mul_(limit / delta.norm())
+
+    runner.cache = None
+    k = keys[0][: rows.n_rewrite, 0].float()
+    return ValueResult(
+        delta=delta.detach().clone(),
+        v_init=outs[0],
+        key_prompt=k[0].clone(),
+        key_mean=k.mean(0),
+        steps=step + 1,
+        losses=losses,
+        target_prob=target_prob,
+    )

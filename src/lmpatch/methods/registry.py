@@ -1,0 +1,55 @@
+"""Method names -> how to run them, with their hyperparameter dataclass.
+
+Methods register here by name only; the table is built on first use so importing
+lmpatch stays cheap and no method module is loaded before it is needed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, Callable, Sequence
+
+from lmpatch.errors import InvalidRequestError
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    name: str
+    summary: str
+    hparams_cls: type
+    run: Callable[..., Any]  # (model, requests, hparams) -> Patch
+
+
+@lru_cache(maxsize=1)
+def _table() -> dict[str, MethodInfo]:
+    from lmpatch.methods import ft, rome
+
+    def rome_run(name):
+        return lambda model, requests, hp: rome.apply_rome(model, requests, hp, method=name)
+
+    def ft_run(name):
+        return lambda model, requests, hp: ft.apply_ft(model, requests, hp, method=name)
+
+    infos = [
+        MethodInfo("rome", "ROME: rank-one locate-and-edit of one MLP (Meng et al. 2022)", rome.ROMEHparams, rome_run("rome")),
+        MethodInfo("r-rome", "r-ROME: ROME with consistent keys, no disabling edits (Gupta et al. 2024)",
+                   rome.RROMEHparams, rome_run("r-rome")),
+        MethodInfo("ft-l", "FT-L: constrained fine-tuning of one MLP matrix, prompt-last loss", ft.FTLHparams, ft_run("ft-l")),
+        MethodInfo("ft-m", "FT-M: fine-tuning of one MLP matrix, masked teacher-forced loss", ft.FTMHparams, ft_run("ft-m")),
+    ]
+    return {i.name: i for i in infos}
+
+
+_ALIASES = {"rrome": "r-rome", "r_rome": "r-rome", "ftl": "ft-l", "ft_l": "ft-l", "ftm": "ft-m", "ft_m": "ft-m", "ft": "ft-l"}
+
+
+def get_method(name: str) -> MethodInfo:
+    key = _ALIASES.get(name.lower(), name.lower()) if isinstance(name, str) else name
+    table = _table()
+    if key not in table:
+        raise InvalidRequestError(f"Unknown method {name!r}; available: {', '.join(table)}.")
+    return table[key]
+
+
+def method_names() -> list[str]:
+    return list(_table())
