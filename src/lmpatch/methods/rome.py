@@ -38,6 +38,7 @@ class ROMEHparams:
     clamp_norm_factor: float = 4.0
     kl_factor: float = 0.0625
     stop_loss: float = 5e-2
+    stop_prob: float | None = None
     template_lengths: tuple[tuple[int, int], ...] = ((5, 10), (10, 10))
     template_seed: int = 0
     mom2_adjustment: bool = True      # use C0 (the paper); False = EasyEdit's default
@@ -49,6 +50,7 @@ class ROMEHparams:
         return ValueConfig(
             lr=self.v_lr, steps=self.v_steps, weight_decay=self.v_weight_decay,
             clamp_norm_factor=self.clamp_norm_factor, kl_factor=self.kl_factor, stop_loss=self.stop_loss,
+            stop_prob=self.stop_prob,
         )
 
     def template_config(self) -> TemplateConfig:

@@ -35,7 +35,9 @@ class ValueConfig:
     weight_decay: float = 0.5        # v_weight_decay (on ||delta|| / ||v_init||^2, not squared)
     clamp_norm_factor: float = 4.0   # ||delta|| <= factor * ||v_init||
     kl_factor: float = 0.0625
-    stop_loss: float = 5e-2          # early stop on the total loss
+    stop_loss: float = 5e-2          # early stop on the total loss (ROME)
+    stop_prob: float | None = None   # also stop once every template gives the target at least this
+                                     # (per-token geometric-mean) probability: MPES-style early stop
     kl_prompts: tuple[str, ...] = ("{} is a",)
 
 
@@ -188,12 +190,16 @@ def optimize_value(
     keys: list[torch.Tensor] = []
     outs: list[torch.Tensor] = []
 
+    batch, width = rows.suffix_ids.shape
+
     def add_delta(y: torch.Tensor) -> torch.Tensor:
+        # Some architectures (OPT) run their MLP on flattened (batch*seq, d) tokens.
+        y3 = y.reshape(batch, width, -1)
         if not outs:
-            outs.append(y[0, 0].detach().float().clone())
-        bump = torch.zeros_like(y)
+            outs.append(y3[0, 0].detach().float().clone())
+        bump = torch.zeros_like(y3)
         bump[:, 0, :] = 1.0
-        return y + bump * delta.to(y.dtype)
+        return (y3 + bump * delta.to(y.dtype)).reshape(y.shape)
 
     losses: list[float] = []
     kl_init = None
@@ -219,7 +225,11 @@ def optimize_value(
             losses.append(float(loss.detach()))
             with torch.no_grad():
                 target_prob = float((logp.detach().exp() * tgt_w).sum())
-            if float(loss) < config.stop_loss or step == config.steps - 1:
+                row_nll = torch.zeros(rows.n_rewrite, device=dev).index_add_(
+                    0, tgt_rows, -logp.detach() * tgt_w * rows.n_rewrite
+                )
+                reached = config.stop_prob is not None and float(torch.exp(-row_nll.max())) >= config.stop_prob
+            if float(loss) < config.stop_loss or reached or step == config.steps - 1:
                 break
             opt.zero_grad()
             loss.backward()
@@ -230,7 +240,7 @@ def optimize_value(
                     delta.mul_(limit / delta.norm())
 
     runner.cache = None
-    k = keys[0][: rows.n_rewrite, 0].float()
+    k = keys[0].reshape(batch, width, -1)[: rows.n_rewrite, 0].float()
     return ValueResult(
         delta=delta.detach().clone(),
         v_init=outs[0],

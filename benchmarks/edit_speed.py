@@ -1,0 +1,59 @@
+"""How long one edit takes on the embedded SmolLM2 (edit alone, no evaluation).
+
+One-off costs (statistics, context templates) are paid and reported first, so the
+per-edit numbers are what a user sees once the caches are warm.
+
+    python benchmarks/edit_speed.py --method rome --n 20
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+import lmpatch
+from lmpatch.data import load_dataset
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--method", action="append", help="repeatable; default: rome")
+    ap.add_argument("--data", default="counterfact")
+    ap.add_argument("--n", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    console = Console()
+    t0 = time.perf_counter()
+    model = lmpatch.load_model()
+    console.print(f"model load: {time.perf_counter() - t0:.2f} s  (threads: {torch.get_num_threads()})")
+    requests = load_dataset(args.data, n=args.n)
+    table = Table(title=f"Edit time on {model.name}, {len(requests)} {args.data} records")
+    for col in ("method", "warm-up (one-off)", "median s", "p90 s", "min s", "max s", "mean steps"):
+        table.add_column(col)
+    for method in args.method or ["rome"]:
+        t0 = time.perf_counter()
+        lmpatch.edit(model, requests[0], method)  # pays statistics + templates once
+        warm = time.perf_counter() - t0
+        times, steps = [], []
+        for req in requests:
+            t0 = time.perf_counter()
+            patch = lmpatch.edit(model, req, method)
+            times.append(time.perf_counter() - t0)
+            steps.append((patch.metrics.get("edit") or {}).get("steps", float("nan")))
+        times.sort()
+        p90 = times[min(len(times) - 1, int(round(0.9 * (len(times) - 1))))]
+        table.add_row(
+            method, f"{warm:.2f}", f"{statistics.median(times):.2f}", f"{p90:.2f}",
+            f"{times[0]:.2f}", f"{times[-1]:.2f}", f"{statistics.mean(steps):.1f}",
+        )
+    console.print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""ROME / r-ROME: the prefix-cache trick is exact on every architecture, the update has
+the algebraic properties the papers derive, and on the real model an edit works."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lmpatch
+from lmpatch.eval.scoring import score_targets
+from lmpatch.methods.locate.solve import KeyCovariance, rank_one_update
+from lmpatch.methods.locate.values import SuffixRunner, build_rows
+from lmpatch.methods.rome import ROMEHparams, apply_rome
+from tiny import ARCHS, tiny_model
+
+REQ = lmpatch.EditRequest(
+    prompt="The Eiffel Tower is located in the city of",
+    subject="The Eiffel Tower",
+    target_new="Rome",
+    target_true="Paris",
+)
+TEMPLATES = ["{}", "Because of this, the. {}", "You can find. {}"]
+FAST = dict(mom2_adjustment=False, v_steps=3, template_lengths=((3, 2),))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_suffix_on_prefix_cache_equals_full_forward(arch):
+    """Running only the suffix on the cached prefix must give the same hidden states as
+    running each whole (unpadded) sequence: this is what makes the optimisation fast."""
+    model = tiny_model(arch)
+    rows = build_rows(model, REQ, TEMPLATES, ("{} is a",))
+    runner = SuffixRunner(model, rows)
+    with torch.no_grad():
+        fast = runner.hidden()
+        base = model.spec.base_model(model.model)
+        for i in range(rows.suffix_ids.shape[0]):
+            prefix = rows.prefix_ids[i][rows.prefix_mask[i].bool()]
+            suffix = rows.suffix_ids[i][rows.suffix_mask[i].bool()]
+            full = torch.cat([prefix, suffix])[None]
+            ref = base(input_ids=full).last_hidden_state[0, len(prefix):]
+            torch.testing.assert_close(fast[i, : len(suffix)], ref, atol=2e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_rome_runs_and_reverts_on_every_architecture(arch):
+    model = tiny_model(arch)
+    before = {n: p.detach().clone() for n, p in model.model.named_parameters()}
+    patch = lmpatch.edit(model, REQ, "rome", **FAST)
+    assert len(patch.deltas) == 1
+    d = patch.deltas[0]
+    layer = model.spec.depth_layer(ROMEHparams().layer_fraction)
+    assert d.param == model.spec.layers[layer].mlp_out + ".weight"
+    assert d.rank == 1
+    param = dict(model.model.named_parameters())[d.param]
+    assert d.shape == tuple(param.shape)
+    for n, p in model.model.named_parameters():  # edit() left the model alone
+        assert torch.equal(p, before[n]), n
+    with patch.applied(model):
+        assert not torch.equal(param, before[d.param])
+    for n, p in model.model.named_parameters():
+        assert torch.equal(p, before[n]), n
+
+
+def test_rank_one_update_maps_key_exactly():
+    """ΔW k_den = residual: the edited matrix sends the denominator key to its target."""
+    torch.manual_seed(0)
+    d_ff, d = 12, 5
+    x = torch.randn(200, d_ff)
+    cov = KeyCovariance(x.T @ x / 200)
+    k_dir, k_den, resid = torch.randn(d_ff), torch.randn(d_ff), torch.randn(d)
+    r, u = rank_one_update(k_dir, k_den, resid, cov)
+    torch.testing.assert_close((torch.outer(r, u) @ k_den.double()).float(), resid, atol=1e-5, rtol=1e-5)
+    # u is the normalised C⁻¹k direction.
+    ref = torch.linalg.solve(cov.matrix.double(), k_dir.double())
+    torch.testing.assert_close(u, ref / ref.norm())
+
+
+def test_r_rome_uses_template_average_key(monkeypatch):
+    model = tiny_model("llama")
+    seen = {}
+    import lmpatch.methods.rome as rome
+
+    real = rome.rank_one_update
+
+    def spy(direction_key, denominator_key, residual, covariance):
+        seen["same"] = torch.equal(direction_key, denominator_key)
+        return real(direction_key, denominator_key, residual, covariance)
+
+    monkeypatch.setattr(rome, "rank_one_update", spy)
+    lmpatch.edit(model, REQ, "r-rome", **FAST)
+    assert seen["same"] is True
+    lmpatch.edit(model, REQ, "rome", **FAST)
+    assert seen["same"] is False
+
+
+def test_several_requests_compose_into_one_patch():
+    model = tiny_model("gpt2")
+    other = lmpatch.EditRequest(prompt="Mount Fuji is in", subject="Mount Fuji", target_new="Peru")
+    patch = lmpatch.edit(model, [REQ, other], "rome", **FAST)
+    assert len(patch.deltas) == 1 and patch.deltas[0].rank == 2
+    assert len(patch.requests) == 2
+
+
+def test_bad_hyperparameters_are_clear():
+    model = tiny_model("llama")
+    with pytest.raises(lmpatch.LmpatchError, match="Unknown hyperparameter"):
+        lmpatch.edit(model, REQ, "rome", no_such_knob=1)
+    with pytest.raises(lmpatch.LmpatchError, match="Layer 99 does not exist"):
+        lmpatch.edit(model, REQ, "rome", layer=99, **FAST)
+    with pytest.raises(lmpatch.LmpatchError, match="Unknown method"):
+        lmpatch.edit(model, REQ, "nope")
+
+
+@pytest.mark.model
+def test_rome_edit_on_real_model(real_model):
+    """The edit makes the new target the model's prediction on the prompt and on a
+    paraphrase, leaves an unrelated fact alone, and reverts exactly."""
+    model = real_model
+    para = "Where is the Eiffel Tower? It is in the city of"
+    other = ("The capital of Japan is", "Tokyo")
+    pre = score_targets(model, [(REQ.prompt, "Rome"), (REQ.prompt, "Paris"), other])
+    assert pre[1].mean_logprob > pre[0].mean_logprob
+    snapshot = {n: p.detach().clone() for n, p in model.model.named_parameters()}
+    patch = lmpatch.edit(model, REQ, "rome")
+    with patch.applied(model):
+        post = score_targets(model, [(REQ.prompt, "Rome"), (REQ.prompt, "Paris"), (para, "Rome"), (para, "Paris"), other])
+        assert post[0].token_accuracy == 1.0
+        assert post[0].mean_logprob > post[1].mean_logprob
+        assert post[2].mean_logprob > post[3].mean_logprob
+        assert post[4].argmax == pre[2].argmax
+    for n, p in model.model.named_parameters():
+        assert torch.equal(p, snapshot[n]), n
