@@ -17,10 +17,21 @@ import time
 import torch
 
 import lmpatch
-from lmpatch.data import load_dataset
+from lmpatch.data import case_ids, load_dataset
 from lmpatch.eval.metrics import evaluate_request, summarize
 
 METRICS = ("reliability", "generalization", "locality", "counterfact")
+
+
+def tuning_records() -> list[lmpatch.EditRequest]:
+    """Training cases in the full ROME schema (10 neighbourhood prompts each): the
+    ``counterfact`` cases that are also in ``counterfact-train``, then the rest of the
+    training split. ``benchmarks/edit_quality.py`` excludes all of them."""
+    train = load_dataset("counterfact-train")
+    ids = case_ids(train)
+    rich = [r for r in load_dataset("counterfact") if r.case_id in ids]
+    seen = case_ids(rich)
+    return rich + [r for r in train if r.case_id not in seen]
 
 
 def parse_grid(items: list[str]) -> dict[str, list]:
@@ -52,7 +63,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model = lmpatch.load_model()
-    requests = load_dataset("counterfact-train", n=args.n, offset=args.offset)
+    requests = tuning_records()[args.offset : args.offset + args.n]
     fixed = {k: v[0] for k, v in parse_grid(args.set).items()}
     grid = parse_grid(args.grid)
     keys = list(grid)

@@ -1,4 +1,11 @@
 """lmpatch: edit what a language model knows, as patches you can save, apply and revert."""
+import os as _os
+
+# Idle OpenMP threads sleep instead of spinning: on a small CPU shared with any other busy
+# process, spinning threads made every forward pass ~25x slower (measured on 2 cores).
+# Only takes effect when lmpatch is imported before torch; the environment can override it.
+_os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 __version__ = "0.1.0"
 
 from lmpatch.api import edit  # noqa: E402

@@ -229,7 +229,7 @@ def optimize_value(
                     0, tgt_rows, -logp.detach() * tgt_w * rows.n_rewrite
                 )
                 reached = config.stop_prob is not None and float(torch.exp(-row_nll.max())) >= config.stop_prob
-            if float(loss) < config.stop_loss or reached or step == config.steps - 1:
+            if float(loss.detach()) < config.stop_loss or reached or step == config.steps - 1:
                 break
             opt.zero_grad()
             loss.backward()

@@ -1,0 +1,68 @@
+"""The ``lmpatch`` command: a typer app whose commands live in one small module each.
+
+Error policy: a user mistake (any :class:`~lmpatch.errors.LmpatchError`) is one red line
+on stderr and exit code 2, never a traceback; anything else is a bug and keeps its
+traceback. The policy lives in :class:`_Group` so it also holds when the app is driven
+by typer's test runner instead of :func:`main`.
+"""
+from __future__ import annotations
+
+import typer
+from typer.core import TyperGroup
+
+from lmpatch.cli import demo, edit, evaluate, listing, patches, stats
+from lmpatch.cli.console import error_line, setup_logging
+from lmpatch.cli.options import Settings
+from lmpatch.errors import LmpatchError
+
+USER_ERROR = 2
+
+
+class _Group(TyperGroup):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except LmpatchError as exc:
+            error_line(str(exc))
+            raise typer.Exit(USER_ERROR) from None
+
+
+app = typer.Typer(
+    cls=_Group,
+    name="lmpatch",
+    help="Edit what a language model knows, as patches you can save, apply and revert.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,  # bugs get a plain traceback (rich's would print tensors as locals)
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+@app.callback()
+def _global(
+    ctx: typer.Context,
+    verbose: int = typer.Option(0, "--verbose", "-v", count=True, help="More log output (-v info, -vv debug)."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N, mps, or auto (spread over GPUs)."),
+) -> None:
+    import rich
+
+    setup_logging(verbose)
+    # Progress bars drawn by the library on rich's global console must not end up on
+    # stdout, which carries --json output.
+    rich.reconfigure(stderr=True)
+    ctx.obj = Settings(device=device, verbosity=verbose)
+
+
+app.command("demo")(demo.demo)
+app.command("edit")(edit.edit)
+app.command("eval")(evaluate.evaluate)
+app.command("stats")(stats.stats)
+app.command("inspect")(patches.inspect)
+app.command("merge")(patches.merge)
+app.command("methods")(listing.methods)
+app.command("datasets")(listing.datasets)
+
+
+def main() -> None:
+    """Console-script entry point (``lmpatch = lmpatch.cli:main``)."""
+    app()

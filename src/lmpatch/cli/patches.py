@@ -1,0 +1,82 @@
+"""``lmpatch inspect`` and ``lmpatch merge``: looking at and baking in saved patches."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+from rich.text import Text
+
+from lmpatch.cli.console import out, print_json
+from lmpatch.cli.models import load
+from lmpatch.cli.options import Settings
+
+
+def inspect(
+    patch_file: Path = typer.Argument(..., help="A .lmpatch file written by `lmpatch edit` or Patch.save."),
+    as_json: bool = typer.Option(False, "--json", help="Print the manifest (plus delta norms) as JSON."),
+) -> None:
+    """Show what a patch file holds: method, base model, requests and weight deltas."""
+    from lmpatch.patch import Patch
+
+    summary = Patch.load(patch_file).summary()
+    if as_json:
+        print_json(json.dumps(summary, default=str))
+        return
+    console = out()
+    console.print(f"[bold]Patch {summary['patch_id']}[/]  ({patch_file})")
+    meta = Table.grid(padding=(0, 2))
+    meta.add_column(style="dim")
+    meta.add_column()
+    for key in ("method", "model_name", "model_fingerprint", "created_at", "lmpatch_version"):
+        meta.add_row(key, str(summary.get(key)))
+    console.print(meta)
+    console.print(requests_table(summary.get("requests", [])))
+    console.print(deltas_table(summary.get("deltas", [])))
+    hparams = summary.get("hparams") or {}
+    if hparams:
+        console.print(Text("hparams ", style="dim") + Text(json.dumps(hparams, default=str)), soft_wrap=True)
+
+
+def requests_table(requests: list[dict]) -> Table:
+    table = Table(title=f"{len(requests)} edit request(s)", title_justify="left")
+    for col in ("prompt", "subject", "target_new", "target_true"):
+        table.add_column(col)
+    for r in requests:
+        table.add_row(*(str(r.get(k) or "") for k in ("prompt", "subject", "target_new", "target_true")))
+    return table
+
+
+def deltas_table(deltas: list[dict]) -> Table:
+    table = Table(title=f"{len(deltas)} weight delta(s)", title_justify="left")
+    table.add_column("parameter", overflow="fold")
+    for col in ("kind", "shape", "rank", "norm", "stored values"):
+        table.add_column(col, justify="right" if col in ("rank", "norm", "stored values") else "left")
+    for d in deltas:
+        norm = d.get("norm")
+        table.add_row(
+            d["param"], d["kind"], "x".join(map(str, d["shape"])), "" if d.get("rank") is None else str(d["rank"]),
+            "" if norm is None else f"{norm:.4g}", f"{d.get('stored_values', 0):,}",
+        )
+    return table
+
+
+def merge(
+    ctx: typer.Context,
+    patch_file: Path = typer.Argument(..., help="The .lmpatch file to bake in."),
+    out_dir: Path = typer.Argument(..., help="New directory for the merged Hugging Face checkpoint."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Base model (default: the one the patch records)."),
+) -> None:
+    """Write the base model with the patch applied as a plain Hugging Face checkpoint."""
+    from lmpatch.patch import Patch
+
+    settings: Settings = ctx.obj
+    patch = Patch.load(patch_file)
+    loaded, _ = load(settings, model or patch.model_name)
+    path = patch.merge(loaded, out_dir)
+    out().print(
+        f"Merged patch [bold]{patch.patch_id}[/] into [bold]{path}[/]; it loads with "
+        f"lmpatch.load_model('{path}') or transformers' from_pretrained, without lmpatch."
+    )

@@ -1,0 +1,305 @@
+"""The ``lmpatch`` command line: wiring, JSON output, and one-line errors for user mistakes.
+
+Commands that need a model run on a tiny random Llama saved as a local model directory;
+a random model cannot learn the edit, so these tests check the plumbing (files written,
+JSON shape and ranges, resume), not edit quality. The demo on the real model is the
+one slow test.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import lmpatch
+from lmpatch.cli import app
+from lmpatch.patch import Patch, WeightDelta
+from tiny import tiny_model
+
+# No statistics (C0) and two optimisation steps: ROME's wiring in about a second.
+FAST_ROME = ["--set", "mom2_adjustment=false", "--set", "v_steps=2"]
+EIFFEL = ["--prompt", "The Eiffel Tower is located in the city of", "--subject", "The Eiffel Tower",
+          "--target", "Rome", "--target-true", "Paris"]
+
+
+def run(*args: str, env: dict | None = None):
+    return CliRunner(env={"COLUMNS": "200", **(env or {})}).invoke(app, list(args))
+
+
+def parse_json(result) -> dict:
+    """stdout must be exactly one JSON document: progress and notices belong on stderr."""
+    assert result.exit_code == 0, (result.stdout, result.stderr, result.exception)
+    return json.loads(result.stdout)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    """A tiny random Llama with the SmolLM2 tokenizer, saved as a local model directory."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    m = tiny_model("llama")
+    m.model.save_pretrained(path)
+    m.tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch) -> Path:
+    """A private lmpatch cache so templates/statistics of the tiny model do not leak between tests."""
+    root = tmp_path / "cache"
+    monkeypatch.setenv("LMPATCH_CACHE", str(root))
+    return root
+
+
+def saved_patch(path: Path) -> Patch:
+    patch = Patch(
+        deltas=[WeightDelta("model.layers.1.mlp.down_proj.weight", left=torch.ones(64, 1), right=torch.full((1, 128), 0.5))],
+        method="rome", model_fingerprint="0123456789abcdef", model_name="tiny",
+        requests=[lmpatch.EditRequest("The Eiffel Tower is in", "The Eiffel Tower", "Rome", "Paris")],
+    )
+    patch.save(path)
+    return patch
+
+
+# --------------------------------------------------------------------------- listings
+
+
+def test_methods_lists_every_registered_method():
+    result = run("methods")
+    assert result.exit_code == 0
+    for name in ("rome", "r-rome", "ft-l", "ft-m"):
+        assert name in result.stdout
+
+
+def test_methods_name_shows_hyperparameters_with_defaults():
+    data = parse_json(run("methods", "rome", "--json"))
+    rows = {r["name"]: r for r in data["hparams"]}
+    assert rows["v_steps"]["default"] == 20 and rows["mom2_adjustment"]["type"] == "bool"
+    assert "derived from the model" in run("methods", "rome").stdout  # layer=None
+
+
+def test_datasets_lists_shipped_names():
+    result = run("datasets")
+    assert result.exit_code == 0
+    for name in ("counterfact", "counterfact-train", "zsre"):
+        assert name in result.stdout
+    names = [d["name"] for d in parse_json(run("datasets", "--json"))]
+    assert names == lmpatch.data.dataset_names()
+
+
+# --------------------------------------------------------------------------- user mistakes
+
+
+def _corrupt(tmp_path: Path) -> str:
+    path = tmp_path / "corrupt.lmpatch"
+    path.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{not json")
+    return str(path)
+
+
+BAD_INPUT = {
+    "unknown method": (["edit", "--method", "memo", *EIFFEL], "Unknown method 'memo'"),
+    "subject not in prompt": (["edit", "--prompt", "The Eiffel Tower is in", "--subject", "Big Ben", "--target", "Rome"],
+                              "does not occur in prompt"),
+    "empty target": (["edit", "--prompt", "The Eiffel Tower is in", "--subject", "The Eiffel Tower", "--target", " "],
+                     "is empty"),
+    "--set without =": (["edit", *EIFFEL, "--set", "v_steps"], "--set expects key=value"),
+    "--set unknown key": (["edit", *EIFFEL, "--set", "v_stepz=3"], "Unknown hyperparameter(s) v_stepz"),
+    "--set bad value": (["edit", *EIFFEL, "--set", "v_steps=many"], "not a valid int"),
+    "missing requests file": (["edit", "--requests", "{tmp}/nope.json"], "does not exist"),
+    "requests and inline": (["edit", "--requests", "{tmp}/x.json", *EIFFEL], "not both"),
+    "missing target": (["edit", "--prompt", "a b", "--subject", "a"], "Missing --target"),
+    "corrupt patch": (["inspect", "{corrupt}"], "not a readable patch file"),
+    "missing patch": (["inspect", "{tmp}/none.lmpatch"], "No patch file"),
+    "unknown dataset": (["eval", "--data", "counterfacts", "--n", "2"], "No dataset named 'counterfacts'"),
+    "bad layers": (["stats", "--layers", "five"], "--layers expects"),
+    "missing model dir": (["edit", "--model", "/no/such/model/dir", *EIFFEL], "No model at"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUT), ids=list(BAD_INPUT))
+def test_user_mistakes_are_one_red_line_and_exit_2(case, tmp_path):
+    args, expected = BAD_INPUT[case]
+    args = [a.format(tmp=tmp_path, corrupt=_corrupt(tmp_path)) for a in args]
+    result = run(*args)
+    assert result.exit_code == 2, (result.stdout, result.stderr, result.exception)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ") and expected in lines[0]
+    assert "Traceback" not in result.output
+    assert result.stdout == ""
+
+
+def test_unexpected_errors_are_not_disguised_as_user_errors(monkeypatch):
+    import lmpatch.methods.registry as registry
+
+    def broken(name):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(registry, "get_method", broken)
+    result = run("methods", "rome")
+    assert result.exit_code == 1
+    assert isinstance(result.exception, RuntimeError)
+
+
+def test_set_values_are_typed_for_the_method():
+    from lmpatch.cli.options import parse_sets
+    from lmpatch.methods.ft import FTLHparams
+    from lmpatch.methods.hparams import with_overrides
+
+    sets = parse_sets(["layers=19,20", "modules=mlp_out", "lr=1e-3", "norm_constraint=none", "objective=target_new"],
+                      FTLHparams)
+    hp = with_overrides(FTLHparams, sets)
+    assert hp.layers == (19, 20) and hp.modules == ("mlp_out",) and hp.lr == 1e-3
+    assert hp.norm_constraint is None and hp.objective == "target_new"
+    assert with_overrides(FTLHparams, parse_sets(["layers=7"], FTLHparams)).layers == (7,)
+
+
+# --------------------------------------------------------------------------- patches
+
+
+def test_inspect_shows_a_saved_patch(tmp_path):
+    path = tmp_path / "p.lmpatch"
+    patch = saved_patch(path)
+    result = run("inspect", str(path))
+    assert result.exit_code == 0, result.stderr
+    for text in (patch.patch_id, "model.layers.1.mlp.down_proj.weight", "low_rank", "The Eiffel Tower", "Rome"):
+        assert text in result.stdout
+    data = parse_json(run("inspect", str(path), "--json"))
+    assert data["patch_id"] == patch.patch_id
+    assert data["deltas"][0]["rank"] == 1
+
+
+def test_inspect_reports_the_delta_norm(tmp_path):
+    path = tmp_path / "p.lmpatch"
+    saved_patch(path)
+    delta = parse_json(run("inspect", str(path), "--json"))["deltas"][0]
+    # ones(64) x 0.5*ones(128): every entry 0.5, Frobenius norm 0.5 * sqrt(64*128).
+    assert delta["norm"] == pytest.approx(0.5 * (64 * 128) ** 0.5)
+    assert delta["stored_values"] == 64 + 128
+
+
+# --------------------------------------------------------------------------- edit / eval / merge / stats
+
+
+def test_edit_json_writes_the_patch_it_reports(tiny_dir, tmp_path, cache):
+    out = tmp_path / "eiffel.lmpatch"
+    data = parse_json(run("edit", "--model", str(tiny_dir), *EIFFEL, *FAST_ROME,
+                          "--rephrase", "Where is the Eiffel Tower? It is in", "--out", str(out), "--json"))
+    assert set(data) >= {"patch_id", "path", "method", "model", "edit_seconds", "deltas", "answers", "metrics"}
+    assert data["method"] == "rome" and data["n_requests"] == 1 and Path(data["path"]) == out
+    assert data["edit_seconds"] > 0
+    loaded = Patch.load(out)
+    assert loaded.patch_id == data["patch_id"]
+    assert loaded.hparams["v_steps"] == 2 and loaded.hparams["mom2_adjustment"] is False
+    [delta] = data["deltas"]
+    assert delta["kind"] == "low_rank" and delta["rank"] == 1 and delta["norm"] > 0
+    assert [a["prompt"] for a in data["answers"]] == [
+        "The Eiffel Tower is located in the city of", "Where is the Eiffel Tower? It is in"]
+    assert all(isinstance(a["before"], str) and isinstance(a["after"], str) for a in data["answers"])
+
+
+def test_edit_default_file_name_comes_from_subject(tiny_dir, tmp_path, cache, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = run("edit", "--model", str(tiny_dir), *EIFFEL, *FAST_ROME, "--no-show")
+    assert result.exit_code == 0, (result.stderr, result.exception)
+    [path] = list(tmp_path.glob("*.lmpatch"))
+    patch = Patch.load(path)
+    assert path.name == f"the-eiffel-tower-rome-{patch.patch_id[:8]}.lmpatch"
+    assert patch.patch_id in result.stdout and "Greedy answers" not in result.stdout
+
+
+def test_edit_from_requests_file(tiny_dir, tmp_path, cache):
+    reqs = [
+        {"prompt": "The Eiffel Tower is located in", "subject": "The Eiffel Tower", "target_new": "Rome"},
+        {"prompt": "Danielle Darrieux's mother tongue is", "subject": "Danielle Darrieux", "target_new": "English",
+         "target_true": "French"},
+    ]
+    file = tmp_path / "reqs.json"
+    file.write_text(json.dumps(reqs))
+    data = parse_json(run("edit", "--model", str(tiny_dir), "--requests", str(file), *FAST_ROME,
+                          "--out", str(tmp_path / "two.lmpatch"), "--json", "--no-show"))
+    assert data["n_requests"] == 2 and data["answers"] == []
+    assert [r.subject for r in Patch.load(tmp_path / "two.lmpatch").requests] == ["The Eiffel Tower", "Danielle Darrieux"]
+
+
+def test_eval_json_summary_and_resume(tiny_dir, tmp_path, cache):
+    run_dir = tmp_path / "run"
+    args = ["eval", "--model", str(tiny_dir), "--method", "rome", "--data", "counterfact", "--n", "2",
+            *FAST_ROME, "--out", str(run_dir), "--json"]
+    data = parse_json(run(*args))
+    assert data["method"] == "rome" and data["model"] == str(tiny_dir) and data["n"] == 2
+    keys = {"reliability", "generalization", "locality", "efficacy_score", "paraphrase_score", "neighborhood_score"}
+    assert keys <= set(data["metrics"]) and keys <= set(data["metrics_pre"])
+    for table in (data["metrics"], data["metrics_pre"]):
+        for key, value in table.items():
+            low = -1.0 if key.endswith("_magnitude") else 0.0
+            assert value is None or low <= value <= 1.0, (key, value)
+    assert data["metrics_pre"]["locality"] == 1.0  # pre-edit agrees with itself by definition
+    t = data["edit_seconds"]
+    assert 0 < t["median"] <= t["p90"] <= t["total"]
+    assert len((run_dir / "records.jsonl").read_text().splitlines()) == 2
+    assert json.loads((run_dir / "summary.json").read_text())["n"] == 2
+
+    again = parse_json(run(*args))  # resumed: nothing left to do, same records
+    assert again["n"] == 2 and again["metrics"] == data["metrics"]
+    assert len((run_dir / "records.jsonl").read_text().splitlines()) == 2
+
+
+def test_eval_table_names_each_protocol(tiny_dir, tmp_path, cache):
+    result = run("eval", "--model", str(tiny_dir), "--data", "counterfact", "--n", "1", *FAST_ROME,
+                 "--metrics", "reliability,locality", "--out", str(tmp_path / "run"))
+    assert result.exit_code == 0, (result.stderr, result.exception)
+    assert "teacher_forced_token_accuracy" in result.stdout and "pre_post_agreement" in result.stdout
+    assert "efficacy_score" not in result.stdout
+
+
+def test_merge_bakes_the_patch_into_a_checkpoint(tiny_dir, tmp_path, cache):
+    patch_file = tmp_path / "e.lmpatch"
+    parse_json(run("edit", "--model", str(tiny_dir), *EIFFEL, *FAST_ROME, "--out", str(patch_file), "--json", "--no-show"))
+    out_dir = tmp_path / "merged"
+    result = run("merge", str(patch_file), str(out_dir))  # base model taken from the patch
+    assert result.exit_code == 0, (result.stderr, result.exception)
+    patch = Patch.load(patch_file)
+    base, merged = lmpatch.load_model(str(tiny_dir)), lmpatch.load_model(str(out_dir))
+    name = patch.deltas[0].param
+    expected = base.model.get_parameter(name) + patch.deltas[0].materialize()
+    assert torch.equal(merged.model.get_parameter(name), expected)
+    assert (out_dir / "lmpatch-merge.json").is_file()
+
+
+def test_stats_computes_then_lists(tiny_dir, cache):
+    data = parse_json(run("stats", "--model", str(tiny_dir), "--layers", "0,1", "--tokens", "600", "--json"))
+    assert [r["layer"] for r in data["layers"]] == [0, 1]
+    assert all(r["d_ff"] == 128 and r["count"] == 600 and not r["cached_before"] for r in data["layers"])
+    listed = parse_json(run("stats", "--list", "--json"))
+    assert sorted(e["layer"] for e in listed) == [0, 1]
+    assert all(Path(e["path"]).is_relative_to(cache) for e in listed)
+    again = parse_json(run("stats", "--model", str(tiny_dir), "--layers", "0,1", "--tokens", "600", "--json"))
+    assert all(r["cached_before"] for r in again["layers"])
+
+
+def test_stats_list_when_empty(cache):
+    result = run("stats", "--list")
+    assert result.exit_code == 0 and "No cached statistics" in result.stdout
+
+
+# --------------------------------------------------------------------------- the demo
+
+
+def _row(stdout: str, label: str) -> list[str]:
+    line = next(line for line in stdout.splitlines() if label in line)
+    return [cell.strip() for cell in line.strip().strip("│").split("│")]
+
+
+@pytest.mark.model
+@pytest.mark.slow
+def test_demo_edits_then_reverts_exactly():
+    result = run("demo", env={"COLUMNS": "240"})
+    assert result.exit_code == 0, (result.stdout, result.stderr, result.exception)
+    prompt, original, patched, reverted = _row(result.stdout, "edited prompt")
+    assert "Paris" in original and "Rome" in patched and "Paris" in reverted
+    _, para_before, para_patched, _ = _row(result.stdout, "paraphrase")
+    assert "Rome" in para_patched
+    assert "Revert is bit-exact" in result.stdout
