@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
+from rich.console import Console
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -170,6 +171,7 @@ def _progress(enabled: bool) -> Progress:
         TextColumn("eta"),
         TimeRemainingColumn(),
         disable=not enabled,
+        console=Console(stderr=True),  # stdout stays clean for --json output
     )
 
 
