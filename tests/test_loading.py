@@ -322,7 +322,12 @@ def test_generate_text_is_greedy_and_excludes_the_prompt(tiny_tokenizer):
 
 # -- the embedded default -------------------------------------------------------------------------
 def _default_cache_dirs():
-    return sorted((cache_dir() / "models").glob(f"{DEFAULT_MODEL}-*-f32"))
+    """The float32 copy this installation's embedded model maps to (older copies made by
+    other installations may sit beside it in a shared cache)."""
+    from lmpatch.model.loading import _embedded_gguf, _gguf_cache_path
+
+    path = _gguf_cache_path(_embedded_gguf(), DEFAULT_MODEL)
+    return [path] if path.is_dir() else []
 
 
 @pytest.mark.model

@@ -345,10 +345,18 @@ def _is_model_dir(path: Path) -> bool:
 
 
 def _gguf_cache_path(gguf_path: Path, cache_name: str | None = None) -> Path:
-    """Where the float32 copy of ``gguf_path`` lives (keyed by its path, size and mtime)."""
-    stat = gguf_path.stat()
-    key = hashlib.sha256(f"{gguf_path.resolve()}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:12]
-    return cache_dir() / "models" / f"{cache_name or gguf_path.stem}-{key}-f32"
+    """Where the float32 copy of ``gguf_path`` lives.
+
+    Keyed by content (size plus the first and last MiB), not by path or mtime: the same
+    GGUF installed into another virtualenv must reuse the copy, not convert again.
+    """
+    size = gguf_path.stat().st_size
+    h = hashlib.sha256(f"{gguf_path.name}:{size}".encode())
+    with open(gguf_path, "rb") as fh:
+        h.update(fh.read(1 << 20))
+        fh.seek(max(0, size - (1 << 20)))
+        h.update(fh.read(1 << 20))
+    return cache_dir() / "models" / f"{cache_name or gguf_path.stem}-{h.hexdigest()[:12]}-f32"
 
 
 def _gguf_float32_copy(gguf_path: Path, cache_name: str | None = None) -> Path:
