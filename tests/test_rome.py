@@ -9,7 +9,7 @@ import lmpatch
 from lmpatch.eval.scoring import score_targets
 from lmpatch.methods.locate.solve import KeyCovariance, rank_one_update
 from lmpatch.methods.locate.values import SuffixRunner, build_rows
-from lmpatch.methods.rome import ROMEHparams, apply_rome
+from lmpatch.methods.rome import ROMEHparams
 from tiny import ARCHS, tiny_model
 
 REQ = lmpatch.EditRequest(
