@@ -9,7 +9,7 @@ from lmpatch.methods.hparams import with_overrides
 from lmpatch.methods.registry import get_method
 from lmpatch.model.loading import LoadedModel
 from lmpatch.patch import Patch
-from lmpatch.request import EditRequest
+from lmpatch.request import EditRequest, as_requests
 
 
 def edit(
@@ -28,12 +28,7 @@ def edit(
         raise InvalidRequestError(
             "edit() needs the object returned by lmpatch.load_model() (or lmpatch.wrap_model(model, tokenizer))."
         )
-    reqs = [requests] if isinstance(requests, EditRequest) else list(requests)
-    if not reqs:
-        raise InvalidRequestError("No edit requests given.")
-    for r in reqs:
-        if not isinstance(r, EditRequest):
-            raise InvalidRequestError(f"Expected EditRequest objects, got {type(r).__name__}.")
+    reqs = as_requests(requests, "edit")
     info = get_method(method)
     if hparams is None:
         base: dict[str, Any] = {}

@@ -6,7 +6,7 @@ reported as one sentence naming the field, long before any model work starts.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 from lmpatch.errors import InvalidRequestError
 
@@ -101,6 +101,17 @@ class EditRequest:
             raise InvalidRequestError(f"Edit request is missing {', '.join(missing)}: {d!r:.200}")
         known = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def as_requests(value: "EditRequest | Sequence[EditRequest]", what: str = "edit") -> list["EditRequest"]:
+    """One request or a sequence of them, as a non-empty list (the entry points' shared check)."""
+    reqs = [value] if isinstance(value, EditRequest) else list(value)
+    if not reqs:
+        raise InvalidRequestError(f"No edit requests given to {what}().")
+    for r in reqs:
+        if not isinstance(r, EditRequest):
+            raise InvalidRequestError(f"{what}() takes EditRequest objects, got {type(r).__name__}.")
+    return reqs
 
 
 def _seq(value: Any) -> tuple:

@@ -44,7 +44,7 @@ from typing import Any, Iterable, Sequence
 
 from lmpatch.errors import LmpatchError
 from lmpatch.model.loading import LoadedModel
-from lmpatch.request import EditRequest
+from lmpatch.request import EditRequest, as_requests
 from lmpatch.eval.scoring import TargetScore, encode_pairs, generate, score_targets
 
 TEACHER_FORCED = "teacher_forced_token_accuracy"
@@ -316,13 +316,7 @@ def _metrics_from(values: dict[str, float | None], counts: dict[str, int]) -> di
 
 
 def _as_requests(requests: EditRequest | Sequence[EditRequest]) -> list[EditRequest]:
-    reqs = [requests] if isinstance(requests, EditRequest) else list(requests)
-    if not reqs:
-        raise LmpatchError("No edit requests to evaluate.")
-    for r in reqs:
-        if not isinstance(r, EditRequest):
-            raise LmpatchError(f"evaluate() takes EditRequest objects, got {type(r).__name__}.")
-    return reqs
+    return as_requests(requests, "evaluate")
 
 
 def evaluate_records(

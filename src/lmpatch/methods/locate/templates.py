@@ -36,7 +36,7 @@ class TemplateConfig:
 
 def context_templates(model: LoadedModel, config: TemplateConfig = TemplateConfig()) -> list[str]:
     """``["{}", "<prefix>. {}", ...]``: the bare prompt first, then the sampled prefixes."""
-    path = cache_dir() / "templates" / f"{model.fingerprint}-{config.key()}.json"
+    path = template_file(model, config)
     if path.is_file():
         return json.loads(path.read_text())
     templates = ["{}"] + [_as_template(t) for t in _sample_prefixes(model, config)]
