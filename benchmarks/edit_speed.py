@@ -8,14 +8,16 @@ per-edit numbers are what a user sees once the caches are warm.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
+
+import lmpatch  # first: it sets lmpatch's OpenMP wait policy before torch starts its threads
 
 import torch
 from rich.console import Console
 from rich.table import Table
 
-import lmpatch
 from lmpatch.data import load_dataset
 
 
@@ -32,6 +34,9 @@ def main() -> None:
     t0 = time.perf_counter()
     model = lmpatch.load_model()
     console.print(f"model load: {time.perf_counter() - t0:.2f} s  (threads: {torch.get_num_threads()})")
+    # lmpatch makes idle OpenMP threads sleep (PASSIVE) so a busy neighbour process cannot
+    # slow it 25x; waking them costs ~20% of an edit on an otherwise idle machine.
+    console.print(f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}")
     requests = load_dataset(args.data, n=args.n)
     table = Table(title=f"Edit time on {model.name}, {len(requests)} {args.data} records")
     for col in ("method", "warm-up (one-off)", "median s", "p90 s", "min s", "max s", "mean steps"):

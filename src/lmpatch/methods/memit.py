@@ -16,7 +16,7 @@ from typing import Mapping, Sequence
 
 from lmpatch.errors import LmpatchError
 from lmpatch.methods.locate.batch import optimize_targets, spread_update
-from lmpatch.methods.locate.solve import SOLVE_FORMS, KeyCovariance, batch_update
+from lmpatch.methods.locate.solve import SOLVE_FORMS, KeyCovariance, batch_update, layer_covariances
 from lmpatch.methods.locate.templates import TemplateConfig, context_templates
 from lmpatch.methods.locate.values import ValueConfig
 from lmpatch.model.loading import LoadedModel
@@ -103,18 +103,14 @@ def covariance_weight(model: LoadedModel, hp: MEMITHparams) -> float:
     return GPTJ_LAMBDA * model.spec.mlp_size / GPTJ_D_FF
 
 
-def layer_covariances(model: LoadedModel, layers: Sequence[int], hp: MEMITHparams) -> dict[int, KeyCovariance | None]:
-    """C0 of every edited layer, computed in one pass over the corpus when not cached.
-
-    The returned objects keep their Cholesky factors once used: a caller editing the same
-    model batch after batch passes them back to :func:`apply_memit` to factor only once.
-    """
+def memit_covariances(model: LoadedModel, layers: Sequence[int], hp: MEMITHparams) -> dict[int, KeyCovariance | None]:
+    """C0 of every edited layer, computed in one pass over the corpus when not cached;
+    their Cholesky factors are remembered on the model between batches."""
     if not hp.mom2_adjustment:
         return {layer: None for layer in layers}
-    from lmpatch.stats.covariance import StatsConfig, second_moments
+    from lmpatch.stats.covariance import StatsConfig
 
-    moments = second_moments(model, layers, StatsConfig(corpus=hp.stats_corpus, n_tokens=hp.stats_tokens))
-    return {layer: KeyCovariance(moments[layer].matrix) for layer in layers}
+    return layer_covariances(model, layers, StatsConfig(corpus=hp.stats_corpus, n_tokens=hp.stats_tokens))
 
 
 def apply_memit(
@@ -131,7 +127,7 @@ def apply_memit(
     layers = edit_layers(model, hp)
     templates = context_templates(model, hp.template_config())
     if covariances is None or any(layer not in covariances for layer in layers):
-        covariances = layer_covariances(model, layers, hp)
+        covariances = memit_covariances(model, layers, hp)
     targets = optimize_targets(model, requests, layers[-1], templates, hp.value_config())
 
     def solve(layer, keys, residuals):

@@ -57,6 +57,7 @@ class LoadedModel:
     fingerprint: str = ""
     applied: list = field(default_factory=list, repr=False)
     shadows: dict = field(default_factory=dict, repr=False, compare=False)  # dtype -> model.shadow.Shadow
+    solves: dict = field(default_factory=dict, repr=False, compare=False)   # see methods.locate.solve.layer_covariances
 
     def __post_init__(self) -> None:
         self.model.eval()
