@@ -2,13 +2,15 @@
 the algebraic properties the papers derive, and on the real model an edit works."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 import lmpatch
 from lmpatch.eval.scoring import score_targets
 from lmpatch.methods.locate.solve import KeyCovariance, rank_one_update
-from lmpatch.methods.locate.values import SuffixRunner, build_rows
+from lmpatch.methods.locate.values import SuffixRunner, ValueConfig, build_rows, optimize_value, optimize_values
 from lmpatch.methods.rome import ROMEHparams
 from tiny import ARCHS, tiny_model
 
@@ -139,3 +141,28 @@ def test_rome_edit_on_real_model(real_model):
         assert post[4].argmax == pre[2].argmax
     for n, p in model.model.named_parameters():
         assert torch.equal(p, snapshot[n]), n
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])  # opt: its MLP sees flattened tokens
+def test_requests_optimised_together_follow_their_paths_alone(arch):
+    """A group optimisation (one padded batch, requests leaving it as they stop) gives
+    each request the delta and step count it gets when optimised on its own."""
+    model = tiny_model(arch)
+    requests = [
+        REQ,
+        lmpatch.EditRequest(prompt="Danielle Darrieux speaks the language", subject="Danielle Darrieux",
+                            target_new="English and more"),
+        lmpatch.EditRequest(prompt="Toko Yasuda plays the", subject="Toko Yasuda", target_new="piano"),
+    ]
+    probe = ValueConfig(steps=6, lr=0.02, compute_dtype="float32", stop_loss=0.0)
+    first = sorted(optimize_value(model, r, 1, TEMPLATES, probe).losses[0] for r in requests)
+    # The request with the lowest initial loss stops at once, the others keep going.
+    config = replace(probe, stop_loss=(first[0] + first[1]) / 2)
+    alone = [optimize_value(model, r, 1, TEMPLATES, config) for r in requests]
+    assert len({a.steps for a in alone}) > 1, "the threshold should make the requests stop at different steps"
+    together = optimize_values(model, requests, 1, TEMPLATES, config)
+    for a, b in zip(alone, together):
+        assert a.steps == b.steps
+        torch.testing.assert_close(b.delta, a.delta, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(b.key_mean, a.key_mean)
+        torch.testing.assert_close(b.v_init, a.v_init)

@@ -65,6 +65,7 @@ class MEMITHparams:
     stats_corpus: str = "wikitext-2-raw"
     stats_tokens: int = 100_000
     solve_form: str = "auto"                      # "push_through" | "direct" | "auto" (push-through if n < d_ff)
+    z_group_size: int = 16                        # facts whose targets are optimised in one batch
     compute_dtype: str = "auto"                   # optimisation passes; see model.shadow
 
     def value_config(self) -> ValueConfig:
@@ -128,7 +129,7 @@ def apply_memit(
     templates = context_templates(model, hp.template_config())
     if covariances is None or any(layer not in covariances for layer in layers):
         covariances = memit_covariances(model, layers, hp)
-    targets = optimize_targets(model, requests, layers[-1], templates, hp.value_config())
+    targets = optimize_targets(model, requests, layers[-1], templates, hp.value_config(), hp.z_group_size)
 
     def solve(layer, keys, residuals):
         return batch_update(keys, residuals, covariances[layer], weight, hp.solve_form)

@@ -29,11 +29,12 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from lmpatch.errors import LmpatchError
-from lmpatch.methods.locate.values import ValueConfig, optimize_value
+from lmpatch.methods.locate.values import ValueConfig, optimize_values
 from lmpatch.model.hooks import capture_input, capture_output, record_outputs, replay_outputs, run_until
 from lmpatch.model.loading import LoadedModel
 from lmpatch.model.spec import is_conv1d
 from lmpatch.patch import Patch, WeightDelta
+from lmpatch.progress import progress_bar
 from lmpatch.request import EditRequest
 from lmpatch.tokens import encode, pad_right, subject_last_index
 
@@ -201,16 +202,35 @@ def optimize_targets(
     layer: int,
     templates: list[str],
     config: ValueConfig,
+    group_size: int = 16,
+    progress: bool | None = None,
 ) -> Targets:
-    """One value optimisation per fact, each on the model as the caller gave it."""
+    """One value optimisation per fact, each on the model as the caller gave it.
+
+    Facts are optimised ``group_size`` at a time in one batch (see
+    :func:`~lmpatch.methods.locate.values.optimize_values`: the result is the same as one
+    by one), grouped by token length so little of a batch is padding. ``progress``
+    defaults to a bar when there is more than one group.
+    """
+    if group_size < 1:
+        raise LmpatchError(f"group_size must be >= 1, got {group_size!r}.")
     start = time.perf_counter()
-    deltas, steps, probs = [], [], []
-    for request in requests:
-        v = optimize_value(model, request, layer, templates, config)
-        deltas.append(v.delta.detach().float().cpu())
-        steps.append(v.steps)
-        probs.append(v.target_prob)
-    return Targets(torch.stack(deltas), steps, probs, time.perf_counter() - start)
+    tok = model.tokenizer
+    lengths = [len(encode(tok, r.prompt)) + len(encode(tok, " " + r.target_new)) for r in requests]
+    order = sorted(range(len(requests)), key=lambda i: lengths[i])
+    groups = [order[i : i + group_size] for i in range(0, len(order), group_size)]
+    results: dict[int, object] = {}
+    show = len(groups) > 1 if progress is None else progress
+    with progress_bar(show, "optimising targets", len(requests), "facts") as advance:
+        for group in groups:
+            for i, v in zip(group, optimize_values(model, [requests[i] for i in group], layer, templates, config)):
+                results[i] = v
+            advance(len(group))
+    ordered = [results[i] for i in range(len(requests))]
+    return Targets(
+        torch.stack([v.delta.detach().float().cpu() for v in ordered]),
+        [v.steps for v in ordered], [v.target_prob for v in ordered], time.perf_counter() - start,
+    )
 
 
 def spread_update(

@@ -23,6 +23,7 @@ and then spread the change over several MLPs.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -76,54 +77,83 @@ class ValueResult:
 
 @dataclass
 class _Rows:
-    """The prompts of one optimisation, split at the subject's last token."""
+    """The prompts of one optimisation (one or several requests), split at the subject's
+    last token. Row tensors are indexed by row; ``owner`` says which request a row serves."""
 
     prefix_ids: torch.Tensor
     prefix_mask: torch.Tensor
     suffix_ids: torch.Tensor
     suffix_mask: torch.Tensor
     positions: torch.Tensor
+    owner: torch.Tensor            # (rows,) request index of each row
     tgt_rows: torch.Tensor         # (n_target_tokens,) row of each supervised token
     tgt_pos: torch.Tensor          # its position in the suffix (the logit that predicts it)
     tgt_tok: torch.Tensor          # the token id
-    tgt_weight: torch.Tensor       # 1 / (target length * n_rewrite_rows): per-row mean, then mean
-    n_rewrite: int
+    tgt_weight: torch.Tensor       # 1 / (target length * n_rewrite): per-row mean, then mean over rows
+    n_rewrite: int                 # rewrite (template) rows per request
     kl_rows: torch.Tensor          # rows whose position 0 carries the KL term
+    rewrite_rows: torch.Tensor     # (requests, n_rewrite) the template rows of each request, template order
+
+    @property
+    def n_requests(self) -> int:
+        return int(self.rewrite_rows.shape[0])
 
 
 def build_rows(model: LoadedModel, request: EditRequest, templates: list[str], kl_prompts) -> _Rows:
+    """The rows of a single request (see :func:`build_group_rows`)."""
+    return build_group_rows(model, [request], templates, kl_prompts)
+
+
+def build_group_rows(
+    model: LoadedModel, requests: Sequence[EditRequest], templates: list[str], kl_prompts
+) -> _Rows:
+    """Each request under every template (its rewrite rows), then its KL prompts; all
+    requests of a group share one padded batch so one pass serves them all."""
     tok = model.tokenizer
-    prefixes, suffixes, rows_t, pos_t, tok_t, w_t = [], [], [], [], [], []
-    for row, template in enumerate(templates):
-        text = model.format_prompt(template.format(request.prompt))
-        ctx = encode(tok, text)
-        tgt = target_ids(tok, text, request.target_new, ctx)
-        start = text.find(request.prompt)
-        s = subject_last_index(tok, text, request.subject, start=max(start, 0))
-        full = ctx + tgt
-        prefixes.append(full[:s])
-        suffixes.append(full[s:-1])
-        for j, t in enumerate(tgt):
-            rows_t.append(row)
-            pos_t.append(len(ctx) - 1 + j - s)
-            tok_t.append(t)
-            w_t.append(1.0 / (len(tgt) * len(templates)))
-    kl_rows = []
-    for kp in kl_prompts:
-        text = model.format_prompt(kp.format(request.subject))
-        ids = encode(tok, text)
-        s = subject_last_index(tok, text, request.subject)
-        kl_rows.append(len(prefixes))
-        prefixes.append(ids[:s])
-        suffixes.append(ids[s : s + 1])
+    prefixes: list[list[int]] = []
+    suffixes: list[list[int]] = []
+    owner, rows_t, pos_t, tok_t, w_t, kl_rows, rewrite = [], [], [], [], [], [], []
+    for index, request in enumerate(requests):
+        mine = []
+        for template in templates:
+            row = len(prefixes)
+            text = model.format_prompt(template.format(request.prompt))
+            ctx = encode(tok, text)
+            tgt = target_ids(tok, text, request.target_new, ctx)
+            start = text.find(request.prompt)
+            s = subject_last_index(tok, text, request.subject, start=max(start, 0))
+            full = ctx + tgt
+            prefixes.append(full[:s])
+            suffixes.append(full[s:-1])
+            owner.append(index)
+            mine.append(row)
+            for j, t in enumerate(tgt):
+                rows_t.append(row)
+                pos_t.append(len(ctx) - 1 + j - s)
+                tok_t.append(t)
+                w_t.append(1.0 / (len(tgt) * len(templates)))
+        rewrite.append(mine)
+        for kp in kl_prompts:
+            text = model.format_prompt(kp.format(request.subject))
+            ids = encode(tok, text)
+            s = subject_last_index(tok, text, request.subject)
+            kl_rows.append(len(prefixes))
+            owner.append(index)
+            prefixes.append(ids[:s])
+            suffixes.append(ids[s : s + 1])
     pad = tok.pad_token_id
-    p_ids, p_mask = pad_left(prefixes, pad) if any(prefixes) else (torch.zeros(len(prefixes), 0, dtype=torch.long),) * 2
+    if any(prefixes):
+        p_ids, p_mask = pad_left(prefixes, pad)
+    else:
+        p_ids = p_mask = torch.zeros(len(prefixes), 0, dtype=torch.long)
     s_ids, s_mask = pad_right(suffixes, pad)
     positions = p_mask.sum(-1, keepdim=True) + torch.arange(s_ids.shape[1])[None, :]
     return _Rows(
         prefix_ids=p_ids, prefix_mask=p_mask, suffix_ids=s_ids, suffix_mask=s_mask, positions=positions,
-        tgt_rows=torch.tensor(rows_t), tgt_pos=torch.tensor(pos_t), tgt_tok=torch.tensor(tok_t),
+        owner=torch.tensor(owner, dtype=torch.long), tgt_rows=torch.tensor(rows_t, dtype=torch.long),
+        tgt_pos=torch.tensor(pos_t, dtype=torch.long), tgt_tok=torch.tensor(tok_t, dtype=torch.long),
         tgt_weight=torch.tensor(w_t), n_rewrite=len(templates), kl_rows=torch.tensor(kl_rows, dtype=torch.long),
+        rewrite_rows=torch.tensor(rewrite, dtype=torch.long).reshape(len(requests), len(templates)),
     )
 
 
@@ -157,6 +187,18 @@ class SuffixRunner:
                     use_cache=True,
                 )
             self.prefix_kv = _cache_tensors(out.past_key_values)
+
+    def select(self, keep: torch.Tensor) -> None:
+        """Keep only the rows where ``keep`` is true (requests that finished early leave the
+        batch); the prefix cache and the replayed lower blocks are cut to match."""
+        idx = keep.nonzero().flatten().to(self.device)
+        self.mask = self.mask[idx]
+        self.positions = self.positions[idx]
+        self.suffix_ids = self.suffix_ids[idx]
+        if self.prefix_kv is not None:
+            self.prefix_kv = [(k[idx], v[idx]) for k, v in self.prefix_kv]
+        if self.replay is not None:
+            self.replay = [_take_rows(out, idx) for out in self.replay]
 
     def reset(self) -> None:
         """A fresh cache holding only the prefix: each step must start from a cache that
@@ -194,10 +236,11 @@ class SuffixRunner:
 
 
 def _edit_point_inputs(rows: _Rows, device) -> dict[str, torch.Tensor]:
-    """The rewrite rows cut right after the subject's last token (all the edit point sees)."""
-    n = rows.n_rewrite
-    ids = torch.cat([rows.prefix_ids[:n], rows.suffix_ids[:n, :1]], dim=1)
-    mask = torch.cat([rows.prefix_mask[:n], rows.suffix_mask[:n, :1]], dim=1)
+    """The rewrite rows cut right after the subject's last token (all the edit point sees),
+    request by request in template order."""
+    index = rows.rewrite_rows.reshape(-1)
+    ids = torch.cat([rows.prefix_ids[index], rows.suffix_ids[index, :1]], dim=1)
+    mask = torch.cat([rows.prefix_mask[index], rows.suffix_mask[index, :1]], dim=1)
     return dict(
         input_ids=ids.to(device), attention_mask=mask.to(device),
         position_ids=(mask.cumsum(-1) - 1).clamp(min=0).to(device), use_cache=False,
@@ -206,31 +249,42 @@ def _edit_point_inputs(rows: _Rows, device) -> dict[str, torch.Tensor]:
 
 def edit_point_keys(model: LoadedModel, rows: _Rows, layer: int) -> torch.Tensor:
     """Float32 keys (inputs of layer ``layer``'s MLP output projection) at the subject's
-    last token of every rewrite row, from the real model, running only up to that layer."""
-    n = rows.n_rewrite
+    last token of every rewrite row, (requests, templates, d_ff), from the real model,
+    running only up to that layer."""
     inputs = _edit_point_inputs(rows, model.device)
     module = model.spec.mlp_out(model.model, layer)
     store: list[torch.Tensor] = []
     with torch.no_grad(), capture_input(module, store):
         run_until(model.spec.base_model(model.model), module, **inputs)
-    return store[0].reshape(n, inputs["input_ids"].shape[1], -1)[:, -1].float()
+    n, width = inputs["input_ids"].shape
+    return store[0].reshape(n, width, -1)[:, -1].float().reshape(rows.n_requests, rows.n_rewrite, -1)
 
 
 def edit_point_keys_and_block(model: LoadedModel, rows: _Rows, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Like :func:`edit_point_keys`, plus the float32 output of block ``layer`` (the
-    residual stream) at the subject's last token of the bare-prompt row, in the same pass."""
-    n = rows.n_rewrite
+    residual stream) at the subject's last token of each request's first template row
+    (the bare prompt), (requests, d), in the same pass."""
     inputs = _edit_point_inputs(rows, model.device)
-    width = inputs["input_ids"].shape[1]
+    n, width = inputs["input_ids"].shape
     module = model.spec.mlp_out(model.model, layer)
     block = model.spec.block(model.model, layer)
     keys: list[torch.Tensor] = []
     outs: list[torch.Tensor] = []
     with torch.no_grad(), capture_input(module, keys), capture_output(block, outs):
         run_until(model.spec.base_model(model.model), block, **inputs)
-    k = keys[0].reshape(n, width, -1)[:, -1].float()
-    h = outs[0].reshape(n, width, -1)[0, -1].float()
+    k = keys[0].reshape(n, width, -1)[:, -1].float().reshape(rows.n_requests, rows.n_rewrite, -1)
+    h = outs[0].reshape(n, width, -1)[:, -1].float().reshape(rows.n_requests, rows.n_rewrite, -1)[:, 0]
     return k, h
+
+
+def _take_rows(out, idx: torch.Tensor):
+    """``out`` (a recorded module output: tensor or tuple of them) restricted to rows ``idx``."""
+    if isinstance(out, torch.Tensor):
+        return out[idx.to(out.device)] if out.dim() > 0 else out
+    if isinstance(out, tuple):
+        taken = [_take_rows(x, idx) for x in out]
+        return type(out)(*taken) if hasattr(out, "_fields") else type(out)(taken)
+    return out
 
 
 def _cache_tensors(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -250,21 +304,41 @@ def optimize_value(
     config: ValueConfig = ValueConfig(),
 ) -> ValueResult:
     """Find delta so that adding it at layer ``layer`` at the subject makes the model
-    predict ``request.target_new`` after every context template: to the MLP output for
-    ``config.target == "mlp_out"`` (ROME's v*), to the block output for ``"block"`` (MEMIT's z).
+    predict ``request.target_new`` after every context template (see :func:`optimize_values`)."""
+    return optimize_values(model, [request], layer, templates, config)[0]
 
-    The weight decay and the norm clamp are relative to the unedited value at that point.
+
+def optimize_values(
+    model: LoadedModel,
+    requests: Sequence[EditRequest],
+    layer: int,
+    templates: list[str],
+    config: ValueConfig = ValueConfig(),
+) -> list[ValueResult]:
+    """One delta per request, optimised together: delta_i is added at layer ``layer`` at the
+    subject's last token of request i's rows only, to the MLP output for
+    ``config.target == "mlp_out"`` (ROME's v*) or to the block output for ``"block"`` (MEMIT's z).
+
+    Why together: at a few dozen tokens a pass is bound by reading the weights, so a pass
+    over the rows of many requests costs little more than over one request's. The
+    requests do not interact: each loss term depends on its own delta only, and Adam is
+    elementwise, so every delta follows exactly the path it would follow alone. A request
+    leaves the batch when it meets its own stopping rule. The weight decay and the norm
+    clamp are relative to each request's unedited value at the edit point.
     """
+    if not requests:
+        return []
     spec = model.spec
-    rows = build_rows(model, request, templates, config.kl_prompts)
+    rows = build_group_rows(model, requests, templates, config.kl_prompts)
+    n_req = rows.n_requests
     if config.target == "block":
         keys, v_init = edit_point_keys_and_block(model, rows, layer)
     else:
         keys = edit_point_keys(model, rows, layer)
         master_out = spec.mlp_out(model.model, layer)
         with torch.no_grad():
-            v_init = master_out(keys[:1].to(_weight_dtype(master_out))).float().reshape(-1)
-    v_norm = v_init.norm()
+            v_init = master_out(keys[:, 0].to(_weight_dtype(master_out))).float()
+    v_norm = v_init.norm(dim=-1)                                   # (requests,)
 
     net = compute_model(model, resolve_compute_dtype(config.compute_dtype, model.model))
     # Blocks below ``layer`` are replayed; block ``layer`` itself always runs, because the
@@ -272,68 +346,153 @@ def optimize_value(
     runner = SuffixRunner(net, spec, rows, frozen_below=layer)
     edit_point = spec.block(net, layer) if config.target == "block" else spec.mlp_out(net, layer)
     dev = runner.device
-    tgt_rows, tgt_pos = rows.tgt_rows.to(dev), rows.tgt_pos.to(dev)
-    tgt_tok, tgt_w = rows.tgt_tok.to(dev), rows.tgt_weight.to(dev)
-    kl_rows = rows.kl_rows.to(dev)
-    # One LM-head call per step reads both the target positions and the KL positions.
-    read_rows = torch.cat([tgt_rows, kl_rows])
-    read_pos = torch.cat([tgt_pos, torch.zeros_like(kl_rows)])
-    n_tgt = tgt_rows.numel()
+    v_norm = v_norm.to(dev)
+    state = _Active.start(rows, dev)
 
-    delta = torch.zeros(spec.hidden_size, device=dev, dtype=torch.float32, requires_grad=True)
+    delta = torch.zeros(n_req, spec.hidden_size, device=dev, dtype=torch.float32, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=config.lr)
-    batch, width = rows.suffix_ids.shape
+    results: list[ValueResult | None] = [None] * n_req
+    history: list[list[float]] = [[] for _ in range(n_req)]
 
     def add_delta(y: torch.Tensor) -> torch.Tensor:
         # Some architectures (OPT) run their MLP on flattened (batch*seq, d) tokens.
-        y3 = y.reshape(batch, width, -1)
-        bump = torch.zeros_like(y3)
-        bump[:, 0, :] = 1.0
-        return (y3 + bump * delta.to(y.dtype)).reshape(y.shape)
+        y3 = y.reshape(state.n_rows, -1, y.shape[-1])
+        bumped = y3[:, :1] + delta[state.row_slot].to(y.dtype)[:, None, :]
+        return torch.cat([bumped, y3[:, 1:]], dim=1).reshape(y.shape)
 
-    losses: list[float] = []
     kl_init = None
-    step = 0
-    target_prob = 0.0
     with edit_output(edit_point, add_delta):
         for step in range(config.steps):
             h = runner.hidden()
-            all_logp = torch.log_softmax(spec.logits(net, h[read_rows, read_pos]).float(), dim=-1)
-            logp = all_logp[:n_tgt].gather(1, tgt_tok[:, None]).squeeze(1)
-            nll = -(logp * tgt_w).sum()
+            all_logp = torch.log_softmax(spec.logits(net, h[state.read_rows, state.read_pos]).float(), dim=-1)
+            n_tgt = state.tgt_slot.numel()
+            logp = all_logp[:n_tgt].gather(1, state.tgt_tok[:, None]).squeeze(1)
             kl_logp = all_logp[n_tgt:]
             if kl_init is None:
                 kl_init = kl_logp.detach().clone()
-            kl = F.kl_div(kl_init, kl_logp, log_target=True, reduction="batchmean")
-            decay = config.weight_decay * delta.norm() / v_norm**2
-            loss = nll + config.kl_factor * kl + decay
-            losses.append(float(loss.detach()))
+            n_act = state.active.numel()
+            nll = torch.zeros(n_act, device=dev).index_add(0, state.tgt_slot, -(logp * state.tgt_w))
+            kl_terms = F.kl_div(kl_init, kl_logp, log_target=True, reduction="none").sum(-1)
+            kl = torch.zeros(n_act, device=dev).index_add(0, state.kl_slot, kl_terms) / state.kl_per_request
+            decay = config.weight_decay * delta.norm(dim=-1) / v_norm[state.active] ** 2
+            loss = nll + config.kl_factor * kl + decay                 # (active requests,)
             with torch.no_grad():
-                target_prob = float((logp.detach().exp() * tgt_w).sum())
-                row_nll = torch.zeros(rows.n_rewrite, device=dev).index_add_(
-                    0, tgt_rows, -logp.detach() * tgt_w * rows.n_rewrite
-                )
-                reached = config.stop_prob is not None and float(torch.exp(-row_nll.max())) >= config.stop_prob
-            if float(loss.detach()) < config.stop_loss or reached or step == config.steps - 1:
+                done = _finished(config, rows.n_rewrite, state, logp.detach(), loss.detach(), step)
+                probs = torch.zeros(n_act, device=dev).index_add(0, state.tgt_slot, logp.detach().exp() * state.tgt_w)
+            for slot, request in enumerate(state.active.tolist()):
+                history[request].append(float(loss[slot].detach()))
+                if done[slot]:
+                    results[request] = ValueResult(
+                        delta=delta[slot].detach().float().clone(), v_init=v_init[request],
+                        key_prompt=keys[request, 0].clone(), key_mean=keys[request].mean(0),
+                        steps=step + 1, losses=history[request], target_prob=float(probs[slot]),
+                    )
+            if bool(done.all()):
                 break
             opt.zero_grad()
-            loss.backward()
+            loss.sum().backward()  # finished requests take this step too, then leave the batch
             opt.step()
             with torch.no_grad():
-                limit = config.clamp_norm_factor * v_norm
-                if delta.norm() > limit:
-                    delta.mul_(limit / delta.norm())
+                limit = config.clamp_norm_factor * v_norm[state.active]
+                norms = delta.norm(dim=-1)
+                over = norms > limit
+                if bool(over.any()):
+                    delta[over] *= (limit[over] / norms[over])[:, None]
+            if bool(done.any()):
+                keep = ~done
+                kl_init = kl_init[keep[state.kl_slot]]
+                runner.select(keep[state.row_slot])
+                state = state.keep(keep, rows, dev)
+                delta, opt = _keep_optimizer(delta, opt, keep, config.lr)
 
     runner.cache = None
-    return ValueResult(
-        delta=delta.detach().float().clone(),
-        v_init=v_init,
-        key_prompt=keys[0].clone(),
-        key_mean=keys.mean(0),
-        steps=step + 1,
-        losses=losses,
-        target_prob=target_prob,
-    )
+    return [r for r in results if r is not None]
+
+
+def _finished(config: ValueConfig, n_rewrite: int, state, logp, loss, step: int) -> torch.Tensor:
+    """Which active requests stop after this step: the last step, a total loss below
+    ``stop_loss`` (ROME), or every template giving the target at least ``stop_prob``."""
+    if step == config.steps - 1:
+        return torch.ones_like(loss, dtype=torch.bool)
+    done = loss < config.stop_loss
+    if config.stop_prob is not None:
+        # per-row mean NLL of the target tokens (tgt_w is 1/(len * n_rewrite) per token)
+        row_nll = torch.zeros(state.n_rows, device=logp.device).index_add(
+            0, state.tgt_row, -logp * state.tgt_w * n_rewrite
+        )
+        ok = (torch.exp(-row_nll) >= config.stop_prob) | ~state.is_rewrite
+        failing = torch.zeros(done.shape, device=ok.device).index_add(0, state.row_slot, (~ok).float())
+        done = done | (failing == 0)
+    return done
+
+
+@dataclass
+class _Active:
+    """Index maps of the requests still being optimised, in the runner's current row order."""
+
+    active: torch.Tensor      # request index of each slot of ``delta``
+    row_slot: torch.Tensor    # (rows,) slot of each row's request
+    is_rewrite: torch.Tensor  # (rows,) template row (not a KL row)
+    tgt_row: torch.Tensor     # (targets,) row of each supervised token, in current row numbering
+    tgt_slot: torch.Tensor
+    tgt_pos: torch.Tensor
+    tgt_tok: torch.Tensor
+    tgt_w: torch.Tensor
+    kl_slot: torch.Tensor     # (kl rows,) slot of each KL row
+    read_rows: torch.Tensor   # rows and positions whose logits a step reads: targets, then KL rows
+    read_pos: torch.Tensor
+    kl_per_request: int
+    row_ids: torch.Tensor     # original row index of each current row
+
+    @property
+    def n_rows(self) -> int:
+        return int(self.row_slot.numel())
+
+    @classmethod
+    def start(cls, rows: _Rows, dev) -> "_Active":
+        return cls._build(rows, torch.arange(rows.n_requests), torch.arange(rows.owner.numel()), dev)
+
+    def keep(self, keep: torch.Tensor, rows: _Rows, dev) -> "_Active":
+        kept_rows = self.row_ids[keep.cpu()[self.row_slot.cpu()]]
+        return self._build(rows, self.active[keep.cpu()], kept_rows, dev)
+
+    @classmethod
+    def _build(cls, rows: _Rows, active: torch.Tensor, row_ids: torch.Tensor, dev) -> "_Active":
+        slot_of = torch.full((rows.n_requests,), -1, dtype=torch.long)
+        slot_of[active] = torch.arange(active.numel())
+        new_index = torch.full((rows.owner.numel(),), -1, dtype=torch.long)
+        new_index[row_ids] = torch.arange(row_ids.numel())
+        tgt_keep = new_index[rows.tgt_rows] >= 0
+        tgt_row = new_index[rows.tgt_rows[tgt_keep]]
+        is_kl = torch.zeros(rows.owner.numel(), dtype=torch.bool)
+        is_kl[rows.kl_rows] = True
+        kl_orig = rows.kl_rows[new_index[rows.kl_rows] >= 0]
+        kl_row = new_index[kl_orig]
+        row_slot = slot_of[rows.owner[row_ids]]
+        tgt_pos = rows.tgt_pos[tgt_keep]
+        return cls(
+            active=active, row_slot=row_slot.to(dev), is_rewrite=(~is_kl[row_ids]).to(dev),
+            tgt_row=tgt_row.to(dev), tgt_slot=row_slot[tgt_row].to(dev), tgt_pos=tgt_pos.to(dev),
+            tgt_tok=rows.tgt_tok[tgt_keep].to(dev), tgt_w=rows.tgt_weight[tgt_keep].to(dev),
+            kl_slot=row_slot[kl_row].to(dev),
+            read_rows=torch.cat([tgt_row, kl_row]).to(dev),
+            read_pos=torch.cat([tgt_pos, torch.zeros_like(kl_row)]).to(dev),
+            kl_per_request=max(1, rows.kl_rows.numel() // max(1, rows.n_requests)), row_ids=row_ids,
+        )
+
+
+def _keep_optimizer(delta: torch.Tensor, opt: torch.optim.Adam, keep: torch.Tensor, lr: float):
+    """A smaller ``delta`` (the kept rows) and an Adam whose moments are those rows' moments."""
+    new = delta.detach()[keep].clone().requires_grad_(True)
+    new_opt = torch.optim.Adam([new], lr=lr)
+    old = opt.state.get(delta)
+    if old:
+        new_opt.state[new] = {
+            "step": old["step"].clone(),
+            "exp_avg": old["exp_avg"][keep].clone(),
+            "exp_avg_sq": old["exp_avg_sq"][keep].clone(),
+        }
+    return new, new_opt
 
 
 def _weight_dtype(module: torch.nn.Module) -> torch.dtype:
