@@ -215,6 +215,7 @@ class AppliedPatch:
     patch_id: str
     method: str
     originals: dict[str, torch.Tensor]
+    requests: list = field(default_factory=list)  # the edits now in the weights (AlphaEdit protects their keys)
 
 
 def _applied_list(model: Any) -> list:
@@ -475,7 +476,7 @@ class Patch:
         except BaseException:
             _restore(model.model, originals)
             raise
-        applied.append(AppliedPatch(patch_id=patch_id, method=self.method, originals=originals))
+        applied.append(AppliedPatch(patch_id=patch_id, method=self.method, originals=originals, requests=list(self.requests)))
         log.debug("Applied patch %s (%s, %d deltas) to %s", patch_id, self.method, len(targets), model.name)
 
     def revert(self, model: Any) -> None:

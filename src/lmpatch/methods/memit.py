@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from typing import Mapping, Sequence
 
 from lmpatch.errors import LmpatchError
-from lmpatch.methods.locate.batch import optimize_targets, spread_update
+from lmpatch.methods.locate.batch import LayerSolver, optimize_targets, spread_update
 from lmpatch.methods.locate.solve import SOLVE_FORMS, KeyCovariance, batch_update, layer_covariances
 from lmpatch.methods.locate.templates import TemplateConfig, context_templates
 from lmpatch.methods.locate.values import ValueConfig
@@ -126,18 +126,33 @@ def apply_memit(
         raise LmpatchError(f"Unknown solve_form {hp.solve_form!r}; choose one of {', '.join(SOLVE_FORMS)}.")
     weight = covariance_weight(model, hp)
     layers = edit_layers(model, hp)
-    templates = context_templates(model, hp.template_config())
     if covariances is None or any(layer not in covariances for layer in layers):
         covariances = memit_covariances(model, layers, hp)
-    targets = optimize_targets(model, requests, layers[-1], templates, hp.value_config(), hp.z_group_size)
 
     def solve(layer, keys, residuals):
         return batch_update(keys, residuals, covariances[layer], weight, hp.solve_form)
 
+    return batch_edit(model, requests, hp, method, solve, {"mom2_update_weight": weight})
+
+
+def batch_edit(
+    model: LoadedModel,
+    requests: Sequence[EditRequest],
+    hp: MEMITHparams,
+    method: str,
+    solve: LayerSolver,
+    info: dict | None = None,
+) -> Patch:
+    """MEMIT's loop with any layer solver: optimise the targets at the top edited layer,
+    spread them over the layers bottom-up, and package the deltas as a patch. MEMIT,
+    AlphaEdit and EMMET differ only in ``solve``."""
+    layers = edit_layers(model, hp)
+    templates = context_templates(model, hp.template_config())
+    targets = optimize_targets(model, requests, layers[-1], templates, hp.value_config(), hp.z_group_size)
     t0 = time.perf_counter()
     deltas, layer_infos = spread_update(model, requests, targets.deltas, templates, layers, solve, target="block")
     info = {
-        "mom2_update_weight": weight,
+        **(info or {}),
         "layers": layer_infos,
         "z_seconds": round(targets.seconds, 3),
         "spread_seconds": round(time.perf_counter() - t0, 3),

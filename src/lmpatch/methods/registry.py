@@ -22,7 +22,7 @@ class MethodInfo:
 
 @lru_cache(maxsize=1)
 def _table() -> dict[str, MethodInfo]:
-    from lmpatch.methods import ft, memit, rome
+    from lmpatch.methods import alphaedit, ft, memit, rome
 
     def rome_run(name):
         return lambda model, requests, hp: rome.apply_rome(model, requests, hp, method=name)
@@ -36,13 +36,15 @@ def _table() -> dict[str, MethodInfo]:
                    rome.RROMEHparams, rome_run("r-rome")),
         MethodInfo("memit", "MEMIT: a batch of facts in one update spread over several MLPs (Meng et al. 2023)",
                    memit.MEMITHparams, lambda model, requests, hp: memit.apply_memit(model, requests, hp)),
+        MethodInfo("alphaedit", "AlphaEdit: MEMIT confined to the null space of preserved and earlier keys (Fang et al. 2025)",
+                   alphaedit.AlphaEditHparams, lambda model, requests, hp: alphaedit.apply_alphaedit(model, requests, hp)),
         MethodInfo("ft-l", "FT-L: constrained fine-tuning of one MLP matrix, prompt-last loss", ft.FTLHparams, ft_run("ft-l")),
         MethodInfo("ft-m", "FT-M: fine-tuning of one MLP matrix, masked teacher-forced loss", ft.FTMHparams, ft_run("ft-m")),
     ]
     return {i.name: i for i in infos}
 
 
-_ALIASES = {"rrome": "r-rome", "r_rome": "r-rome", "ftl": "ft-l", "ft_l": "ft-l", "ftm": "ft-m", "ft_m": "ft-m", "ft": "ft-l"}
+_ALIASES = {"alpha-edit": "alphaedit", "alpha_edit": "alphaedit", "rrome": "r-rome", "r_rome": "r-rome", "ftl": "ft-l", "ft_l": "ft-l", "ftm": "ft-m", "ft_m": "ft-m", "ft": "ft-l"}
 
 
 def get_method(name: str) -> MethodInfo:

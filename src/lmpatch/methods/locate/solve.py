@@ -22,6 +22,36 @@ class KeyCovariance:
 
     matrix: torch.Tensor  # d_ff x d_ff, float32 or float64
     _chol: torch.Tensor | None = None
+    _eig: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def eigh(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eigenvalues (ascending) and eigenvectors of C0 in float64, computed once."""
+        if self._eig is None:
+            c = self.matrix.double()
+            self._eig = torch.linalg.eigh((c + c.T) / 2)
+        return self._eig
+
+    def null_space(self, energy: float | None = None, threshold: float | None = None) -> tuple[torch.Tensor, dict]:
+        """The projector P = U0 U0ᵀ onto the directions preserved keys barely use (AlphaEdit).
+
+        ``threshold`` is AlphaEdit's rule: eigenvalues below it, absolute. Its 2e-2 was set
+        for LLaMA-3's activation scale and is not portable (on SmolLM2 it selects ~2/3 of
+        all directions, holding 20-40% of the keys' energy). ``energy`` is scale-free: the
+        smallest eigen-directions that together hold at most this fraction of E‖k‖².
+        """
+        if (energy is None) == (threshold is None):
+            raise ValueError("give exactly one of energy and threshold")
+        values, vectors = self.eigh()
+        values = values.clamp_min(0)
+        if threshold is not None:
+            keep = int((values < threshold).sum())
+        else:
+            cumulative = torch.cumsum(values, 0) / values.sum().clamp_min(1e-30)
+            keep = int((cumulative <= energy).sum())
+        basis = vectors[:, :keep]
+        held = float(values[:keep].sum() / values.sum().clamp_min(1e-30))
+        info = {"rank": keep, "energy": held, "null_key_energy": float(values[:keep].sum())}
+        return basis @ basis.T, info
 
     def cholesky(self) -> torch.Tensor:
         if self._chol is None:

@@ -1,0 +1,136 @@
+"""AlphaEdit (Fang et al., ICLR 2025): MEMIT with the update confined to the null space
+of the preserved keys, remembering the keys of earlier edits (METHODS §2.7).
+
+Everything but the per-layer solve is MEMIT's (:func:`lmpatch.methods.memit.batch_edit`).
+The solve, with P the projector onto the directions that preserved keys (C0) barely use,
+K the batch's keys and K_p those of the edits already in the model, is
+
+    ΔW = R Kᵀ · [P (K Kᵀ + K_p K_pᵀ) + α I]⁻ᵀ P      (rank ≤ batch size)
+
+so ΔW k ≈ 0 for preserved keys (they live outside P's range) and for earlier edits' keys
+(the K_p term), which is what keeps a long sequence of batches from collapsing the model.
+
+Where the earlier keys come from: the patches applied to the model. Each AlphaEdit patch's
+keys (read while it was computed, as the paper's ``cache_c``) are remembered on the
+model by patch id; a patch applied from disk has its keys read again from its requests.
+So the protected set is exactly the set of edits in the weights: reverting a patch
+stops protecting its keys, and no state lives outside the model.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from lmpatch.errors import LmpatchError
+from lmpatch.methods.locate.batch import key_rows, read_state, template_weights
+from lmpatch.methods.locate.templates import context_templates
+from lmpatch.methods.memit import MEMITHparams, batch_edit, edit_layers, memit_covariances
+from lmpatch.model.loading import LoadedModel
+from lmpatch.patch import Patch
+from lmpatch.request import EditRequest
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class AlphaEditHparams(MEMITHparams):
+    """MEMIT's settings (layers 4-8 on SmolLM2, same target optimisation) plus the null space.
+
+    * ``nullspace_energy`` (default) picks the null space scale-free: the smallest
+      eigen-directions of C0 holding at most this fraction of the preserved keys' energy.
+      ``nullspace_threshold`` is the paper's absolute eigenvalue cut (2e-2 for LLaMA-3);
+      set it and ``nullspace_energy=None`` to use it.
+    * ``l2`` is the paper's α (10 for LLaMA-3, absolute, so also not portable). ``None``
+      sets α = ``l2_relative`` × E‖P k‖², the null-space energy of a typical preserved
+      key: a fact with a typical key then gets 1/(1 + l2_relative) of its share per layer,
+      as MEMIT's λ does.
+    * ``mom2_update_weight`` (MEMIT's λ) is not used: P replaces the λC0 term.
+    """
+
+    nullspace_energy: float | None = 0.05
+    nullspace_threshold: float | None = None
+    l2: float | None = None
+    l2_relative: float = 0.5
+
+
+def _check(hp: AlphaEditHparams) -> None:
+    if not hp.mom2_adjustment:
+        raise LmpatchError("AlphaEdit needs the key statistics C0 for its null space; keep mom2_adjustment=True.")
+    if (hp.nullspace_energy is None) == (hp.nullspace_threshold is None):
+        raise LmpatchError("Set exactly one of nullspace_energy and nullspace_threshold (the other to None).")
+    if hp.nullspace_energy is not None and not 0.0 < hp.nullspace_energy < 1.0:
+        raise LmpatchError(f"nullspace_energy must be in (0, 1), got {hp.nullspace_energy!r}.")
+    if hp.nullspace_threshold is not None and not hp.nullspace_threshold > 0:
+        raise LmpatchError(f"nullspace_threshold must be > 0, got {hp.nullspace_threshold!r}.")
+    if hp.l2 is not None and not hp.l2 > 0:
+        raise LmpatchError(f"l2 must be > 0, got {hp.l2!r}.")
+    if not hp.l2_relative > 0:
+        raise LmpatchError(f"l2_relative must be > 0, got {hp.l2_relative!r}.")
+
+
+def apply_alphaedit(
+    model: LoadedModel, requests: Sequence[EditRequest], hp: AlphaEditHparams, method: str = "alphaedit"
+) -> Patch:
+    _check(hp)
+    layers = edit_layers(model, hp)
+    covariances = memit_covariances(model, layers, hp)
+    projectors: dict[int, torch.Tensor] = {}
+    alphas: dict[int, float] = {}
+    spaces: dict[int, dict] = {}
+    for layer in layers:
+        p, info = covariances[layer].null_space(hp.nullspace_energy, hp.nullspace_threshold)
+        if info["rank"] == 0:
+            raise LmpatchError(
+                f"AlphaEdit's null space at layer {layer} is empty with these settings (smallest C0 eigenvalue "
+                f"{float(covariances[layer].eigh()[0][0]):.3g}); raise nullspace_energy or nullspace_threshold."
+            )
+        projectors[layer] = p
+        alphas[layer] = hp.l2 if hp.l2 is not None else hp.l2_relative * max(info["null_key_energy"], 1e-12)
+        spaces[layer] = {**info, "alpha": alphas[layer]}
+    earlier = earlier_key_moments(model, layers, hp)
+    batch_keys: dict[int, torch.Tensor] = {}
+
+    def solve(layer, keys, residuals):
+        batch_keys[layer] = keys.float().cpu()
+        p = projectors[layer].to(keys.device)
+        moment = keys.T @ keys
+        if layer in earlier:
+            moment = moment + earlier[layer].to(keys.device)
+        system = p @ moment
+        system.diagonal().add_(alphas[layer])
+        x = torch.linalg.solve(system, p @ keys.T)               # d_ff × n
+        return residuals.T, x.T
+
+    patch = batch_edit(model, requests, hp, method, solve, {
+        "null_space": {str(k): v for k, v in spaces.items()},
+        "earlier_edits": sum(len(r.requests) for r in model.applied),
+    })
+    model.solves[("edit-keys", patch.patch_id)] = batch_keys
+    return patch
+
+
+def earlier_key_moments(model: LoadedModel, layers: Sequence[int], hp: AlphaEditHparams) -> dict[int, torch.Tensor]:
+    """Σ k kᵀ over the keys of every edit in the patches applied to ``model``, per layer
+    (float64): remembered from when each AlphaEdit patch was computed, else read again."""
+    moments: dict[int, torch.Tensor] = {}
+    missing: list[EditRequest] = []
+    for record in model.applied:
+        known = model.solves.get(("edit-keys", record.patch_id))
+        if known is not None and all(layer in known for layer in layers):
+            for layer in layers:
+                k = known[layer].double()
+                moments[layer] = moments.get(layer, 0) + k.T @ k
+        else:
+            missing.extend(record.requests)
+    if missing:
+        templates = context_templates(model, hp.template_config())
+        rows = key_rows(model, missing, templates)
+        weights = template_weights(templates)
+        for layer in layers:
+            k, _ = read_state(model, rows, weights, layer, layer)
+            k = k.cpu()
+            moments[layer] = moments.get(layer, 0) + k.T @ k
+    return moments
