@@ -22,7 +22,7 @@ class MethodInfo:
 
 @lru_cache(maxsize=1)
 def _table() -> dict[str, MethodInfo]:
-    from lmpatch.methods import alphaedit, ft, memit, rome
+    from lmpatch.methods import alphaedit, ft, kn, memit, rome
 
     def rome_run(name):
         return lambda model, requests, hp: rome.apply_rome(model, requests, hp, method=name)
@@ -38,6 +38,8 @@ def _table() -> dict[str, MethodInfo]:
                    memit.MEMITHparams, lambda model, requests, hp: memit.apply_memit(model, requests, hp)),
         MethodInfo("alphaedit", "AlphaEdit: MEMIT confined to the null space of preserved and earlier keys (Fang et al. 2025)",
                    alphaedit.AlphaEditHparams, lambda model, requests, hp: alphaedit.apply_alphaedit(model, requests, hp)),
+        MethodInfo("kn", "KN: knowledge neurons by integrated gradients, edited or erased (Dai et al. 2022)",
+                   kn.KNHparams, lambda model, requests, hp: kn.apply_kn(model, requests, hp)),
         MethodInfo("ft-l", "FT-L: constrained fine-tuning of one MLP matrix, prompt-last loss", ft.FTLHparams, ft_run("ft-l")),
         MethodInfo("ft-m", "FT-M: fine-tuning of one MLP matrix, masked teacher-forced loss", ft.FTMHparams, ft_run("ft-m")),
     ]

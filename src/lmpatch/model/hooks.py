@@ -67,6 +67,22 @@ def edit_output(module: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor]) -
 
 
 @contextmanager
+def edit_input(module: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
+    """Replace the module's first positional input ``x`` by ``fn(x)``."""
+
+    def hook(_mod, args):
+        if not args:
+            return None
+        return (fn(args[0]),) + tuple(args[1:])
+
+    handle = module.register_forward_pre_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextmanager
 def stop_after(module: nn.Module) -> Iterator[None]:
     """Abort the forward pass right after ``module`` runs; catch :class:`StopForward` around it."""
 

@@ -282,7 +282,7 @@ def spread_update(
             remaining = len(order) - i
             residual = missing / (remaining if spread == "linear" else math.sqrt(remaining))
             left, right = solve(layer, keys, residual)
-            delta = _weight_delta(model, layer, left, right)
+            delta = weight_delta(model, layer, left, right)
             out.append(delta)
             infos.append(_layer_info(layer, keys, missing, residual, left, right, time.perf_counter() - t0))
             log.debug("layer %d: %s", layer, infos[-1])
@@ -297,7 +297,7 @@ def spread_update(
     return out, infos
 
 
-def _weight_delta(model: LoadedModel, layer: int, left: torch.Tensor, right: torch.Tensor) -> WeightDelta:
+def weight_delta(model: LoadedModel, layer: int, left: torch.Tensor, right: torch.Tensor) -> WeightDelta:
     """The update in the parameter's storage layout; factors unless the dense matrix is smaller."""
     path = model.spec.layers[layer].mlp_out
     module = model.spec.module(model.model, path)

@@ -1,0 +1,116 @@
+"""Mass and lifelong editing on the embedded model: batch and sequential regimes at scale.
+
+For every method and edit count, one ``lmpatch eval`` run in its own process (so its peak
+memory is its own), on ``counterfact-edit`` records (the evaluation split; ``counterfact-train``
+is for tuning). Each run directory is resumable. The table printed at the end has, per
+run: edit wall time (edits alone, statistics cached beforehand), peak RSS, efficacy /
+paraphrase / neighbourhood scores (ROME's probability comparisons) after all edits and
+before, and WikiText-2 perplexity and PIQA accuracy before and after (the collapse
+detectors). ``lmpatch report`` then renders the runs side by side with their plots.
+
+    # batch: all n edits in one update
+    python benchmarks/mass_editing.py --method memit --method alphaedit --n 10 --n 100 --n 1000
+    # sequential: batches of 100 accumulate; all earlier edits re-scored at checkpoints
+    python benchmarks/mass_editing.py --mode sequential --batch-size 100 --method alphaedit --n 1000
+
+The key statistics for the edited layers are computed once (``lmpatch stats``) before the
+first run; that one-off cost is printed separately.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+COLUMNS = (
+    ("efficacy_score", "efficacy"), ("paraphrase_score", "paraphrase"), ("neighborhood_score", "neighbourhood"),
+)
+
+
+def lmpatch_cmd() -> list[str]:
+    """The ``lmpatch`` console script of this interpreter's environment."""
+    script = Path(sys.executable).with_name("lmpatch")
+    return [str(script) if script.exists() else "lmpatch"]
+
+
+def warm_statistics(method: str, console: Console) -> None:
+    """Pay the one-off costs (key statistics, templates) with a one-edit run we throw away."""
+    t0 = time.perf_counter()
+    out = Path(os.environ.get("TMPDIR", "/tmp")) / f"lmpatch-warm-{method}-{os.getpid()}"
+    subprocess.run(
+        lmpatch_cmd() + ["eval", "--method", method, "--data", "counterfact-train", "--n", "1",
+                         "--metrics", "reliability", "--out", str(out), "--no-resume", "--json"],
+        check=True, stdout=subprocess.DEVNULL,
+    )
+    console.print(f"{method}: one-off statistics + templates (if not cached yet): {time.perf_counter() - t0:.1f} s")
+
+
+def run(method: str, n: int, args, console: Console) -> dict:
+    name = f"{method}-{args.mode}{'-b' + str(args.batch_size) if args.mode == 'sequential' else ''}-{n}"
+    out = args.out / name
+    cmd = lmpatch_cmd() + [
+        "eval", "--method", method, "--data", args.data, "--n", str(n), "--mode", args.mode,
+        "--metrics", "counterfact,piqa,perplexity", "--piqa-n", str(args.piqa_n),
+        "--ppl-tokens", str(args.ppl_tokens), "--out", str(out), "--json",
+    ]
+    if args.mode == "sequential":
+        cmd += ["--batch-size", str(args.batch_size)]
+    else:
+        cmd += ["--batch-size", str(n)]
+    console.print(f"[bold]{name}[/bold]: lmpatch {' '.join(cmd[1:])}")
+    done = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True)
+    summary = json.loads(done.stdout)
+    summary["run"] = name
+    summary["dir"] = str(out)
+    return summary
+
+
+def fmt(x, digits=3) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--method", action="append", help="repeatable; default memit and alphaedit")
+    ap.add_argument("--n", type=int, action="append", help="edit counts (repeatable); default 10, 100, 1000")
+    ap.add_argument("--mode", choices=("batch", "sequential"), default="batch")
+    ap.add_argument("--batch-size", type=int, default=100, help="sequential: edits per update")
+    ap.add_argument("--data", default="counterfact-edit")
+    ap.add_argument("--piqa-n", type=int, default=200)
+    ap.add_argument("--ppl-tokens", type=int, default=8192)
+    ap.add_argument("--out", type=Path, default=Path("runs/mass"))
+    args = ap.parse_args()
+    console = Console()
+    methods = args.method or ["memit", "alphaedit"]
+    counts = args.n or [10, 100, 1000]
+    for method in methods:
+        warm_statistics(method, console)
+    summaries = [run(method, n, args, console) for method in methods for n in counts]
+
+    table = Table(title=f"{args.mode} editing on the embedded SmolLM2, {args.data}")
+    for col in ("run", "n", "edit s (total)", "peak RSS MB", *(c[1] for c in COLUMNS), "perplexity", "PIQA"):
+        table.add_column(col)
+    for s in summaries:
+        m, pre = s.get("metrics", {}), s.get("metrics_pre", {})
+        table.add_row(
+            s["run"], str(s.get("n")), fmt((s.get("edit_seconds") or {}).get("total"), 1), fmt(s.get("peak_rss_mb"), 0),
+            *(f"{fmt(m.get(k))} (pre {fmt(pre.get(k))})" for k, _ in COLUMNS),
+            f"{fmt(m.get('perplexity_before'), 2)} → {fmt(m.get('perplexity_after'), 2)}",
+            f"{fmt(m.get('piqa_before'))} → {fmt(m.get('piqa_after'))}",
+        )
+    console.print(table)
+    report = args.out / f"report-{args.mode}"
+    subprocess.run(lmpatch_cmd() + ["report", *(s["dir"] for s in summaries), "--out", str(report)], check=True,
+                   stdout=subprocess.DEVNULL)
+    console.print(f"report and plots: {report}")
+
+
+if __name__ == "__main__":
+    main()
