@@ -292,14 +292,14 @@ def test_memit_restores_model_when_the_solve_fails(monkeypatch):
 def test_large_batch_stores_dense_when_smaller():
     """Rank-n factors of a d × d_ff update take n·(d + d_ff) numbers; past d·d_ff/(d + d_ff)
     facts the dense matrix is smaller, and is what the patch keeps."""
-    from lmpatch.methods.locate.batch import _weight_delta
+    from lmpatch.methods.locate.batch import weight_delta
 
     model = tiny_model("gpt2")  # Conv1D: stored transposed, d_ff x d
     d, d_ff = model.spec.hidden_size, model.spec.mlp_size
     g = torch.Generator().manual_seed(0)
     for n, low in ((4, True), (50, False)):
         left, right = torch.randn(d, n, generator=g, dtype=torch.float64), torch.randn(n, d_ff, generator=g, dtype=torch.float64)
-        delta = _weight_delta(model, 0, left, right)
+        delta = weight_delta(model, 0, left, right)
         assert delta.is_low_rank is low and delta.shape == (d_ff, d)
         torch.testing.assert_close(delta.materialize(torch.float64), (left @ right).T, rtol=1e-5, atol=1e-5)
 

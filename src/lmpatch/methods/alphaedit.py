@@ -48,9 +48,14 @@ class AlphaEditHparams(MEMITHparams):
       key: a fact with a typical key then gets 1/(1 + l2_relative) of its share per layer,
       as MEMIT's λ does.
     * ``mom2_update_weight`` (MEMIT's λ) is not used: P replaces the λC0 term.
+
+    ``nullspace_energy`` 0.2 was chosen on 100 ``counterfact-train`` facts in one batch:
+    0.05 / 0.2 / 0.4 gave efficacy 1.0 each, paraphrase 0.92 / 0.93 / 0.93, neighbourhood
+    0.72 / 0.74 / 0.73 (unedited 0.71) and WikiText-2 perplexity 25.2 / 23.9 / 24.0
+    (unedited 23.3).
     """
 
-    nullspace_energy: float | None = 0.05
+    nullspace_energy: float | None = 0.2
     nullspace_threshold: float | None = None
     l2: float | None = None
     l2_relative: float = 0.5

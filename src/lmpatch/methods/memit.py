@@ -43,10 +43,13 @@ class MEMITHparams:
       With ``mom2_adjustment=False`` C0 is the identity and λ must be set for the key norms.
     * The value optimisation keeps ROME's SmolLM2 settings (lr 2.0, weight decay 1e-3, early
       stop on the per-template target probability) with MEMIT's clamp 0.75 (of the residual
-      stream's norm, ~139 at SmolLM2's layer 8, so ‖δ‖ ≤ ~104), 25 steps and six templates
-      (bare prompt plus five 10-token prefixes). ``stop_prob`` 0.9 is near the paper's stop
-      at loss < 0.05 (not tuned): each layer writes only part of its share, so the target
-      should be firmly reached at the top.
+      stream's norm, ~139 at SmolLM2's layer 8, so ‖δ‖ ≤ ~104) and 25 steps. ``stop_prob``
+      0.9 is near the paper's stop at loss < 0.05: each layer writes only part of its share,
+      so the target should be firmly reached at the top.
+    * Three templates (bare prompt plus two 10-token prefixes) instead of the paper's six:
+      on 100 ``counterfact-train`` facts in one batch, the same efficacy (1.0), paraphrase
+      (0.93) and neighbourhood (0.72) scores in 46 s instead of 78 s. ``stop_prob`` 0.7 and
+      groups of 32 facts changed nothing or were slower.
     """
 
     layers: tuple[int, ...] | None = None         # None: ``layer_range`` of the depth
@@ -60,7 +63,7 @@ class MEMITHparams:
     kl_factor: float = 0.0625
     stop_loss: float = 5e-2
     stop_prob: float | None = 0.9
-    template_lengths: tuple[tuple[int, int], ...] = ((10, 5),)
+    template_lengths: tuple[tuple[int, int], ...] = ((10, 2),)
     template_seed: int = 0
     stats_corpus: str = "wikitext-2-raw"
     stats_tokens: int = 100_000

@@ -216,8 +216,7 @@ def optimize_targets(
         raise LmpatchError(f"group_size must be >= 1, got {group_size!r}.")
     start = time.perf_counter()
     tok = model.tokenizer
-    lengths = [len(encode(tok, r.prompt)) + len(encode(tok, " " + r.target_new)) for r in requests]
-    order = sorted(range(len(requests)), key=lambda i: lengths[i])
+    order = sorted(range(len(requests)), key=lambda i: _suffix_length(tok, requests[i]))
     groups = [order[i : i + group_size] for i in range(0, len(order), group_size)]
     results: dict[int, object] = {}
     show = len(groups) > 1 if progress is None else progress
@@ -231,6 +230,12 @@ def optimize_targets(
         torch.stack([v.delta.detach().float().cpu() for v in ordered]),
         [v.steps for v in ordered], [v.target_prob for v in ordered], time.perf_counter() - start,
     )
+
+
+def _suffix_length(tok, request: EditRequest) -> int:
+    ids = encode(tok, request.prompt)
+    last = subject_last_index(tok, request.prompt, request.subject)
+    return len(ids) - last + len(encode(tok, " " + request.target_new, special=False))
 
 
 def spread_update(
