@@ -22,7 +22,7 @@ class MethodInfo:
 
 @lru_cache(maxsize=1)
 def _table() -> dict[str, MethodInfo]:
-    from lmpatch.methods import alphaedit, ft, kn, memit, rome
+    from lmpatch.methods import alphaedit, emmet, ft, kn, memit, pmet, rome
 
     def rome_run(name):
         return lambda model, requests, hp: rome.apply_rome(model, requests, hp, method=name)
@@ -38,6 +38,10 @@ def _table() -> dict[str, MethodInfo]:
                    memit.MEMITHparams, lambda model, requests, hp: memit.apply_memit(model, requests, hp)),
         MethodInfo("alphaedit", "AlphaEdit: MEMIT confined to the null space of preserved and earlier keys (Fang et al. 2025)",
                    alphaedit.AlphaEditHparams, lambda model, requests, hp: alphaedit.apply_alphaedit(model, requests, hp)),
+        MethodInfo("pmet", "PMET: MEMIT whose targets are the MLP's share, optimised beside attention's (Li et al. 2024)",
+                   pmet.PMETHparams, lambda model, requests, hp: pmet.apply_pmet(model, requests, hp)),
+        MethodInfo("emmet", "EMMET: batched ROME, every fact written exactly under an equality constraint (Gupta et al. 2024)",
+                   emmet.EMMETHparams, lambda model, requests, hp: emmet.apply_emmet(model, requests, hp)),
         MethodInfo("kn", "KN: knowledge neurons by integrated gradients, edited or erased (Dai et al. 2022)",
                    kn.KNHparams, lambda model, requests, hp: kn.apply_kn(model, requests, hp)),
         MethodInfo("ft-l", "FT-L: constrained fine-tuning of one MLP matrix, prompt-last loss", ft.FTLHparams, ft_run("ft-l")),

@@ -193,3 +193,49 @@ def preserved_solve(covariance: KeyCovariance | None, rhs: torch.Tensor) -> torc
     if covariance is None:
         return rhs.double()
     return covariance.solve(rhs)
+
+
+def equality_update(
+    keys: torch.Tensor,
+    residuals: torch.Tensor,
+    covariance: KeyCovariance | None,
+    weight: float = 1.0,
+    ridge: float = 0.1,
+    norm_weight: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """EMMET's equality-constrained update ΔW = R (K C⁻¹ Kᵀ + λ_e I)⁻¹ K C⁻¹ as factors.
+
+    It is ROME's problem for a batch: change the outputs of the preserved keys
+    (C = λ_c C0 + μ I, λ_c = ``weight``, μ = ``norm_weight``) as little as possible
+    *subject to* every key mapping exactly to its residual, where MEMIT only asks for it in
+    least squares. With n = 1 it is ROME's rank-one update. The n × n system K C⁻¹ Kᵀ is
+    ill-conditioned when two facts' keys are nearly parallel, so λ_e = ``ridge`` is added
+    to its diagonal for batches (n > 1; the EMMET authors' rule), and a pseudo-inverse
+    takes over if it is still singular. Note λ_c only rescales λ_e (the product is the
+    effective ridge). ``keys`` n × d_ff, ``residuals`` n × d; returns (left d × n,
+    right n × d_ff), float64.
+    """
+    if not weight > 0:
+        raise ValueError(f"the covariance weight must be > 0, got {weight!r}")
+    if ridge < 0 or norm_weight < 0:
+        raise ValueError("ridge and norm_weight must be >= 0")
+    k = keys.double()
+    r = residuals.double().to(k.device)
+    n = k.shape[0]
+    if norm_weight > 0 and covariance is not None:
+        values, vectors = covariance.eigh()          # C⁻¹ = U diag(1/(λ_c s + μ)) Uᵀ from C0's cached eigenbasis
+        vectors = vectors.to(k.device)
+        inv = 1.0 / (weight * values.clamp_min(0).to(k.device) + norm_weight)
+        x = vectors @ (inv[:, None] * (vectors.T @ k.T))
+    else:
+        x = preserved_solve(covariance, k.T).to(k.device) / (weight + (norm_weight if covariance is None else 0.0))
+    gram = k @ x                                     # K C⁻¹ Kᵀ, n × n
+    gram = (gram + gram.T) / 2
+    if n > 1:
+        gram.diagonal().add_(ridge)
+    chol, info = torch.linalg.cholesky_ex(gram)
+    if int(info) == 0:
+        left = torch.cholesky_solve(r, chol).T       # R (D + λ_e I)⁻¹, D symmetric
+    else:
+        left = (torch.linalg.pinv(gram, hermitian=True) @ r).T
+    return left, x.T

@@ -18,10 +18,13 @@ it is where lmpatch is fast by construction (METHODS §5.2):
 Where the vector is added is the one thing the methods disagree on: ROME adds it to one
 layer's MLP output (``target="mlp_out"``); MEMIT and its descendants add it to the
 residual stream, i.e. the output of the last edited decoder block (``target="block"``),
-and then spread the change over several MLPs.
+and then spread the change over several MLPs. PMET adds two vectors, one to the
+attention output and one to the MLP output of that block (``target="attn_mlp"``), so
+the MLP's share of the new fact is optimised apart from what attention contributes.
 """
 from __future__ import annotations
 
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -35,7 +38,7 @@ from lmpatch.model.shadow import compute_model, resolve_compute_dtype
 from lmpatch.request import EditRequest
 from lmpatch.tokens import encode, pad_left, pad_right, subject_last_index, target_ids
 
-VALUE_TARGETS = ("mlp_out", "block")
+VALUE_TARGETS = ("mlp_out", "block", "attn_mlp")
 
 
 @dataclass(frozen=True)
@@ -52,8 +55,9 @@ class ValueConfig:
                                      # (per-token geometric-mean) probability: MPES-style early stop
     kl_prompts: tuple[str, ...] = ("{} is a",)
     compute_dtype: str = "auto"      # dtype of the optimisation passes (model.shadow)
-    target: str = "mlp_out"          # where delta is added: "mlp_out" (ROME's v*) or "block"
-                                     # (the residual stream after the block: MEMIT's z)
+    target: str = "mlp_out"          # where delta is added: "mlp_out" (ROME's v*), "block"
+                                     # (the residual stream after the block: MEMIT's z) or
+                                     # "attn_mlp" (attention and MLP outputs, one delta each: PMET)
 
     def __post_init__(self) -> None:
         if self.target not in VALUE_TARGETS:
@@ -66,8 +70,8 @@ class ValueConfig:
 class ValueResult:
     """What one optimisation produced, plus the by-products the weight update needs."""
 
-    delta: torch.Tensor            # the optimised additive change at the edit point
-    v_init: torch.Tensor           # value at the edit point (MLP output or block output) on the bare prompt
+    delta: torch.Tensor            # the optimised additive change at the edit point (for "attn_mlp": the MLP's)
+    v_init: torch.Tensor           # value at that edit point (MLP output or block output) on the bare prompt
     key_prompt: torch.Tensor       # key at the subject's last token, bare prompt
     key_mean: torch.Tensor         # key averaged over all context templates
     steps: int
@@ -247,34 +251,38 @@ def _edit_point_inputs(rows: _Rows, device) -> dict[str, torch.Tensor]:
     )
 
 
-def edit_point_keys(model: LoadedModel, rows: _Rows, layer: int) -> torch.Tensor:
-    """Float32 keys (inputs of layer ``layer``'s MLP output projection) at the subject's
-    last token of every rewrite row, (requests, templates, d_ff), from the real model,
-    running only up to that layer."""
-    inputs = _edit_point_inputs(rows, model.device)
-    module = model.spec.mlp_out(model.model, layer)
-    store: list[torch.Tensor] = []
-    with torch.no_grad(), capture_input(module, store):
-        run_until(model.spec.base_model(model.model), module, **inputs)
-    n, width = inputs["input_ids"].shape
-    return store[0].reshape(n, width, -1)[:, -1].float().reshape(rows.n_requests, rows.n_rewrite, -1)
+def edit_points(spec, net: torch.nn.Module, layer: int, target: str) -> list[torch.nn.Module]:
+    """The modules of ``net`` whose outputs get a delta for ``target``; the last one is the
+    point the weight update is solved for."""
+    if target == "block":
+        return [spec.block(net, layer)]
+    if target == "attn_mlp":
+        return [spec.module(net, spec.layers[layer].attn_out), spec.mlp_out(net, layer)]
+    return [spec.mlp_out(net, layer)]
 
 
-def edit_point_keys_and_block(model: LoadedModel, rows: _Rows, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Like :func:`edit_point_keys`, plus the float32 output of block ``layer`` (the
-    residual stream) at the subject's last token of each request's first template row
-    (the bare prompt), (requests, d), in the same pass."""
+def edit_point_state(model: LoadedModel, rows: _Rows, layer: int, target: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float32 keys (inputs of layer ``layer``'s MLP output projection) at the subject's last
+    token of every rewrite row, (requests, templates, d_ff), and the outputs of the edit
+    points there on each request's bare prompt (its first template row), (requests, points,
+    d); from the real model, in one pass that stops after block ``layer``."""
     inputs = _edit_point_inputs(rows, model.device)
     n, width = inputs["input_ids"].shape
-    module = model.spec.mlp_out(model.model, layer)
-    block = model.spec.block(model.model, layer)
+    spec = model.spec
+    points = edit_points(spec, model.model, layer, target)
     keys: list[torch.Tensor] = []
-    outs: list[torch.Tensor] = []
-    with torch.no_grad(), capture_input(module, keys), capture_output(block, outs):
-        run_until(model.spec.base_model(model.model), block, **inputs)
-    k = keys[0].reshape(n, width, -1)[:, -1].float().reshape(rows.n_requests, rows.n_rewrite, -1)
-    h = outs[0].reshape(n, width, -1)[:, -1].float().reshape(rows.n_requests, rows.n_rewrite, -1)[:, 0]
-    return k, h
+    outs: list[list[torch.Tensor]] = [[] for _ in points]
+    with torch.no_grad(), ExitStack() as stack:
+        stack.enter_context(capture_input(spec.mlp_out(model.model, layer), keys))
+        for module, store in zip(points, outs):
+            stack.enter_context(capture_output(module, store))
+        run_until(spec.base_model(model.model), spec.block(model.model, layer), **inputs)
+
+    def at_last(x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(n, width, -1)[:, -1].float().reshape(rows.n_requests, rows.n_rewrite, -1)
+
+    values = torch.stack([at_last(store[0])[:, 0] for store in outs], dim=1)
+    return at_last(keys[0]), values
 
 
 def _take_rows(out, idx: torch.Tensor):
@@ -317,7 +325,10 @@ def optimize_values(
 ) -> list[ValueResult]:
     """One delta per request, optimised together: delta_i is added at layer ``layer`` at the
     subject's last token of request i's rows only, to the MLP output for
-    ``config.target == "mlp_out"`` (ROME's v*) or to the block output for ``"block"`` (MEMIT's z).
+    ``config.target == "mlp_out"`` (ROME's v*), to the block output for ``"block"`` (MEMIT's z),
+    or one delta each to the attention and the MLP output for ``"attn_mlp"`` (PMET; the
+    result's ``delta`` is then the MLP's, each delta decayed and clamped against its own
+    unedited value).
 
     Why together: at a few dozen tokens a pass is bound by reading the weights, so a pass
     over the rows of many requests costs little more than over one request's. The
@@ -331,37 +342,36 @@ def optimize_values(
     spec = model.spec
     rows = build_group_rows(model, requests, templates, config.kl_prompts)
     n_req = rows.n_requests
-    if config.target == "block":
-        keys, v_init = edit_point_keys_and_block(model, rows, layer)
-    else:
-        keys = edit_point_keys(model, rows, layer)
-        master_out = spec.mlp_out(model.model, layer)
-        with torch.no_grad():
-            v_init = master_out(keys[:, 0].to(_weight_dtype(master_out))).float()
-    v_norm = v_init.norm(dim=-1)                                   # (requests,)
+    keys, v_init = edit_point_state(model, rows, layer, config.target)
+    v_norm = v_init.norm(dim=-1)                                   # (requests, points)
 
     net = compute_model(model, resolve_compute_dtype(config.compute_dtype, model.model))
     # Blocks below ``layer`` are replayed; block ``layer`` itself always runs, because the
-    # delta is added through a hook on its output (or on its MLP's) at every step.
+    # delta is added through hooks on its output (or its MLP's, its attention's) at every step.
     runner = SuffixRunner(net, spec, rows, frozen_below=layer)
-    edit_point = spec.block(net, layer) if config.target == "block" else spec.mlp_out(net, layer)
+    points = edit_points(spec, net, layer, config.target)
     dev = runner.device
     v_norm = v_norm.to(dev)
     state = _Active.start(rows, dev)
 
-    delta = torch.zeros(n_req, spec.hidden_size, device=dev, dtype=torch.float32, requires_grad=True)
+    delta = torch.zeros(n_req, len(points), spec.hidden_size, device=dev, dtype=torch.float32, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=config.lr)
     results: list[ValueResult | None] = [None] * n_req
     history: list[list[float]] = [[] for _ in range(n_req)]
 
-    def add_delta(y: torch.Tensor) -> torch.Tensor:
-        # Some architectures (OPT) run their MLP on flattened (batch*seq, d) tokens.
-        y3 = y.reshape(state.n_rows, -1, y.shape[-1])
-        bumped = y3[:, :1] + delta[state.row_slot].to(y.dtype)[:, None, :]
-        return torch.cat([bumped, y3[:, 1:]], dim=1).reshape(y.shape)
+    def adder(point: int):
+        def add_delta(y: torch.Tensor) -> torch.Tensor:
+            # Some architectures (OPT) run their MLP on flattened (batch*seq, d) tokens.
+            y3 = y.reshape(state.n_rows, -1, y.shape[-1])
+            bumped = y3[:, :1] + delta[state.row_slot, point].to(y.dtype)[:, None, :]
+            return torch.cat([bumped, y3[:, 1:]], dim=1).reshape(y.shape)
+
+        return add_delta
 
     kl_init = None
-    with edit_output(edit_point, add_delta):
+    with ExitStack() as hooks:
+        for point, module in enumerate(points):
+            hooks.enter_context(edit_output(module, adder(point)))
         for step in range(config.steps):
             h = runner.hidden()
             all_logp = torch.log_softmax(spec.logits(net, h[state.read_rows, state.read_pos]).float(), dim=-1)
@@ -374,7 +384,7 @@ def optimize_values(
             nll = torch.zeros(n_act, device=dev).index_add(0, state.tgt_slot, -(logp * state.tgt_w))
             kl_terms = F.kl_div(kl_init, kl_logp, log_target=True, reduction="none").sum(-1)
             kl = torch.zeros(n_act, device=dev).index_add(0, state.kl_slot, kl_terms) / state.kl_per_request
-            decay = config.weight_decay * delta.norm(dim=-1) / v_norm[state.active] ** 2
+            decay = config.weight_decay * (delta.norm(dim=-1) / v_norm[state.active] ** 2).sum(-1)
             loss = nll + config.kl_factor * kl + decay                 # (active requests,)
             with torch.no_grad():
                 done = _finished(config, rows.n_rewrite, state, logp.detach(), loss.detach(), step)
@@ -383,7 +393,7 @@ def optimize_values(
                 history[request].append(float(loss[slot].detach()))
                 if done[slot]:
                     results[request] = ValueResult(
-                        delta=delta[slot].detach().float().clone(), v_init=v_init[request],
+                        delta=delta[slot, -1].detach().float().clone(), v_init=v_init[request, -1],
                         key_prompt=keys[request, 0].clone(), key_mean=keys[request].mean(0),
                         steps=step + 1, losses=history[request], target_prob=float(probs[slot]),
                     )
@@ -393,7 +403,7 @@ def optimize_values(
             loss.sum().backward()  # finished requests take this step too, then leave the batch
             opt.step()
             with torch.no_grad():
-                limit = config.clamp_norm_factor * v_norm[state.active]
+                limit = config.clamp_norm_factor * v_norm[state.active]   # (active, points)
                 norms = delta.norm(dim=-1)
                 over = norms > limit
                 if bool(over.any()):
@@ -493,7 +503,3 @@ def _keep_optimizer(delta: torch.Tensor, opt: torch.optim.Adam, keep: torch.Tens
             "exp_avg_sq": old["exp_avg_sq"][keep].clone(),
         }
     return new, new_opt
-
-
-def _weight_dtype(module: torch.nn.Module) -> torch.dtype:
-    return next(module.parameters()).dtype
