@@ -29,3 +29,12 @@ def tiny_tokenizer():
     from tiny import tokenizer
 
     return tokenizer()
+
+
+@pytest.fixture(autouse=True)
+def own_target_cache(tmp_path, monkeypatch):
+    """Every test starts with an empty cache of optimised targets (methods.locate.target_cache),
+    so no test is served targets another test (or an earlier run) computed."""
+    from lmpatch.methods.locate import target_cache
+
+    monkeypatch.setattr(target_cache, "cache_dir", lambda: tmp_path / "lmpatch-cache")

@@ -346,3 +346,38 @@ def test_memit_batch_on_real_model(real_model):
     assert post["neighborhood_score"].value >= pre["neighborhood_score"].value - 0.1
     for n, p in model.model.named_parameters():
         assert torch.equal(p, snapshot[n]), n
+
+
+# ----------------------------------------------------------------------------- target cache
+
+
+def test_targets_are_cached_per_model_state_setting_and_fact(tmp_path):
+    """A rerun reuses every target and gives the same patch; another setting, another fact
+    or a patch applied to the model gives other keys; a damaged entry is recomputed."""
+    model = tiny_model("llama")
+    first = lmpatch.edit(model, REQS, "memit", **FAST)
+    assert first.metrics["edit"]["z_cached"] == 0
+    again = lmpatch.edit(model, REQS, "memit", **FAST)
+    assert again.metrics["edit"]["z_cached"] == len(REQS) and again.patch_id == first.patch_id
+    # AlphaEdit and EMMET optimise the same targets: served from the cache too
+    emmet = lmpatch.edit(model, REQS, "emmet", **FAST)
+    assert emmet.metrics["edit"]["z_cached"] == len(REQS)
+    other = lmpatch.edit(model, REQS, "memit", **{**FAST, "v_steps": 2})
+    assert other.metrics["edit"]["z_cached"] == 0
+    changed = lmpatch.EditRequest(prompt=REQS[1].prompt, subject=REQS[1].subject, target_new="Chile",
+                                  target_true="Japan")
+    mixed = lmpatch.edit(model, [REQS[0], changed], "memit", **FAST)
+    assert mixed.metrics["edit"]["z_cached"] == 1
+    with first.applied(model):
+        on_top = lmpatch.edit(model, REQS, "memit", **FAST)
+    assert on_top.metrics["edit"]["z_cached"] == 0
+    files = sorted((tmp_path / "lmpatch-cache" / "targets").rglob("*.safetensors"))
+    assert files
+    for f in files:
+        f.write_bytes(b"not a safetensors file")
+    damaged = lmpatch.edit(model, REQS, "memit", **FAST)
+    assert damaged.metrics["edit"]["z_cached"] == 0 and damaged.patch_id == first.patch_id
+    off = lmpatch.edit(model, REQS, "memit", **{**FAST, "cache_targets": False})
+    assert off.metrics["edit"]["z_cached"] == 0
+    for a, b in zip(off.deltas, first.deltas):  # same weights (the id differs: it covers the hparams)
+        assert torch.equal(a.materialize(torch.float32, "cpu"), b.materialize(torch.float32, "cpu"))

@@ -29,6 +29,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from lmpatch.errors import LmpatchError
+from lmpatch.methods.locate.target_cache import CachedTarget, TargetCache
 from lmpatch.methods.locate.values import ValueConfig, optimize_values
 from lmpatch.model.hooks import capture_input, capture_output, record_outputs, replay_outputs, run_until
 from lmpatch.model.loading import LoadedModel
@@ -194,6 +195,7 @@ class Targets:
     steps: list[int]
     target_probs: list[float]
     seconds: float
+    cached: int = 0               # how many came from the target cache
 
 
 def optimize_targets(
@@ -204,31 +206,47 @@ def optimize_targets(
     config: ValueConfig,
     group_size: int = 16,
     progress: bool | None = None,
+    cache: bool = False,
 ) -> Targets:
     """One value optimisation per fact, each on the model as the caller gave it.
 
     Facts are optimised ``group_size`` at a time in one batch (see
     :func:`~lmpatch.methods.locate.values.optimize_values`: the result is the same as one
     by one), grouped by token length so little of a batch is padding. ``progress``
-    defaults to a bar when there is more than one group.
+    defaults to a bar when there is more than one group. With ``cache``, targets found in
+    the :class:`~lmpatch.methods.locate.target_cache.TargetCache` of this model state and
+    setting are reused and new ones are stored as soon as their group finishes, so an
+    interrupted batch loses at most one group.
     """
     if group_size < 1:
         raise LmpatchError(f"group_size must be >= 1, got {group_size!r}.")
     start = time.perf_counter()
+    store = TargetCache.for_optimisation(model, layer, templates, config) if cache else None
+    results: dict[int, CachedTarget] = {}
+    if store is not None:
+        for i, request in enumerate(requests):
+            hit = store.load(request)
+            if hit is not None:
+                results[i] = hit
+    cached = len(results)
     tok = model.tokenizer
-    order = sorted(range(len(requests)), key=lambda i: _suffix_length(tok, requests[i]))
-    groups = [order[i : i + group_size] for i in range(0, len(order), group_size)]
-    results: dict[int, object] = {}
+    todo = sorted((i for i in range(len(requests)) if i not in results),
+                  key=lambda i: _suffix_length(tok, requests[i]))
+    groups = [todo[i : i + group_size] for i in range(0, len(todo), group_size)]
     show = len(groups) > 1 if progress is None else progress
-    with progress_bar(show, "optimising targets", len(requests), "facts") as advance:
+    with progress_bar(show, "optimising targets", len(todo), "facts") as advance:
         for group in groups:
             for i, v in zip(group, optimize_values(model, [requests[i] for i in group], layer, templates, config)):
-                results[i] = v
+                results[i] = CachedTarget(v.delta.detach().float().cpu(), v.steps, v.target_prob)
+                if store is not None:
+                    store.store(requests[i], results[i])
             advance(len(group))
+    if cached:
+        log.info("%d of %d targets reused from %s", cached, len(requests), store.folder)
     ordered = [results[i] for i in range(len(requests))]
     return Targets(
-        torch.stack([v.delta.detach().float().cpu() for v in ordered]),
-        [v.steps for v in ordered], [v.target_prob for v in ordered], time.perf_counter() - start,
+        torch.stack([v.delta for v in ordered]), [v.steps for v in ordered], [v.target_prob for v in ordered],
+        time.perf_counter() - start, cached,
     )
 
 
