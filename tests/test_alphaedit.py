@@ -10,15 +10,9 @@ import lmpatch
 from lmpatch.methods.alphaedit import AlphaEditHparams, earlier_key_moments
 from lmpatch.methods.locate.solve import KeyCovariance
 from lmpatch.methods.memit import edit_layers, memit_covariances
+from facts import REQS
 from tiny import tiny_model
 
-REQS = [
-    lmpatch.EditRequest(prompt="The Eiffel Tower is located in the city of", subject="The Eiffel Tower",
-                        target_new="Rome", target_true="Paris"),
-    lmpatch.EditRequest(prompt="Mount Fuji is in", subject="Mount Fuji", target_new="Peru", target_true="Japan"),
-    lmpatch.EditRequest(prompt="The mother tongue of Danielle Darrieux is", subject="Danielle Darrieux",
-                        target_new="English", target_true="French"),
-]
 FAST = dict(v_steps=3, template_lengths=((3, 2),), stats_tokens=3000, nullspace_energy=0.3)
 
 

@@ -18,26 +18,9 @@ from lmpatch.methods.locate.values import ValueConfig, build_rows, optimize_valu
 from lmpatch.methods.memit import MEMITHparams, covariance_weight, edit_layers
 from lmpatch.model.hooks import capture_input, capture_output
 from lmpatch.tokens import subject_last_index
+from facts import FAST, REQS
+from facts import key_problem as _problem
 from tiny import ARCHS, tiny_model
-
-REQS = [
-    lmpatch.EditRequest(prompt="The Eiffel Tower is located in the city of", subject="The Eiffel Tower",
-                        target_new="Rome", target_true="Paris"),
-    lmpatch.EditRequest(prompt="Mount Fuji is in", subject="Mount Fuji", target_new="Peru", target_true="Japan"),
-    lmpatch.EditRequest(prompt="The mother tongue of Danielle Darrieux is", subject="Danielle Darrieux",
-                        target_new="English", target_true="French"),
-]
-# No statistics (C0 = I; tiny keys have norm ~0.1-1, so λ = 1 writes a good share), short optimisation.
-FAST = dict(mom2_adjustment=False, mom2_update_weight=1.0, v_steps=3, template_lengths=((3, 2),))
-
-
-def _problem(seed=0, n=4, d_ff=12, d=5, samples=200):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(samples, d_ff, generator=g, dtype=torch.float64)
-    cov = KeyCovariance(x.T @ x / samples)
-    keys = torch.randn(n, d_ff, generator=g, dtype=torch.float64)
-    residuals = torch.randn(n, d, generator=g, dtype=torch.float64)
-    return cov, keys, residuals
 
 
 # ----------------------------------------------------------------------------- the solve
@@ -330,14 +313,15 @@ def test_context_templates_follow_memit_setting():
 
 @pytest.mark.model
 @pytest.mark.slow
-def test_memit_batch_on_real_model(real_model):
+@pytest.mark.parametrize("method", ["memit", "pmet", "emmet", "alphaedit"])
+def test_batch_on_real_model(real_model, method):
     """Five CounterFact facts in one update: the new targets win, unrelated facts hold."""
     model = real_model
     from lmpatch.data import load_dataset
 
     reqs = load_dataset("counterfact-train", n=5)
     snapshot = {n: p.detach().clone() for n, p in model.model.named_parameters()}
-    patch = lmpatch.edit(model, reqs, "memit")
+    patch = lmpatch.edit(model, reqs, method)
     assert len(patch.deltas) == 5 and all(d.rank == 5 for d in patch.deltas)
     report = lmpatch.evaluate(model, reqs, patch=patch, metrics=["counterfact"])
     pre, post = report.pre, report.post

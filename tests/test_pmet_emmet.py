@@ -1,37 +1,21 @@
 """PMET and EMMET on MEMIT's loop: EMMET's solve is the equality-constrained least-squares
 update (ROME for one fact), PMET optimises one vector at the attention output and one at
 the MLP output and writes only the MLP's, both run and revert exactly on every
-architecture, and on the real model a batch of edits works."""
+architecture (the real-model batch test of the MEMIT family is in test_memit.py)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 import lmpatch
-from lmpatch.methods.locate.solve import KeyCovariance, equality_update, rank_one_update
+from lmpatch.methods.locate.solve import equality_update, rank_one_update
 from lmpatch.methods.locate.values import ValueConfig, build_rows, edit_point_state, optimize_value
 from lmpatch.methods.memit import edit_layers
 from lmpatch.methods.pmet import PMETHparams
 from lmpatch.model.hooks import capture_output
+from facts import FAST, REQS
+from facts import key_problem as _problem
 from tiny import ARCHS, tiny_model
-
-REQS = [
-    lmpatch.EditRequest(prompt="The Eiffel Tower is located in the city of", subject="The Eiffel Tower",
-                        target_new="Rome", target_true="Paris"),
-    lmpatch.EditRequest(prompt="Mount Fuji is in", subject="Mount Fuji", target_new="Peru", target_true="Japan"),
-    lmpatch.EditRequest(prompt="The mother tongue of Danielle Darrieux is", subject="Danielle Darrieux",
-                        target_new="English", target_true="French"),
-]
-FAST = dict(mom2_adjustment=False, mom2_update_weight=1.0, v_steps=3, template_lengths=((3, 2),))
-
-
-def _problem(seed=0, n=4, d_ff=12, d=5, samples=200):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(samples, d_ff, generator=g, dtype=torch.float64)
-    cov = KeyCovariance(x.T @ x / samples)
-    keys = torch.randn(n, d_ff, generator=g, dtype=torch.float64)
-    residuals = torch.randn(n, d, generator=g, dtype=torch.float64)
-    return cov, keys, residuals
 
 
 # ----------------------------------------------------------------------------- EMMET's solve
@@ -172,24 +156,3 @@ def test_emmet_bad_settings_are_clear():
         lmpatch.edit(model, REQS[:1], "emmet", emmet_lambda=-1.0, **FAST)
     with pytest.raises(lmpatch.LmpatchError, match="λ_c"):
         lmpatch.edit(model, REQS[:1], "emmet", **{**FAST, "mom2_update_weight": 0.0})
-
-
-@pytest.mark.model
-@pytest.mark.slow
-@pytest.mark.parametrize("method", ["pmet", "emmet"])
-def test_batch_on_real_model(real_model, method):
-    """Five CounterFact facts in one update: the new targets win, unrelated facts hold."""
-    model = real_model
-    from lmpatch.data import load_dataset
-
-    reqs = load_dataset("counterfact-train", n=5)
-    snapshot = {n: p.detach().clone() for n, p in model.model.named_parameters()}
-    patch = lmpatch.edit(model, reqs, method)
-    assert len(patch.deltas) == 5 and all(d.rank == 5 for d in patch.deltas)
-    report = lmpatch.evaluate(model, reqs, patch=patch, metrics=["counterfact"])
-    pre, post = report.pre, report.post
-    assert post["efficacy_score"].value >= 0.8 > pre["efficacy_score"].value
-    assert post["paraphrase_score"].value >= pre["paraphrase_score"].value + 0.2
-    assert post["neighborhood_score"].value >= pre["neighborhood_score"].value - 0.1
-    for n, p in model.model.named_parameters():
-        assert torch.equal(p, snapshot[n]), n
