@@ -46,6 +46,7 @@ import torch
 from lmpatch.data.mquake import MQuAKECase, prompt_path
 from lmpatch.errors import InvalidRequestError
 from lmpatch.eval.scoring import _eos_ids, _input_device, _pad_id, generate
+from lmpatch.model.compat import output_cache, with_cache
 from lmpatch.model.loading import LoadedModel
 from lmpatch.progress import progress_bar
 from lmpatch.request import EditRequest
@@ -180,7 +181,7 @@ def greedy_shared_prefix(
     base = model.spec.base_model(model.model)
     device = _input_device(model)
     out = base(input_ids=torch.tensor([encoded[0][:shared]], device=device), use_cache=True)
-    prefix_cache = getattr(out, "past_key_values", None)
+    prefix_cache = output_cache(out)
     if prefix_cache is None or not hasattr(prefix_cache, "batch_repeat_interleave"):
         log.debug("%s returns no shareable cache; generating without a prefix cache", model.name)
         return None
@@ -217,7 +218,7 @@ def _decode_batch(model, base, prefix_cache, shared, suffixes, max_new_tokens, e
     attention = torch.cat([torch.ones(rows, shared, dtype=mask.dtype, device=device), mask], dim=1)
     positions = (shared + mask.cumsum(-1) - 1).clamp(min=shared)
     hidden = base(input_ids=ids, attention_mask=attention, position_ids=positions,
-                  past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
+                  use_cache=True, **with_cache(base, cache)).last_hidden_state[:, -1]
     last = positions[:, -1]
     generated: list[list[int]] = [[] for _ in range(rows)]
     done = [False] * rows
@@ -238,7 +239,7 @@ def _decode_batch(model, base, prefix_cache, shared, suffixes, max_new_tokens, e
         attention = torch.cat([attention, torch.ones(rows, 1, dtype=attention.dtype, device=device)], dim=1)
         last = last + 1
         hidden = base(input_ids=nxt[:, None].to(device), attention_mask=attention, position_ids=last[:, None],
-                      past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
+                      use_cache=True, **with_cache(base, cache)).last_hidden_state[:, -1]
     return generated
 
 

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from lmpatch.errors import LmpatchError
 from lmpatch.model.hooks import capture_input, capture_output, edit_output, record_outputs, replay_outputs, run_until
+from lmpatch.model.compat import output_cache, with_cache
 from lmpatch.model.loading import LoadedModel
 from lmpatch.model.shadow import compute_model, resolve_compute_dtype
 from lmpatch.request import EditRequest
@@ -190,7 +191,7 @@ class SuffixRunner:
                     position_ids=(rows.prefix_mask.cumsum(-1) - 1).clamp(min=0).to(self.device),
                     use_cache=True,
                 )
-            self.prefix_kv = _cache_tensors(out.past_key_values)
+            self.prefix_kv = _cache_tensors(output_cache(out))
 
     def select(self, keep: torch.Tensor) -> None:
         """Keep only the rows where ``keep`` is true (requests that finished early leave the
@@ -234,8 +235,8 @@ class SuffixRunner:
             input_ids=self.suffix_ids,
             attention_mask=self.mask,
             position_ids=self.positions,
-            past_key_values=self.cache,
             use_cache=self.cache is not None,
+            **with_cache(self.base, self.cache),
         )
 
 
