@@ -121,3 +121,25 @@ def test_sequential_refuses_a_directory_of_another_run(tiny, tmp_path):  # noqa:
     with pytest.raises(LmpatchError, match="other requests or another batch size"):
         run_sequential(tiny, tiny_requests(2), seeded_patch, tmp_path, batch_size=2, progress=False,
                        metrics=["reliability"])
+
+
+def test_summaries_add_up_the_methods_timed_parts(tiny, tmp_path):  # noqa: F811
+    """MEMIT-style patches report target-optimisation and solve time; both regimes sum them
+    over updates, so a run whose targets came from the cache is visible as such."""
+    def timed(model, reqs):
+        patch = seeded_patch(model, reqs)
+        cached = reqs[0].case_id == "c2" if isinstance(reqs, list) else False
+        patch.metrics = {"edit": {"z_seconds": 0.0 if cached else 1.5, "z_cached": 2 if cached else 0,
+                                  "spread_seconds": 0.25, "layers": {}}}
+        return patch
+
+    batch = run_independent(tiny, tiny_requests(4), timed, tmp_path / "b", batch_size=2, progress=False,
+                            metrics=["reliability"])
+    assert batch["edit_parts"] == {"z_seconds": 1.5, "spread_seconds": 0.5, "z_cached": 2}
+    seq = run_sequential(tiny, tiny_requests(4), timed, tmp_path / "s", batch_size=2, progress=False,
+                         metrics=["reliability"])
+    assert seq["edit_parts"] == batch["edit_parts"]
+    # a plain patch without timed parts leaves the summary's parts empty
+    plain = run_independent(tiny, tiny_requests(2), seeded_patch, tmp_path / "p", batch_size=2, progress=False,
+                            metrics=["reliability"])
+    assert plain["edit_parts"] == {}

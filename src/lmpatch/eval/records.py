@@ -77,3 +77,27 @@ def timing(seconds: Sequence[float]) -> dict[str, float | None]:
     return {"median": float(np.median(arr)), "p90": float(np.percentile(arr, 90)), "total": float(arr.sum())}
 
 
+
+
+# Parts of an update's time that a method reports in ``patch.metrics["edit"]`` (MEMIT's loop:
+# target optimisation and the layer solves). Kept per update so a summary can tell a run
+# that optimised its targets from one that found them in the target cache.
+EDIT_PARTS = ("z_seconds", "spread_seconds")
+
+
+def edit_parts(patch) -> dict:
+    """The timed parts of one update, and whether its targets came from the cache."""
+    info = (getattr(patch, "metrics", None) or {}).get("edit") or {}
+    parts = {k: float(info[k]) for k in EDIT_PARTS if isinstance(info.get(k), (int, float))}
+    if "z_cached" in info:
+        parts["z_cached"] = int(info["z_cached"])
+    return parts
+
+
+def parts_total(per_update: Sequence[dict]) -> dict:
+    """Sum of :func:`edit_parts` over updates (empty when the method reports none)."""
+    total: dict[str, float] = {}
+    for parts in per_update:
+        for k, v in parts.items():
+            total[k] = total.get(k, 0) + v
+    return total

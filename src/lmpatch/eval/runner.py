@@ -33,8 +33,10 @@ from lmpatch.eval.records import (
     SUMMARY_FILE,
     TASKS_FILE,
     append_record,
+    edit_parts,
     key_of,
     open_for_append,
+    parts_total,
     read_records,
     record_key,
     timing,
@@ -209,6 +211,7 @@ def run_independent(
                     "update": unit[0] // batch_size,
                     "method": getattr(patch, "method", None),
                     "edit_seconds": seconds,
+                    "edit_parts": edit_parts(patch),
                     "update_size": len(unit),
                     **{k: x for k, x in v.items() if k != "case_id"},
                 })
@@ -225,8 +228,10 @@ def run_independent(
     if len(methods) > 1:
         log.warning("%s holds records of several methods (%s); the summary mixes them.", out, ", ".join(methods))
     per_update: dict[Any, float] = {}
+    parts: dict[Any, dict] = {}
     for r in records:
         per_update.setdefault(r.get("update", key_of(r)), r["edit_seconds"])
+        parts.setdefault(r.get("update", key_of(r)), r.get("edit_parts") or {})
     summary = {
         "method": method or (methods[0] if methods else None),
         "model": model.name,
@@ -239,6 +244,7 @@ def run_independent(
         "counts": stats["counts"],
         "protocols": {**stats["protocols"], **task_protocols(tasks)},
         "edit_seconds": timing(list(per_update.values())),
+        "edit_parts": parts_total(list(parts.values())),
     }
     write_json_atomic(out / SUMMARY_FILE, summary)
     return summary

@@ -32,7 +32,9 @@ from lmpatch.eval.records import (
     RECORDS_FILE,
     SUMMARY_FILE,
     append_record,
+    edit_parts,
     open_for_append,
+    parts_total,
     read_records,
     timing,
     write_json_atomic,
@@ -127,9 +129,9 @@ def run_sequential(
                     patch.save(out / UPDATES_DIR / _update_name(u))
                     append_record(ufh, {
                         "update": u, "first": lo, "edits": hi, "keys": [str(k) for k in keys[lo:hi]],
-                        "seconds": seconds, "patch_id": patch.patch_id,
+                        "seconds": seconds, "patch_id": patch.patch_id, "parts": edit_parts(patch),
                     })
-                    updates_log.append({"update": u, "seconds": seconds})
+                    updates_log.append({"update": u, "seconds": seconds, "parts": edit_parts(patch)})
                     bar.advance(task)
                     if hi in marks and hi not in measured:
                         point, scores = _checkpoint(model, requests[:hi], pre_scores[:hi], groups,
@@ -175,6 +177,7 @@ def run_sequential(
         "counts": stats["counts"],
         "protocols": protocols,
         "edit_seconds": timing([u["seconds"] for u in updates_log]),
+        "edit_parts": parts_total([u.get("parts") or {} for u in updates_log]),
         "curve": sorted(curve, key=lambda c: c["edits"]),
     }
     write_json_atomic(out / SUMMARY_FILE, summary)
