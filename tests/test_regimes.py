@@ -143,3 +143,40 @@ def test_summaries_add_up_the_methods_timed_parts(tiny, tmp_path):  # noqa: F811
     plain = run_independent(tiny, tiny_requests(2), seeded_patch, tmp_path / "p", batch_size=2, progress=False,
                             metrics=["reliability"])
     assert plain["edit_parts"] == {}
+
+
+def test_score_n_scores_an_even_sample_but_edits_everything(tiny, tmp_path):  # noqa: F811
+    from lmpatch.eval.records import scored_indices
+
+    assert scored_indices(10, 4) == [0, 2, 5, 7]
+    assert scored_indices(3, 5) == [0, 1, 2] and scored_indices(3, None) == [0, 1, 2]
+    edited = []
+
+    def edit_fn(model, reqs):
+        edited.extend(r.case_id for r in reqs)
+        return seeded_patch(model, reqs)
+
+    reqs = tiny_requests(6)
+    full = run_independent(tiny, reqs, seeded_patch, tmp_path / "full", batch_size=2, progress=False, metrics=METRICS)
+    part = run_independent(tiny, reqs, edit_fn, tmp_path / "part", batch_size=2, progress=False, metrics=METRICS,
+                           score_n=2)
+    assert edited == [r.case_id for r in reqs]
+    assert part["n"] == 6 and part["scored"] == 2 and full["scored"] == 6
+    records = read_records(tmp_path / "part" / "records.jsonl")
+    assert [("pre" in r) for r in records] == [True, False, False, True, False, False]
+    by_id = {r["case_id"]: r for r in read_records(tmp_path / "full" / "records.jsonl")}
+    expected = sum(by_id[c]["post"]["reliability"] for c in ("c0", "c3")) / 2
+    assert part["metrics"]["reliability"] == pytest.approx(expected)
+    # resuming finds every update done, scored or not
+    again = run_independent(tiny, reqs, edit_fn, tmp_path / "part", batch_size=2, progress=False, metrics=METRICS,
+                            score_n=2)
+    assert len(edited) == 6 and again["metrics"] == pytest.approx(part["metrics"])
+
+    seq_full = run_sequential(tiny, reqs, seeded_patch, tmp_path / "sf", batch_size=2, checkpoints=[2], progress=False,
+                              metrics=METRICS)
+    seq = run_sequential(tiny, reqs, seeded_patch, tmp_path / "sp", batch_size=2, checkpoints=[2], progress=False,
+                         metrics=METRICS, score_n=2)
+    assert seq["n"] == 6 and seq["scored"] == 2
+    sf = {r["case_id"]: r for r in read_records(tmp_path / "sf" / "records.jsonl")}
+    assert seq["metrics"]["reliability"] == pytest.approx(sum(sf[c]["post"]["reliability"] for c in ("c0", "c3")) / 2)
+    assert [c["edits"] for c in seq["curve"]] == [2, 6]

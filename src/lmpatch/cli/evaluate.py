@@ -44,6 +44,9 @@ def evaluate(
                                            "teacher_forced, probability or generation."),
     piqa_n: int = typer.Option(200, "--piqa-n", min=1, help="PIQA validation items scored per measurement."),
     ppl_tokens: int = typer.Option(20_000, "--ppl-tokens", min=100, help="WikiText-2 tokens scored for perplexity."),
+    score_n: Optional[int] = typer.Option(None, "--score-n", min=1, help="Score only this many "
+                                          "evenly spaced requests (all n are edited); for runs of thousands, "
+                                          "where scoring would cost more than editing."),
     out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (default runs/<method>-<data>-<time>)."),
     resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue the run already in --out."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON object on stdout."),
@@ -83,7 +86,7 @@ def evaluate(
     def edit_fn(m, reqs):
         return compute_edit(m, reqs, info.name, hparams)
 
-    common = dict(resume=resume, progress=True, metrics=groups, method=info.name, tasks=tasks)
+    common = dict(resume=resume, progress=True, metrics=groups, method=info.name, tasks=tasks, score_n=score_n)
     try:
         if mode == "sequential":
             summary = run_sequential(loaded, requests, edit_fn, run_dir, batch_size=size, checkpoints=marks, **common)

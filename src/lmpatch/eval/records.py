@@ -101,3 +101,16 @@ def parts_total(per_update: Sequence[dict]) -> dict:
         for k, v in parts.items():
             total[k] = total.get(k, 0) + v
     return total
+
+
+def scored_indices(n: int, score_n: int | None) -> list[int]:
+    """Which of ``n`` edited requests a run scores: all of them, or ``score_n`` evenly
+    spaced ones (always the first; spread over the run, so a sequential run's sample has
+    early and late edits alike). Scoring thousands of edits pre and post, and again at
+    every checkpoint, can cost more than editing them; a fixed sample keeps the averages
+    honest estimates while every request is still edited."""
+    if score_n is None or score_n >= n:
+        return list(range(n))
+    if score_n < 1:
+        raise ValueError(f"score_n must be at least 1, got {score_n}")
+    return sorted({(j * n) // score_n for j in range(score_n)})

@@ -39,6 +39,7 @@ from lmpatch.eval.records import (
     parts_total,
     read_records,
     record_key,
+    scored_indices,
     timing,
     write_json_atomic,
 )
@@ -151,6 +152,7 @@ def run_independent(
     method: str | None = None,
     tasks: Tasks | None = None,
     task_updates: int = 3,
+    score_n: int | None = None,
 ) -> dict:
     """Edit ``batch_size`` requests at a time, each update from the original model.
 
@@ -161,6 +163,8 @@ def run_independent(
     updates applied, averaged into ``<task>_after``: measuring them after every update
     would cost more than the edits. With ``resume`` the updates whose requests are all
     in ``out_dir/records.jsonl`` are skipped; without it the file is started afresh.
+    ``score_n`` scores only that many evenly spaced requests (:func:`scored_indices`);
+    the others are still edited and get a record without scores.
     Returns the summary also written to ``out_dir/summary.json``.
     """
     if batch_size < 1:
@@ -173,6 +177,7 @@ def run_independent(
     if not resume and records_path.exists():
         records_path.unlink()
     keys = unique_keys(requests)
+    scored = set(scored_indices(len(requests), score_n))
     done = {key_of(r) for r in read_records(records_path)}
     units = [list(range(i, min(i + batch_size, len(requests)))) for i in range(0, len(requests), batch_size)]
     pending = [u for u in units if not all(keys[i] in done for i in u)]
@@ -197,14 +202,17 @@ def run_independent(
                 raise LmpatchError(f"edit_fn returned {type(patch).__name__}, not a patch with apply/revert.")
             where = keys[unit[0]] if len(unit) == 1 else f"{keys[unit[0]]!r}..{keys[unit[-1]]!r}"
             check_restored(model, baseline, f"computing edit {where!r}", applied)
-            values = evaluate_records(model, reqs, patch, metrics=groups, batch_size=eval_batch_size)
+            to_score = [i for i in unit if i in scored]
+            scores = dict(zip(to_score, evaluate_records(model, [requests[i] for i in to_score], patch,
+                                                         metrics=groups, batch_size=eval_batch_size))) if to_score else {}
             after = task_state.setdefault("after", [])
             if tasks and len(after) < task_updates:
                 with patch.applied(model):
                     after.append(measure_tasks(model, tasks))
                 write_json_atomic(out / TASKS_FILE, task_state)
             check_restored(model, baseline, f"evaluating edit {where!r}", applied)
-            for i, v in zip(unit, values):
+            for i in unit:
+                v = scores.get(i, {})
                 append_record(fh, {
                     "case_id": requests[i].case_id,
                     "index": i,
@@ -239,6 +247,7 @@ def run_independent(
         "regime": regime,
         "batch_size": batch_size,
         "n": len(records),
+        "scored": sum(1 for r in records if "pre" in r),
         "metrics": {**stats["metrics"], **task_metrics(task_state)},
         "metrics_pre": stats["metrics_pre"],
         "counts": stats["counts"],

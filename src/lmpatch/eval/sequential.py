@@ -36,6 +36,7 @@ from lmpatch.eval.records import (
     open_for_append,
     parts_total,
     read_records,
+    scored_indices,
     timing,
     write_json_atomic,
 )
@@ -75,13 +76,16 @@ def run_sequential(
     eval_batch_size: int = 16,
     method: str | None = None,
     tasks: Tasks | None = None,
+    score_n: int | None = None,
 ) -> dict:
     """Apply updates of ``batch_size`` requests one after another, keeping each one.
 
     ``checkpoints`` are edit counts (default: about ten, evenly spaced, and the end) at
     which every request edited so far is scored again on the current model; each becomes
     one point of ``summary["curve"]``. The final checkpoint is the post-edit score of the
-    whole run. Returns the summary also written to ``out_dir/summary.json``.
+    whole run. ``score_n`` scores only that many evenly spaced requests, at every
+    checkpoint (:func:`~lmpatch.eval.records.scored_indices`); all are still edited.
+    Returns the summary also written to ``out_dir/summary.json``.
     """
     if batch_size < 1:
         raise LmpatchError(f"batch_size must be at least 1, got {batch_size}.")
@@ -90,6 +94,7 @@ def run_sequential(
     groups = resolve_metrics(metrics)
     keys = unique_keys(requests)
     n = len(requests)
+    sample = scored_indices(n, score_n)
     n_updates = (n + batch_size - 1) // batch_size
     marks = sorted({min(int(c), n) for c in checkpoints} | {n}) if checkpoints else default_checkpoints(
         n_updates, batch_size, n
@@ -108,7 +113,7 @@ def run_sequential(
     curve = [c for c in read_records(out / CURVE_FILE) if "edits" in c]
     final_scores = None  # the final model's scores: the checkpoint at n edits measures them
     with run_progress(progress) as bar:
-        pre_scores = measure(model, requests, groups, eval_batch_size)
+        pre_scores = measure(model, [requests[i] for i in sample], groups, eval_batch_size)
         tasks_before = measure_tasks(model, tasks) if tasks else {}
         try:
             applied = _reapply(model, out, updates_log, originals, keys, batch_size)
@@ -134,8 +139,9 @@ def run_sequential(
                     updates_log.append({"update": u, "seconds": seconds, "parts": edit_parts(patch)})
                     bar.advance(task)
                     if hi in marks and hi not in measured:
-                        point, scores = _checkpoint(model, requests[:hi], pre_scores[:hi], groups,
-                                                    eval_batch_size, tasks, originals)
+                        upto = sum(1 for i in sample if i < hi)
+                        point, scores = _checkpoint(model, [requests[i] for i in sample[:upto]], pre_scores[:upto],
+                                                    groups, eval_batch_size, tasks, originals)
                         if hi == n:
                             final_scores = scores
                         point["edits"] = hi
@@ -143,7 +149,7 @@ def run_sequential(
                         curve.append(point)
                         measured.add(hi)
             if final_scores is None:  # the last checkpoint was measured before a resume
-                final_scores = measure(model, requests, groups, eval_batch_size)
+                final_scores = measure(model, [requests[i] for i in sample], groups, eval_batch_size)
         finally:
             for patch in reversed(applied):
                 patch.revert(model)
@@ -152,13 +158,14 @@ def run_sequential(
     records_path = out / RECORDS_FILE
     records_path.unlink(missing_ok=True)
     records = []
+    position = {i: j for j, i in enumerate(sample)}
     with open_for_append(records_path) as fh:
         for i, r in enumerate(requests):
-            rec = {
-                "case_id": r.case_id, "index": i, "update": i // batch_size, "method": method,
-                "pre": request_values(r, pre_scores[i], pre_scores[i], groups),
-                "post": request_values(r, final_scores[i], pre_scores[i], groups),
-            }
+            rec: dict[str, Any] = {"case_id": r.case_id, "index": i, "update": i // batch_size, "method": method}
+            j = position.get(i)
+            if j is not None:
+                rec["pre"] = request_values(r, pre_scores[j], pre_scores[j], groups)
+                rec["post"] = request_values(r, final_scores[j], pre_scores[j], groups)
             append_record(fh, rec)
             records.append(rec)
     stats = summarize(records)
@@ -172,6 +179,7 @@ def run_sequential(
         "regime": "sequential",
         "batch_size": batch_size,
         "n": n,
+        "scored": len(sample),
         "metrics": {**stats["metrics"], **task_keys},
         "metrics_pre": stats["metrics_pre"],
         "counts": stats["counts"],
