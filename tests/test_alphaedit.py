@@ -91,9 +91,31 @@ def test_edits_in_the_model_keep_their_keys():
 
 @pytest.mark.parametrize("bad", [
     dict(nullspace_energy=None), dict(nullspace_threshold=0.1), dict(nullspace_energy=1.5),
-    dict(l2=0.0), dict(mom2_adjustment=False),
+    dict(l2=0.0), dict(mom2_adjustment=False), dict(preserve_weight=-1.0),
 ])
 def test_bad_settings_are_clear_errors(bad):
     model = tiny_model("llama")
     with pytest.raises(lmpatch.LmpatchError):
         lmpatch.edit(model, REQS[:1], "alphaedit", **{**FAST, **bad})
+
+
+def test_preserve_weight_penalises_moving_preserved_keys_inside_the_null_space():
+    """With β > 0 the update still lies in P's range and moves the preserved keys (C0)
+    less per unit of change than the paper's form."""
+    model = tiny_model("llama")
+    hp = AlphaEditHparams(**FAST)
+    layers = edit_layers(model, hp)
+    covs = memit_covariances(model, layers, hp)
+    paper = lmpatch.edit(model, REQS, "alphaedit", **FAST)
+    pw = lmpatch.edit(model, REQS, "alphaedit", **{**FAST, "preserve_weight": 1.0})
+    assert pw.metrics["edit"]["preserve_weight"] > 0 and paper.metrics["edit"]["preserve_weight"] == 0
+    layer, d_paper, d_pw = layers[0], paper.deltas[0], pw.deltas[0]
+    c0 = covs[layer].matrix.double()
+    p, _ = covs[layer].null_space(hp.nullspace_energy)
+    for dw in (_matrix(d_paper), _matrix(d_pw)):
+        assert float((dw @ (torch.eye(p.shape[0], dtype=torch.float64) - p)).norm()) <= 1e-6 * float(dw.norm())
+
+    def disturbance(dw):  # E‖ΔW k0‖² over preserved keys, per unit of update
+        return float(torch.trace(dw @ c0 @ dw.T)) / float(dw.norm() ** 2)
+
+    assert disturbance(_matrix(d_pw)) < disturbance(_matrix(d_paper))
