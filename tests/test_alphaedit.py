@@ -106,8 +106,8 @@ def test_preserve_weight_penalises_moving_preserved_keys_inside_the_null_space()
     hp = AlphaEditHparams(**FAST)
     layers = edit_layers(model, hp)
     covs = memit_covariances(model, layers, hp)
-    paper = lmpatch.edit(model, REQS, "alphaedit", **FAST)
-    pw = lmpatch.edit(model, REQS, "alphaedit", **{**FAST, "preserve_weight": 1.0})
+    paper = lmpatch.edit(model, REQS, "alphaedit", **{**FAST, "preserve_weight": 0.0})
+    pw = lmpatch.edit(model, REQS, "alphaedit", **FAST)  # default β = 1
     assert pw.metrics["edit"]["preserve_weight"] > 0 and paper.metrics["edit"]["preserve_weight"] == 0
     layer, d_paper, d_pw = layers[0], paper.deltas[0], pw.deltas[0]
     c0 = covs[layer].matrix.double()

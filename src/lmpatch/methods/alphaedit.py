@@ -47,14 +47,19 @@ class AlphaEditHparams(MEMITHparams):
       sets α = ``l2_relative`` × E‖P k‖², the null-space energy of a typical preserved
       key: a fact with a typical key then gets 1/(1 + l2_relative) of its share per layer,
       as MEMIT's λ does.
-    * ``preserve_weight`` (β, default 0 = the paper) adds β·λ·C0 to the solve, λ being
+    * ``preserve_weight`` (β; 0 is the paper's form) adds β·λ·C0 to the solve, λ being
       MEMIT's (``mom2_update_weight``, or its d_ff-scaled default): the change to preserved
       keys is then also *penalised* inside the null space, as MEMIT does everywhere. The
       paper needs no such term because on LLaMA-3 its null space holds almost none of the
       keys' energy. On SmolLM2 there is no such space: the keys of CounterFact subjects put
       only 1.6-3x their share of energy into the low-energy directions of C0 (measured on
       200 ``counterfact-train`` facts, layers 4-8, for null spaces of 1-20% of the energy),
-      so writing a fact through P moves every preserved key in proportion.
+      so writing a fact through P moves every preserved key in proportion. The default 1.0
+      was chosen on 500 sequential ``counterfact-train`` edits in batches of 100: WikiText-2
+      perplexity 29.5 → 33.2 with efficacy 0.97 over all 500 and the unedited neighbourhood
+      score (0.68). Shrinking the null space instead (energy 0.05, β = 0) took perplexity
+      to 271 over the same 500 edits (efficacy 0.79): a smaller P only forces larger weights
+      through it.
 
     ``nullspace_energy`` 0.2 was chosen on 100 ``counterfact-train`` facts in one batch:
     0.05 / 0.2 / 0.4 gave efficacy 1.0 each, paraphrase 0.92 / 0.93 / 0.93, neighbourhood
@@ -66,7 +71,7 @@ class AlphaEditHparams(MEMITHparams):
     nullspace_threshold: float | None = None
     l2: float | None = None
     l2_relative: float = 0.5
-    preserve_weight: float = 0.0
+    preserve_weight: float = 1.0
 
 
 def _check(hp: AlphaEditHparams) -> None:
