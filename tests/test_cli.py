@@ -266,6 +266,8 @@ def test_eval_sequential_json_has_curve_and_resumes(tiny_dir, tmp_path, cache):
     assert len(list((run_dir / "updates").glob("*.lmpatch"))) == 2
     again = parse_json(run(*args))  # everything saved: re-applied from disk, same scores
     assert again["metrics"] == data["metrics"]
+    sampled = parse_json(run(*args[:-3], "--out", str(tmp_path / "sampled"), "--score-n", "2", "--json"))
+    assert sampled["n"] == 3 and sampled["scored"] == 2 and sampled["counts"]["reliability"] == 2
 
 
 def test_eval_protocol_filter_and_bad_mode(tiny_dir, tmp_path, cache):
