@@ -77,8 +77,6 @@ def timing(seconds: Sequence[float]) -> dict[str, float | None]:
     return {"median": float(np.median(arr)), "p90": float(np.percentile(arr, 90)), "total": float(arr.sum())}
 
 
-
-
 # Parts of an update's time that a method reports in ``patch.metrics["edit"]`` (MEMIT's loop:
 # target optimisation and the layer solves). Kept per update so a summary can tell a run
 # that optimised its targets from one that found them in the target cache.

@@ -132,11 +132,12 @@ def run_sequential(
                     patch.apply(model)
                     applied.append(patch)
                     patch.save(out / UPDATES_DIR / _update_name(u))
+                    parts = edit_parts(patch)
                     append_record(ufh, {
                         "update": u, "first": lo, "edits": hi, "keys": [str(k) for k in keys[lo:hi]],
-                        "seconds": seconds, "patch_id": patch.patch_id, "parts": edit_parts(patch),
+                        "seconds": seconds, "patch_id": patch.patch_id, "parts": parts,
                     })
-                    updates_log.append({"update": u, "seconds": seconds, "parts": edit_parts(patch)})
+                    updates_log.append({"update": u, "seconds": seconds, "parts": parts})
                     bar.advance(task)
                     if hi in marks and hi not in measured:
                         upto = sum(1 for i in sample if i < hi)
