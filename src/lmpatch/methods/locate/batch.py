@@ -337,14 +337,23 @@ def weight_delta(model: LoadedModel, layer: int, left: torch.Tensor, right: torc
 def _layer_info(layer: int, keys, missing, residual, left, right, seconds: float) -> dict:
     """How much of its share this layer wrote: ``written`` = mean of rᵢ·ΔWkᵢ / ‖rᵢ‖²
     (1 = every fact got its full share; far below 1 means λ is too large for this model)."""
-    produced = (right.to(keys.device) @ keys.T).T @ left.to(keys.device).T   # (ΔW kᵢ)ᵢ, n × d
+    left, right = left.to(keys.device), right.to(keys.device)
+    rows, rank = left.shape
+    if rank * (rows + right.shape[1]) >= rows * right.shape[1]:
+        # Past the low-rank break-even (thousands of facts) the n × n products of the
+        # factored form cost more than forming ΔW once (10 s against 1 s per layer at 10,000).
+        dense = left @ right
+        produced = keys @ dense.T                                   # (ΔW kᵢ)ᵢ, n × d
+        update_norm = dense.norm()
+    else:
+        produced = (right @ keys.T).T @ left.T
+        update_norm = ((left.T @ left) * (right @ right.T)).sum().clamp_min(0).sqrt()
     r2 = (residual * residual).sum(-1).clamp_min(1e-30)
-    gram = (left.T @ left) * (right @ right.T)
     return {
         "layer": layer,
         "missing_norm": float(missing.norm(dim=-1).mean()),
         "written": float(((produced * residual).sum(-1) / r2).mean()),
         "key_norm": float(keys.norm(dim=-1).mean()),
-        "update_norm": float(gram.sum().clamp_min(0).sqrt()),
+        "update_norm": float(update_norm),
         "seconds": round(seconds, 4),
     }
