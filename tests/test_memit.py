@@ -367,15 +367,15 @@ def test_targets_are_cached_per_model_state_setting_and_fact(tmp_path):
         assert torch.equal(a.materialize(torch.float32, "cpu"), b.materialize(torch.float32, "cpu"))
 
 
-@pytest.mark.parametrize("n", [8, 600])
-def test_layer_info_matches_the_dense_update_on_both_sides_of_the_low_rank_break_even(n):
+@pytest.mark.parametrize("n, d, f", [(8, 64, 96), (600, 12, 20)])
+def test_layer_info_matches_the_dense_update_on_both_sides_of_the_low_rank_break_even(n, d, f):
     """The per-layer report takes the factored route for small batches and forms ΔW for
     large ones (cheaper past the break-even); both must give ΔW's own numbers."""
     from lmpatch.methods.locate.batch import _layer_info
+    from lmpatch.patch import dense_is_smaller
 
+    assert dense_is_smaller(d, n, f) == (n == 600)     # one case on each side
     gen = torch.Generator().manual_seed(n)
-    # break-even rank d·f / (d + f): 38.4 for 64 × 96 (n = 8 stays factored), 7.5 for 12 × 20
-    d, f = (12, 20) if n == 600 else (64, 96)
     keys = torch.randn(n, f, generator=gen, dtype=torch.float64)
     residual = torch.randn(n, d, generator=gen, dtype=torch.float64)
     left, right = residual.T.contiguous(), torch.randn(n, f, generator=gen, dtype=torch.float64) / f

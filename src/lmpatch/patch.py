@@ -173,6 +173,12 @@ class WeightDelta:
         return f"WeightDelta({self.param!r}, {self.kind}, shape={self.shape}{extra})"
 
 
+def dense_is_smaller(rows: int, rank: int, cols: int) -> bool:
+    """Whether a rows × cols change of this rank takes no more room (and work) dense than as
+    two factors. One break-even decides how deltas are built, summed and measured."""
+    return rank * (rows + cols) >= rows * cols
+
+
 def _sum_deltas(param: str, parts: list[WeightDelta]) -> WeightDelta:
     """One delta equal to the sum of ``parts``.
 
@@ -188,7 +194,7 @@ def _sum_deltas(param: str, parts: list[WeightDelta]) -> WeightDelta:
     rows, cols = parts[0].shape if len(parts[0].shape) == 2 else (0, 0)
     if all(p.is_low_rank for p in parts):
         rank = sum(p.rank for p in parts)
-        if rank * (rows + cols) < rows * cols:
+        if not dense_is_smaller(rows, rank, cols):
             return WeightDelta(
                 param,
                 left=torch.cat([p.left for p in parts], dim=1),
