@@ -36,7 +36,7 @@ def shard(args) -> None:
     torch.set_num_threads(1)
     model = lmpatch.load_model(args.model) if args.model else lmpatch.load_model()
     info = get_method(args.method)
-    hp = info.hparams_cls()
+    hp = info.hparams()
     if not hasattr(hp, "value_config") or not hasattr(hp, "z_group_size"):
         raise SystemExit(f"{args.method} has no batched target optimisation (MEMIT, PMET, AlphaEdit, EMMET do).")
     requests = load_dataset(args.data, n=args.n, offset=args.offset)[args.shard :: args.workers]

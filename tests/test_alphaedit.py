@@ -74,14 +74,14 @@ def test_edits_in_the_model_keep_their_keys(preserve_weight, most):
     hp = AlphaEditHparams(**fast)
     layers = edit_layers(model, hp)
     first = lmpatch.edit(model, REQS[:2], "alphaedit", **fast)
-    remembered = model.solves[("edit-keys", first.patch_id)]
+    remembered = model.stack.edit_keys[first.patch_id]
     assert set(remembered) == set(layers) and remembered[layers[0]].shape[0] == 2
     alone = lmpatch.edit(model, REQS[2:], "alphaedit", **fast)
     with first.applied(model):
         stacked = lmpatch.edit(model, REQS[2:], "alphaedit", **fast)
         assert stacked.metrics["edit"]["earlier_edits"] == 2
         recorded = earlier_key_moments(model, layers, hp)
-        del model.solves[("edit-keys", first.patch_id)]
+        del model.stack.edit_keys[first.patch_id]
         reread = earlier_key_moments(model, layers, hp)
     for layer, d_alone, d_stacked in zip(layers, alone.deltas, stacked.deltas):
         old_keys = remembered[layer].double()

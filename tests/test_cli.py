@@ -55,7 +55,7 @@ def cache(tmp_path, monkeypatch) -> Path:
 
 def saved_patch(path: Path) -> Patch:
     patch = Patch(
-        deltas=[WeightDelta("model.layers.1.mlp.down_proj.weight", left=torch.ones(64, 1), right=torch.full((1, 128), 0.5))],
+        parts=[WeightDelta("model.layers.1.mlp.down_proj.weight", left=torch.ones(64, 1), right=torch.full((1, 128), 0.5))],
         method="rome", model_fingerprint="0123456789abcdef", model_name="tiny",
         requests=[lmpatch.EditRequest("The Eiffel Tower is in", "The Eiffel Tower", "Rome", "Paris")],
     )
@@ -71,6 +71,18 @@ def test_methods_lists_every_registered_method():
     assert result.exit_code == 0
     for name in ("rome", "r-rome", "ft-l", "ft-m"):
         assert name in result.stdout
+
+
+def test_methods_json_lists_capabilities_from_the_registry():
+    from lmpatch.methods.registry import REGIMES, all_methods
+
+    data = parse_json(run("methods", "--json"))
+    assert [m["name"] for m in data] == [m.name for m in all_methods()]
+    for m in data:
+        assert m["regimes"] and set(m["regimes"]) <= set(REGIMES)
+        assert m["produces"] and m["hparams"] and isinstance(m["needs_prepare"], bool)
+    rome = next(m for m in data if m["name"] == "rome")
+    assert rome["produces"] == ["weight_deltas"] and rome["needs_prepare"] is True
 
 
 def test_methods_name_shows_hyperparameters_with_defaults():
@@ -347,10 +359,12 @@ def test_prepare_computes_every_memit_layer_once(tiny_dir, cache):
     from lmpatch.cli.warmup import prepare
     from lmpatch.methods.hparams import with_overrides
     from lmpatch.methods.memit import MEMITHparams
+    from lmpatch.methods.registry import get_method
 
     model = lmpatch.load_model(str(tiny_dir))
     hp = with_overrides(MEMITHparams, {"layers": (0, 1), "stats_tokens": 300})
-    done = prepare(model, hp, show=False)
-    assert any("key statistics" in d for d in done)
-    assert not any("key statistics" in d for d in prepare(model, hp, show=False))
+    memit = get_method("memit")
+    done = prepare(model, memit, hp, show=False)
+    assert any("key statistics for layers 0, 1" in d for d in done)
+    assert not any("key statistics" in d for d in prepare(model, memit, hp, show=False))
     assert len(list((cache / "stats").rglob("*.safetensors"))) >= 2

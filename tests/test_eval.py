@@ -424,7 +424,7 @@ def test_runner_and_evaluate_with_the_real_patch_class(tiny, tmp_path):
     def edit_fn(model, request):
         g = torch.Generator().manual_seed(len(request.prompt))
         delta = WeightDelta(name, left=3 * torch.randn(rows, 1, generator=g), right=torch.randn(1, cols, generator=g))
-        return Patch(deltas=[delta], method="rank1", model_fingerprint=model.fingerprint, model_name=model.name)
+        return Patch(parts=[delta], method="rank1", model_fingerprint=model.fingerprint, model_name=model.name)
 
     summary = run_single(tiny, tiny_requests(2), edit_fn, tmp_path, progress=False, metrics=["reliability", "locality"])
     assert summary["method"] == "rank1" and summary["n"] == 2

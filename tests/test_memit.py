@@ -145,7 +145,7 @@ def test_blocks_below_the_edit_are_replayed_not_rerun():
         bump = WeightDelta(model.spec.layers[2].mlp_out + ".weight",
                            left=torch.randn(model.spec.hidden_size, 1, generator=g),
                            right=torch.randn(1, model.spec.mlp_size, generator=g))
-        patch = lmpatch.Patch(deltas=[bump], method="x", model_fingerprint=model.fingerprint, model_name=model.name)
+        patch = lmpatch.Patch(parts=[bump], method="x", model_fingerprint=model.fingerprint, model_name=model.name)
         with patch.applied(model):
             calls.clear()
             replayed = read_state(model, rows, weights, 3, 3, chunk_rows=4, frozen=frozen)
@@ -197,7 +197,7 @@ def test_layer_loop_reaches_the_targets_with_small_lambda(arch):
     parts, infos = spread_update(model, REQS, deltas, templates, layers, _solver(1e-7, record))
     assert [d.param for d in parts] == [model.spec.layers[i].mlp_out + ".weight" for i in layers]
     assert all(info["written"] == pytest.approx(1.0, abs=1e-3) for info in infos)
-    patch = lmpatch.Patch(deltas=parts, method="memit", model_fingerprint=model.fingerprint, model_name=model.name)
+    patch = lmpatch.Patch(parts=parts, method="memit", model_fingerprint=model.fingerprint, model_name=model.name)
     with patch.applied(model):
         _, after = read_state(model, rows, weights, 0, layers[-1])
     torch.testing.assert_close(after, before + deltas.double(), rtol=2e-3, atol=2e-3 * float(deltas.norm(dim=-1).min()))

@@ -236,7 +236,7 @@ def test_multihop_loop_edits_each_case_and_restores_the_model(tiny, cases):
         seen.append(requests)
         gen = torch.Generator().manual_seed(len(seen))
         delta = WeightDelta(param=name, dense=torch.randn(before.shape, generator=gen))
-        return Patch(deltas=[delta], method="test", model_fingerprint=model.fingerprint, model_name=model.name)
+        return Patch(parts=[delta], method="test", model_fingerprint=model.fingerprint, model_name=model.name)
 
     two = cases[:2]
     pre = multihop_accuracy(tiny, two, max_new_tokens=4, progress=False)

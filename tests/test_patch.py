@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +14,16 @@ from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, PreTrain
 
 import lmpatch
 from lmpatch.errors import PatchError
-from lmpatch.patch import MERGE_MANIFEST, AppliedPatch, Patch, WeightDelta, compose
+from lmpatch.patch import (
+    MERGE_MANIFEST,
+    AddedModule,
+    ModuleAddition,
+    Patch,
+    StackEntry,
+    WeightDelta,
+    compose,
+    register_addition,
+)
 from lmpatch.request import EditRequest, Probe
 
 VOCAB = 100
@@ -92,7 +102,7 @@ def make_delta(lm, param: str, kind: str, seed: int, rank: int = 2, scale: float
 
 def make_patch(lm, params_kinds: list[tuple[str, str]], seed: int = 1, method: str = "test", **kw) -> Patch:
     deltas = [make_delta(lm, p, k, seed + i) for i, (p, k) in enumerate(params_kinds)]
-    return Patch(deltas=deltas, method=method, model_fingerprint=lm.fingerprint, model_name=lm.name, **kw)
+    return Patch(parts=deltas, method=method, model_fingerprint=lm.fingerprint, model_name=lm.name, **kw)
 
 
 def mlp_out(lm, layer: int) -> str:
@@ -205,8 +215,9 @@ def test_apply_writes_in_place_and_records_originals_on_the_model(llama):
     patch.apply(llama)
     assert llama.model.get_parameter(name) is param and param.data_ptr() == storage
     [record] = llama.applied
-    assert isinstance(record, AppliedPatch) and record.patch_id == patch.patch_id
-    assert set(record.originals) == {name} and torch.equal(record.originals[name], before)
+    assert isinstance(record, StackEntry) and record.patch_id == patch.patch_id
+    assert set(record.deltas) == {name}
+    assert llama.stack.saved_bytes() == before.numel() * before.element_size()  # the original, once
     patch.revert(llama)
     assert torch.equal(param, before)
 
@@ -249,21 +260,51 @@ def test_revert_of_a_patch_that_is_not_applied_is_refused(llama):
         patch.revert(llama)
 
 
-def test_overlapping_patches_revert_last_in_first_out(lm):
+@pytest.mark.parametrize("arch", sorted(BUILDERS))
+@pytest.mark.parametrize("removed", [0, 1, 2])
+def test_any_overlapping_patch_reverts_to_base_plus_the_others_in_order(arch, removed):
+    """Taking out any one of three patches (two share a weight with it) leaves the model
+    bit-identical to a fresh base model with only the other two applied, in order."""
+    lm = BUILDERS[arch]()
     before = snapshot(lm)
     shared = mlp_out(lm, 0)
-    first = make_patch(lm, [(shared, "low_rank"), (mlp_out(lm, 1), "dense")], seed=1)
-    second = make_patch(lm, [(shared, "dense")], seed=7)
-    first.apply(lm)
-    second.apply(lm)
-    stacked = snapshot(lm)
-    with pytest.raises(PatchError, match=f"revert {second.patch_id} first"):
-        first.revert(lm)
-    assert_weights_equal(lm, stacked)  # the refused revert changed nothing
-    assert first.is_applied(lm) and second.is_applied(lm)
-    second.revert(lm)
-    first.revert(lm)
+    patches = [
+        make_patch(lm, [(shared, "low_rank"), (mlp_out(lm, 1), "dense")], seed=1),
+        make_patch(lm, [(shared, "dense")], seed=7),
+        make_patch(lm, [(shared, "low_rank"), (a_vector_param(lm), "dense")], seed=11),
+    ]
+    for p in patches:
+        p.apply(lm)
+    patches[removed].revert(lm)
+    assert [e.patch_id for e in lm.applied] == [p.patch_id for i, p in enumerate(patches) if i != removed]
+
+    fresh = BUILDERS[arch]()
+    for i, p in enumerate(patches):
+        if i != removed:
+            p.apply(fresh)
+    assert_weights_equal(lm, snapshot(fresh))
+    for p in [p for i, p in enumerate(patches) if i != removed][::-1]:
+        p.revert(lm)
     assert_weights_equal(lm, before)
+    assert lm.stack.saved_bytes() == 0
+
+
+def test_stack_keeps_each_original_once_however_many_patches(llama):
+    """Memory for undo grows with what is edited, not with how many patches edited it."""
+    name = mlp_out(llama, 0)
+    param = llama.model.get_parameter(name)
+    one_copy = param.numel() * param.element_size()
+    patches = [make_patch(llama, [(name, "low_rank")], seed=s) for s in range(20)]
+    for p in patches:
+        p.apply(llama)
+    assert llama.stack.saved_bytes() <= 2 * one_copy  # the base value and the value before the top patch
+    patches[-1].revert(llama)  # the top one: restored from the saved previous value
+    patches[5].revert(llama)   # one in the middle: recomputed from the base
+    fresh = tiny_llama()
+    for i, p in enumerate(patches[:-1]):
+        if i != 5:
+            p.apply(fresh)
+    assert_weights_equal(llama, snapshot(fresh))
 
 
 def test_disjoint_patches_revert_in_any_order(lm):
@@ -325,11 +366,12 @@ def test_tied_weights_follow_the_patch_and_double_naming_is_refused():
     other = make_patch(lm, [("transformer.wte.weight", "dense")], seed=5)
     patch.apply(lm)
     assert not torch.equal(lm.model.get_parameter("transformer.wte.weight"), before["transformer.wte.weight"])
-    other.apply(lm)  # the same tensor under its other name overlaps: LIFO applies
-    with pytest.raises(PatchError, match="first"):
-        patch.revert(lm)
-    other.revert(lm)
+    other.apply(lm)  # the same tensor under its other name: the stack knows they are one weight
     patch.revert(lm)
+    fresh = tiny_gpt2()
+    other.apply(fresh)
+    assert_weights_equal(lm, snapshot(fresh))
+    other.revert(lm)
     assert_weights_equal(lm, before)
     both = make_patch(lm, [("lm_head.weight", "dense"), ("transformer.wte.weight", "dense")])
     with pytest.raises(PatchError, match="tied"):
@@ -611,3 +653,130 @@ def test_rank_one_patch_on_smollm2_is_exact_and_round_trips(smollm, tmp_path):
     assert_weights_equal(lm, before)
     with torch.no_grad():
         assert torch.equal(lm.model(**enc).logits, out_before)
+
+
+# --------------------------------------------------------------------------- older files
+
+
+V1_FILE = Path(__file__).parent / "data" / "format-v1-weight-deltas.lmpatch"
+
+
+def test_a_file_written_by_the_first_format_loads_with_the_same_id_and_manifest(tmp_path):
+    """Written before patches had part kinds (rank-1 and dense deltas); it must keep its id."""
+    from safetensors import safe_open
+
+    patch = Patch.load(V1_FILE)
+    assert patch.patch_id == "f0fdef38a4ce4d93"
+    assert [d.kind for d in patch.deltas] == ["low_rank", "dense"] and patch.modules == []
+    again = patch.save(tmp_path / "again.lmpatch")
+    manifests = []
+    for path in (V1_FILE, again):
+        with safe_open(str(path), framework="pt") as f:
+            manifests.append(json.loads(f.metadata()["lmpatch"]))
+    assert manifests[0] == manifests[1]
+    assert manifests[0]["requires"] == ["weight_deltas"]
+
+
+# --------------------------------------------------------------------------- added modules
+
+
+@register_addition
+class _ShiftOutput(AddedModule):
+    """Test-only addition: adds a fixed vector to its host's output."""
+
+    type_name = "test.shift"
+
+    def __init__(self, shift: torch.Tensor):
+        super().__init__()
+        self.register_buffer("shift", shift.detach().float().clone())
+
+    @classmethod
+    def from_state(cls, config, state):
+        return cls(state["shift"])
+
+    def config(self):
+        return {"what": "shift"}
+
+    def hook(self, host, args, kwargs, output):
+        return output + self.shift.to(output.dtype)
+
+
+def shift_patch(lm, layer: int = 0, seed: int = 3, extra: list | None = None) -> Patch:
+    width = lm.model.get_submodule(lm.spec.layers[layer].mlp_out).weight.shape
+    out = width[1] if lm.spec.layers[layer].mlp_out.endswith("c_proj") else width[0]
+    shift = torch.randn(out, generator=torch.Generator().manual_seed(seed))
+    part = ModuleAddition.of(lm.spec.layers[layer].mlp_out, _ShiftOutput(shift))
+    return Patch(parts=[part, *(extra or [])], method="shift", model_fingerprint=lm.fingerprint, model_name=lm.name)
+
+
+def test_an_added_module_applies_reverts_and_round_trips(lm, tmp_path):
+    before_state, before_logits = snapshot(lm), logits(lm)
+    patch = shift_patch(lm, extra=[make_delta(lm, mlp_out(lm, 1), "low_rank", 4)])
+    assert [type(p).__name__ for p in patch.parts] == ["WeightDelta", "ModuleAddition"]  # kind order
+    assert patch.requires == ["weight_deltas", "module_additions"]
+    patch.apply(lm)
+    edited = logits(lm)
+    assert not torch.equal(edited, before_logits)
+    patch.revert(lm)
+    assert_weights_equal(lm, before_state)
+    assert torch.equal(logits(lm), before_logits)
+    assert sum(len(m._forward_hooks) for m in lm.model.modules()) == 0
+
+    loaded = Patch.load(patch.save(tmp_path / "shift.lmpatch"))
+    assert loaded.patch_id == patch.patch_id and loaded.summary()["modules"][0]["type"] == "test.shift"
+    with loaded.applied(lm):
+        assert torch.equal(logits(lm), edited)
+
+
+def test_the_low_precision_copy_runs_the_added_modules(llama):
+    ids = torch.tensor([[1, 5, 9, 13, 2]])
+    patch = shift_patch(llama)
+    with torch.no_grad():
+        plain = llama.forward(input_ids=ids, compute_dtype=torch.bfloat16).logits
+        with patch.applied(llama):
+            shifted = llama.forward(input_ids=ids, compute_dtype=torch.bfloat16).logits
+            exact = llama.forward(input_ids=ids).logits
+        again = llama.forward(input_ids=ids, compute_dtype=torch.bfloat16).logits
+    assert not torch.equal(plain, shifted) and torch.equal(plain, again)
+    assert float((shifted.float() - exact).abs().max()) < 0.1 * float(exact.abs().max())
+
+
+def test_an_unmergeable_addition_is_refused_by_merge(llama, tmp_path):
+    patch = shift_patch(llama)
+    assert not patch.mergeable
+    with pytest.raises(PatchError, match="test.shift.*cannot express"):
+        patch.merge(llama, tmp_path / "merged")
+    assert not (tmp_path / "merged").exists() and not patch.is_applied(llama)
+    plain = make_patch(llama, [(mlp_out(llama, 0), "dense")])
+    with patch.applied(llama):  # another applied patch that cannot be merged blocks the merge too
+        with pytest.raises(PatchError, match="applied to the model too"):
+            plain.merge(llama, tmp_path / "merged")
+
+
+def test_a_missing_host_or_unknown_addition_type_is_one_clear_error(llama, tmp_path):
+    patch = shift_patch(llama)
+    wrong = Patch(parts=[ModuleAddition("model.layers.9.mlp", "test.shift", {}, {"shift": torch.ones(3)})],
+                  method="shift", model_fingerprint=llama.fingerprint, model_name=llama.name)
+    with pytest.raises(PatchError, match="model.layers.9.mlp.*does not have"):
+        wrong.apply(llama)
+    path = patch.save(tmp_path / "p.lmpatch")
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        manifest = json.loads(f.metadata()["lmpatch"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    manifest["modules"][0]["type"] = "test.from-the-future"
+    del manifest["patch_id"]
+    save_file(tensors, str(path), metadata={"lmpatch": json.dumps(manifest)})
+    with pytest.raises(PatchError, match="test.from-the-future.*upgrade lmpatch"):
+        Patch.load(path)
+
+
+def test_compose_keeps_added_modules_in_order(llama):
+    a, b = shift_patch(llama, seed=1), shift_patch(llama, seed=2)
+    both = compose([a, b])
+    assert len(both.modules) == 2
+    with a.applied(llama), b.applied(llama):
+        stacked = logits(llama)
+    with both.applied(llama):
+        assert torch.equal(logits(llama), stacked)

@@ -27,7 +27,7 @@ def seeded_patch(model, requests, scale: float = 0.3) -> Patch:
     w = model.model.get_parameter(PARAM)
     g = torch.Generator().manual_seed(seed)
     delta = scale * torch.randn(w.shape, generator=g)
-    return Patch(deltas=[WeightDelta(param=PARAM, dense=delta)], method="seeded", model_fingerprint=model.fingerprint,
+    return Patch(parts=[WeightDelta(param=PARAM, dense=delta)], method="seeded", model_fingerprint=model.fingerprint,
                  model_name=model.name, requests=reqs)
 
 

@@ -34,10 +34,10 @@ def edit(
         base: dict[str, Any] = {}
     elif isinstance(hparams, dict):
         base = dict(hparams)
-    elif isinstance(hparams, info.hparams_cls):
+    elif isinstance(hparams, info.hparams):
         base = asdict(hparams)
     else:
         raise InvalidRequestError(
-            f"hparams for {info.name} must be a dict or {info.hparams_cls.__name__}, got {type(hparams).__name__}."
+            f"hparams for {info.name} must be a dict or {info.hparams.__name__}, got {type(hparams).__name__}."
         )
-    return info.run(model, reqs, with_overrides(info.hparams_cls, {**base, **overrides}))
+    return info.edit(model, reqs, with_overrides(info.hparams, {**base, **overrides}))

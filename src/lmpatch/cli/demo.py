@@ -43,7 +43,7 @@ def demo(
     console = out()
     started = time.perf_counter()
     info = get_method(method)
-    hparams = with_overrides(info.hparams_cls, {})
+    hparams = with_overrides(info.hparams, {})
     console.print(Panel.fit(
         Text.assemble(("lmpatch demo", "bold"), f"  ·  method {info.name}\n",
                       ("Teach a language model that the Eiffel Tower is in Rome, check what changed, "
@@ -56,7 +56,7 @@ def demo(
     original = {p: _answer(loaded, p) for _, p in PROBES}
     console.print(Text.assemble("Before ", (PROMPT, "italic"), " → ", _styled(original[PROMPT])))
 
-    prepare(loaded, hparams, show=True)
+    prepare(loaded, info, hparams, show=True)
     with spinner(f"Computing the {info.name} edit ..."):
         t0 = time.perf_counter()
         patch = compute_edit(loaded, REQUEST, info.name, hparams)

@@ -45,11 +45,11 @@ def edit(
 
     settings: Settings = ctx.obj
     info = get_method(method)
-    overrides = parse_sets(sets, info.hparams_cls)
-    hparams = with_overrides(info.hparams_cls, overrides)  # bad names/values fail before loading a model
+    overrides = parse_sets(sets, info.hparams)
+    hparams = with_overrides(info.hparams, overrides)  # bad names/values fail before loading a model
     requests = _requests(prompt, subject, target, target_true, rephrase, requests_file)
     loaded, load_seconds = load(settings, model, chat=chat)
-    prepare(loaded, hparams, show=True)
+    prepare(loaded, info, hparams, show=True)
     prompts = _answer_prompts(requests) if show else []
     before = {p: loaded.generate_text(p, ANSWER_TOKENS) for p in prompts}
 

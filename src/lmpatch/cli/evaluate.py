@@ -68,7 +68,10 @@ def evaluate(
     if mode == "single" and batch_size not in (None, 1):
         raise LmpatchError("--batch-size needs --mode batch or --mode sequential (single edits one request per update).")
     info = get_method(method)
-    hparams = with_overrides(info.hparams_cls, parse_sets(sets, info.hparams_cls))
+    if mode not in info.regimes:
+        supported = ", ".join(r for r in ("single", "batch", "sequential") if r in info.regimes)
+        raise LmpatchError(f"{info.name} does not support --mode {mode}; it supports {supported}.")
+    hparams = with_overrides(info.hparams, parse_sets(sets, info.hparams))
     groups, task_names = select_metrics(metrics, protocol)
     marks = _parse_counts(checkpoints)
     if data == "mquake":
@@ -80,7 +83,7 @@ def evaluate(
     size = 1 if mode == "single" else batch_size or (len(requests) if mode == "batch" else 1)
     run_dir = out_dir or default_run_dir(info.name, data)
     loaded, _ = load(settings, model, chat=chat)
-    prepare(loaded, hparams, show=True)
+    prepare(loaded, info, hparams, show=True)
     tasks = build_tasks(task_names, TaskConfig(piqa_n=piqa_n, perplexity_tokens=ppl_tokens)) if task_names else None
 
     def edit_fn(m, reqs):
@@ -122,7 +125,7 @@ def _multihop(settings, info, hparams, n, offset, model, chat, out_dir, as_json)
     run_dir = Path(out_dir or default_run_dir(info.name, "mquake"))
     run_dir.mkdir(parents=True, exist_ok=True)
     loaded, _ = load(settings, model, chat=chat)
-    prepare(loaded, hparams, show=True)
+    prepare(loaded, info, hparams, show=True)
     pre = multihop_accuracy(loaded, cases)
     post = multihop_accuracy(loaded, cases, lambda m, reqs: compute_edit(m, reqs, info.name, hparams))
     edit_times = [r.edit_seconds for r in post.records if r.edit_seconds is not None]

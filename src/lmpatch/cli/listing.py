@@ -17,25 +17,28 @@ def methods(
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """List editing methods, or one method's hyperparameters and their defaults."""
-    from lmpatch.methods.registry import get_method, method_names
+    from lmpatch.methods.registry import all_methods, get_method
 
     if name is None:
-        infos = [get_method(n) for n in method_names()]
+        infos = all_methods()
         if as_json:
-            print_json(json.dumps([{"name": i.name, "summary": i.summary} for i in infos]))
+            print_json(json.dumps([i.capabilities() for i in infos]))
             return
         table = Table(title="Editing methods", title_justify="left")
         table.add_column("method", style="bold cyan")
         table.add_column("what it does")
+        table.add_column("regimes")
+        table.add_column("patch holds")
         for info in infos:
-            table.add_row(info.name, info.summary)
+            caps = info.capabilities()
+            table.add_row(info.name, info.summary, ", ".join(caps["regimes"]), ", ".join(caps["produces"]))
         out().print(table)
         out().print("Hyperparameters: [bold]lmpatch methods NAME[/]; override with [bold]--set key=value[/].")
         return
     info = get_method(name)
-    rows = hparam_rows(info.hparams_cls)
+    rows = hparam_rows(info.hparams)
     if as_json:
-        print_json(json.dumps({"name": info.name, "summary": info.summary, "hparams": rows}, default=str))
+        print_json(json.dumps({**info.capabilities(), "hparams": rows}, default=str))
         return
     table = Table(title=f"{info.name}: {info.summary}", title_justify="left")
     table.add_column("hyperparameter", style="bold cyan")

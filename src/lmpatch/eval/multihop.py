@@ -45,7 +45,7 @@ import torch
 
 from lmpatch.data.mquake import MQuAKECase, prompt_path
 from lmpatch.errors import InvalidRequestError
-from lmpatch.eval.scoring import _eos_ids, _input_device, _pad_id, generate
+from lmpatch.eval.scoring import _eos_ids, _pad_id, generate
 from lmpatch.model.compat import output_cache, with_cache
 from lmpatch.model.loading import LoadedModel
 from lmpatch.progress import progress_bar
@@ -179,8 +179,8 @@ def greedy_shared_prefix(
     if shared == 0:
         return None
     base = model.spec.base_model(model.model)
-    device = _input_device(model)
-    out = base(input_ids=torch.tensor([encoded[0][:shared]], device=device), use_cache=True)
+    device = model.input_device
+    out = model.forward(body_only=True, input_ids=torch.tensor([encoded[0][:shared]], device=device), use_cache=True)
     prefix_cache = output_cache(out)
     if prefix_cache is None or not hasattr(prefix_cache, "batch_repeat_interleave"):
         log.debug("%s returns no shareable cache; generating without a prefix cache", model.name)
@@ -209,7 +209,7 @@ def _common_prefix_length(encoded: list[list[int]]) -> int:
 
 
 def _decode_batch(model, base, prefix_cache, shared, suffixes, max_new_tokens, eos, pad_id, complete) -> list[list[int]]:
-    device = _input_device(model)
+    device = model.input_device
     rows = len(suffixes)
     cache = copy.deepcopy(prefix_cache)  # the prefix cache is reused by later batches
     cache.batch_repeat_interleave(rows)
@@ -217,14 +217,14 @@ def _decode_batch(model, base, prefix_cache, shared, suffixes, max_new_tokens, e
     ids, mask = ids.to(device), mask.to(device)
     attention = torch.cat([torch.ones(rows, shared, dtype=mask.dtype, device=device), mask], dim=1)
     positions = (shared + mask.cumsum(-1) - 1).clamp(min=shared)
-    hidden = base(input_ids=ids, attention_mask=attention, position_ids=positions,
-                  use_cache=True, **with_cache(base, cache)).last_hidden_state[:, -1]
+    hidden = model.forward(body_only=True, input_ids=ids, attention_mask=attention, position_ids=positions,
+                           use_cache=True, **with_cache(base, cache)).last_hidden_state[:, -1]
     last = positions[:, -1]
     generated: list[list[int]] = [[] for _ in range(rows)]
     done = [False] * rows
     tok = model.tokenizer
     for step in range(max_new_tokens):
-        nxt = model.spec.logits(model.model, hidden).argmax(-1)
+        nxt = model.logits(hidden).argmax(-1)
         for r, t in enumerate(nxt.tolist()):
             if done[r]:
                 continue

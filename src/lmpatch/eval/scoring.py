@@ -70,11 +70,6 @@ def _pad_id(model: LoadedModel) -> int:
     return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
 
-def _input_device(model: LoadedModel) -> torch.device:
-    """Where token IDs must go: the embedding's device (differs from others under device_map)."""
-    return model.model.get_input_embeddings().weight.device
-
-
 @torch.inference_mode()
 def score_targets(
     model: LoadedModel,
@@ -106,13 +101,13 @@ def _score_batch(model: LoadedModel, items: list[PromptTarget], padding_side: st
     pad = pad_right if padding_side == "right" else pad_left
     ids, mask = pad(seqs, _pad_id(model))
     width = ids.shape[1]
-    device = _input_device(model)
+    device = model.input_device
     ids, mask = ids.to(device), mask.to(device)
     kwargs = {"input_ids": ids, "attention_mask": mask, "use_cache": False}
     if padding_side == "left":
         # Real tokens must see positions 0..n-1 whatever padding precedes them.
         kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
-    out = model.spec.base_model(model.model)(**kwargs)
+    out = model.forward(body_only=True, **kwargs)
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
     # Row r's target token j sits at offset + P + j and is predicted at offset + P + j - 1.
@@ -125,7 +120,7 @@ def _score_batch(model: LoadedModel, items: list[PromptTarget], padding_side: st
     rows_t = torch.tensor(rows, device=hidden.device)
     cols_t = torch.tensor(cols, device=hidden.device)
     h = hidden[rows_t, cols_t]
-    logits = model.spec.logits(model.model, h).float()
+    logits = model.logits(h).float()
     logp = torch.log_softmax(logits, dim=-1)
     targets = torch.tensor([t for it in items for t in it.target_ids], device=logp.device)
     picked = logp.gather(1, targets[:, None])[:, 0].cpu().tolist()
@@ -164,11 +159,11 @@ def generate_ids(
     encoded = [encode(tok, model.format_prompt(p)) for p in prompts]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]), reverse=True)
     results: list[list[int]] = [[] for _ in prompts]
-    device = _input_device(model)
+    device = model.input_device
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
         ids, mask = pad_left([encoded[i] for i in chunk], pad_id)
-        out = model.model.generate(
+        out = model.generate(
             input_ids=ids.to(device),
             attention_mask=mask.to(device),
             max_new_tokens=max(limits[i] for i in chunk),

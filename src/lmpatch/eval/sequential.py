@@ -152,8 +152,7 @@ def run_sequential(
             if final_scores is None:  # the last checkpoint was measured before a resume
                 final_scores = measure(model, [requests[i] for i in sample], groups, eval_batch_size)
         finally:
-            for patch in reversed(applied):
-                patch.revert(model)
+            model.stack.remove_many([patch.patch_id for patch in applied])
     check_restored(model, baseline, "the sequential run", applied_before)
 
     records_path = out / RECORDS_FILE

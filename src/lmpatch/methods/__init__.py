@@ -1,0 +1,13 @@
+"""Editing methods. Importing this package registers every built-in method (see registry.py).
+
+The import order is the order ``lmpatch methods`` lists them in.
+"""
+# isort: skip_file
+from lmpatch.methods import rome  # noqa: F401 - each module registers its methods
+from lmpatch.methods import memit  # noqa: F401
+from lmpatch.methods import alphaedit  # noqa: F401
+from lmpatch.methods import pmet  # noqa: F401
+from lmpatch.methods import emmet  # noqa: F401
+from lmpatch.methods import kn  # noqa: F401
+from lmpatch.methods import ft  # noqa: F401
+from lmpatch.methods import grace  # noqa: F401

@@ -27,10 +27,13 @@ import torch
 from lmpatch.errors import LmpatchError
 from lmpatch.methods.locate.batch import key_rows, read_state, template_weights
 from lmpatch.methods.locate.templates import context_templates
-from lmpatch.methods.memit import MEMITHparams, batch_edit, covariance_weight, edit_layers, memit_covariances
+from lmpatch.methods.locate.batch import batch_edit
+from lmpatch.methods.memit import MEMITHparams, covariance_weight, edit_layers, memit_covariances
 from lmpatch.model.loading import LoadedModel
 from lmpatch.patch import Patch
 from lmpatch.request import EditRequest
+from lmpatch.methods.memit import memit_one_offs
+from lmpatch.methods.registry import Method, register
 
 log = logging.getLogger(__name__)
 
@@ -131,12 +134,12 @@ def apply_alphaedit(
         x = torch.linalg.solve(system, p @ keys.T)               # d_ff × n
         return residuals.T, x.T
 
-    patch = batch_edit(model, requests, hp, method, solve, {
+    patch = batch_edit(model, requests, hp, method, solve, layers, {
         "null_space": {str(k): v for k, v in spaces.items()},
         "earlier_edits": sum(len(r.requests) for r in model.applied),
         "preserve_weight": beta,
     })
-    model.solves[("edit-keys", patch.patch_id)] = batch_keys
+    model.stack.edit_keys[patch.patch_id] = batch_keys
     return patch
 
 
@@ -146,7 +149,7 @@ def earlier_key_moments(model: LoadedModel, layers: Sequence[int], hp: AlphaEdit
     moments: dict[int, torch.Tensor] = {}
     missing: list[EditRequest] = []
     for record in model.applied:
-        known = model.solves.get(("edit-keys", record.patch_id))
+        known = model.stack.edit_keys.get(record.patch_id)
         if known is not None and all(layer in known for layer in layers):
             for layer in layers:
                 k = known[layer].double()
@@ -162,3 +165,11 @@ def earlier_key_moments(model: LoadedModel, layers: Sequence[int], hp: AlphaEdit
             k = k.cpu()
             moments[layer] = moments.get(layer, 0) + k.T @ k
     return moments
+
+
+register(Method(
+    name="alphaedit", aliases=("alpha-edit", "alpha_edit"),
+    summary="AlphaEdit: MEMIT confined to the null space of preserved and earlier keys (Fang et al. 2025)",
+    hparams=AlphaEditHparams, edit=apply_alphaedit, prepare=memit_one_offs,
+    paper="Fang et al., AlphaEdit: Null-Space Constrained Knowledge Editing, ICLR 2025",
+))

@@ -17,10 +17,13 @@ from typing import Sequence
 
 from lmpatch.errors import LmpatchError
 from lmpatch.methods.locate.solve import equality_update
-from lmpatch.methods.memit import MEMITHparams, batch_edit, edit_layers, memit_covariances
+from lmpatch.methods.locate.batch import batch_edit
+from lmpatch.methods.memit import MEMITHparams, edit_layers, memit_covariances
 from lmpatch.model.loading import LoadedModel
 from lmpatch.patch import Patch
 from lmpatch.request import EditRequest
+from lmpatch.methods.memit import memit_one_offs
+from lmpatch.methods.registry import Method, register
 
 
 @dataclass(frozen=True)
@@ -46,10 +49,18 @@ def apply_emmet(model: LoadedModel, requests: Sequence[EditRequest], hp: EMMETHp
         raise LmpatchError(f"mom2_update_weight (λ_c) must be > 0 for EMMET, got {hp.mom2_update_weight!r}.")
     if hp.emmet_lambda < 0 or hp.update_norm_lambda < 0:
         raise LmpatchError("emmet_lambda and update_norm_lambda must be >= 0.")
-    covariances = memit_covariances(model, edit_layers(model, hp), hp)
+    layers = edit_layers(model, hp)
+    covariances = memit_covariances(model, layers, hp)
 
     def solve(layer, keys, residuals):
         return equality_update(keys, residuals, covariances[layer], hp.mom2_update_weight,
                                hp.emmet_lambda, hp.update_norm_lambda)
 
-    return batch_edit(model, requests, hp, "emmet", solve, {"mom2_update_weight": hp.mom2_update_weight})
+    return batch_edit(model, requests, hp, "emmet", solve, layers, {"mom2_update_weight": hp.mom2_update_weight})
+
+
+register(Method(
+    name="emmet", summary="EMMET: batched ROME, every fact written exactly under an equality constraint (Gupta et al. 2024)",
+    hparams=EMMETHparams, edit=apply_emmet, prepare=memit_one_offs,
+    paper="Gupta et al., A Unified Framework for Model Editing, 2024",
+))

@@ -30,15 +30,15 @@ from lmpatch.errors import InvalidRequestError, LmpatchError
 from lmpatch.model.loading import LoadedModel
 from lmpatch.patch import Patch, WeightDelta
 from lmpatch.request import EditRequest
-from lmpatch.tokens import pad_right, prompt_target
+from lmpatch.methods.teacher import OBJECTIVES, PROMPT_LAST, TARGET_NEW, TargetBatch, target_batch, target_nll
+from functools import partial
+
+from lmpatch.methods.registry import Method, register
 
 __all__ = ["FTHparams", "FTLHparams", "FTMHparams", "apply_ft", "ft_params"]
 
 log = logging.getLogger(__name__)
 
-PROMPT_LAST = "prompt_last"
-TARGET_NEW = "target_new"
-OBJECTIVES = (PROMPT_LAST, TARGET_NEW)
 MODULES = ("mlp_out", "mlp_in", "attn_out")
 
 
@@ -152,87 +152,10 @@ def ft_params(model: LoadedModel, hp: FTHparams) -> list[str]:
     return names
 
 
-# --------------------------------------------------------------------------- batches
-
-
-@dataclass(frozen=True)
-class _Batch:
-    """One mini-batch, with the supervised tokens already located.
-
-    The model's last hidden state is gathered at (``pos_rows``, ``pos_cols``) only, and
-    supervised token i is read from gathered position ``pick[i]`` with weight
-    ``weights[i]``; the loss is -Σ weights · log p. The weights make each request's loss a
-    mean over its target tokens and the batch loss a mean over requests. FT-L reads all of
-    a request's target tokens from the same (last prompt) position, hence ``pick``.
-    """
-
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    n_requests: int
-    pos_rows: torch.Tensor
-    pos_cols: torch.Tensor
-    pick: torch.Tensor
-    tokens: torch.Tensor
-    weights: torch.Tensor
-
-
-def _build_batch(model: LoadedModel, requests: Sequence[EditRequest], objective: str) -> _Batch:
-    tok = model.tokenizer
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    seqs: list[tuple[int, ...]] = []
-    pos_rows: list[int] = []
-    pos_cols: list[int] = []
-    pick: list[int] = []
-    tokens: list[int] = []
-    weights: list[float] = []
-    for row, request in enumerate(requests):
-        # Target tokens come from the ID-level join (METHODS §4.1): no double leading space.
-        pt = prompt_target(tok, model.format_prompt(request.prompt), request.target_new)
-        n_prompt, n_target = len(pt.prompt_ids), len(pt.target_ids)
-        w = 1.0 / (n_target * len(requests))
-        if objective == PROMPT_LAST:
-            seqs.append(pt.prompt_ids)
-            pos_rows.append(row)
-            pos_cols.append(n_prompt - 1)
-            pick.extend([len(pos_rows) - 1] * n_target)
-        else:
-            # Right padding: target token j sits at n_prompt + j and is predicted one earlier.
-            seqs.append(pt.ids)
-            for j in range(n_target):
-                pos_rows.append(row)
-                pos_cols.append(n_prompt - 1 + j)
-                pick.append(len(pos_rows) - 1)
-        tokens.extend(pt.target_ids)
-        weights.extend([w] * n_target)
-    ids, mask = pad_right(seqs, pad_id)
-    return _Batch(
-        input_ids=ids, attention_mask=mask, n_requests=len(requests),
-        pos_rows=_long(pos_rows), pos_cols=_long(pos_cols), pick=_long(pick), tokens=_long(tokens),
-        weights=torch.tensor(weights, dtype=torch.float32),
-    )
-
-
-def _long(values: list[int]) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.long)
-
-
-def _loss(model: LoadedModel, batch: _Batch) -> torch.Tensor:
-    """Mean NLL of the supervised tokens, with logits only at the positions that need them."""
-    device = model.model.get_input_embeddings().weight.device
-    out = model.spec.base_model(model.model)(
-        input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device), use_cache=False,
-    )
-    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-    h = hidden[batch.pos_rows.to(hidden.device), batch.pos_cols.to(hidden.device)]
-    logp = torch.log_softmax(model.spec.logits(model.model, h).float(), dim=-1)
-    picked = logp[batch.pick.to(logp.device), batch.tokens.to(logp.device)]
-    return -(picked * batch.weights.to(logp.device)).sum()
-
-
 # --------------------------------------------------------------------------- training
 
 
-def _train(model: LoadedModel, params: list[torch.nn.Parameter], batches: list[_Batch], hp: FTHparams) -> list[float]:
+def _train(model: LoadedModel, params: list[torch.nn.Parameter], batches: list[TargetBatch], hp: FTHparams) -> list[float]:
     """Adam on ``params`` in place; returns the mean loss of each pass over the batches.
 
     The L-inf projection follows every optimiser step (as in ROME's FT+L). The stop test
@@ -249,7 +172,7 @@ def _train(model: LoadedModel, params: list[torch.nn.Parameter], batches: list[_
         total = 0.0
         for batch in batches:
             optimizer.zero_grad(set_to_none=True)
-            loss = _loss(model, batch)
+            loss = target_nll(model, batch)
             loss.backward()
             optimizer.step()
             if bounds is not None:
@@ -295,7 +218,7 @@ def apply_ft(
         # token tensors autograd saves are ordinary tensors.
         with torch.inference_mode(False), torch.enable_grad():
             batches = [
-                _build_batch(model, requests[i : i + hp.batch_size], hp.objective)
+                target_batch(model, requests[i : i + hp.batch_size], hp.objective)
                 for i in range(0, len(requests), hp.batch_size)
             ]
             history = _train(model, chosen, batches, hp)
@@ -321,7 +244,20 @@ def apply_ft(
     }
     log.debug("%s on %d request(s): %s", method, len(requests), {k: metrics[k] for k in ("steps", "final_loss")})
     return Patch(
-        deltas=deltas, method=method, model_fingerprint=model.fingerprint, model_name=model.name,
+        parts=deltas, method=method, model_fingerprint=model.fingerprint, model_name=model.name,
         hparams=asdict(hp), requests=requests, metrics=metrics,
     )
 
+
+register(Method(
+    name="ft-l", aliases=("ftl", "ft_l", "ft"),
+    summary="FT-L: constrained fine-tuning of one MLP matrix, prompt-last loss",
+    hparams=FTLHparams, edit=partial(apply_ft, method="ft-l"),
+    paper="Zhu et al., Modifying Memories in Transformer Models, 2020",
+))
+register(Method(
+    name="ft-m", aliases=("ftm", "ft_m"),
+    summary="FT-M: fine-tuning of one MLP matrix, masked teacher-forced loss",
+    hparams=FTMHparams, edit=partial(apply_ft, method="ft-m"),
+    paper="Zhang et al., A Comprehensive Study of Knowledge Editing for LLMs (EasyEdit), 2024",
+))

@@ -30,6 +30,7 @@ from lmpatch.model.loading import LoadedModel
 from lmpatch.patch import Patch
 from lmpatch.request import EditRequest
 from lmpatch.tokens import encode, target_ids
+from lmpatch.methods.registry import Method, register
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +69,7 @@ def attributions(model: LoadedModel, ids: list[int], target: int, layers: Sequen
     """
     spec = model.spec
     net = model.model
-    base = spec.base_model(net)
-    dev = model.device
+    dev = model.input_device
     batch = torch.tensor([ids] * steps, device=dev)
     alphas = torch.arange(1, steps + 1, device=dev, dtype=torch.float32) / steps
     blocks = [spec.block(net, i) for i in range(spec.n_layers)]
@@ -86,7 +86,7 @@ def attributions(model: LoadedModel, ids: list[int], target: int, layers: Sequen
         stack.enter_context(record_outputs(blocks, recorded))
         for layer in layers:
             stack.enter_context(edit_input(spec.mlp_out(net, layer), keep_baseline(layer)))
-        base(input_ids=batch, use_cache=False)
+        model.forward(body_only=True, input_ids=batch, use_cache=False)
     out = torch.zeros(len(layers), spec.mlp_size)
     for row, layer in enumerate(layers):
         w = baselines[layer]
@@ -97,8 +97,8 @@ def attributions(model: LoadedModel, ids: list[int], target: int, layers: Sequen
             return torch.cat([x3[:, :-1], scaled.to(x.dtype)[:, None, :]], dim=1).reshape(x.shape)
 
         with replay_outputs(blocks[:layer], recorded[:layer]), edit_input(spec.mlp_out(net, layer), swap):
-            hidden = base(input_ids=batch, use_cache=False).last_hidden_state[:, -1]
-            prob = torch.softmax(spec.logits(net, hidden).float(), dim=-1)[:, target]
+            hidden = model.forward(body_only=True, input_ids=batch, use_cache=False).last_hidden_state[:, -1]
+            prob = torch.softmax(model.logits(hidden).float(), dim=-1)[:, target]
             (grad,) = torch.autograd.grad(prob.sum(), scaled)
         out[row] = (w.float() * grad.mean(0)).detach().cpu()
     return out
@@ -122,7 +122,7 @@ def apply_kn(model: LoadedModel, requests: Sequence[EditRequest], hp: KNHparams,
             attr += attributions(model, ids + tgt[:j], token, layers, hp.steps) / len(tgt)
         chosen = _select(attr, hp.threshold, hp.max_neurons)
         with torch.no_grad():
-            logits = model.model(input_ids=torch.tensor([ids], device=model.device)).logits[0, -1]
+            logits = model.forward(input_ids=torch.tensor([ids], device=model.input_device)).logits[0, -1]
         original = int(logits.argmax())
         shift = hp.lr_scale * (embed[tgt[0]] - embed[original]).detach().float().cpu()
         for row, neuron in chosen:
@@ -143,7 +143,7 @@ def apply_kn(model: LoadedModel, requests: Sequence[EditRequest], hp: KNHparams,
         right[torch.arange(len(neurons)), torch.tensor(neurons)] = 1.0              # k × d_ff
         deltas.append(weight_delta(model, layer, left, right))
     return Patch(
-        deltas=deltas, method=method, model_fingerprint=model.fingerprint, model_name=model.name,
+        parts=deltas, method=method, model_fingerprint=model.fingerprint, model_name=model.name,
         hparams=asdict(hp), requests=list(requests), metrics={"edit": {"requests": infos}},
     )
 
@@ -160,7 +160,14 @@ def _select(attr: torch.Tensor, threshold: float, cap: int) -> list[tuple[int, i
 
 def _out_matrix(model: LoadedModel, layer: int) -> torch.Tensor:
     """The MLP output matrix of ``layer`` in math layout (d × d_ff), whatever its storage."""
-    from lmpatch.model.spec import is_conv1d
+    from lmpatch.model.spec import from_param_layout
 
     module = model.spec.mlp_out(model.model, layer)
-    return module.weight.detach().T if is_conv1d(module) else module.weight.detach()
+    return from_param_layout(module, module.weight.detach())
+
+
+register(Method(
+    name="kn", summary="KN: knowledge neurons by integrated gradients, edited or erased (Dai et al. 2022)",
+    hparams=KNHparams, edit=apply_kn,
+    paper="Dai et al., Knowledge Neurons in Pretrained Transformers, ACL 2022",
+))

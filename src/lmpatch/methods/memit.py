@@ -15,13 +15,15 @@ from dataclasses import asdict, dataclass
 from typing import Mapping, Sequence
 
 from lmpatch.errors import LmpatchError
-from lmpatch.methods.locate.batch import LayerSolver, optimize_targets, spread_update
+from lmpatch.methods.locate.batch import batch_edit
 from lmpatch.methods.locate.solve import SOLVE_FORMS, KeyCovariance, batch_update, layer_covariances
-from lmpatch.methods.locate.templates import TemplateConfig, context_templates
+from lmpatch.methods.locate.templates import TemplateConfig
 from lmpatch.methods.locate.values import ValueConfig
 from lmpatch.model.loading import LoadedModel
 from lmpatch.patch import Patch
 from lmpatch.request import EditRequest
+from lmpatch.methods.locate.prepare import locate_one_offs
+from lmpatch.methods.registry import Method, register
 
 log = logging.getLogger(__name__)
 
@@ -146,42 +148,16 @@ def apply_memit(
     def solve(layer, keys, residuals):
         return batch_update(keys, residuals, covariances[layer], weight, hp.solve_form)
 
-    return batch_edit(model, requests, hp, method, solve, {"mom2_update_weight": weight})
+    return batch_edit(model, requests, hp, method, solve, layers, {"mom2_update_weight": weight})
 
 
-def batch_edit(
-    model: LoadedModel,
-    requests: Sequence[EditRequest],
-    hp: MEMITHparams,
-    method: str,
-    solve: LayerSolver,
-    info: dict | None = None,
-) -> Patch:
-    """MEMIT's loop with any layer solver: optimise the targets at the top edited layer,
-    spread them over the layers bottom-up, and package the deltas as a patch. MEMIT,
-    AlphaEdit and EMMET differ only in ``solve``; PMET also in ``hp``'s value target and
-    residual spread."""
-    layers = edit_layers(model, hp)
-    templates = context_templates(model, hp.template_config())
-    targets = optimize_targets(model, requests, layers[-1], templates, hp.value_config(), hp.z_group_size,
-                               cache=hp.cache_targets)
-    t0 = time.perf_counter()
-    target, spread = hp.spread()
-    deltas, layer_infos = spread_update(
-        model, requests, targets.deltas, templates, layers, solve, target=target, spread=spread
-    )
-    info = {
-        **(info or {}),
-        "layers": layer_infos,
-        "z_seconds": round(targets.seconds, 3),
-        "z_cached": targets.cached,
-        "spread_seconds": round(time.perf_counter() - t0, 3),
-        "z_steps_mean": sum(targets.steps) / len(targets.steps),
-        "z_target_prob_min": min(targets.target_probs),
-        "z_delta_norm_mean": float(targets.deltas.norm(dim=-1).mean()),
-    }
-    log.debug("%s edit of %d requests: %s", method, len(requests), info)
-    return Patch(
-        deltas=deltas, method=method, model_fingerprint=model.fingerprint, model_name=model.name,
-        hparams=asdict(hp), requests=list(requests), metrics={"edit": info},
-    )
+def memit_one_offs(model: LoadedModel, hp: MEMITHparams):
+    """Templates and C0 for every layer the update is spread over (shared by MEMIT's family)."""
+    return locate_one_offs(model, hp, edit_layers(model, hp))
+
+
+register(Method(
+    name="memit", summary="MEMIT: a batch of facts in one update spread over several MLPs (Meng et al. 2023)",
+    hparams=MEMITHparams, edit=apply_memit, prepare=memit_one_offs,
+    paper="Meng et al., Mass-Editing Memory in a Transformer, ICLR 2023",
+))

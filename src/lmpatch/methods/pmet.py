@@ -24,6 +24,8 @@ from lmpatch.methods.memit import MEMITHparams, apply_memit
 from lmpatch.model.loading import LoadedModel
 from lmpatch.patch import Patch
 from lmpatch.request import EditRequest
+from lmpatch.methods.memit import memit_one_offs
+from lmpatch.methods.registry import Method, register
 
 
 @dataclass(frozen=True)
@@ -47,3 +49,10 @@ class PMETHparams(MEMITHparams):
 def apply_pmet(model: LoadedModel, requests: Sequence[EditRequest], hp: PMETHparams) -> Patch:
     """All ``requests`` in one update; one rank ≤ n delta per edited MLP."""
     return apply_memit(model, requests, hp, method="pmet")
+
+
+register(Method(
+    name="pmet", summary="PMET: MEMIT whose targets are the MLP's share, optimised beside attention's (Li et al. 2024)",
+    hparams=PMETHparams, edit=apply_pmet, prepare=memit_one_offs,
+    paper="Li et al., PMET: Precise Model Editing in a Transformer, AAAI 2024",
+))

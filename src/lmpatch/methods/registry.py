@@ -1,65 +1,114 @@
-"""Method names -> how to run them, with their hyperparameter dataclass.
+"""Editing methods declare themselves here, next to their code.
 
-Methods register here by name only; the table is built on first use so importing
-lmpatch stays cheap and no method module is loaded before it is needed.
+Each method module ends with one :func:`register` call saying what the method is: its
+name and aliases, its hyperparameter dataclass, the regimes it supports, the part kinds
+its patches hold, the one-off work it needs per model, and the function that edits. The
+CLI, the evaluation runners and the conformance tests ask this registry instead of
+knowing methods by name, so adding a method is adding one module and one import line in
+``lmpatch/methods/__init__.py``.
+
+The registry is filled on first use (importing :mod:`lmpatch.methods`), so importing
+lmpatch stays cheap.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from functools import lru_cache
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 from lmpatch.errors import InvalidRequestError
 
+#: Ways a method can be run over many edits (see ``lmpatch eval --mode``).
+REGIMES = ("single", "batch", "sequential")
+
 
 @dataclass(frozen=True)
-class MethodInfo:
+class OneOff:
+    """Work a method needs once per model before its first edit, cached on disk afterwards.
+
+    The CLI runs every pending one-off before the edit with a line saying what it does and
+    where the result is kept, so the cost never hides inside a "slow first edit".
+    """
+
+    what: str                          # "key statistics for layer 5 over 100,000 tokens of wikitext"
+    where: Path                        # where the result is cached
+    done: Callable[[], bool]           # already cached?
+    run: Callable[[bool], None]        # compute it (argument: show progress)
+    draws_progress: bool = False       # run() shows its own progress bar (else the CLI shows a spinner)
+
+
+@dataclass(frozen=True)
+class Method:
+    """What an editing method is, for everything that runs one."""
+
     name: str
     summary: str
-    hparams_cls: type
-    run: Callable[..., Any]  # (model, requests, hparams) -> Patch
+    hparams: type
+    edit: Callable[..., Any]                       # (model, requests, hparams) -> Patch
+    aliases: tuple[str, ...] = ()
+    regimes: frozenset[str] = frozenset(REGIMES)
+    produces: frozenset[str] = frozenset({"weight_deltas"})
+    #: (model, hparams) -> the one-off work this method needs on that model (cached or not)
+    prepare: Callable[..., list[OneOff]] | None = None
+    paper: str = ""
+    extras: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        unknown = set(self.regimes) - set(REGIMES)
+        if unknown:
+            raise ValueError(f"{self.name}: unknown regimes {sorted(unknown)}; known: {REGIMES}.")
+
+    def one_offs(self, model: Any, hparams: Any) -> list[OneOff]:
+        return list(self.prepare(model, hparams)) if self.prepare is not None else []
+
+    def capabilities(self) -> dict:
+        """JSON-able description for ``lmpatch methods --json``."""
+        return {
+            "name": self.name,
+            "aliases": list(self.aliases),
+            "summary": self.summary,
+            "paper": self.paper,
+            "regimes": [r for r in REGIMES if r in self.regimes],
+            "produces": sorted(self.produces),
+            "needs_prepare": self.prepare is not None,
+            "hparams": self.hparams.__name__,
+        }
 
 
-@lru_cache(maxsize=1)
-def _table() -> dict[str, MethodInfo]:
-    from lmpatch.methods import alphaedit, emmet, ft, kn, memit, pmet, rome
-
-    def rome_run(name):
-        return lambda model, requests, hp: rome.apply_rome(model, requests, hp, method=name)
-
-    def ft_run(name):
-        return lambda model, requests, hp: ft.apply_ft(model, requests, hp, method=name)
-
-    infos = [
-        MethodInfo("rome", "ROME: rank-one locate-and-edit of one MLP (Meng et al. 2022)", rome.ROMEHparams, rome_run("rome")),
-        MethodInfo("r-rome", "r-ROME: ROME with consistent keys, no disabling edits (Gupta et al. 2024)",
-                   rome.RROMEHparams, rome_run("r-rome")),
-        MethodInfo("memit", "MEMIT: a batch of facts in one update spread over several MLPs (Meng et al. 2023)",
-                   memit.MEMITHparams, lambda model, requests, hp: memit.apply_memit(model, requests, hp)),
-        MethodInfo("alphaedit", "AlphaEdit: MEMIT confined to the null space of preserved and earlier keys (Fang et al. 2025)",
-                   alphaedit.AlphaEditHparams, lambda model, requests, hp: alphaedit.apply_alphaedit(model, requests, hp)),
-        MethodInfo("pmet", "PMET: MEMIT whose targets are the MLP's share, optimised beside attention's (Li et al. 2024)",
-                   pmet.PMETHparams, lambda model, requests, hp: pmet.apply_pmet(model, requests, hp)),
-        MethodInfo("emmet", "EMMET: batched ROME, every fact written exactly under an equality constraint (Gupta et al. 2024)",
-                   emmet.EMMETHparams, lambda model, requests, hp: emmet.apply_emmet(model, requests, hp)),
-        MethodInfo("kn", "KN: knowledge neurons by integrated gradients, edited or erased (Dai et al. 2022)",
-                   kn.KNHparams, lambda model, requests, hp: kn.apply_kn(model, requests, hp)),
-        MethodInfo("ft-l", "FT-L: constrained fine-tuning of one MLP matrix, prompt-last loss", ft.FTLHparams, ft_run("ft-l")),
-        MethodInfo("ft-m", "FT-M: fine-tuning of one MLP matrix, masked teacher-forced loss", ft.FTMHparams, ft_run("ft-m")),
-    ]
-    return {i.name: i for i in infos}
+_METHODS: dict[str, Method] = {}
+_ALIASES: dict[str, str] = {}
 
 
-_ALIASES = {"alpha-edit": "alphaedit", "alpha_edit": "alphaedit", "rrome": "r-rome", "r_rome": "r-rome", "ftl": "ft-l", "ft_l": "ft-l", "ftm": "ft-m", "ft_m": "ft-m", "ft": "ft-l"}
+def register(method: Method) -> Method:
+    """Add ``method`` to the registry (called once, at the end of the method's module)."""
+    for key in (method.name, *method.aliases):
+        key = key.lower()
+        owner = _ALIASES.get(key)
+        if owner is not None and owner != method.name:
+            raise ValueError(f"Method name {key!r} is taken by {owner!r}.")
+        _ALIASES[key] = method.name
+    _METHODS[method.name] = method
+    return method
 
 
-def get_method(name: str) -> MethodInfo:
+def _loaded() -> dict[str, Method]:
+    import lmpatch.methods  # noqa: F401 - each method module registers itself
+
+    return _METHODS
+
+
+def get_method(name: str) -> Method:
+    table = _loaded()
     key = _ALIASES.get(name.lower(), name.lower()) if isinstance(name, str) else name
-    table = _table()
     if key not in table:
         raise InvalidRequestError(f"Unknown method {name!r}; available: {', '.join(table)}.")
     return table[key]
 
 
 def method_names() -> list[str]:
-    return list(_table())
+    return list(_loaded())
+
+
+def all_methods() -> list[Method]:
+    return list(_loaded().values())
+

@@ -14,13 +14,17 @@ from typing import Sequence
 
 import torch
 
+from lmpatch.methods.locate.batch import weight_delta
 from lmpatch.methods.locate.solve import KeyCovariance, layer_covariances, rank_one_update
 from lmpatch.methods.locate.templates import TemplateConfig, context_templates
 from lmpatch.methods.locate.values import ValueConfig, optimize_value
 from lmpatch.model.loading import LoadedModel
-from lmpatch.model.spec import is_conv1d
 from lmpatch.patch import Patch, WeightDelta, compose
 from lmpatch.request import EditRequest
+from functools import partial
+
+from lmpatch.methods.locate.prepare import locate_one_offs
+from lmpatch.methods.registry import Method, register
 
 log = logging.getLogger(__name__)
 
@@ -111,14 +115,12 @@ def rome_delta(
         residual = v.delta if hp.consistent_keys else v.v_init + v.delta - current
     r, u = rank_one_update(v.key_mean, den_key, residual, covariance)
     a, b = r.float().cpu()[:, None], u.float().cpu()[None, :]
-    # ΔW = a b (math layout, out x in); Conv1D stores the transpose, i.e. bᵀ aᵀ.
-    left, right = (b.T, a.T) if is_conv1d(module) else (a, b)
     info = {
         "layer": layer, "steps": v.steps, "final_loss": v.losses[-1] if v.losses else None,
         "target_prob": v.target_prob, "delta_norm": float(v.delta.norm()),
         "update_norm": float(r.norm()), "denominator": float(torch.dot(den_key.double().cpu(), u.cpu())),
     }
-    return WeightDelta(param=module_path + ".weight", left=left, right=right), info
+    return weight_delta(model, layer, a, b), info  # ΔW = a b in math layout (out x in)
 
 
 def apply_rome(model: LoadedModel, requests: Sequence[EditRequest], hp: ROMEHparams, method: str = "rome") -> Patch:
@@ -139,7 +141,7 @@ def apply_rome(model: LoadedModel, requests: Sequence[EditRequest], hp: ROMEHpar
                 previous.revert(model)
         log.debug("%s edit %r: %s", method, request.prompt, info)
         parts.append(Patch(
-            deltas=[delta], method=method, model_fingerprint=model.fingerprint, model_name=model.name,
+            parts=[delta], method=method, model_fingerprint=model.fingerprint, model_name=model.name,
             hparams=_hparams_dict(hp), requests=[request], metrics={"edit": info},
         ))
     if len(parts) == 1:
@@ -154,3 +156,20 @@ def _hparams_dict(hp: ROMEHparams) -> dict:
     from dataclasses import asdict
 
     return asdict(hp)
+
+
+def _one_offs(model: LoadedModel, hp: ROMEHparams):
+    return locate_one_offs(model, hp, [edit_layer(model, hp)])
+
+
+register(Method(
+    name="rome", summary="ROME: rank-one locate-and-edit of one MLP (Meng et al. 2022)",
+    hparams=ROMEHparams, edit=partial(apply_rome, method="rome"), prepare=_one_offs,
+    paper="Meng et al., Locating and Editing Factual Associations in GPT, NeurIPS 2022",
+))
+register(Method(
+    name="r-rome", aliases=("rrome", "r_rome"),
+    summary="r-ROME: ROME with consistent keys, no disabling edits (Gupta et al. 2024)",
+    hparams=RROMEHparams, edit=partial(apply_rome, method="r-rome"), prepare=_one_offs,
+    paper="Gupta et al., Rebuilding ROME, 2024",
+))

@@ -96,11 +96,11 @@ def stop_after(module: nn.Module) -> Iterator[None]:
         handle.remove()
 
 
-def run_until(model: nn.Module, module: nn.Module, **inputs) -> None:
-    """Forward ``model`` on ``inputs`` only as far as ``module`` (hooks placed by the caller collect)."""
+def run_until(run: Callable[..., object], module: nn.Module, **inputs) -> None:
+    """Call ``run(**inputs)`` (a model's forward) only as far as ``module``; hooks placed by the caller collect."""
     with stop_after(module):
         try:
-            model(**inputs)
+            run(**inputs)
         except StopForward:
             pass
 

@@ -55,16 +55,17 @@ class LoadedModel:
     name: str
     chat: bool = False
     fingerprint: str = ""
-    applied: list = field(default_factory=list, repr=False)
-    shadows: dict = field(default_factory=dict, repr=False, compare=False)  # dtype -> model.shadow.Shadow
-    solves: dict = field(default_factory=dict, repr=False, compare=False)   # see methods.locate.solve.layer_covariances
+    stack: Any = field(init=False, repr=False)  # lmpatch.patch.PatchStack: the applied patches
 
     def __post_init__(self) -> None:
+        from lmpatch.patch.stack import PatchStack
+
         self.model.eval()
         if self.tokenizer.pad_token_id is None and self.tokenizer.eos_token is not None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         if not self.fingerprint:
             self.fingerprint = fingerprint_model(self.model)
+        self.stack = PatchStack(self.model, name=self.name)
         if self.chat:
             self._check_chat_template()  # fail at load, not at the first prompt
 
@@ -77,6 +78,52 @@ class LoadedModel:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    @property
+    def input_device(self) -> torch.device:
+        """Where token IDs must go: the embedding's device (differs from others under device_map)."""
+        return self.model.get_input_embeddings().weight.device
+
+    @property
+    def applied(self) -> list:
+        """The applied patches, oldest first (:class:`lmpatch.patch.StackEntry` records)."""
+        return self.stack.entries
+
+    # ----------------------------------------------------------------- the one way to run the model
+    #
+    # Scoring, generation, perplexity, PIQA, multi-hop, the value optimisation and the
+    # statistics all run the model through these methods, so whatever the patch stack
+    # installs (added modules today, forward wrappers later) is seen by every path.
+
+    def network(self, compute_dtype: torch.dtype | None = None) -> torch.nn.Module:
+        """The module that computes: the model itself, or its synced copy in ``compute_dtype``.
+
+        Callers that hook a layer (to read keys, to add a value change) hook it in the
+        module this returns and then call :meth:`forward` with the same ``compute_dtype``.
+        """
+        if compute_dtype is None:
+            return self.model
+        from lmpatch.model.shadow import compute_model
+
+        return compute_model(self, compute_dtype)
+
+    def forward(self, *, compute_dtype: torch.dtype | None = None, body_only: bool = False, **inputs: Any) -> Any:
+        """Run the model on ``inputs`` (``input_ids``, ``attention_mask``, ...).
+
+        ``body_only`` stops before the output head and returns the transformer body's
+        output (``last_hidden_state``), for callers that need logits at a few positions
+        only (:meth:`logits` then projects just those).
+        """
+        net = self.network(compute_dtype)
+        return (self.spec.base_model(net) if body_only else net)(**inputs)
+
+    def logits(self, hidden: torch.Tensor, compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The output head applied to hidden states taken from :meth:`forward` with ``body_only``."""
+        return self.spec.logits(self.network(compute_dtype), hidden)
+
+    def generate(self, **kwargs: Any) -> torch.Tensor:
+        """``transformers``' ``generate`` on the patched model (greedy decoding lives in eval.scoring)."""
+        return self.model.generate(**kwargs)
 
     def format_prompt(self, prompt: str) -> str:
         """The text the model actually sees for ``prompt`` (chat-wrapped if enabled)."""
@@ -91,17 +138,11 @@ class LoadedModel:
         if not getattr(self.tokenizer, "chat_template", None):
             raise ModelLoadError(f"Model '{self.name}' has no chat template; run without --chat.")
 
-    @torch.inference_mode()
     def generate_text(self, prompt: str, max_new_tokens: int = 20) -> str:
-        """Greedy continuation of ``prompt`` (without the prompt itself)."""
-        enc = self.tokenizer(self.format_prompt(prompt), return_tensors="pt").to(self.device)
-        out = self.model.generate(
-            **enc,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=self.tokenizer.pad_token_id,
-        )
-        return self.tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+        """Greedy continuation of ``prompt`` (without the prompt itself); see :func:`lmpatch.eval.scoring.generate`."""
+        from lmpatch.eval.scoring import generate
+
+        return generate(self, [prompt], max_new_tokens=max_new_tokens)[0]
 
 
 def fingerprint_model(model: torch.nn.Module) -> str:

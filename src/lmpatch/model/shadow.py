@@ -4,7 +4,7 @@ Why: the value optimisation of ROME/MEMIT is a dozen forward+backward passes of 
 frozen model over ~50 tokens. At that size a float32 matmul on CPU is limited by reading
 the weights; bfloat16 halves the bytes and runs on AMX tiles, ~2x faster per step on the
 machines we target. The edit itself must still be computed and applied in float32
-(METHODS §5.2.7: rank-one updates of relative size 1e-3 are partly lost to bfloat16
+(rank-one updates of relative size 1e-3 are partly lost to bfloat16
 rounding), so the caller's model keeps its weights and this module keeps a *second*,
 bfloat16 copy that is only ever read.
 
@@ -35,6 +35,19 @@ class Shadow:
     dtype: torch.dtype
     pairs: list[tuple[nn.Parameter, nn.Parameter]] = field(default_factory=list)
     stamps: list[tuple[int, int]] = field(default_factory=list)
+    structure: int = -1  # the patch stack's structure the added modules below mirror
+    hooks: list = field(default_factory=list)  # handles of the mirrored added modules
+
+    def mirror(self, additions: list) -> None:
+        """Hook cast copies of the master's added modules onto the same places in this copy."""
+        for handle in self.hooks:
+            handle.remove()
+        self.hooks = []
+        for installed in additions:
+            host = self.module.get_submodule(installed.place)
+            device = next(host.parameters(), next(self.module.parameters())).device
+            clone = copy.deepcopy(installed.module).placed(device, self.dtype)
+            self.hooks.append(host.register_forward_hook(clone.hook, with_kwargs=True))
 
     def sync(self) -> int:
         """Re-cast the parameters whose master changed; returns how many were refreshed."""
@@ -92,28 +105,36 @@ def resolve_compute_dtype(name: str, model: nn.Module) -> torch.dtype:
 def compute_model(owner, dtype: torch.dtype) -> nn.Module:
     """``owner.model`` itself if it already runs in ``dtype``, else its synced copy in ``dtype``.
 
-    ``owner`` is a :class:`~lmpatch.model.loading.LoadedModel`; its ``shadows`` dict holds
-    the copy between edits.
+    ``owner`` is a :class:`~lmpatch.model.loading.LoadedModel`; the copy is kept in its
+    patch stack between edits. Added modules (GRACE codebooks, extra neurons) are part of
+    what the model computes, so the copy carries cast copies of them too, re-made
+    whenever the stack's set of added modules changes.
     """
     master: nn.Module = owner.model
     if next(master.parameters()).dtype == dtype:
         return master
-    shadow = owner.shadows.get(dtype)
+    stack = owner.stack
+    shadow = stack.shadows.get(dtype)
     if shadow is None:
-        shadow = _build(master, dtype)
-        owner.shadows[dtype] = shadow
+        shadow = _build(master, dtype, stack.additions())
+        stack.shadows[dtype] = shadow
         log.debug("Built a %s compute copy of %s", dtype, owner.name)
     else:
         n = shadow.sync()
         if n:
             log.debug("Refreshed %d parameters of the %s compute copy", n, dtype)
+    if shadow.structure != stack.structure:
+        shadow.mirror(stack.additions())
+        shadow.structure = stack.structure
     return shadow.module
 
 
-def _build(master: nn.Module, dtype: torch.dtype) -> Shadow:
+def _build(master: nn.Module, dtype: torch.dtype, additions: list) -> Shadow:
     """Deep-copy the module tree, casting floating parameters to ``dtype`` as they are met
     (never holding a second full-precision copy) and sharing buffers such as rotary
-    frequencies, which must stay in full precision."""
+    frequencies, which must stay in full precision. The master's added-module hooks are
+    dropped from the copy (they would run in the master's dtype); ``Shadow.mirror``
+    installs cast copies instead."""
     memo: dict[int, object] = {}
     pairs: list[tuple[nn.Parameter, nn.Parameter]] = []
     with torch.no_grad():
@@ -126,7 +147,14 @@ def _build(master: nn.Module, dtype: torch.dtype) -> Shadow:
             memo[id(p)] = c
         for b in master.buffers():
             memo[id(b)] = b
+    for installed in additions:  # their hooks are not copied: ``mirror`` re-makes them in ``dtype``
+        host = master.get_submodule(installed.place)
+        memo[id(host._forward_hooks[installed.handle.id])] = None
     module = copy.deepcopy(master, memo)
+    for installed in additions:
+        host = module.get_submodule(installed.place)
+        host._forward_hooks.pop(installed.handle.id, None)
+        host._forward_hooks_with_kwargs.pop(installed.handle.id, None)
     module.eval()
     if next(master.parameters()).device.type == "cpu" and hasattr(module, "set_attn_implementation"):
         # PyTorch's fused CPU attention has a very slow bfloat16 backward; the plain

@@ -64,6 +64,12 @@ def to_param_layout(module: nn.Module, delta: torch.Tensor) -> torch.Tensor:
     return delta.T if is_conv1d(module) else delta
 
 
+def factors_to_param_layout(module: nn.Module, left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factors of a math-layout delta ``left @ right`` (out x in) as factors of the stored layout:
+    Conv1D stores Wᵀ, and (left right)ᵀ = rightᵀ leftᵀ."""
+    return (right.T, left.T) if is_conv1d(module) else (left, right)
+
+
 def from_param_layout(module: nn.Module, weight: torch.Tensor) -> torch.Tensor:
     """Read a module's weight as math (out x in), whatever its storage layout."""
     return weight.T if is_conv1d(module) else weight

@@ -243,7 +243,7 @@ def _accumulate(
     stores: dict[int, list] = {layer: [] for layer in layers}
     sums: dict[int, torch.Tensor] = {}
     count = 0
-    device = net.get_input_embeddings().weight.device
+    device = model.input_device
     tok = model.tokenizer
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     chunks = token_chunks(tok, corpus.documents(), config.seq_len, config.n_tokens)
@@ -255,7 +255,7 @@ def _accumulate(
         advance = stack.enter_context(progress_bar(progress, label, config.n_tokens, "tokens"))
         for batch in _batched(chunks, config.batch_size):
             ids, mask = pad_right(batch, pad_id)
-            run_until(net, deepest, input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+            run_until(model.forward, deepest, input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
             for layer in layers:
                 for keys in stores[layer]:
                     _add_outer_products(sums, layer, keys, mask)

@@ -23,17 +23,19 @@ import logging
 import math
 import time
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from functools import partial
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
 from lmpatch.errors import LmpatchError
 from lmpatch.methods.locate.target_cache import CachedTarget, TargetCache
+from lmpatch.methods.locate.templates import context_templates
 from lmpatch.methods.locate.values import ValueConfig, optimize_values
 from lmpatch.model.hooks import capture_input, capture_output, record_outputs, replay_outputs, run_until
 from lmpatch.model.loading import LoadedModel
-from lmpatch.model.spec import is_conv1d
+from lmpatch.model.spec import factors_to_param_layout
 from lmpatch.patch import Patch, WeightDelta, dense_is_smaller
 from lmpatch.progress import progress_bar
 from lmpatch.request import EditRequest
@@ -154,7 +156,6 @@ def read_state(
     net = model.model
     key_module = spec.mlp_out(net, layer)
     value_module = spec.block(net, value_layer) if target == "block" else spec.mlp_out(net, value_layer)
-    base = spec.base_model(net)
     dev = model.device
     total = rows.ids.shape[0]
     keys = torch.empty(total, spec.mlp_size, dtype=torch.float64, device=dev)
@@ -170,7 +171,7 @@ def read_state(
                 stack.enter_context(frozen.around(c))
             stack.enter_context(capture_input(key_module, k_store))
             stack.enter_context(capture_output(value_module, v_store))
-            run_until(base, value_module, input_ids=ids, attention_mask=mask, use_cache=False)
+            run_until(partial(model.forward, body_only=True), value_module, input_ids=ids, attention_mask=mask, use_cache=False)
         keys[index.to(dev)] = _at_last(k_store[0], rows.last[index], width).to(dev)
         values[index.to(dev)] = _at_last(v_store[0], rows.last[index], width).to(dev)
     n, t = rows.n_requests, rows.n_templates
@@ -310,7 +311,7 @@ def spread_update(
             infos.append(_layer_info(layer, keys, missing, residual, left, right, time.perf_counter() - t0))
             log.debug("layer %d: %s", layer, infos[-1])
             if i < len(order) - 1:
-                part = Patch(deltas=[delta], method="spread-partial", model_fingerprint=model.fingerprint,
+                part = Patch(parts=[delta], method="spread-partial", model_fingerprint=model.fingerprint,
                              model_name=model.name)
                 part.apply(model)
                 applied.append(part)
@@ -324,8 +325,7 @@ def weight_delta(model: LoadedModel, layer: int, left: torch.Tensor, right: torc
     """The update in the parameter's storage layout; factors unless the dense matrix is smaller."""
     path = model.spec.layers[layer].mlp_out
     module = model.spec.module(model.model, path)
-    if is_conv1d(module):  # Conv1D stores Wᵀ: (left right)ᵀ = rightᵀ leftᵀ
-        left, right = right.T, left.T
+    left, right = factors_to_param_layout(module, left, right)
     rows, rank = left.shape
     param = path + ".weight"
     if dense_is_smaller(rows, rank, right.shape[1]):
@@ -355,3 +355,41 @@ def _layer_info(layer: int, keys, missing, residual, left, right, seconds: float
         "update_norm": float(update_norm),
         "seconds": round(seconds, 4),
     }
+
+
+def batch_edit(
+    model: LoadedModel,
+    requests: Sequence[EditRequest],
+    hp: Any,
+    method: str,
+    solve: LayerSolver,
+    layers: list[int],
+    info: dict | None = None,
+) -> Patch:
+    """MEMIT's loop with any layer solver: optimise the targets at the top edited layer,
+    spread them over the layers bottom-up, and package the deltas as a patch. MEMIT,
+    AlphaEdit and EMMET differ only in ``solve``; PMET also in ``hp``'s value target and
+    residual spread. ``hp`` is MEMIT's hyperparameters or a subclass; ``layers`` ascending."""
+    templates = context_templates(model, hp.template_config())
+    targets = optimize_targets(model, requests, layers[-1], templates, hp.value_config(), hp.z_group_size,
+                               cache=hp.cache_targets)
+    t0 = time.perf_counter()
+    target, spread = hp.spread()
+    deltas, layer_infos = spread_update(
+        model, requests, targets.deltas, templates, layers, solve, target=target, spread=spread
+    )
+    info = {
+        **(info or {}),
+        "layers": layer_infos,
+        "z_seconds": round(targets.seconds, 3),
+        "z_cached": targets.cached,
+        "spread_seconds": round(time.perf_counter() - t0, 3),
+        "z_steps_mean": sum(targets.steps) / len(targets.steps),
+        "z_target_prob_min": min(targets.target_probs),
+        "z_delta_norm_mean": float(targets.deltas.norm(dim=-1).mean()),
+    }
+    log.debug("%s edit of %d requests: %s", method, len(requests), info)
+    return Patch(
+        parts=deltas, method=method, model_fingerprint=model.fingerprint, model_name=model.name,
+        hparams=asdict(hp), requests=list(requests), metrics={"edit": info},
+    )

@@ -81,7 +81,7 @@ def layer_covariances(model: LoadedModel, layers: Sequence[int], config: StatsCo
 
     Why: every ROME edit needs C0⁻¹k. Reading the statistics file and factorising C0 cost
     ~0.06 s per layer, a few percent of an edit, paid again for every fact. The factor is
-    remembered on the model (``model.solves``) together with the statistics file it came
+    remembered on the model (``model.stack.solves``) together with the statistics file it came
     from and that file's modification time, so a recomputed or deleted cache is noticed.
     Statistics computed with patches applied (never cached to disk) are not remembered.
     """
@@ -90,7 +90,7 @@ def layer_covariances(model: LoadedModel, layers: Sequence[int], config: StatsCo
     out: dict[int, KeyCovariance] = {}
     missing: list[int] = []
     for layer in layers:
-        found = model.solves.get((model.fingerprint, layer, config))
+        found = model.stack.solves.get((model.fingerprint, layer, config))
         if found is not None and _file_stamp(found[0]) == found[1]:
             out[layer] = found[2]
         else:
@@ -101,7 +101,7 @@ def layer_covariances(model: LoadedModel, layers: Sequence[int], config: StatsCo
             out[layer] = cov
             stamp = _file_stamp(moment.path) if moment.path is not None else None
             if stamp is not None:
-                model.solves[(model.fingerprint, layer, config)] = (moment.path, stamp, cov)
+                model.stack.solves[(model.fingerprint, layer, config)] = (moment.path, stamp, cov)
     return {layer: out[layer] for layer in layers}
 
 

@@ -63,9 +63,9 @@ def _sample_prefixes(model: LoadedModel, config: TemplateConfig) -> list[str]:
         ids, mask = pad_left([tok(s)["input_ids"] for s in starts], tok.pad_token_id)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed + length)
-            gen = model.model.generate(
-                input_ids=ids.to(model.device),
-                attention_mask=mask.to(model.device),
+            gen = model.generate(
+                input_ids=ids.to(model.input_device),
+                attention_mask=mask.to(model.input_device),
                 do_sample=True,
                 top_k=config.top_k,
                 max_new_tokens=length,

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Sequence
 
 import torch
@@ -35,7 +36,7 @@ from lmpatch.errors import LmpatchError
 from lmpatch.model.hooks import capture_input, capture_output, edit_output, record_outputs, replay_outputs, run_until
 from lmpatch.model.compat import output_cache, with_cache
 from lmpatch.model.loading import LoadedModel
-from lmpatch.model.shadow import compute_model, resolve_compute_dtype
+from lmpatch.model.shadow import resolve_compute_dtype
 from lmpatch.request import EditRequest
 from lmpatch.tokens import encode, pad_left, pad_right, subject_last_index, target_ids
 
@@ -171,7 +172,10 @@ class SuffixRunner:
     so their suffix outputs are recorded on the first call and replayed afterwards.
     """
 
-    def __init__(self, net: torch.nn.Module, spec, rows: _Rows, frozen_below: int = 0):
+    def __init__(self, model: LoadedModel, dtype: torch.dtype, rows: _Rows, frozen_below: int = 0):
+        spec = model.spec
+        net = model.network(dtype)
+        self.run = partial(model.forward, compute_dtype=dtype, body_only=True)
         self.rows = rows
         self.frozen = [spec.module(net, spec.layers[i].block) for i in range(frozen_below)]
         self.replay: list | None = None
@@ -185,7 +189,7 @@ class SuffixRunner:
         self.suffix_ids = rows.suffix_ids.to(self.device)
         if self.prefix_len:
             with torch.no_grad():
-                out = self.base(
+                out = self.run(
                     input_ids=rows.prefix_ids.to(self.device),
                     attention_mask=rows.prefix_mask.to(self.device),
                     position_ids=(rows.prefix_mask.cumsum(-1) - 1).clamp(min=0).to(self.device),
@@ -231,7 +235,7 @@ class SuffixRunner:
         return out.last_hidden_state
 
     def _forward(self):
-        return self.base(
+        return self.run(
             input_ids=self.suffix_ids,
             attention_mask=self.mask,
             position_ids=self.positions,
@@ -277,7 +281,7 @@ def edit_point_state(model: LoadedModel, rows: _Rows, layer: int, target: str) -
         stack.enter_context(capture_input(spec.mlp_out(model.model, layer), keys))
         for module, store in zip(points, outs):
             stack.enter_context(capture_output(module, store))
-        run_until(spec.base_model(model.model), spec.block(model.model, layer), **inputs)
+        run_until(partial(model.forward, body_only=True), spec.block(model.model, layer), **inputs)
 
     def at_last(x: torch.Tensor) -> torch.Tensor:
         return x.reshape(n, width, -1)[:, -1].float().reshape(rows.n_requests, rows.n_rewrite, -1)
@@ -346,10 +350,11 @@ def optimize_values(
     keys, v_init = edit_point_state(model, rows, layer, config.target)
     v_norm = v_init.norm(dim=-1)                                   # (requests, points)
 
-    net = compute_model(model, resolve_compute_dtype(config.compute_dtype, model.model))
+    dtype = resolve_compute_dtype(config.compute_dtype, model.model)
+    net = model.network(dtype)
     # Blocks below ``layer`` are replayed; block ``layer`` itself always runs, because the
     # delta is added through hooks on its output (or its MLP's, its attention's) at every step.
-    runner = SuffixRunner(net, spec, rows, frozen_below=layer)
+    runner = SuffixRunner(model, dtype, rows, frozen_below=layer)
     points = edit_points(spec, net, layer, config.target)
     dev = runner.device
     v_norm = v_norm.to(dev)
@@ -375,7 +380,7 @@ def optimize_values(
             hooks.enter_context(edit_output(module, adder(point)))
         for step in range(config.steps):
             h = runner.hidden()
-            all_logp = torch.log_softmax(spec.logits(net, h[state.read_rows, state.read_pos]).float(), dim=-1)
+            all_logp = torch.log_softmax(model.logits(h[state.read_rows, state.read_pos], dtype).float(), dim=-1)
             n_tgt = state.tgt_slot.numel()
             logp = all_logp[:n_tgt].gather(1, state.tgt_tok[:, None]).squeeze(1)
             kl_logp = all_logp[n_tgt:]

@@ -1,0 +1,101 @@
+"""Teacher-forced target loss: the supervised signal of every editor that trains something.
+
+FT trains weight matrices with it, GRACE and WISE train edit memories, T-Patcher and
+CaliNET added neurons. Two objectives:
+
+* ``prompt_last`` - every target token is read from the prompt's last position (a
+  bag-of-tokens loss; ROME's FT+L baseline);
+* ``target_new`` - teacher-forced: target token j is predicted from position
+  ``len(prompt) - 1 + j`` of prompt + target (EasyEdit's FT-M, and what the memory
+  editors optimise).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from lmpatch.model.loading import LoadedModel
+from lmpatch.request import EditRequest
+from lmpatch.tokens import pad_right, prompt_target
+
+PROMPT_LAST = "prompt_last"
+TARGET_NEW = "target_new"
+OBJECTIVES = (PROMPT_LAST, TARGET_NEW)
+
+
+@dataclass(frozen=True)
+class TargetBatch:
+    """One mini-batch, with the supervised tokens already located.
+
+    The model's last hidden state is gathered at (``pos_rows``, ``pos_cols``) only, and
+    supervised token i is read from gathered position ``pick[i]`` with weight
+    ``weights[i]``; the loss is -Σ weights · log p. The weights make each request's loss a
+    mean over its target tokens and the batch loss a mean over requests. FT-L reads all of
+    a request's target tokens from the same (last prompt) position, hence ``pick``.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    n_requests: int
+    pos_rows: torch.Tensor
+    pos_cols: torch.Tensor
+    pick: torch.Tensor
+    tokens: torch.Tensor
+    weights: torch.Tensor
+
+
+def target_batch(model: LoadedModel, requests: Sequence[EditRequest], objective: str) -> TargetBatch:
+    tok = model.tokenizer
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    seqs: list[tuple[int, ...]] = []
+    pos_rows: list[int] = []
+    pos_cols: list[int] = []
+    pick: list[int] = []
+    tokens: list[int] = []
+    weights: list[float] = []
+    for row, request in enumerate(requests):
+        # Target tokens come from the ID-level join (lmpatch.tokens.prompt_target): no double leading space.
+        pt = prompt_target(tok, model.format_prompt(request.prompt), request.target_new)
+        n_prompt, n_target = len(pt.prompt_ids), len(pt.target_ids)
+        w = 1.0 / (n_target * len(requests))
+        if objective == PROMPT_LAST:
+            seqs.append(pt.prompt_ids)
+            pos_rows.append(row)
+            pos_cols.append(n_prompt - 1)
+            pick.extend([len(pos_rows) - 1] * n_target)
+        else:
+            # Right padding: target token j sits at n_prompt + j and is predicted one earlier.
+            seqs.append(pt.ids)
+            for j in range(n_target):
+                pos_rows.append(row)
+                pos_cols.append(n_prompt - 1 + j)
+                pick.append(len(pos_rows) - 1)
+        tokens.extend(pt.target_ids)
+        weights.extend([w] * n_target)
+    ids, mask = pad_right(seqs, pad_id)
+    return TargetBatch(
+        input_ids=ids, attention_mask=mask, n_requests=len(requests),
+        pos_rows=_long(pos_rows), pos_cols=_long(pos_cols), pick=_long(pick), tokens=_long(tokens),
+        weights=torch.tensor(weights, dtype=torch.float32),
+    )
+
+
+def _long(values: list[int]) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.long)
+
+
+def target_nll(model: LoadedModel, batch: TargetBatch, compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Mean NLL of the supervised tokens, with logits only at the positions that need them."""
+    device = model.input_device
+    out = model.forward(
+        compute_dtype=compute_dtype,
+        body_only=True,
+        input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device), use_cache=False,
+    )
+    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    h = hidden[batch.pos_rows.to(hidden.device), batch.pos_cols.to(hidden.device)]
+    logp = torch.log_softmax(model.logits(h, compute_dtype).float(), dim=-1)
+    picked = logp[batch.pick.to(logp.device), batch.tokens.to(logp.device)]
+    return -(picked * batch.weights.to(logp.device)).sum()

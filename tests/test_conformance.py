@@ -1,0 +1,104 @@
+"""Every registered method, on a tiny model of every architecture: the same life cycle.
+
+edit -> apply (the edit prompt's output changes) -> generate -> revert (state_dict and
+logits bit-identical to before) -> save -> load (same id; applying the loaded patch gives
+the same logits as the original). Driven by the registry, so a new method is covered the
+moment it registers itself; it only has to add its fast settings below.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from facts import REQS
+from tiny import ARCHS, tiny_model
+
+import lmpatch
+from lmpatch.methods.registry import all_methods
+
+_LOCATE = dict(v_steps=3, template_lengths=((3, 2),))
+# Settings that make each method quick on a 64-wide model; None: the method's defaults.
+FAST: dict[str, dict] = {
+    "rome": dict(_LOCATE, mom2_adjustment=False),
+    "r-rome": dict(_LOCATE, mom2_adjustment=False),
+    "memit": dict(_LOCATE, mom2_adjustment=False, mom2_update_weight=1.0),
+    "pmet": dict(_LOCATE, mom2_adjustment=False, mom2_update_weight=1.0),
+    "emmet": dict(_LOCATE, mom2_adjustment=False, mom2_update_weight=1.0),
+    "alphaedit": dict(_LOCATE, stats_tokens=3000, nullspace_energy=0.3),
+    "kn": dict(steps=4, max_neurons=5),
+    "ft-l": dict(steps=3),
+    "ft-m": dict(steps=3),
+    "grace": dict(steps=5),
+}
+
+PROMPTS = [
+    REQS[0].prompt,
+    "Mount Fuji is in",
+    "The capital of Japan is",
+    "My favourite colour is",
+    "Water boils at a temperature of",
+]
+
+
+def test_every_registered_method_has_fast_settings_here():
+    assert sorted(m.name for m in all_methods()) == sorted(FAST)
+
+
+def _logits(model: lmpatch.LoadedModel) -> list[torch.Tensor]:
+    with torch.no_grad():
+        return [
+            model.forward(input_ids=torch.tensor([model.tokenizer(p)["input_ids"]])).logits[0].clone()
+            for p in PROMPTS
+        ]
+
+
+def _state(model: lmpatch.LoadedModel) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.model.state_dict().items()}
+
+
+def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("method", sorted(FAST))
+def test_method_life_cycle(method, arch, tmp_path):
+    model = tiny_model(arch)
+    state, logits = _state(model), _logits(model)
+    patch = lmpatch.edit(model, REQS[0], method, **FAST[method])
+    assert not model.applied and _same(_logits(model), logits)  # computing an edit changes nothing
+
+    patch.apply(model)
+    edited = _logits(model)
+    assert not torch.equal(edited[0], logits[0]), "the edit prompt's output did not change"
+    text = model.generate_text(REQS[0].prompt, max_new_tokens=3)
+    assert isinstance(text, str)
+    patch.revert(model)
+    assert not model.applied
+    after = _state(model)
+    assert after.keys() == state.keys() and all(torch.equal(after[k], state[k]) for k in state)
+    assert _same(_logits(model), logits)
+
+    loaded = lmpatch.Patch.load(patch.save(tmp_path / f"{method}.lmpatch"))
+    assert loaded.patch_id == patch.patch_id
+    with loaded.applied(model):
+        assert _same(_logits(model), edited)
+    assert _same(_logits(model), logits)
+
+
+def test_reverting_the_middle_of_rome_grace_rome_equals_the_outer_two():
+    """The stack takes out an added module between two weight edits exactly."""
+    model = tiny_model("llama")
+    first = lmpatch.edit(model, REQS[0], "rome", **FAST["rome"])
+    first.apply(model)
+    middle = lmpatch.edit(model, REQS[1], "grace", **FAST["grace"])
+    middle.apply(model)
+    third = lmpatch.edit(model, REQS[2], "rome", **FAST["rome"])
+    third.apply(model)
+    middle.revert(model)
+
+    fresh = tiny_model("llama")
+    first.apply(fresh)
+    third.apply(fresh)
+    assert _same(_logits(model), _logits(fresh))
+    state, expected = _state(model), _state(fresh)
+    assert all(torch.equal(state[k], expected[k]) for k in expected)
