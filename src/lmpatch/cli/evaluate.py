@@ -96,9 +96,10 @@ def evaluate(
         notice(f"Interrupted. Finished work is kept in {run_dir}; rerun with --out {run_dir} to resume.")
         raise
     summary = {**summary, "data": data, "offset": offset, "out_dir": str(run_dir), "peak_rss_mb": peak_rss_mb()}
-    from lmpatch.eval.records import SUMMARY_FILE, write_json_atomic
+    from lmpatch.eval.records import SUMMARY_FILE
+    from lmpatch.fileio import atomic_write_json
 
-    write_json_atomic(Path(run_dir) / SUMMARY_FILE, summary)
+    atomic_write_json(Path(run_dir) / SUMMARY_FILE, summary)
     if as_json:
         print_json(json.dumps(summary, default=str))
         return
@@ -114,7 +115,8 @@ def _multihop(settings, info, hparams, n, offset, model, chat, out_dir, as_json)
     from lmpatch.data.mquake import load_mquake
     from lmpatch.errors import LmpatchError
     from lmpatch.eval.multihop import multihop_accuracy
-    from lmpatch.eval.records import SUMMARY_FILE, write_json_atomic
+    from lmpatch.eval.records import SUMMARY_FILE
+    from lmpatch.fileio import atomic_write_json
 
     cases = load_mquake()[offset : offset + n]
     if not cases:
@@ -138,12 +140,8 @@ def _multihop(settings, info, hparams, n, offset, model, chat, out_dir, as_json)
         "edit_seconds": timing(edit_times), "out_dir": str(run_dir), "peak_rss_mb": peak_rss_mb(),
         "multihop": {"pre": pre.to_dict(records=False), "post": post.to_dict(records=False)},
     }
-    import json as _json
-
-    (run_dir / "multihop.json").write_text(
-        _json.dumps({"pre": pre.to_dict(), "post": post.to_dict()}, indent=1, default=str), encoding="utf-8"
-    )
-    write_json_atomic(run_dir / SUMMARY_FILE, summary)
+    atomic_write_json(run_dir / "multihop.json", {"pre": pre.to_dict(), "post": post.to_dict()}, indent=1, default=str)
+    atomic_write_json(run_dir / SUMMARY_FILE, summary)
     if as_json:
         print_json(json.dumps(summary, default=str))
         return

@@ -23,6 +23,7 @@ from typing import Iterable, Iterator, Sequence
 import torch
 
 from lmpatch.errors import LmpatchError
+from lmpatch.fileio import atomic_path
 from lmpatch.model.hooks import capture_input, run_until
 from lmpatch.model.loading import LoadedModel, cache_dir
 from lmpatch.progress import progress_bar
@@ -396,13 +397,8 @@ def _atomic_save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], pat
     """Write to a temporary file and rename, so a reader never sees half a file."""
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(path) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _read_file(path: Path, name: str) -> tuple[torch.Tensor, dict[str, str]] | None:

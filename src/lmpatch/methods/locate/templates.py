@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from lmpatch.fileio import atomic_write_json
 from lmpatch.model.loading import LoadedModel, cache_dir
 from lmpatch.tokens import pad_left
 
@@ -40,10 +41,7 @@ def context_templates(model: LoadedModel, config: TemplateConfig = TemplateConfi
     if path.is_file():
         return json.loads(path.read_text())
     templates = ["{}"] + [_as_template(t) for t in _sample_prefixes(model, config)]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(templates, ensure_ascii=False, indent=0))
-    tmp.replace(path)
+    atomic_write_json(path, templates, indent=0)
     return templates
 
 
