@@ -16,6 +16,7 @@ from lmpatch.cli.warmup import prepare
 
 MODES = ("single", "batch", "sequential")
 PROTOCOL_CHOICES = ("teacher_forced", "probability", "generation")
+ALL_METRICS = "all"
 
 
 def evaluate(
@@ -38,7 +39,8 @@ def evaluate(
     metrics: Optional[str] = typer.Option(
         None, "--metrics", help="Comma-separated metric groups (default: reliability, generalization, locality, "
         "portability, side_effects, counterfact, generation). Also: fluency (n-gram entropy of generations), "
-        "piqa and perplexity (whole-model side effects, measured before and after)."
+        "piqa and perplexity (whole-model side effects, measured before and after). `all` selects every "
+        "group and task."
     ),
     protocol: Optional[str] = typer.Option(None, "--protocol", help="Keep only metrics of one protocol: "
                                            "teacher_forced, probability or generation."),
@@ -155,6 +157,10 @@ def select_metrics(metrics: str | None, protocol: str | None) -> tuple[tuple[str
     from lmpatch.eval.tasks import TASK_NAMES
 
     names = [m.strip() for m in metrics.split(",") if m.strip()] if metrics else list(DEFAULT_METRICS)
+    if ALL_METRICS in names:
+        # Every group applies to every dataset: groups a dataset has no probes for come out
+        # as null instead of failing, so "all" need not know which dataset was chosen.
+        names = list(dict.fromkeys([*GROUPS, *TASK_NAMES, *(m for m in names if m != ALL_METRICS)]))
     task_names = tuple(m for m in names if m in TASK_NAMES)
     rest = [m for m in names if m not in TASK_NAMES]
     groups = sorted(resolve_metrics(rest)) if rest else []
