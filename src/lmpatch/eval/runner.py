@@ -1,6 +1,6 @@
 """Experiment loops over many edit requests, resumable from a JSONL file.
 
-The ``single`` and ``batch`` regimes (DESIGN principle 3): every update is computed from
+The ``single`` and ``batch`` regimes: every update is computed from
 the *original* model (one request per update in ``single``, ``batch_size`` requests in
 ``batch``), evaluated pre/post, and reverted before the next one. Each finished update's
 requests are appended to ``records.jsonl`` and flushed at once, so a crash or Ctrl-C

@@ -1,5 +1,5 @@
 """AlphaEdit (Fang et al., ICLR 2025): MEMIT with the update confined to the null space
-of the preserved keys, remembering the keys of earlier edits (METHODS §2.7).
+of the preserved keys, remembering the keys of earlier edits.
 
 Everything but the per-layer solve is MEMIT's (:func:`lmpatch.methods.memit.batch_edit`).
 The solve, with P the projector onto the directions that preserved keys (C0) barely use,

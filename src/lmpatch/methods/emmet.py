@@ -2,7 +2,7 @@
 
 ROME writes one fact *exactly* (an equality constraint) while preserving other keys in
 least squares; MEMIT writes a batch in least squares too. EMMET keeps ROME's equality
-constraint for every fact of a batch (METHODS §2.6):
+constraint for every fact of a batch:
 
     ΔW = R (K C⁻¹ Kᵀ + λ_e I)⁻¹ K C⁻¹,   C = λ_c C0 (+ μ I)
 

@@ -1,4 +1,4 @@
-"""FT-L and FT-M: constrained fine-tuning of a few weight matrices (METHODS §2.1).
+"""FT-L and FT-M: constrained fine-tuning of a few weight matrices.
 
 The two baselines every editing paper compares against. Both train only the chosen
 projection matrices of a few layers with Adam on the edit prompts; they differ in the
@@ -186,7 +186,8 @@ def _build_batch(model: LoadedModel, requests: Sequence[EditRequest], objective:
     tokens: list[int] = []
     weights: list[float] = []
     for row, request in enumerate(requests):
-        # Target tokens come from the ID-level join (METHODS §4.1): no double leading space.
+        # Target tokens come from the ID-level join, so a target that already starts with
+        # a space does not get a second one (EasyEdit's FT always prepends one).
         pt = prompt_target(tok, model.format_prompt(request.prompt), request.target_new)
         n_prompt, n_target = len(pt.prompt_ids), len(pt.target_ids)
         w = 1.0 / (n_target * len(requests))

@@ -4,7 +4,7 @@ The fact's subject is located at one MLP; its key (the input of the MLP output
 projection at the subject's last token) is made to map to an optimised value that makes
 the model produce the new target. r-ROME differs in one line: the key in the update's
 denominator is the same template-averaged key as its direction, which removes the
-"disabling edits" of the original (METHODS §2.2-2.3).
+"disabling edits" of the original.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ROMEHparams:
-    """ROME's hyperparameters (METHODS §2.2), with four changes for speed and for LLaMA-style
+    """ROME's hyperparameters (Meng et al., NeurIPS 2022), with four changes for speed and for LLaMA-style
     models, each chosen on ``counterfact-train`` records only (benchmarks/tune_rome.py):
 
     * ``v_weight_decay`` 1e-3 (EasyEdit's LLaMA value): with the repo's 0.5, the decay term

@@ -4,9 +4,10 @@ The key at layer l is the input of that layer's MLP output projection (one d_ff 
 per token). ROME, MEMIT and their relatives need C0 (or its inverse) for every edited
 layer; the reference code makes one full forward pass per layer over tens of millions
 of tokens and caches by model *name*. Here one pass records every requested layer and
-stops at the deepest one, 10⁵ tokens is the default (METHODS §5.2.6), and the cache is
-keyed by everything that changes the numbers: model fingerprint, layer, corpus content,
-token count, chunk length, forward dtype and tokenizer.
+stops at the deepest one, 10⁵ tokens is the default (a quick estimate instead of the
+reference's tens of millions; ``n_tokens`` asks for more), and the cache is keyed by
+everything that changes the numbers: model fingerprint, layer, corpus content, token
+count, chunk length, forward dtype and tokenizer.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Optimise the vector that, added at one layer, makes the model say the new target.
 
 This is the expensive half of every locate-and-edit method (ROME's v*, MEMIT's z), and
-it is where lmpatch is fast by construction (METHODS §5.2):
+it is where lmpatch is fast by construction:
 
 * The vector is injected at the subject's last token. By causality, nothing at earlier
   positions changes at any layer, so every prompt is split there: the *prefix* runs once
