@@ -13,7 +13,6 @@ from lmpatch.cli.models import load
 from lmpatch.cli.options import Settings, default_run_dir, parse_sets
 from lmpatch.cli.warmup import prepare
 
-
 MODES = ("single", "batch", "sequential")
 PROTOCOL_CHOICES = ("teacher_forced", "probability", "generation")
 ALL_METRICS = "all"

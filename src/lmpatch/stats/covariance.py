@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field

@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 
 from lmpatch.errors import LmpatchError
-from lmpatch.model.hooks import capture_input, capture_output, edit_output, record_outputs, replay_outputs, run_until
 from lmpatch.model.compat import output_cache, with_cache
+from lmpatch.model.hooks import capture_input, capture_output, edit_output, record_outputs, replay_outputs, run_until
 from lmpatch.model.loading import LoadedModel
 from lmpatch.model.shadow import compute_model, resolve_compute_dtype
 from lmpatch.request import EditRequest
