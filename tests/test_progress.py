@@ -49,6 +49,20 @@ def test_show_turns_bars_on_and_state_is_restored_after_an_error():
     assert not hf_logging.is_progress_bar_enabled()
 
 
+def test_inner_default_call_follows_the_enclosing_choice():
+    """The loader's own quiet_transformers() must not undo the CLI's -vv around it."""
+    hf_logging.disable_progress_bar()
+    with quiet_transformers(show=True):
+        with quiet_transformers():
+            assert hf_logging.is_progress_bar_enabled()
+        assert hf_logging.is_progress_bar_enabled()
+    with quiet_transformers():
+        assert not hf_logging.is_progress_bar_enabled()
+    with quiet_transformers(show=False), quiet_transformers():
+        assert not hf_logging.is_progress_bar_enabled()
+    assert not hf_logging.is_progress_bar_enabled()
+
+
 def test_loading_weights_bar_is_gone(tiny_dir, capfd):
     from transformers import AutoModelForCausalLM
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Callable, Iterator
 
 from rich.console import Console
@@ -51,14 +52,32 @@ def progress_bar(enabled: bool, label: str, total: int, unit: str) -> Iterator[C
         yield lambda k: bar.advance(task, k)
 
 
+# What the innermost explicit quiet_transformers(show=...) asked for; None outside any.
+_SHOW_TRANSFORMERS: ContextVar[bool | None] = ContextVar("lmpatch_show_transformers_bars", default=None)
+
+
 @contextmanager
-def quiet_transformers(show: bool = False) -> Iterator[None]:
+def quiet_transformers(show: bool | None = None) -> Iterator[None]:
     """Hide transformers' own progress bars inside the block (``show=True`` leaves them on).
 
-    The bars are a process-wide switch in ``transformers.utils.logging``; the state found
-    on entry is restored on exit, so an application that turned the bars on or off for
-    itself keeps its choice after an lmpatch call.
+    ``show=None`` follows an enclosing call (the CLI decides from ``-vv`` around a load,
+    and the loader's own call must not override it) and hides the bars outside any. The
+    bars are a process-wide switch in ``transformers.utils.logging``; the state found on
+    entry is restored on exit, so an application that turned the bars on or off for itself
+    keeps its choice after an lmpatch call.
     """
+    if show is None:
+        show = bool(_SHOW_TRANSFORMERS.get())
+    token = _SHOW_TRANSFORMERS.set(show)
+    try:
+        with _transformers_bars(show):
+            yield
+    finally:
+        _SHOW_TRANSFORMERS.reset(token)
+
+
+@contextmanager
+def _transformers_bars(show: bool) -> Iterator[None]:
     try:
         from huggingface_hub import utils as hub_utils
         from transformers.utils import logging as hf_logging
