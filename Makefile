@@ -23,7 +23,9 @@ demo: $(STAMP)
 # Extra pytest arguments, e.g. `make test PYTEST_ARGS="-x -k cli"`.
 PYTEST_ARGS ?=
 
+# Lint first: it takes a second, the tests minutes.
 test: $(STAMP)
+	$(BIN)/ruff check src tests
 	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
 
 test-all: $(STAMP)

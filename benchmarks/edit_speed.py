@@ -14,6 +14,8 @@ import time
 
 import lmpatch  # first: it sets lmpatch's OpenMP wait policy before torch starts its threads
 
+# isort: split
+
 import torch
 from rich.console import Console
 from rich.table import Table

@@ -94,9 +94,10 @@ def main() -> None:
 
 def _stamp_data(run_dir: Path, summary: dict, data: str) -> None:
     """Name the dataset in summary.json so the report's column headers say which it is."""
-    from lmpatch.eval.records import SUMMARY_FILE, write_json_atomic
+    from lmpatch.eval.records import SUMMARY_FILE
+    from lmpatch.fileio import atomic_write_json
 
-    write_json_atomic(run_dir / SUMMARY_FILE, {**summary, "data": data})
+    atomic_write_json(run_dir / SUMMARY_FILE, {**summary, "data": data})
 
 
 if __name__ == "__main__":

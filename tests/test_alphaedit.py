@@ -7,10 +7,10 @@ import pytest
 import torch
 
 import lmpatch
+from facts import REQS
 from lmpatch.methods.alphaedit import AlphaEditHparams, earlier_key_moments
 from lmpatch.methods.locate.solve import KeyCovariance
 from lmpatch.methods.memit import edit_layers, memit_covariances
-from facts import REQS
 from tiny import tiny_model
 
 FAST = dict(v_steps=3, template_lengths=((3, 2),), stats_tokens=3000, nullspace_energy=0.3)

@@ -293,6 +293,37 @@ def test_eval_protocol_filter_and_bad_mode(tiny_dir, tmp_path, cache):
     assert bad.exit_code == 2 and "--mode batch" in bad.stderr
 
 
+def test_eval_metrics_all_selects_every_group_and_task(tiny_dir, tmp_path, cache, monkeypatch):
+    """`--metrics all` is accepted and hands every metric group and whole-model task to the runner.
+
+    The runner is replaced by a recorder: running every metric for real takes minutes, and
+    each group is exercised by its own tests.
+    """
+    from lmpatch.cli import evaluate as cli_evaluate
+    from lmpatch.eval import runner
+    from lmpatch.eval.metrics import GROUPS
+    from lmpatch.eval.tasks import TASK_NAMES
+
+    groups, tasks = cli_evaluate.select_metrics("all", None)
+    assert set(groups) == set(GROUPS) and set(tasks) == set(TASK_NAMES)
+    assert cli_evaluate.select_metrics("all,piqa", None) == (groups, tasks)  # naming one again is harmless
+    generation, no_tasks = cli_evaluate.select_metrics("all", "generation")
+    assert "fluency" in generation and "reliability" not in generation and no_tasks == ()
+
+    seen = {}
+
+    def fake_run(model, requests, edit_fn, run_dir, **kwargs):
+        seen.update(kwargs)
+        return {"n": len(requests)}
+
+    monkeypatch.setattr(runner, "run_independent", fake_run)
+    monkeypatch.setattr(cli_evaluate, "prepare", lambda *a, **k: None)
+    data = parse_json(run("eval", "--model", str(tiny_dir), "--data", "counterfact", "--n", "1", *FAST_ROME,
+                          "--metrics", "all", "--out", str(tmp_path / "all"), "--json"))
+    assert data["n"] == 1
+    assert set(seen["metrics"]) == set(GROUPS) and set(seen["tasks"]) == set(TASK_NAMES)
+
+
 def test_eval_mquake_reports_multihop_accuracy(tiny_dir, tmp_path, cache):
     data = parse_json(run("eval", "--model", str(tiny_dir), "--data", "mquake", "--n", "1", *FAST_ROME,
                           "--out", str(tmp_path / "mq"), "--json"))

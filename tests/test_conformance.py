@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from facts import REQS
-from tiny import ARCHS, tiny_model
 
 import lmpatch
+from facts import REQS
 from lmpatch.methods.registry import all_methods
+from tiny import ARCHS, tiny_model
 
 _LOCATE = dict(v_steps=3, template_lengths=((3, 2),))
 # Settings that make each method quick on a 64-wide model; None: the method's defaults.

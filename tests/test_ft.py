@@ -168,7 +168,7 @@ def test_prompt_last_loss_reads_every_target_token_at_the_last_prompt_position(l
 
 
 def test_targets_are_not_given_a_second_leading_space(llama):
-    """METHODS §2.1(e): a target that already starts with a space is tokenised once, as the scorer does."""
+    """A target that already starts with a space is tokenised once, as the scorer does (EasyEdit adds a second)."""
     spaced = EditRequest(prompt=EIFFEL.prompt, subject=EIFFEL.subject, target_new=" Rome")
     plain = apply_ft(llama, [EIFFEL], FTMHparams(steps=1)).metrics["losses"][0]
     assert apply_ft(llama, [spaced], FTMHparams(steps=1)).metrics["losses"][0] == pytest.approx(plain, rel=1e-6)

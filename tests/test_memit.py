@@ -10,6 +10,8 @@ import pytest
 import torch
 
 import lmpatch
+from facts import FAST, REQS
+from facts import key_problem as _problem
 from lmpatch import WeightDelta
 from lmpatch.methods.locate.batch import FrozenBelow, key_rows, read_state, spread_update, template_weights
 from lmpatch.methods.locate.solve import KeyCovariance, batch_update
@@ -18,10 +20,7 @@ from lmpatch.methods.locate.values import ValueConfig, build_rows, optimize_valu
 from lmpatch.methods.memit import MEMITHparams, covariance_weight, edit_layers
 from lmpatch.model.hooks import capture_input, capture_output
 from lmpatch.tokens import subject_last_index
-from facts import FAST, REQS
-from facts import key_problem as _problem
 from tiny import ARCHS, tiny_model
-
 
 # ----------------------------------------------------------------------------- the solve
 

@@ -8,15 +8,14 @@ import pytest
 import torch
 
 import lmpatch
+from facts import FAST, REQS
+from facts import key_problem as _problem
 from lmpatch.methods.locate.solve import equality_update, rank_one_update
 from lmpatch.methods.locate.values import ValueConfig, build_rows, edit_point_state, optimize_value
 from lmpatch.methods.memit import edit_layers
 from lmpatch.methods.pmet import PMETHparams
 from lmpatch.model.hooks import capture_output
-from facts import FAST, REQS
-from facts import key_problem as _problem
 from tiny import ARCHS, tiny_model
-
 
 # ----------------------------------------------------------------------------- EMMET's solve
 

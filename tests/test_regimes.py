@@ -172,8 +172,9 @@ def test_score_n_scores_an_even_sample_but_edits_everything(tiny, tmp_path):  # 
                             score_n=2)
     assert len(edited) == 6 and again["metrics"] == pytest.approx(part["metrics"])
 
-    seq_full = run_sequential(tiny, reqs, seeded_patch, tmp_path / "sf", batch_size=2, checkpoints=[2], progress=False,
-                              metrics=METRICS)
+    # the fully scored sequential run whose records the sampled one is compared with below
+    run_sequential(tiny, reqs, seeded_patch, tmp_path / "sf", batch_size=2, checkpoints=[2], progress=False,
+                   metrics=METRICS)
     seq = run_sequential(tiny, reqs, seeded_patch, tmp_path / "sp", batch_size=2, checkpoints=[2], progress=False,
                          metrics=METRICS, score_n=2)
     assert seq["n"] == 6 and seq["scored"] == 2

@@ -13,7 +13,6 @@ import re
 
 import pytest
 import torch
-from tiny import tiny_model
 
 from lmpatch.data.paths import FILES_DIR
 from lmpatch.errors import InvalidRequestError
@@ -38,6 +37,7 @@ from lmpatch.eval.piqa import (
     piqa_prompt,
 )
 from lmpatch.eval.scoring import score_targets
+from tiny import tiny_model
 
 
 def h(*probs: float) -> float:

@@ -1,6 +1,6 @@
 """Token-level bookkeeping shared by every method and metric.
 
-Two rules fix the tokenisation bugs common in research code (METHODS §4.1-4.2):
+Two rules fix the tokenisation bugs common in research code:
 prompt+target sequences are built by concatenating *ID lists* (never by re-tokenising
 glued strings), and the subject's last token is found from character offsets, not by
 tokenising pieces of the prompt separately.

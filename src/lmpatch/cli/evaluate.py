@@ -13,9 +13,9 @@ from lmpatch.cli.models import load
 from lmpatch.cli.options import Settings, default_run_dir, parse_sets
 from lmpatch.cli.warmup import prepare
 
-
 MODES = ("single", "batch", "sequential")
 PROTOCOL_CHOICES = ("teacher_forced", "probability", "generation")
+ALL_METRICS = "all"
 
 
 def evaluate(
@@ -38,7 +38,8 @@ def evaluate(
     metrics: Optional[str] = typer.Option(
         None, "--metrics", help="Comma-separated metric groups (default: reliability, generalization, locality, "
         "portability, side_effects, counterfact, generation). Also: fluency (n-gram entropy of generations), "
-        "piqa and perplexity (whole-model side effects, measured before and after)."
+        "piqa and perplexity (whole-model side effects, measured before and after). `all` selects every "
+        "group and task."
     ),
     protocol: Optional[str] = typer.Option(None, "--protocol", help="Keep only metrics of one protocol: "
                                            "teacher_forced, probability or generation."),
@@ -99,9 +100,10 @@ def evaluate(
         notice(f"Interrupted. Finished work is kept in {run_dir}; rerun with --out {run_dir} to resume.")
         raise
     summary = {**summary, "data": data, "offset": offset, "out_dir": str(run_dir), "peak_rss_mb": peak_rss_mb()}
-    from lmpatch.eval.records import SUMMARY_FILE, write_json_atomic
+    from lmpatch.eval.records import SUMMARY_FILE
+    from lmpatch.fileio import atomic_write_json
 
-    write_json_atomic(Path(run_dir) / SUMMARY_FILE, summary)
+    atomic_write_json(Path(run_dir) / SUMMARY_FILE, summary)
     if as_json:
         print_json(json.dumps(summary, default=str))
         return
@@ -117,7 +119,8 @@ def _multihop(settings, info, hparams, n, offset, model, chat, out_dir, as_json)
     from lmpatch.data.mquake import load_mquake
     from lmpatch.errors import LmpatchError
     from lmpatch.eval.multihop import multihop_accuracy
-    from lmpatch.eval.records import SUMMARY_FILE, write_json_atomic
+    from lmpatch.eval.records import SUMMARY_FILE
+    from lmpatch.fileio import atomic_write_json
 
     cases = load_mquake()[offset : offset + n]
     if not cases:
@@ -141,12 +144,8 @@ def _multihop(settings, info, hparams, n, offset, model, chat, out_dir, as_json)
         "edit_seconds": timing(edit_times), "out_dir": str(run_dir), "peak_rss_mb": peak_rss_mb(),
         "multihop": {"pre": pre.to_dict(records=False), "post": post.to_dict(records=False)},
     }
-    import json as _json
-
-    (run_dir / "multihop.json").write_text(
-        _json.dumps({"pre": pre.to_dict(), "post": post.to_dict()}, indent=1, default=str), encoding="utf-8"
-    )
-    write_json_atomic(run_dir / SUMMARY_FILE, summary)
+    atomic_write_json(run_dir / "multihop.json", {"pre": pre.to_dict(), "post": post.to_dict()}, indent=1, default=str)
+    atomic_write_json(run_dir / SUMMARY_FILE, summary)
     if as_json:
         print_json(json.dumps(summary, default=str))
         return
@@ -160,6 +159,10 @@ def select_metrics(metrics: str | None, protocol: str | None) -> tuple[tuple[str
     from lmpatch.eval.tasks import TASK_NAMES
 
     names = [m.strip() for m in metrics.split(",") if m.strip()] if metrics else list(DEFAULT_METRICS)
+    if ALL_METRICS in names:
+        # Every group applies to every dataset: groups a dataset has no probes for come out
+        # as null instead of failing, so "all" need not know which dataset was chosen.
+        names = list(dict.fromkeys([*GROUPS, *TASK_NAMES, *(m for m in names if m != ALL_METRICS)]))
     task_names = tuple(m for m in names if m in TASK_NAMES)
     rest = [m for m in names if m not in TASK_NAMES]
     groups = sorted(resolve_metrics(rest)) if rest else []

@@ -6,6 +6,7 @@ import time
 from lmpatch.cli.console import spinner
 from lmpatch.cli.options import Settings
 from lmpatch.model.loading import LoadedModel, load_model
+from lmpatch.progress import quiet_transformers
 
 
 def load(settings: Settings, model: str | None, chat: bool = False, show: bool = True) -> tuple[LoadedModel, float]:
@@ -16,7 +17,9 @@ def load(settings: Settings, model: str | None, chat: bool = False, show: bool =
         label = ("Loading SmolLM2-135M-Instruct (the very first run converts the embedded weights "
                  "to float32 once and caches them)")
     t0 = time.perf_counter()
-    with spinner(label + " ...", enabled=show):
+    # transformers' own "Loading weights" bar would break through the spinner; it is shown
+    # only at -vv, like the rest of transformers' output (see console.setup_logging).
+    with spinner(label + " ...", enabled=show), quiet_transformers(show=settings.verbosity > 1):
         loaded = load_model(model, device=settings.device, chat=chat)
     return loaded, time.perf_counter() - t0
 

@@ -71,11 +71,13 @@ def merge(
 ) -> None:
     """Write the base model with the patch applied as a plain Hugging Face checkpoint."""
     from lmpatch.patch import Patch
+    from lmpatch.progress import quiet_transformers
 
     settings: Settings = ctx.obj
     patch = Patch.load(patch_file)
     loaded, _ = load(settings, model or patch.model_name)
-    path = patch.merge(loaded, out_dir)
+    with quiet_transformers(show=settings.verbosity > 1):  # "Writing model shards" bar
+        path = patch.merge(loaded, out_dir)
     out().print(
         f"Merged patch [bold]{patch.patch_id}[/] into [bold]{path}[/]; it loads with "
         f"lmpatch.load_model('{path}') or transformers' from_pretrained, without lmpatch."

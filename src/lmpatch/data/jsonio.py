@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from lmpatch.errors import LmpatchError
+from lmpatch.fileio import atomic_write_bytes
 
 _GZIP_MAGIC = b"\x1f\x8b"
 
@@ -76,10 +77,8 @@ def read_records(path: Path) -> list[Any]:
 
 def write_jsonl(path: Path, items: Iterable[dict]) -> Path:
     """Write one JSON object per line; gzip-compressed when the name ends in ``.gz``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     text = "".join(json.dumps(item, ensure_ascii=False) + "\n" for item in items)
     data = text.encode("utf-8")
     if path.name.lower().endswith(".gz"):
         data = gzip.compress(data, compresslevel=9, mtime=0)
-    path.write_bytes(data)
-    return path
+    return atomic_write_bytes(path, data)

@@ -1,6 +1,6 @@
-"""Editing metrics, each tagged with the protocol that produced it (DESIGN principle 4).
+"""Editing metrics, each tagged with the protocol that produced it.
 
-Published numbers for model editing come from incompatible protocols (METHODS §4.9):
+Published numbers for model editing come from incompatible protocols:
 EasyEdit/zsRE report *teacher-forced token accuracy*, the ROME/MEMIT papers report
 *probability comparisons* on CounterFact, and generation-based checks give much lower
 numbers again. A bare "reliability 0.98" is therefore meaningless; every value here

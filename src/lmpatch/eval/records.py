@@ -64,12 +64,6 @@ def append_record(fh, record: dict) -> None:
     os.fsync(fh.fileno())
 
 
-def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def timing(seconds: Sequence[float]) -> dict[str, float | None]:
     if not seconds:
         return {"median": None, "p90": None, "total": 0.0}

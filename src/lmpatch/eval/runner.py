@@ -1,6 +1,6 @@
 """Experiment loops over many edit requests, resumable from a JSONL file.
 
-The ``single`` and ``batch`` regimes (DESIGN principle 3): every update is computed from
+The ``single`` and ``batch`` regimes: every update is computed from
 the *original* model (one request per update in ``single``, ``batch_size`` requests in
 ``batch``), evaluated pre/post, and reverted before the next one. Each finished update's
 requests are appended to ``records.jsonl`` and flushed at once, so a crash or Ctrl-C
@@ -41,9 +41,9 @@ from lmpatch.eval.records import (
     record_key,
     scored_indices,
     timing,
-    write_json_atomic,
 )
 from lmpatch.eval.tasks import Tasks, measure_tasks, task_metrics, task_protocols
+from lmpatch.fileio import atomic_write_json
 from lmpatch.model.loading import LoadedModel
 from lmpatch.progress import run_progress
 from lmpatch.request import EditRequest
@@ -191,7 +191,7 @@ def run_independent(
     with run_progress(progress) as bar, open_for_append(records_path) as fh:
         if tasks and "before" not in task_state:
             task_state["before"] = measure_tasks(model, tasks)
-            write_json_atomic(out / TASKS_FILE, task_state)
+            atomic_write_json(out / TASKS_FILE, task_state)
         task = bar.add_task(label, total=len(units), completed=len(units) - len(pending))
         for unit in pending:
             reqs = [requests[i] for i in unit]
@@ -209,7 +209,7 @@ def run_independent(
             if tasks and len(after) < task_updates:
                 with patch.applied(model):
                     after.append(measure_tasks(model, tasks))
-                write_json_atomic(out / TASKS_FILE, task_state)
+                atomic_write_json(out / TASKS_FILE, task_state)
             check_restored(model, baseline, f"evaluating edit {where!r}", applied)
             for i in unit:
                 v = scores.get(i, {})
@@ -255,7 +255,7 @@ def run_independent(
         "edit_seconds": timing(list(per_update.values())),
         "edit_parts": parts_total(list(parts.values())),
     }
-    write_json_atomic(out / SUMMARY_FILE, summary)
+    atomic_write_json(out / SUMMARY_FILE, summary)
     return summary
 
 

@@ -5,9 +5,11 @@ from :func:`score_targets`, so they cannot disagree about tokenisation, padding 
 normalisation. Three choices make the numbers independent of how a run was batched:
 
 * prompt and target are joined as *ID lists* built by :func:`lmpatch.tokens.prompt_target`
-  on the chat-wrapped prompt, never by re-tokenising a glued string (METHODS §4.1);
+  on the chat-wrapped prompt, never by re-tokenising a glued string
+  (which can merge tokens across the boundary or add a second leading space);
 * target positions are computed per row from the real lengths and the padding side, and
-  left-padded rows get position ids from the attention mask (METHODS §4.3), so batch
+  left-padded rows get position ids from the attention mask (else the padding
+  shifts every position of the row), so batch
   size and padding side change nothing beyond float rounding;
 * the vocabulary projection runs only at the gathered target positions (a batch of
   prompts never materialises a ``batch x length x vocab`` tensor), and the softmax is

@@ -38,10 +38,10 @@ from lmpatch.eval.records import (
     read_records,
     scored_indices,
     timing,
-    write_json_atomic,
 )
 from lmpatch.eval.runner import EditFn, ModelState, check_restored, unique_keys
 from lmpatch.eval.tasks import Tasks, measure_tasks, task_metrics, task_protocols
+from lmpatch.fileio import atomic_write_json
 from lmpatch.model.loading import LoadedModel
 from lmpatch.progress import run_progress
 from lmpatch.request import EditRequest
@@ -188,7 +188,7 @@ def run_sequential(
         "edit_parts": parts_total([u.get("parts") or {} for u in updates_log]),
         "curve": sorted(curve, key=lambda c: c["edits"]),
     }
-    write_json_atomic(out / SUMMARY_FILE, summary)
+    atomic_write_json(out / SUMMARY_FILE, summary)
     return summary
 
 

@@ -1,5 +1,5 @@
 """AlphaEdit (Fang et al., ICLR 2025): MEMIT with the update confined to the null space
-of the preserved keys, remembering the keys of earlier edits (METHODS §2.7).
+of the preserved keys, remembering the keys of earlier edits.
 
 Everything but the per-layer solve is MEMIT's (:func:`lmpatch.methods.memit.batch_edit`).
 The solve, with P the projector onto the directions that preserved keys (C0) barely use,
@@ -25,15 +25,13 @@ from typing import Sequence
 import torch
 
 from lmpatch.errors import LmpatchError
-from lmpatch.methods.locate.batch import key_rows, read_state, template_weights
+from lmpatch.methods.locate.batch import batch_edit, key_rows, read_state, template_weights
 from lmpatch.methods.locate.templates import context_templates
-from lmpatch.methods.locate.batch import batch_edit
-from lmpatch.methods.memit import MEMITHparams, covariance_weight, edit_layers, memit_covariances
+from lmpatch.methods.memit import MEMITHparams, covariance_weight, edit_layers, memit_covariances, memit_one_offs
+from lmpatch.methods.registry import Method, register
 from lmpatch.model.loading import LoadedModel
 from lmpatch.patch import Patch
 from lmpatch.request import EditRequest
-from lmpatch.methods.memit import memit_one_offs
-from lmpatch.methods.registry import Method, register
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 ROME writes one fact *exactly* (an equality constraint) while preserving other keys in
 least squares; MEMIT writes a batch in least squares too. EMMET keeps ROME's equality
-constraint for every fact of a batch (METHODS §2.6):
+constraint for every fact of a batch:
 
     ΔW = R (K C⁻¹ Kᵀ + λ_e I)⁻¹ K C⁻¹,   C = λ_c C0 (+ μ I)
 
@@ -16,14 +16,13 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from lmpatch.errors import LmpatchError
-from lmpatch.methods.locate.solve import equality_update
 from lmpatch.methods.locate.batch import batch_edit
-from lmpatch.methods.memit import MEMITHparams, edit_layers, memit_covariances
+from lmpatch.methods.locate.solve import equality_update
+from lmpatch.methods.memit import MEMITHparams, edit_layers, memit_covariances, memit_one_offs
+from lmpatch.methods.registry import Method, register
 from lmpatch.model.loading import LoadedModel
 from lmpatch.patch import Patch
 from lmpatch.request import EditRequest
-from lmpatch.methods.memit import memit_one_offs
-from lmpatch.methods.registry import Method, register
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""FT-L and FT-M: constrained fine-tuning of a few weight matrices (METHODS §2.1).
+"""FT-L and FT-M: constrained fine-tuning of a few weight matrices.
 
 The two baselines every editing paper compares against. Both train only the chosen
 projection matrices of a few layers with Adam on the edit prompts; they differ in the
@@ -22,18 +22,17 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import asdict, dataclass
+from functools import partial
 from typing import Sequence
 
 import torch
 
 from lmpatch.errors import InvalidRequestError, LmpatchError
+from lmpatch.methods.registry import Method, register
+from lmpatch.methods.teacher import OBJECTIVES, PROMPT_LAST, TARGET_NEW, TargetBatch, target_batch, target_nll
 from lmpatch.model.loading import LoadedModel
 from lmpatch.patch import Patch, WeightDelta
 from lmpatch.request import EditRequest
-from lmpatch.methods.teacher import OBJECTIVES, PROMPT_LAST, TARGET_NEW, TargetBatch, target_batch, target_nll
-from functools import partial
-
-from lmpatch.methods.registry import Method, register
 
 __all__ = ["FTHparams", "FTLHparams", "FTMHparams", "apply_ft", "ft_params"]
 

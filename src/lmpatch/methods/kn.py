@@ -4,7 +4,7 @@ Each MLP hidden unit ("neuron") at the prompt's last token gets an integrated-gr
 attribution for the target token: its activation w̄ times the gradient of P(target) with
 respect to it, averaged over the path α·w̄, α ∈ (0, 1] (``steps`` Riemann points, run as
 one batch per layer). Neurons above ``threshold`` × the largest attribution are the
-fact's knowledge neurons (METHODS §2.8). Then:
+fact's knowledge neurons. Then:
 
 * ``mode="edit"``: each neuron's output vector (its column of the MLP output matrix) moves
   by ``lr_scale`` · (E[target] − E[original prediction]), E the input word embeddings;
@@ -25,12 +25,12 @@ import torch
 
 from lmpatch.errors import LmpatchError
 from lmpatch.methods.locate.batch import weight_delta
+from lmpatch.methods.registry import Method, register
 from lmpatch.model.hooks import edit_input, record_outputs, replay_outputs
 from lmpatch.model.loading import LoadedModel
 from lmpatch.patch import Patch
 from lmpatch.request import EditRequest
 from lmpatch.tokens import encode, target_ids
-from lmpatch.methods.registry import Method, register
 
 log = logging.getLogger(__name__)
 

@@ -3,38 +3,37 @@
 Each fact gets a target in the residual stream after the last edited layer (the value
 optimisation of ROME, moved to the block output); the layers are then edited bottom-up
 by a least-squares update that maps the facts' keys to their share of the missing
-output while disturbing the preserved keys (C0) as little as possible (METHODS §2.4).
+output while disturbing the preserved keys (C0) as little as possible.
 The loop and the solve live in :mod:`lmpatch.methods.locate`, so PMET, AlphaEdit and
 EMMET reuse them; this module is only MEMIT's choices.
 """
 from __future__ import annotations
 
 import logging
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 from lmpatch.errors import LmpatchError
 from lmpatch.methods.locate.batch import batch_edit
+from lmpatch.methods.locate.prepare import locate_one_offs
 from lmpatch.methods.locate.solve import SOLVE_FORMS, KeyCovariance, batch_update, layer_covariances
 from lmpatch.methods.locate.templates import TemplateConfig
 from lmpatch.methods.locate.values import ValueConfig
+from lmpatch.methods.registry import Method, register
 from lmpatch.model.loading import LoadedModel
 from lmpatch.patch import Patch
 from lmpatch.request import EditRequest
-from lmpatch.methods.locate.prepare import locate_one_offs
-from lmpatch.methods.registry import Method, register
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class MEMITHparams:
-    """MEMIT's hyperparameters (METHODS §2.4), adapted to small LLaMA-style models.
+    """MEMIT's hyperparameters, adapted to small LLaMA-style models.
 
     * ``layers`` default to the depth range 0.125-0.25: EasyEdit's LLaMA-2-7B layers 4-8 of
       32, which is 4-8 of SmolLM2's 30 (GPT-J's 3-8 of 28 is nearly the same range).
-    * ``mom2_update_weight`` (λ) is *not* portable (METHODS §2.4b): how much of its share a
+    * ``mom2_update_weight`` (λ) is *not* portable across models: how much of its share a
       layer writes for a fact with key k is s/(1+s), s = kᵀ(λC0)⁻¹k, and for a typical key
       E[kᵀC0⁻¹k] = d_ff. GPT-J's λ = 15000 with d_ff = 16384 writes about half; SmolLM2's
       d_ff is 1536, so the same λ writes about a fifth (measured on 10 ``counterfact-train``

@@ -4,7 +4,7 @@ In a transformer block the residual stream gains both an attention output and an
 output, and MEMIT's target (the block output) asks the MLPs to produce all of the
 change. PMET optimises two vectors at the top edited layer, one added to the attention
 output and one to the MLP output, so attention takes the part it can carry during the
-optimisation; only the MLP vector is then written into the MLP weights (METHODS §2.5):
+optimisation; only the MLP vector is then written into the MLP weights:
 
 * target z_i = MLP output of the top layer + δ_mlp,i (``target="attn_mlp"`` in
   :func:`~lmpatch.methods.locate.values.optimize_values`);
@@ -20,12 +20,11 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from lmpatch.methods.locate.values import ValueConfig
-from lmpatch.methods.memit import MEMITHparams, apply_memit
+from lmpatch.methods.memit import MEMITHparams, apply_memit, memit_one_offs
+from lmpatch.methods.registry import Method, register
 from lmpatch.model.loading import LoadedModel
 from lmpatch.patch import Patch
 from lmpatch.request import EditRequest
-from lmpatch.methods.memit import memit_one_offs
-from lmpatch.methods.registry import Method, register
 
 
 @dataclass(frozen=True)

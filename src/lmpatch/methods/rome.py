@@ -4,34 +4,33 @@ The fact's subject is located at one MLP; its key (the input of the MLP output
 projection at the subject's last token) is made to map to an optimised value that makes
 the model produce the new target. r-ROME differs in one line: the key in the update's
 denominator is the same template-averaged key as its direction, which removes the
-"disabling edits" of the original (METHODS §2.2-2.3).
+"disabling edits" of the original.
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import partial
 from typing import Sequence
 
 import torch
 
 from lmpatch.methods.locate.batch import weight_delta
+from lmpatch.methods.locate.prepare import locate_one_offs
 from lmpatch.methods.locate.solve import KeyCovariance, layer_covariances, rank_one_update
 from lmpatch.methods.locate.templates import TemplateConfig, context_templates
 from lmpatch.methods.locate.values import ValueConfig, optimize_value
+from lmpatch.methods.registry import Method, register
 from lmpatch.model.loading import LoadedModel
 from lmpatch.patch import Patch, WeightDelta, compose
 from lmpatch.request import EditRequest
-from functools import partial
-
-from lmpatch.methods.locate.prepare import locate_one_offs
-from lmpatch.methods.registry import Method, register
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class ROMEHparams:
-    """ROME's hyperparameters (METHODS §2.2), with four changes for speed and for LLaMA-style
+    """ROME's hyperparameters (Meng et al., NeurIPS 2022), with four changes for speed and for LLaMA-style
     models, each chosen on ``counterfact-train`` records only (benchmarks/tune_rome.py):
 
     * ``v_weight_decay`` 1e-3 (EasyEdit's LLaMA value): with the repo's 0.5, the decay term

@@ -56,7 +56,8 @@ def target_batch(model: LoadedModel, requests: Sequence[EditRequest], objective:
     tokens: list[int] = []
     weights: list[float] = []
     for row, request in enumerate(requests):
-        # Target tokens come from the ID-level join (lmpatch.tokens.prompt_target): no double leading space.
+        # Target tokens come from the ID-level join, so a target that already starts with
+        # a space does not get a second one (EasyEdit's FT always prepends one).
         pt = prompt_target(tok, model.format_prompt(request.prompt), request.target_new)
         n_prompt, n_target = len(pt.prompt_ids), len(pt.target_ids)
         w = 1.0 / (n_target * len(requests))

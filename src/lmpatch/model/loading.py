@@ -24,6 +24,8 @@ from typing import Any, Callable
 import torch
 
 from lmpatch.errors import ModelLoadError
+from lmpatch.fileio import share_like_new_files
+from lmpatch.progress import quiet_transformers
 
 log = logging.getLogger(__name__)
 
@@ -199,9 +201,10 @@ def load_model(
     """
     _check_device(device)
     torch_dtype = _resolve_dtype(dtype, device)
-    name, where = _locate(name_or_path)
-    tok = where(lambda src, **kw: _tokenizer_from(src, **kw))
-    model = where(lambda src, **kw: _model_from(src, torch_dtype, device, **kw))
+    with quiet_transformers():  # transformers' own bars; the CLI's -vv shows them
+        name, where = _locate(name_or_path)
+        tok = where(lambda src, **kw: _tokenizer_from(src, **kw))
+        model = where(lambda src, **kw: _model_from(src, torch_dtype, device, **kw))
     return LoadedModel(model=model, tokenizer=tok, name=name, chat=chat)
 
 
@@ -431,6 +434,7 @@ def _gguf_float32_copy(gguf_path: Path, cache_name: str | None = None) -> Path:
         tmp.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
+        share_like_new_files(tmp)  # safetensors writes 0600; the cache may be shared
         if dest.exists() and not _is_model_dir(dest):  # left over from an older crash
             shutil.rmtree(dest, ignore_errors=True)
         try:

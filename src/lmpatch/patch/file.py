@@ -65,14 +65,13 @@ def write(patch: Patch, path: str | os.PathLike) -> Path:
     """Save ``patch`` at ``path`` atomically (a crash never leaves a half-written file there)."""
     from safetensors.torch import save_file
 
+    from lmpatch.fileio import atomic_path
+
     path = Path(path).expanduser()
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(tensors(patch), str(tmp), metadata={MANIFEST_KEY: json.dumps(manifest(patch))})
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            save_file(tensors(patch), str(tmp), metadata={MANIFEST_KEY: json.dumps(manifest(patch))})
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise PatchError(f"Could not write patch to '{path}': {exc.strerror or exc}.") from exc
     return path
 

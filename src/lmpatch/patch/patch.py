@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
-import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from lmpatch.errors import LmpatchError, PatchError
+from lmpatch.fileio import atomic_write_json, share_like_new_files
 from lmpatch.patch.jsonable import canonical_json, json_dict
 from lmpatch.patch.parts import PART_KINDS, ModuleAddition, WeightDelta
 from lmpatch.request import EditRequest
@@ -299,7 +299,8 @@ class Patch:
                 "base_fingerprint": model.fingerprint,
                 "merged_at": _now(),
             }
-            (out / MERGE_MANIFEST).write_text(json.dumps(record, indent=2))
+            atomic_write_json(out / MERGE_MANIFEST, record)
+            share_like_new_files(out)  # save_pretrained writes its safetensors files 0600
         except OSError as exc:
             raise PatchError(f"Could not write the merged checkpoint to '{out}': {exc.strerror or exc}.") from exc
         finally:

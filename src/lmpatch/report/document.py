@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Sequence
 
 from lmpatch.errors import LmpatchError
+from lmpatch.fileio import atomic_write_text
 from lmpatch.report.plots import Plot, plot_bars, plot_curves
 from lmpatch.report.runs import Run, load_runs
 from lmpatch.report.table import ReportTable, build_table, check_layout, to_html, to_markdown
@@ -131,10 +132,10 @@ def write_report(
     md_path = html_path = None
     if "md" in formats:
         md_path = out / MARKDOWN_FILE
-        md_path.write_text(render_markdown(runs, table, plots, out, layout), encoding="utf-8")
+        atomic_write_text(md_path, render_markdown(runs, table, plots, out, layout))
     if "html" in formats:
         html_path = out / HTML_FILE
-        html_path.write_text(render_html(runs, table, plots, layout), encoding="utf-8")
+        atomic_write_text(html_path, render_html(runs, table, plots, layout))
     return ReportFiles(
         markdown=md_path,
         html=html_path,

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from lmpatch.fileio import atomic_path
 from lmpatch.report.catalog import OTHER, MetricSpec, is_number, pre_post, select, spec_for
 from lmpatch.report.runs import Run
 
@@ -47,8 +48,8 @@ def _colour(i: int):
 
 
 def _save(fig, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png", dpi=DPI, metadata={"Software": None})
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=DPI, metadata={"Software": None})
 
 
 def _number(value: Any) -> float | None:

@@ -4,15 +4,15 @@ The key at layer l is the input of that layer's MLP output projection (one d_ff 
 per token). ROME, MEMIT and their relatives need C0 (or its inverse) for every edited
 layer; the reference code makes one full forward pass per layer over tens of millions
 of tokens and caches by model *name*. Here one pass records every requested layer and
-stops at the deepest one, 10⁵ tokens is the default (METHODS §5.2.6), and the cache is
-keyed by everything that changes the numbers: model fingerprint, layer, corpus content,
-token count, chunk length, forward dtype and tokenizer.
+stops at the deepest one, 10⁵ tokens is the default (a quick estimate instead of the
+reference's tens of millions; ``n_tokens`` asks for more), and the cache is keyed by
+everything that changes the numbers: model fingerprint, layer, corpus content, token
+count, chunk length, forward dtype and tokenizer.
 """
 from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -23,6 +23,7 @@ from typing import Iterable, Iterator, Sequence
 import torch
 
 from lmpatch.errors import LmpatchError
+from lmpatch.fileio import atomic_path
 from lmpatch.model.hooks import capture_input, run_until
 from lmpatch.model.loading import LoadedModel, cache_dir
 from lmpatch.progress import progress_bar
@@ -396,13 +397,8 @@ def _atomic_save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], pat
     """Write to a temporary file and rename, so a reader never sees half a file."""
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(path) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _read_file(path: Path, name: str) -> tuple[torch.Tensor, dict[str, str]] | None:

@@ -1,4 +1,4 @@
-"""Many facts, several layers: the shared core of MEMIT and its descendants (METHODS §2.4-2.7).
+"""Many facts, several layers: the shared core of MEMIT and its descendants (PMET, EMMET, AlphaEdit).
 
 ROME writes one fact into one MLP. MEMIT writes a batch into a range of MLPs: a target
 ``z`` is optimised for each fact in the residual stream after the *last* edited layer,

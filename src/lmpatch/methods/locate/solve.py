@@ -1,4 +1,4 @@
-"""Closed-form weight updates of the linear-associative-memory view (METHODS §1).
+"""Closed-form weight updates of the linear-associative-memory view (ROME, MEMIT).
 
 The MLP output projection W is read as a key->value store. Each locate-and-edit
 method is one choice of least-squares problem over it; they share this module so the

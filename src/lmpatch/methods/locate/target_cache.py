@@ -20,13 +20,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
+from lmpatch.fileio import atomic_path
 from lmpatch.methods.locate.values import ValueConfig
 from lmpatch.model.loading import LoadedModel, cache_dir
 from lmpatch.model.shadow import resolve_compute_dtype
@@ -91,9 +91,6 @@ class TargetCache:
     def store(self, request: EditRequest, target: CachedTarget) -> None:
         from safetensors.torch import save_file
 
-        path = self.path(request)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        save_file({"delta": target.delta.detach().float().cpu().contiguous()}, str(tmp),
-                  metadata={"steps": str(target.steps), "target_prob": repr(float(target.target_prob))})
-        tmp.replace(path)
+        with atomic_path(self.path(request)) as tmp:
+            save_file({"delta": target.delta.detach().float().cpu().contiguous()}, str(tmp),
+                      metadata={"steps": str(target.steps), "target_prob": repr(float(target.target_prob))})

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
+from lmpatch.fileio import atomic_write_json
 from lmpatch.model.loading import LoadedModel, cache_dir
 from lmpatch.tokens import pad_left
 
@@ -40,10 +40,7 @@ def context_templates(model: LoadedModel, config: TemplateConfig = TemplateConfi
     if path.is_file():
         return json.loads(path.read_text())
     templates = ["{}"] + [_as_template(t) for t in _sample_prefixes(model, config)]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(templates, ensure_ascii=False, indent=0))
-    tmp.replace(path)
+    atomic_write_json(path, templates, indent=0)
     return templates
 
 

@@ -1,7 +1,7 @@
 """Optimise the vector that, added at one layer, makes the model say the new target.
 
 This is the expensive half of every locate-and-edit method (ROME's v*, MEMIT's z), and
-it is where lmpatch is fast by construction (METHODS §5.2):
+it is where lmpatch is fast by construction:
 
 * The vector is injected at the subject's last token. By causality, nothing at earlier
   positions changes at any layer, so every prompt is split there: the *prefix* runs once
@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 
 from lmpatch.errors import LmpatchError
-from lmpatch.model.hooks import capture_input, capture_output, edit_output, record_outputs, replay_outputs, run_until
 from lmpatch.model.compat import output_cache, with_cache
+from lmpatch.model.hooks import capture_input, capture_output, edit_output, record_outputs, replay_outputs, run_until
 from lmpatch.model.loading import LoadedModel
 from lmpatch.model.shadow import resolve_compute_dtype
 from lmpatch.request import EditRequest
