@@ -108,16 +108,16 @@ def test_attn_mlp_target_adds_one_vector_at_attention_and_one_at_mlp():
 
 
 def test_pmet_spreads_the_mlp_target_with_square_root_shares(monkeypatch):
-    import lmpatch.methods.memit as memit
+    import lmpatch.methods.locate.batch as batch
 
     seen = {}
-    real = memit.spread_update
+    real = batch.spread_update
 
     def spy(*args, **kwargs):
         seen.update(target=kwargs["target"], spread=kwargs["spread"])
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(memit, "spread_update", spy)
+    monkeypatch.setattr(batch, "spread_update", spy)
     model = tiny_model("llama")
     patch = lmpatch.edit(model, REQS[:2], "pmet", **FAST)
     assert seen == {"target": "mlp_out", "spread": "sqrt"}

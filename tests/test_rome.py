@@ -32,7 +32,7 @@ def test_suffix_on_prefix_cache_equals_full_forward(arch):
     and must still agree."""
     model = tiny_model(arch)
     rows = build_rows(model, REQ, TEMPLATES, ("{} is a",))
-    runner = SuffixRunner(model.model, model.spec, rows, frozen_below=1)
+    runner = SuffixRunner(model, torch.float32, rows, frozen_below=1)
     block = model.spec.module(model.model, model.spec.layers[0].block)
     seen = []
     handle = block.register_forward_hook(lambda _m, _a, out: seen.append(out))

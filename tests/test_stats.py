@@ -316,16 +316,27 @@ def test_cache_false_writes_nothing(lm, text_file, stats_cache):
     assert not stats_cache.exists() or not any(stats_cache.rglob("*.safetensors"))
 
 
+def _stand_in_patch(lm) -> lmpatch.Patch:
+    """A do-nothing weight delta: what matters to the cache is that a patch sits in the stack."""
+    name = lm.spec.layers[-1].mlp_out + ".weight"
+    shape = dict(lm.model.named_parameters())[name].shape
+    return lmpatch.Patch(
+        parts=[lmpatch.WeightDelta(name, dense=torch.zeros(shape))],
+        method="rome", model_fingerprint=lm.fingerprint, model_name=lm.name,
+    )
+
+
 def test_model_with_patches_applied_uses_but_never_writes_the_cache(lm, text_file, stats_cache, caplog):
     config = cfg_for(text_file)
-    lm.applied.append("stand-in for an applied patch")
+    stand_in = _stand_in_patch(lm)
+    stand_in.apply(lm)
     with caplog.at_level(logging.WARNING, logger="lmpatch.stats.covariance"):
         patched = second_moment(lm, 0, config, progress=False)
     assert patched.path is None and "patches applied" in caplog.text
     assert not stats_cache.exists() or not any(stats_cache.rglob("*.safetensors"))
-    lm.applied.clear()
+    stand_in.revert(lm)
     base = second_moment(lm, 0, config, progress=False)  # computed and cached for the base model
-    lm.applied.append("stand-in for an applied patch")
+    stand_in.apply(lm)
     forbid_forward(lm)
     assert torch.equal(second_moment(lm, 0, config, progress=False).matrix, base.matrix)
 
