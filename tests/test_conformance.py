@@ -28,6 +28,7 @@ FAST: dict[str, dict] = {
     "ft-l": dict(steps=3),
     "ft-m": dict(steps=3),
     "grace": dict(steps=5),
+    "wise": dict(steps=5, irrelevant=2),
 }
 
 PROMPTS = [

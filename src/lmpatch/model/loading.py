@@ -116,8 +116,11 @@ class LoadedModel:
         output (``last_hidden_state``), for callers that need logits at a few positions
         only (:meth:`logits` then projects just those).
         """
+        from lmpatch.model.context import attention_mask_of
+
         net = self.network(compute_dtype)
-        return (self.spec.base_model(net) if body_only else net)(**inputs)
+        with attention_mask_of(inputs):
+            return (self.spec.base_model(net) if body_only else net)(**inputs)
 
     def logits(self, hidden: torch.Tensor, compute_dtype: torch.dtype | None = None) -> torch.Tensor:
         """The output head applied to hidden states taken from :meth:`forward` with ``body_only``."""
@@ -125,7 +128,10 @@ class LoadedModel:
 
     def generate(self, **kwargs: Any) -> torch.Tensor:
         """``transformers``' ``generate`` on the patched model (greedy decoding lives in eval.scoring)."""
-        return self.model.generate(**kwargs)
+        from lmpatch.model.context import attention_mask_of
+
+        with attention_mask_of(kwargs):
+            return self.model.generate(**kwargs)
 
     def format_prompt(self, prompt: str) -> str:
         """The text the model actually sees for ``prompt`` (chat-wrapped if enabled)."""

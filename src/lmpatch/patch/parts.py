@@ -226,6 +226,9 @@ class AddedModule(nn.Module):
     type_name: ClassVar[str] = ""
     #: Whether ``merge_into`` can write this addition into plain weights exactly.
     mergeable: ClassVar[bool] = False
+    #: Grouped types run as *one* module per place for all applied patches of the type
+    #: (a WISE side memory accumulates every edit); they implement ``combine`` and ``extend``.
+    grouped: ClassVar[bool] = False
 
     @classmethod
     def from_state(cls, config: dict, state: dict[str, torch.Tensor]) -> "AddedModule":
@@ -233,6 +236,19 @@ class AddedModule(nn.Module):
 
     def config(self) -> dict:
         """JSON-able settings that, with :meth:`state`, rebuild this module."""
+        raise NotImplementedError
+
+    @classmethod
+    def combine(cls, members: list["ModuleAddition"]) -> "AddedModule":
+        """Grouped types: one running module for ``members`` (in order of application).
+
+        Must equal building from the first member and ``extend``-ing with the others, so
+        a group rebuilt after a removal is bit-identical to one grown from scratch.
+        """
+        raise NotImplementedError
+
+    def extend(self, member: "ModuleAddition") -> None:
+        """Grouped types: take one more member in, in place."""
         raise NotImplementedError
 
     def state(self) -> dict[str, torch.Tensor]:

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
@@ -39,7 +39,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from lmpatch.errors import PatchError
-from lmpatch.patch.parts import AddedModule, WeightDelta
+from lmpatch.patch.parts import AddedModule, ModuleAddition, WeightDelta, addition_type
 
 if TYPE_CHECKING:
     from lmpatch.patch.patch import Patch
@@ -49,21 +49,26 @@ log = logging.getLogger(__name__)
 
 @dataclass(eq=False)
 class InstalledAddition:
-    """An added module hooked onto its host, with the handle that removes it."""
+    """A running added module hooked onto its host, with the handle that removes it.
+
+    ``parts`` are the patch parts it runs: one, or for a grouped type (one running module
+    per place for all patches of that type, e.g. WISE's side memory) every member, in
+    order of application.
+    """
 
     place: str
     module: AddedModule
     handle: RemovableHandle
+    parts: list[ModuleAddition]
 
 
 @dataclass(eq=False)
 class StackEntry:
-    """One applied patch: the weights it changed (by canonical name) and the hooks it added."""
+    """One applied patch and the weights it changed (by canonical name)."""
 
     patch: "Patch"
     patch_id: str
     deltas: dict[str, WeightDelta]
-    additions: list[InstalledAddition] = field(default_factory=list)
 
     @property
     def method(self) -> str:
@@ -104,6 +109,7 @@ class PatchStack:
         self._entries: list[StackEntry] = []
         self._originals: dict[str, torch.Tensor] = {}
         self._before_top: dict[str, tuple[str, torch.Tensor]] = {}
+        self._installed: list[InstalledAddition] = []  # in the order their hooks were registered
         self.lock = threading.RLock()
         #: Bumped whenever added modules come or go, so compute copies know to mirror them.
         self.structure = 0
@@ -133,8 +139,8 @@ class PatchStack:
         return [e.patch_id for e in self._entries]
 
     def additions(self) -> list[InstalledAddition]:
-        """Every installed added module, in order of application."""
-        return [a for e in self._entries for a in e.additions]
+        """Every running added module, in the order its hook runs."""
+        return list(self._installed)
 
     def saved_bytes(self) -> int:
         """Bytes held to make undo exact (base values plus previous-value copies)."""
@@ -181,17 +187,60 @@ class PatchStack:
             targets.append((name, p, d))
         return targets
 
-    def _hosts(self, patch: "Patch") -> list[tuple[str, nn.Module, AddedModule]]:
-        out = []
-        for addition in patch.modules:
-            try:
-                host = self._net.get_submodule(addition.place)
-            except AttributeError:
-                raise PatchError(
-                    f"Patch {patch.patch_id} adds a module at '{addition.place}', which model '{self.name}' does not have."
-                ) from None
-            out.append((addition.place, host, addition.build()))
-        return out
+    def _host(self, patch: "Patch", addition: ModuleAddition) -> nn.Module:
+        try:
+            return self._net.get_submodule(addition.place)
+        except AttributeError:
+            raise PatchError(
+                f"Patch {patch.patch_id} adds a module at '{addition.place}', which model '{self.name}' does not have."
+            ) from None
+
+    def _install(self, place: str, module: AddedModule, parts: list[ModuleAddition]) -> InstalledAddition:
+        host = self._net.get_submodule(place)
+        like = next(host.parameters(), None)
+        if like is None:
+            like = next(self._net.parameters())
+        dtype = like.dtype if like.is_floating_point() else torch.float32
+        module = module.placed(like.device, dtype).eval().requires_grad_(False)
+        installed = InstalledAddition(place, module, host.register_forward_hook(module.hook, with_kwargs=True), parts)
+        self._installed.append(installed)
+        return installed
+
+    def _uninstall(self, installed: InstalledAddition) -> None:
+        installed.handle.remove()
+        self._installed.remove(installed)
+
+    def _group(self, place: str, type_name: str) -> InstalledAddition | None:
+        return next((g for g in self._installed if g.place == place and g.module.type_name == type_name), None)
+
+    def _add_modules(self, patch: "Patch") -> list:
+        """Install ``patch``'s added modules; returns what to undo if a later step fails."""
+        done: list = []  # ("new", installed) or ("grown", group, previous parts)
+        try:
+            for part in patch.modules:
+                self._host(patch, part)
+                cls = addition_type(part.type)
+                group = self._group(part.place, part.type) if cls.grouped else None
+                if group is not None:
+                    done.append(("grown", group, list(group.parts)))
+                    group.module.extend(part)
+                    group.parts.append(part)
+                else:
+                    module = cls.combine([part]) if cls.grouped else part.build()
+                    done.append(("new", self._install(part.place, module, [part])))
+        except BaseException:
+            self._undo_modules(done)
+            raise
+        return done
+
+    def _undo_modules(self, done: list) -> None:
+        for step in reversed(done):
+            if step[0] == "new":
+                self._uninstall(step[1])
+            else:
+                _, group, parts = step
+                self._uninstall(group)
+                self._install(group.place, type(group.module).combine(parts), parts)
 
     def push(self, patch: "Patch") -> StackEntry:
         """Apply ``patch`` on top of the others; on any error the model is left as it was."""
@@ -202,7 +251,8 @@ class PatchStack:
                     f"Patch {pid} is already applied to model '{self.name}'; revert it before applying it again."
                 )
             targets = self._resolve(patch)
-            hosts = self._hosts(patch)
+            for part in patch.modules:
+                self._host(patch, part)
             entry = StackEntry(patch=patch, patch_id=pid, deltas={name: d for name, _, d in targets})
             undo: list[tuple[str, torch.Tensor, bool]] = []  # (name, previous value, was new to the stack)
             try:
@@ -215,17 +265,8 @@ class PatchStack:
                         if first:
                             self._originals[name] = previous
                         p.copy_(new)  # in place: references held elsewhere (tied heads, optimisers) stay valid
-                for place, host, module in hosts:
-                    like = next(host.parameters(), None)
-                    if like is None:
-                        like = next(self._net.parameters())
-                    dtype = like.dtype if like.is_floating_point() else torch.float32
-                    module = module.placed(like.device, dtype).eval().requires_grad_(False)
-                    handle = host.register_forward_hook(module.hook, with_kwargs=True)
-                    entry.additions.append(InstalledAddition(place, module, handle))
+                    self._add_modules(patch)
             except BaseException:
-                for installed in entry.additions:
-                    installed.handle.remove()
                 with torch.no_grad():
                     for name, previous, first in reversed(undo):
                         self._net.get_parameter(name).copy_(previous)
@@ -235,9 +276,10 @@ class PatchStack:
             for name, previous, _ in undo:
                 self._before_top[name] = (pid, previous)
             self._entries.append(entry)
-            if entry.additions:
+            if patch.modules:
                 self.structure += 1
-            log.debug("Applied patch %s (%s): %d weights, %d modules", pid, patch.method, len(targets), len(hosts))
+            log.debug("Applied patch %s (%s): %d weights, %d modules", pid, patch.method, len(targets),
+                      len(patch.modules))
             return entry
 
     # ----------------------------------------------------------------- remove
@@ -260,10 +302,9 @@ class PatchStack:
                     raise PatchError(f"Patch {patch_id} is not applied to model '{self.name}'; there is nothing to revert.")
             removed = [e for e in self._entries if e.patch_id in ids]
             self._entries = [e for e in self._entries if e.patch_id not in ids]
-            for entry in removed:
-                for installed in entry.additions:
-                    installed.handle.remove()
-            if any(e.additions for e in removed):
+            gone = {id(part) for e in removed for part in e.patch.modules}
+            if gone:
+                self._drop_modules(gone)
                 self.structure += 1
             touched = list(dict.fromkeys(name for e in removed for name in e.deltas))
             with torch.no_grad():
@@ -271,6 +312,15 @@ class PatchStack:
                     self._restore(name, [e.patch_id for e in removed if name in e.deltas])
             log.debug("Reverted patches %s", ", ".join(e.patch_id for e in removed))
             return removed
+
+    def _drop_modules(self, gone: set[int]) -> None:
+        """Unhook the running modules of removed parts; a group is rebuilt from its other members
+        (and so runs after the modules installed before the rebuild)."""
+        for installed in [i for i in self._installed if any(id(p) in gone for p in i.parts)]:
+            self._uninstall(installed)
+            rest = [p for p in installed.parts if id(p) not in gone]
+            if rest:
+                self._install(installed.place, type(installed.module).combine(rest), rest)
 
     def _restore(self, name: str, removed_ids: list[str]) -> None:
         """Recompute parameter ``name`` as base + the remaining patches' deltas, in order."""

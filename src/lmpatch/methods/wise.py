@@ -1,0 +1,464 @@
+"""WISE: a side memory for edits beside one FFN, and a router (Wang et al., NeurIPS 2024).
+
+The main memory is a mid-to-late FFN output matrix W, left as it is. The side memory
+W' = W + Δ starts as a copy of it and receives the edits. For each input sequence the
+router measures how differently the two memories answer,
+
+    Δ(x) = mean over the sequence's tokens of ‖act(W' a) − act(W a)‖,
+
+(act: the model's MLP activation, a: the FFN's hidden activation), and uses the side
+memory's output for the whole sequence when Δ(x) exceeds ``act_ratio`` times the
+smallest Δ seen on an edit; otherwise the base model answers unchanged. Training (SGD on
+the side memory only) adds to the target's teacher-forced loss the router's margin loss
+on the edit x_e and on irrelevant prompts x_i:
+
+    max(0, Δ(x_i) − α) + max(0, β − Δ(x_e)) + max(0, γ + Δ(x_i) − Δ(x_e)).
+
+Knowledge shards: every ``save_freq`` edits start a new shard, whose updates are confined
+to a new random mask of ``mask_ratio`` of the matrix entries. Each finished group of
+``merge_freq / save_freq`` shards is merged into one memory with TIES (trim to the
+``merge_density`` largest entries of each, elect a sign per entry, average the entries
+that agree); memories are retrieved by the largest activation above their own threshold
+(WISE-Retrieve).
+
+How this maps onto patches. A WISE patch holds the change *its* edits made to the side
+memory: the values at its shard's mask positions (the mask is regenerated from its seed),
+plus the Δ its edit reached. All WISE patches at one layer run as one grouped module
+(:class:`WiseMemory`): shard deltas are the sums of their members' deltas, in order of
+application, so any patch can still be removed exactly. Irrelevant prompts come from
+``counterfact-train`` prompts, never from the records being evaluated (EasyEdit takes them
+from the evaluation record's own locality prompt).
+
+Departures, each for a stated reason: weight decay acts on the side memory's *change*
+(decaying W' itself towards zero, as plain SGD weight decay does, would pull it away from
+W); the router averages over real tokens only (padding excluded, see
+:mod:`lmpatch.model.context`).
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from contextlib import ExitStack, contextmanager, nullcontext
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from typing import Any, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmpatch.errors import InvalidRequestError
+from lmpatch.methods.registry import Method, register
+from lmpatch.methods.teacher import TARGET_NEW, target_batch, target_nll
+from lmpatch.model.context import real_tokens
+from lmpatch.model.hooks import capture_input, capture_output, edit_output, record_outputs, replay_outputs
+from lmpatch.model.loading import LoadedModel
+from lmpatch.model.spec import from_param_layout
+from lmpatch.patch import AddedModule, ModuleAddition, Patch, register_addition
+from lmpatch.request import EditRequest
+from lmpatch.tokens import pad_right
+
+__all__ = ["WiseHparams", "WiseMemory", "apply_wise"]
+
+log = logging.getLogger(__name__)
+
+#: EasyEdit's rule at inference: over this many tokens the largest per-token Δ counts, not the mean.
+LONG_SEQUENCE = 100
+
+
+@dataclass(frozen=True)
+class WiseHparams:
+    """WISE's settings: EasyEdit's LLaMA-2 values except where SmolLM2 needs its own (the
+    router margins α, β, γ are in the units of the activation difference, which depends on
+    the model; see ``docs/lifelong.md`` for how they were chosen on ``counterfact-train``)."""
+
+    layer: int | None = None          # None: ``layer_fraction`` of the depth
+    layer_fraction: float = 0.85      # EasyEdit: LLaMA-2-7B layer 27 of 32
+    steps: int = 70
+    lr: float = 1.0
+    weight_decay: float = 1e-5
+    mask_ratio: float = 0.2
+    norm_constraint: float = 1.0      # |W' - W| <= this, entry by entry
+    alpha: float = 5.0                # irrelevant inputs: Δ below α
+    beta: float = 20.0                # edit inputs: Δ above β
+    gamma: float = 10.0               # and above the irrelevant ones' by γ
+    act_ratio: float = 0.88
+    save_freq: int = 500              # edits per shard (one random mask)
+    merge_freq: int = 1000            # edits per TIES merge of shards
+    merge_density: float = 0.53
+    irrelevant: int = 4               # irrelevant prompts per edit (counterfact-train)
+    stop_loss: float = 2e-2
+    seed: int = 0
+
+    def check(self) -> None:
+        if not 0 < self.mask_ratio <= 1:
+            raise InvalidRequestError(f"WISE mask_ratio must be in (0, 1], got {self.mask_ratio}.")
+        if self.steps < 1 or not self.lr > 0:
+            raise InvalidRequestError(f"WISE needs steps >= 1 and lr > 0, got steps={self.steps}, lr={self.lr}.")
+        if self.save_freq < 1 or self.merge_freq < self.save_freq or self.merge_freq % self.save_freq:
+            raise InvalidRequestError(
+                f"WISE needs merge_freq to be a multiple of save_freq, got {self.merge_freq} and {self.save_freq}."
+            )
+        if not 0 < self.merge_density <= 1 or not self.act_ratio > 0:
+            raise InvalidRequestError("WISE needs 0 < merge_density <= 1 and act_ratio > 0.")
+
+
+def wise_layer(model: LoadedModel, hp: WiseHparams) -> int:
+    spec = model.spec
+    return spec.check_layer(hp.layer) if hp.layer is not None else spec.depth_layer(hp.layer_fraction)
+
+
+def _activation(model: LoadedModel):
+    from transformers.activations import ACT2FN
+
+    cfg = model.model.config
+    name = getattr(cfg, "hidden_act", None) or getattr(cfg, "activation_function", None) or "gelu"
+    return ACT2FN[name]
+
+
+def shard_mask(seed: int, shard: int, shape: Sequence[int], ratio: float) -> torch.Tensor:
+    """Flat indices of the entries shard ``shard`` may change (the same on every machine)."""
+    gen = torch.Generator().manual_seed((seed * 1_000_003 + shard) % (2**63))
+    rows, cols = shape
+    return (torch.rand(rows * cols, generator=gen) < ratio).nonzero().flatten()
+
+
+# --------------------------------------------------------------------------- the running memory
+
+
+def ties_merge(deltas: list[torch.Tensor], density: float) -> torch.Tensor:
+    """TIES merge of task vectors: trim each to its ``density`` largest entries by magnitude,
+    elect each entry's sign by the sum, and average the kept entries of that sign."""
+    trimmed = []
+    for d in deltas:
+        k = max(1, int(round(density * d.numel())))
+        cut = d.abs().flatten().kthvalue(d.numel() - k + 1).values if k < d.numel() else torch.tensor(-1.0)
+        trimmed.append(torch.where(d.abs() >= cut, d, torch.zeros_like(d)))
+    stacked = torch.stack(trimmed)
+    sign = torch.sign(stacked.sum(0))
+    agree = (torch.sign(stacked) == sign) & (stacked != 0)
+    count = agree.sum(0).clamp_min(1)
+    return (stacked * agree).sum(0) / count
+
+
+@register_addition
+class WiseMemory(AddedModule):
+    """Every applied WISE patch at one layer: side memories (one per shard, or merged), each
+    with its routing threshold; the running side of WISE's memory."""
+
+    type_name = "wise.side_memory"
+    grouped = True
+
+    def __init__(self, config: dict):
+        super().__init__()
+        self.settings = dict(config)
+        self.shape = tuple(config["shape"])
+        self.bypass = False  # set while a new edit is trained against the base output
+        self.deltas: dict[int, torch.Tensor] = {}      # shard -> its summed change (math layout, out x in)
+        self.acts: dict[int, list[float]] = {}         # shard -> the Δ each member's edit reached
+        self.count: dict[int, int] = {}
+        self._masks: dict[int, torch.Tensor] = {}
+        self._memories: list[tuple[torch.Tensor, float]] | None = None
+        self.device = torch.device("cpu")
+
+    @classmethod
+    def combine(cls, members: list[ModuleAddition]) -> "WiseMemory":
+        module = cls(members[0].config)
+        for member in members:
+            module.extend(member)
+        return module
+
+    def config(self) -> dict:
+        return dict(self.settings)
+
+    def mask(self, shard: int) -> torch.Tensor:
+        if shard not in self._masks:
+            s = self.settings
+            self._masks[shard] = shard_mask(s["seed"], shard, self.shape, s["mask_ratio"]).to(self.device)
+        return self._masks[shard]
+
+    def extend(self, member: ModuleAddition) -> None:
+        shard = int(member.config["shard"])
+        values = member.state["values"].to(self.device, torch.float32)
+        idx = self.mask(shard)
+        if values.numel() != idx.numel():
+            raise ValueError(f"a WISE patch of shard {shard} has {values.numel()} values for {idx.numel()} entries")
+        delta = self.deltas.get(shard)
+        if delta is None:
+            delta = torch.zeros(self.shape, device=self.device)
+        flat = delta.flatten().clone()
+        flat[idx] = flat[idx] + values
+        self.deltas[shard] = flat.reshape(self.shape)
+        self.acts.setdefault(shard, []).append(float(member.config["edit_act"]))
+        self.count[shard] = self.count.get(shard, 0) + 1
+        self._memories = None
+
+    def shard_delta(self, shard: int) -> torch.Tensor:
+        return self.deltas.get(shard, torch.zeros(self.shape, device=self.device))
+
+    def memories(self) -> list[tuple[torch.Tensor, float]]:
+        """(change, threshold) of each side memory: merged groups of finished shards, then the rest."""
+        if self._memories is None:
+            s = self.settings
+            per_group = s["merge_freq"] // s["save_freq"]
+            out: list[tuple[torch.Tensor, float]] = []
+            shards = sorted(self.deltas)
+            groups: dict[int, list[int]] = {}
+            for shard in shards:
+                groups.setdefault(shard // per_group, []).append(shard)
+            for group in groups.values():
+                last = per_group * (group[0] // per_group) + per_group - 1
+                finished = per_group > 1 and last in self.count and self.count[last] >= s["save_freq"]
+                if finished and len(group) == per_group:
+                    merged = ties_merge([self.deltas[g] for g in group], s["merge_density"])
+                    out.append((merged, s["act_ratio"] * min(a for g in group for a in self.acts[g])))
+                else:
+                    out.extend((self.deltas[g], s["act_ratio"] * min(self.acts[g])) for g in group)
+            self._memories = out
+        return self._memories
+
+    def placed(self, device: torch.device, dtype: torch.dtype) -> "WiseMemory":
+        self.device = torch.device(device)
+        self.deltas = {k: v.to(self.device) for k, v in self.deltas.items()}
+        self._masks = {k: v.to(self.device) for k, v in self._masks.items()}
+        self._memories = None
+        return self  # the change stays float32 whatever the model computes in
+
+    def __deepcopy__(self, memo):  # the compute copies take the memory as it is
+        clone = WiseMemory(self.settings)
+        clone.deltas = {k: v.clone() for k, v in self.deltas.items()}
+        clone.acts = {k: list(v) for k, v in self.acts.items()}
+        clone.count = dict(self.count)
+        clone.device = self.device
+        return clone
+
+    @contextmanager
+    def bypassed(self) -> Iterator[None]:
+        """The host answers as if this memory were absent (a new edit trains against the base output)."""
+        self.bypass = True
+        try:
+            yield
+        finally:
+            self.bypass = False
+
+    def hook(self, host: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        if self.bypass:
+            return output
+        x = args[0] if args else next(iter(kwargs.values()))
+        y = output[0] if isinstance(output, tuple) else output
+        if y.dim() != 3:  # a flattened (tokens, d) call: treat it as one sequence
+            x3, y3 = x.reshape(1, -1, x.shape[-1]), y.reshape(1, -1, y.shape[-1])
+        else:
+            x3, y3 = x, y
+        act = self.settings_act()
+        real = real_tokens(y3.shape[0], y3.shape[1], y3.device)
+        base = act(y3.float())
+        best = torch.full((y3.shape[0],), -1.0, device=y3.device)
+        chosen = torch.full((y3.shape[0],), -1, dtype=torch.long, device=y3.device)
+        outputs = []
+        for m, (delta, threshold) in enumerate(self.memories()):
+            side = y3.float() + F.linear(x3.float(), delta)
+            outputs.append(side)
+            dist = router_distance(act(side) - base, real)
+            take = (dist > threshold) & (dist > best)
+            best = torch.where(take, dist, best)
+            chosen = torch.where(take, torch.full_like(chosen, m), chosen)
+        if not bool((chosen >= 0).any()):
+            return output
+        new = y3.float()
+        for m, side in enumerate(outputs):
+            new = torch.where((chosen == m)[:, None, None], side, new)
+        new = new.to(y.dtype).reshape(y.shape)
+        return (new,) + tuple(output[1:]) if isinstance(output, tuple) else new
+
+    def settings_act(self):
+        from transformers.activations import ACT2FN
+
+        return ACT2FN[self.settings["act"]]
+
+
+def router_distance(diff: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """Δ per sequence from per-token activation differences (batch, tokens, d): the mean of
+    ‖diff‖ over real tokens, or its maximum past ``LONG_SEQUENCE`` tokens."""
+    per_token = diff.norm(dim=-1)
+    n = real.sum(-1).clamp_min(1)
+    mean = (per_token * real).sum(-1) / n
+    longest = torch.where(real > 0, per_token, torch.zeros_like(per_token)).max(-1).values
+    return torch.where(n > LONG_SEQUENCE, longest, mean)
+
+
+# --------------------------------------------------------------------------- editing
+
+
+@lru_cache(maxsize=1)
+def _irrelevant_pool() -> tuple[tuple[str, str], ...]:
+    """(subject, prompt) of the training split's records: inputs the side memory must leave alone."""
+    from lmpatch.data import load_dataset
+
+    return tuple((r.subject, r.prompt) for r in load_dataset("counterfact-train"))
+
+
+def irrelevant_prompts(request: EditRequest, k: int, seed: int) -> list[str]:
+    pool = [p for s, p in _irrelevant_pool() if s != request.subject and request.subject not in p]
+    digest = hashlib.sha256(f"{seed}:{request.prompt}".encode()).digest()
+    start = int.from_bytes(digest[:4], "little") % len(pool)
+    return [pool[(start + i * 7919) % len(pool)] for i in range(k)]
+
+
+def apply_wise(model: LoadedModel, requests: Sequence[EditRequest], hp: WiseHparams) -> Patch:
+    """One side-memory change per patch: the requests are written one after another."""
+    hp.check()
+    requests = list(requests)
+    if not requests:
+        raise InvalidRequestError("WISE needs at least one edit request.")
+    spec = model.spec
+    layer = wise_layer(model, hp)
+    place = spec.layers[layer].mlp_out
+    host = spec.mlp_out(model.model, layer)
+    weight = from_param_layout(host, host.weight.detach())
+    shape = tuple(weight.shape)
+    earlier = next((i.module for i in model.stack.additions()
+                    if i.place == place and isinstance(i.module, WiseMemory)), None)
+    before = sum(earlier.count.values()) if earlier is not None else 0
+    shard = before // hp.save_freq
+    config = {
+        "shape": list(shape), "act": _act_name(model), "seed": hp.seed,
+        "mask_ratio": hp.mask_ratio, "act_ratio": hp.act_ratio, "save_freq": hp.save_freq,
+        "merge_freq": hp.merge_freq, "merge_density": hp.merge_density,
+    }
+    if earlier is not None and {k: earlier.settings[k] for k in config} != config:
+        raise InvalidRequestError(
+            "A WISE patch with other memory settings is applied at this layer; revert it or use its settings."
+        )
+    current = earlier.shard_delta(shard).detach().float().cpu() if earlier is not None else torch.zeros(shape)
+    idx = shard_mask(hp.seed, shard, shape, hp.mask_ratio)
+    total = torch.zeros(idx.numel())
+    infos, acts = [], []
+    for request in requests:
+        t0 = time.perf_counter()
+        with earlier.bypassed() if earlier is not None else nullcontext():
+            values, info = _edit_one(model, layer, host, request, hp, current, idx)
+        flat = current.flatten().clone()
+        flat[idx] += values
+        current = flat.reshape(shape)
+        total += values
+        info["seconds"] = round(time.perf_counter() - t0, 3)
+        acts.append(info["edit_act"])
+        infos.append(info)
+        log.debug("wise edit %r: %s", request.prompt, info)
+    part = ModuleAddition(place=place, type=WiseMemory.type_name,
+                          config={**config, "shard": shard, "edit_act": min(acts)}, state={"values": total})
+    return Patch(
+        parts=[part], method="wise", model_fingerprint=model.fingerprint, model_name=model.name,
+        hparams=asdict(hp), requests=requests,
+        metrics={"edit": {"layer": layer, "shard": shard, "earlier_edits": before, "requests": infos}},
+    )
+
+
+def _act_name(model: LoadedModel) -> str:
+    cfg = model.model.config
+    return getattr(cfg, "hidden_act", None) or getattr(cfg, "activation_function", None) or "gelu"
+
+
+def _host_io(model: LoadedModel, host: nn.Module, prompts: list[str]):
+    """Host inputs and outputs (float32) and the real-token mask of ``prompts``, unpatched by WISE's training."""
+    tok = model.tokenizer
+    ids = [tok(model.format_prompt(p))["input_ids"] for p in prompts]
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    input_ids, mask = pad_right(ids, pad)
+    xs, ys = [], []
+    with torch.no_grad(), capture_input(host, xs), capture_output(host, ys):
+        model.forward(input_ids=input_ids.to(model.input_device), attention_mask=mask.to(model.input_device),
+                      use_cache=False)
+    return _batched(xs[0], mask), _batched(ys[0], mask), mask.float()
+
+
+def _batched(t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return t.reshape(mask.shape[0], mask.shape[1], -1).float().cpu()
+
+
+def _edit_one(
+    model: LoadedModel, layer: int, host: nn.Module, request: EditRequest, hp: WiseHparams,
+    current: torch.Tensor, idx: torch.Tensor,
+) -> tuple[torch.Tensor, dict]:
+    """Train this request's change of the side memory at the mask positions ``idx``."""
+    spec = model.spec
+    act = _activation(model)
+    batch = target_batch(model, [request], TARGET_NEW)
+    blocks = [spec.block(model.model, i) for i in range(layer)]
+    recorded: list = []
+    xs: list = []
+    ys: list = []
+    with torch.no_grad(), ExitStack() as stack:
+        stack.enter_context(record_outputs(blocks, recorded))
+        stack.enter_context(capture_input(host, xs))
+        stack.enter_context(capture_output(host, ys))
+        target_nll(model, batch)
+    edit_mask = batch.attention_mask.float()
+    x_e, y_e = _batched(xs[0], edit_mask), _batched(ys[0], edit_mask)
+    x_i, y_i, irr_mask = _host_io(model, host, irrelevant_prompts(request, hp.irrelevant, hp.seed))
+
+    shape = current.shape
+    values = torch.zeros(idx.numel(), requires_grad=True)
+    opt = torch.optim.SGD([values], lr=hp.lr, weight_decay=hp.weight_decay)
+    device = model.input_device
+
+    def side_change() -> torch.Tensor:
+        flat = current.flatten().index_add(0, idx, values)
+        return flat.reshape(shape).clamp(-hp.norm_constraint, hp.norm_constraint)
+
+    def distance(x, y, mask, change) -> torch.Tensor:
+        return router_distance(act(y + F.linear(x, change)) - act(y), mask)
+
+    state: dict[str, torch.Tensor] = {}
+
+    def through_side_memory(y: torch.Tensor) -> torch.Tensor:
+        x = state["x"]
+        return (y.float() + F.linear(x, state["change"].to(x.device))).to(y.dtype)
+
+    def keep_input(_mod, args):
+        state["x"] = args[0].float()
+
+    losses: list[float] = []
+    handle = host.register_forward_pre_hook(keep_input)
+    try:
+        with torch.inference_mode(False), torch.enable_grad(), ExitStack() as stack:
+            stack.enter_context(replay_outputs(blocks, recorded))
+            stack.enter_context(edit_output(host, through_side_memory))
+            for _ in range(hp.steps):
+                opt.zero_grad()
+                change = side_change()
+                state["change"] = change.to(device)
+                lm = target_nll(model, batch)
+                d_edit = distance(x_e, y_e, edit_mask, change)
+                d_irr = distance(x_i, y_i, irr_mask, change)
+                route = (F.relu(d_irr - hp.alpha).mean() + F.relu(hp.beta - d_edit).mean()
+                         + F.relu(hp.gamma + d_irr - d_edit.mean()).mean())
+                loss = lm + route.to(lm.device)
+                losses.append(float(loss.detach()))
+                if float(lm.detach()) < hp.stop_loss and float(route.detach()) == 0.0:
+                    break
+                loss.backward()
+                opt.step()
+    finally:
+        handle.remove()
+    with torch.no_grad():
+        final = side_change()
+        applied = final.flatten()[idx] - current.flatten()[idx]  # the clamp included
+        d_edit = float(distance(x_e, y_e, edit_mask, final).mean())
+        d_irr = distance(x_i, y_i, irr_mask, final)
+    info = {
+        "steps": len(losses), "initial_loss": round(losses[0], 4), "final_loss": round(losses[-1], 4),
+        "edit_act": d_edit, "irrelevant_act_max": round(float(d_irr.max()), 4),
+    }
+    return applied.detach(), info
+
+
+register(Method(
+    name="wise", aliases=("WISE",),
+    summary="WISE: a routed side memory beside one FFN, edits in random-mask shards (Wang et al. 2024)",
+    hparams=WiseHparams, edit=apply_wise, regimes=frozenset({"single", "sequential"}),
+    produces=frozenset({"module_additions"}),
+    paper="Wang et al., WISE: Rethinking the Knowledge Memory for Lifelong Model Editing of LLMs, NeurIPS 2024",
+))
