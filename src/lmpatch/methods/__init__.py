@@ -11,3 +11,4 @@ from lmpatch.methods import emmet  # noqa: F401
 from lmpatch.methods import kn  # noqa: F401
 from lmpatch.methods import ft  # noqa: F401
 from lmpatch.methods import grace  # noqa: F401
+from lmpatch.methods import tpatcher  # noqa: F401
