@@ -29,6 +29,14 @@ FAST: dict[str, dict] = {
     "ft-m": dict(steps=3),
     "grace": dict(steps=5),
     "wise": dict(steps=5, irrelevant=2),
+    "t-patcher": dict(steps=5, memory_prompts=4),
+    "calinet": dict(steps=5, slots=8),
+}
+# (method, arch) pairs a method refuses with one clear error, and why.
+UNSUPPORTED: dict[tuple[str, str], str] = {
+    # OPT's fc1/fc2 sit on the decoder block: no module sees the MLP input and gives its output.
+    ("t-patcher", "opt"): "OPT-style",
+    ("calinet", "opt"): "OPT-style",
 }
 
 PROMPTS = [
@@ -64,6 +72,10 @@ def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
 @pytest.mark.parametrize("method", sorted(FAST))
 def test_method_life_cycle(method, arch, tmp_path):
     model = tiny_model(arch)
+    if (method, arch) in UNSUPPORTED:
+        with pytest.raises(lmpatch.LmpatchError, match=UNSUPPORTED[method, arch]):
+            lmpatch.edit(model, REQS[0], method, **FAST[method])
+        return
     state, logits = _state(model), _logits(model)
     patch = lmpatch.edit(model, REQS[0], method, **FAST[method])
     assert not model.applied and _same(_logits(model), logits)  # computing an edit changes nothing

@@ -12,3 +12,5 @@ from lmpatch.methods import kn  # noqa: F401
 from lmpatch.methods import ft  # noqa: F401
 from lmpatch.methods import grace  # noqa: F401
 from lmpatch.methods import wise  # noqa: F401
+from lmpatch.methods import tpatcher  # noqa: F401
+from lmpatch.methods import calinet  # noqa: F401

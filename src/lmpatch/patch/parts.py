@@ -268,6 +268,13 @@ class AddedModule(nn.Module):
         """Write the addition into ``host``'s own weights (only where exact; see ``mergeable``)."""
         raise PatchError(f"A {self.type_name} addition cannot be merged into plain weights.")
 
+    @classmethod
+    def after_merge(cls, net: nn.Module, spec: Any) -> None:
+        """Called once per addition type after every addition of that type was merged into
+        ``net`` (a copy of the model about to be saved; ``spec`` its
+        :class:`~lmpatch.model.spec.ModelSpec`). For changes a checkpoint needs as a
+        whole: added FFN neurons widen every layer to one width and update the config."""
+
 
 _ADDITIONS: dict[str, type[AddedModule]] = {}
 

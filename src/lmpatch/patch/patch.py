@@ -318,7 +318,10 @@ def _unmergeable(patch: Patch, note: str = "") -> PatchError:
 
 
 def _with_additions_merged(model: Any) -> torch.nn.Module:
-    """The module to save: the model itself, or a copy with every added module written into its host."""
+    """The module to save: the model itself, or a copy with every added module written into its host.
+
+    The copy's config is copied with it, so an addition that changes the checkpoint's shape
+    (extra FFN neurons widen the MLPs) updates the copy's config, never the live model's."""
     additions = model.stack.additions()
     if not additions:
         return model.model
@@ -328,6 +331,8 @@ def _with_additions_merged(model: Any) -> torch.nn.Module:
         host._forward_hooks.pop(installed.handle.id, None)
         host._forward_hooks_with_kwargs.pop(installed.handle.id, None)
         installed.module.merge_into(host)
+    for kind in dict.fromkeys(type(installed.module) for installed in additions):
+        kind.after_merge(net, model.spec)
     return net
 
 
