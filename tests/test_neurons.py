@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from facts import REQS
-from tiny import tiny_model
 
 import lmpatch
+from facts import REQS
 from lmpatch.methods.calinet import facts
 from lmpatch.methods.neurons import FFNNeurons, mlp_form
 from lmpatch.methods.tpatcher import TPatcherHparams, memory_inputs
 from lmpatch.model.hooks import capture_input
 from lmpatch.patch import ModuleAddition, Patch
+from tiny import tiny_model
 
 PROMPTS = [REQS[0].prompt, "Mount Fuji is in", "My favourite colour is"]
 

@@ -31,9 +31,12 @@ def _run(model, requests, method):
 # so the bare prompt only gets delta * (k_p.u)/(k_mean.u); with ROME's tuned (small) clamp
 # that is often too weak. Measured on these 10 records in two processes: efficacy 0.7 and
 # >= 0.9, paraphrase 0.65. A known gap (r-ROME needs its own tuning), kept visible here.
+# ROME with the defaults of docs/rome-generalisation.md measured efficacy 1.0, paraphrase
+# 1.0, reliability 1.0 and neighbourhood 0.70 (unedited 0.77) on these 10 records, and
+# paraphrase 0.92 on 100 counterfact-edit records, hence the paraphrase bound of 0.85.
 @pytest.mark.parametrize(
     ("method", "min_efficacy", "min_paraphrase", "min_reliability"),
-    [("rome", 0.9, 0.7, 0.9), ("r-rome", 0.6, 0.5, 0.5)],
+    [("rome", 0.9, 0.85, 0.9), ("r-rome", 0.6, 0.5, 0.5)],
 )
 def test_rome_quality(real_model, held_out, method, min_efficacy, min_paraphrase, min_reliability):
     s = _run(real_model, held_out, method)
