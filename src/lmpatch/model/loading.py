@@ -74,6 +74,13 @@ class LoadedModel:
 
         return ModelSpec.from_model(self.model)
 
+    @cached_property
+    def stop_ids(self) -> frozenset[int]:
+        """Token ids that end a greedy text continuation (EOS, special and media tokens)."""
+        from lmpatch.model.stops import stop_token_ids
+
+        return stop_token_ids(self.model, self.tokenizer)
+
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
@@ -93,15 +100,19 @@ class LoadedModel:
 
     @torch.inference_mode()
     def generate_text(self, prompt: str, max_new_tokens: int = 20) -> str:
-        """Greedy continuation of ``prompt`` (without the prompt itself)."""
+        """Greedy continuation of ``prompt`` (without the prompt itself), up to a stop token."""
+        from lmpatch.model.stops import until_stop
+
         enc = self.tokenizer(self.format_prompt(prompt), return_tensors="pt").to(self.device)
         out = self.model.generate(
             **enc,
             max_new_tokens=max_new_tokens,
             do_sample=False,
             pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=sorted(self.stop_ids),
         )
-        return self.tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+        row = until_stop(out[0, enc["input_ids"].shape[1] :].tolist(), self.stop_ids)
+        return self.tokenizer.decode(row, skip_special_tokens=True)
 
 
 def fingerprint_model(model: torch.nn.Module) -> str:
