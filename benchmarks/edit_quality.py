@@ -77,7 +77,8 @@ def show_generations(console: Console, model, requests, method: str) -> int:
         for label, text in (("before", before), ("after", after)):
             bad = bool(MARKUP_RUN.search(text))
             runs += bad
-            console.print(f"  [{method} {label}] {req.prompt!r} -> {text!r}" + ("  <- MARKUP RUN" if bad else ""))
+            console.print(f"  [{method} {label}] {req.prompt!r} -> {text!r}" + ("  <- MARKUP RUN" if bad else ""),
+                          markup=False)
     return runs
 
 
