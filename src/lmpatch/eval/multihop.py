@@ -45,7 +45,7 @@ import torch
 
 from lmpatch.data.mquake import MQuAKECase, prompt_path
 from lmpatch.errors import InvalidRequestError
-from lmpatch.eval.scoring import _eos_ids, _pad_id, generate
+from lmpatch.eval.scoring import _pad_id, generate
 from lmpatch.model.compat import output_cache, with_cache
 from lmpatch.model.loading import LoadedModel
 from lmpatch.progress import progress_bar
@@ -170,7 +170,7 @@ def greedy_shared_prefix(
     is introduced. Its cache is copied into every batch; each row's own tokens follow
     after left padding *between* prefix and question, masked out, with positions counted
     over real tokens only, so every row sees exactly the positions it would see alone.
-    A row stops at EOS or when ``complete(text so far)``; the batch stops when all have.
+    A row stops at a stop token (EOS, special, media marker) or when ``complete(text so far)``; the batch stops when all have.
     Returns ``None`` when the model's cache cannot be shared (the caller falls back).
     """
     tok = model.tokenizer
@@ -185,7 +185,7 @@ def greedy_shared_prefix(
     if prefix_cache is None or not hasattr(prefix_cache, "batch_repeat_interleave"):
         log.debug("%s returns no shareable cache; generating without a prefix cache", model.name)
         return None
-    eos = _eos_ids(model)
+    eos = model.stop_ids
     pad_id = _pad_id(model)
     texts: list[str] = [""] * len(prompts)
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]), reverse=True)

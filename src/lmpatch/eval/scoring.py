@@ -24,6 +24,7 @@ from typing import Sequence
 import torch
 
 from lmpatch.model.loading import LoadedModel
+from lmpatch.model.stops import until_stop
 from lmpatch.tokens import PromptTarget, encode, pad_left, pad_right, prompt_target
 
 PADDING_SIDES = ("right", "left")
@@ -147,7 +148,8 @@ def generate_ids(
 
     ``max_new_tokens`` may differ per prompt: a batch is generated to its longest limit
     and each row is cut to its own, which is exact because greedy decoding is
-    deterministic step by step. Rows stop at EOS; the EOS itself is not returned.
+    deterministic step by step. Rows stop at the first stop token (EOS, a special token
+    or a media marker, see :mod:`lmpatch.model.stops`), which is not returned.
     """
     if isinstance(max_new_tokens, int):
         limits = [max_new_tokens] * len(prompts)
@@ -157,7 +159,7 @@ def generate_ids(
             raise ValueError("max_new_tokens must be one int or one per prompt")
     tok = model.tokenizer
     pad_id = _pad_id(model)
-    eos = _eos_ids(model)
+    stops = model.stop_ids
     encoded = [encode(tok, model.format_prompt(p)) for p in prompts]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]), reverse=True)
     results: list[list[int]] = [[] for _ in prompts]
@@ -172,12 +174,11 @@ def generate_ids(
             do_sample=False,
             num_beams=1,
             pad_token_id=pad_id,
+            eos_token_id=sorted(stops),
         )
         new = out[:, ids.shape[1] :].cpu().tolist()
         for i, row in zip(chunk, new):
-            row = row[: limits[i]]
-            cut = next((j for j, t in enumerate(row) if t in eos), len(row))
-            results[i] = row[:cut]
+            results[i] = until_stop(row[: limits[i]], stops)
     return results
 
 
@@ -190,14 +191,3 @@ def generate(
     """Greedy continuations (text after the prompt only), batched with left padding."""
     ids = generate_ids(model, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
     return [model.tokenizer.decode(row, skip_special_tokens=True) for row in ids]
-
-
-def _eos_ids(model: LoadedModel) -> set[int]:
-    ids: set[int] = set()
-    cfg_eos = getattr(getattr(model.model, "generation_config", None), "eos_token_id", None)
-    for value in (cfg_eos, model.tokenizer.eos_token_id):
-        if isinstance(value, int):
-            ids.add(value)
-        elif value:
-            ids.update(int(v) for v in value)
-    return ids

@@ -77,6 +77,13 @@ class LoadedModel:
 
         return ModelSpec.from_model(self.model)
 
+    @cached_property
+    def stop_ids(self) -> frozenset[int]:
+        """Token ids that end a greedy text continuation (EOS, special and media tokens)."""
+        from lmpatch.model.stops import stop_token_ids
+
+        return stop_token_ids(self.model, self.tokenizer)
+
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
