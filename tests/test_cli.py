@@ -88,7 +88,7 @@ def test_methods_json_lists_capabilities_from_the_registry():
 def test_methods_name_shows_hyperparameters_with_defaults():
     data = parse_json(run("methods", "rome", "--json"))
     rows = {r["name"]: r for r in data["hparams"]}
-    assert rows["v_steps"]["default"] == 20 and rows["mom2_adjustment"]["type"] == "bool"
+    assert rows["v_steps"]["default"] == 25 and rows["mom2_adjustment"]["type"] == "bool"
     assert "derived from the model" in run("methods", "rome").stdout  # layer=None
 
 
