@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import ClassVar, Mapping, Sequence
 
 from lmpatch.errors import LmpatchError
 from lmpatch.methods.locate.batch import batch_edit
+from lmpatch.methods.locate.hparams import LocateHparams
 from lmpatch.methods.locate.prepare import locate_one_offs
 from lmpatch.methods.locate.solve import SOLVE_FORMS, KeyCovariance, batch_update, layer_covariances
-from lmpatch.methods.locate.templates import TemplateConfig
-from lmpatch.methods.locate.values import ValueConfig
 from lmpatch.methods.registry import Method, register
 from lmpatch.model.loading import LoadedModel
 from lmpatch.patch import Patch
@@ -28,7 +27,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class MEMITHparams:
+class MEMITHparams(LocateHparams):
     """MEMIT's hyperparameters, adapted to small LLaMA-style models.
 
     * ``layers`` default to the depth range 0.125-0.25: EasyEdit's LLaMA-2-7B layers 4-8 of
@@ -60,32 +59,16 @@ class MEMITHparams:
     layers: tuple[int, ...] | None = None         # None: ``layer_range`` of the depth
     layer_range: tuple[float, float] = (0.125, 0.25)
     mom2_update_weight: float | None = None       # λ; None: GPT-J's 15000 scaled by d_ff/16384
-    mom2_adjustment: bool = True                  # False: C0 = I (no statistics needed)
     v_lr: float = 2.0
     v_steps: int = 25
-    v_weight_decay: float = 1e-3
     clamp_norm_factor: float = 0.75
-    kl_factor: float = 0.0625
-    stop_loss: float = 5e-2
     stop_prob: float | None = 0.9
     template_lengths: tuple[tuple[int, int], ...] = ((10, 2),)
-    template_seed: int = 0
-    stats_corpus: str = "wikitext-2-raw"
-    stats_tokens: int = 100_000
     solve_form: str = "auto"                      # "push_through" | "direct" | "auto" (push-through if n < d_ff)
     z_group_size: int = 16                        # facts whose targets are optimised in one batch
     cache_targets: bool = True                    # reuse optimised targets (see locate.target_cache)
-    compute_dtype: str = "auto"                   # optimisation passes; see model.shadow
 
-    def value_config(self) -> ValueConfig:
-        return ValueConfig(
-            lr=self.v_lr, steps=self.v_steps, weight_decay=self.v_weight_decay,
-            clamp_norm_factor=self.clamp_norm_factor, kl_factor=self.kl_factor, stop_loss=self.stop_loss,
-            stop_prob=self.stop_prob, compute_dtype=self.compute_dtype, target="block",
-        )
-
-    def template_config(self) -> TemplateConfig:
-        return TemplateConfig(lengths=self.template_lengths, seed=self.template_seed)
+    value_target: ClassVar[str] = "block"         # MEMIT's z: the residual stream after the block
 
     def spread(self) -> tuple[str, str]:
         """Where the targets live for the layer loop and how the residual is shared

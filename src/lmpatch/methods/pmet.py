@@ -15,11 +15,9 @@ optimisation; only the MLP vector is then written into the MLP weights:
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
-from typing import Sequence
+from typing import ClassVar, Sequence
 
-from lmpatch.methods.locate.values import ValueConfig
 from lmpatch.methods.memit import MEMITHparams, apply_memit, memit_one_offs
 from lmpatch.methods.registry import Method, register
 from lmpatch.model.loading import LoadedModel
@@ -38,8 +36,7 @@ class PMETHparams(MEMITHparams):
 
     clamp_norm_factor: float = 1.0
 
-    def value_config(self) -> ValueConfig:
-        return dataclasses.replace(super().value_config(), target="attn_mlp")
+    value_target: ClassVar[str] = "attn_mlp"   # one vector for the attention and one for the MLP output
 
     def spread(self) -> tuple[str, str]:
         return "mlp_out", "sqrt"

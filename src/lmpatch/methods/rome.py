@@ -16,10 +16,11 @@ from typing import Sequence
 import torch
 
 from lmpatch.methods.locate.batch import weight_delta
+from lmpatch.methods.locate.hparams import LocateHparams
 from lmpatch.methods.locate.prepare import locate_one_offs
 from lmpatch.methods.locate.solve import KeyCovariance, layer_covariances, rank_one_update
-from lmpatch.methods.locate.templates import TemplateConfig, context_templates
-from lmpatch.methods.locate.values import ValueConfig, optimize_value
+from lmpatch.methods.locate.templates import context_templates
+from lmpatch.methods.locate.values import optimize_value
 from lmpatch.methods.registry import Method, register
 from lmpatch.model.loading import LoadedModel
 from lmpatch.patch import Patch, WeightDelta, compose
@@ -29,7 +30,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class ROMEHparams:
+class ROMEHparams(LocateHparams):
     """ROME's hyperparameters (Meng et al., NeurIPS 2022), chosen on ``counterfact-train`` records only.
 
     The value optimisation now runs as in the paper and EasyEdit (``v_lr`` 0.5, up to 25
@@ -61,30 +62,9 @@ class ROMEHparams:
 
     layer: int | None = None          # None: ``layer_fraction`` of the depth
     layer_fraction: float = 0.17      # ROME: GPT-J 5/28, LLaMA-7B 5/32 -> SmolLM2 5/30
-    v_lr: float = 0.5
-    v_steps: int = 25
-    v_weight_decay: float = 1e-3
-    clamp_norm_factor: float = 4.0
-    kl_factor: float = 0.0625
-    stop_loss: float = 5e-2
-    stop_prob: float | None = None    # None: stop on ``stop_loss`` only (ROME)
-    template_lengths: tuple[tuple[int, int], ...] = ((5, 3), (10, 2))
-    template_seed: int = 0
-    mom2_adjustment: bool = True      # use C0 (the paper); False = EasyEdit's default
-    stats_corpus: str = "wikitext-2-raw"
-    stats_tokens: int = 100_000
     consistent_keys: bool = False     # True = r-ROME
-    compute_dtype: str = "auto"       # optimisation passes; "auto" = bfloat16 where fast, see model.shadow
-
-    def value_config(self) -> ValueConfig:
-        return ValueConfig(
-            lr=self.v_lr, steps=self.v_steps, weight_decay=self.v_weight_decay,
-            clamp_norm_factor=self.clamp_norm_factor, kl_factor=self.kl_factor, stop_loss=self.stop_loss,
-            stop_prob=self.stop_prob, compute_dtype=self.compute_dtype,
-        )
-
-    def template_config(self) -> TemplateConfig:
-        return TemplateConfig(lengths=self.template_lengths, seed=self.template_seed)
+    # The value-optimisation, template and statistics fields and their ROME defaults are
+    # LocateHparams' (lmpatch.methods.locate.hparams).
 
 
 @dataclass(frozen=True)
