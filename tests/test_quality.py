@@ -52,3 +52,31 @@ def test_ft_m_quality(real_model, held_out):
     s = _run(real_model, held_out[:5], "ft-m")
     assert s["metrics"]["reliability"] >= 0.8
     assert s["metrics"]["efficacy_score"] >= 0.8
+
+
+# ----------------------------------------------------------------------------- lifelong editors
+# Sequential: each edit applied on top of the earlier ones, all ten re-scored after the last,
+# as in docs/lifelong.md. Bounds sit below what these ten records measured (numbers beside
+# each entry) and at the goals where those are the binding ones.
+LIFELONG = [
+    # method, min reliability, min locality, min generalization
+    ("grace", 0.9, 0.95, 0.0),
+    ("t-patcher", 0.9, 0.8, 0.0),
+]
+
+
+@pytest.mark.parametrize(("method", "min_reliability", "min_locality", "min_generalization"), LIFELONG)
+def test_lifelong_editor_quality(real_model, held_out, tmp_path, method, min_reliability, min_locality,
+                                 min_generalization):
+    from lmpatch.eval.sequential import run_sequential
+
+    summary = run_sequential(
+        real_model, held_out, lambda m, r: lmpatch.edit(m, r, method), tmp_path, progress=False,
+        metrics=("reliability", "generalization", "locality"), checkpoints=[len(held_out)], method=method,
+    )
+    post, pre = summary["metrics"], summary["metrics_pre"]
+    assert pre["reliability"] < 0.5  # the edits really change something
+    assert post["reliability"] >= min_reliability
+    assert post["locality"] >= min_locality
+    assert post["generalization"] >= min_generalization
+    assert not real_model.applied  # the run took every patch out again
