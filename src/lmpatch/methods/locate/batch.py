@@ -22,18 +22,18 @@ from __future__ import annotations
 import logging
 import math
 import time
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
-from functools import partial
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
 from lmpatch.errors import LmpatchError
+from lmpatch.methods.locate.keys import read_at
 from lmpatch.methods.locate.target_cache import CachedTarget, TargetCache
 from lmpatch.methods.locate.templates import context_templates
 from lmpatch.methods.locate.values import ValueConfig, optimize_values
-from lmpatch.model.hooks import capture_input, capture_output, record_outputs, replay_outputs, run_until
+from lmpatch.model.hooks import record_outputs, replay_outputs
 from lmpatch.model.loading import LoadedModel
 from lmpatch.model.spec import factors_to_param_layout
 from lmpatch.patch import Patch, WeightDelta, dense_is_smaller
@@ -164,28 +164,15 @@ def read_state(
         width = int(rows.last[index].max()) + 1
         ids = rows.ids[index, :width].to(dev)
         mask = rows.mask[index, :width].to(dev)
-        k_store: list[torch.Tensor] = []
-        v_store: list[torch.Tensor] = []
-        with ExitStack() as stack:
-            if frozen is not None:
-                stack.enter_context(frozen.around(c))
-            stack.enter_context(capture_input(key_module, k_store))
-            stack.enter_context(capture_output(value_module, v_store))
-            run_until(partial(model.forward, body_only=True), value_module, input_ids=ids, attention_mask=mask, use_cache=False)
-        keys[index.to(dev)] = _at_last(k_store[0], rows.last[index], width).to(dev)
-        values[index.to(dev)] = _at_last(v_store[0], rows.last[index], width).to(dev)
+        with frozen.around(c) if frozen is not None else nullcontext():
+            k, (v,) = read_at(model, rows.last[index], key_module, [value_module], value_module,
+                              input_ids=ids, attention_mask=mask, use_cache=False)
+        keys[index.to(dev)] = k.double().to(dev)
+        values[index.to(dev)] = v.double().to(dev)
     n, t = rows.n_requests, rows.n_templates
     k = keys.reshape(n, t, -1)
     v = values.reshape(n, t, -1)
     return torch.einsum("ntd,t->nd", k, weights.to(k.device)), v[:, rows.bare]
-
-
-def _at_last(states: torch.Tensor, last: torch.Tensor, width: int) -> torch.Tensor:
-    """Each row's vector at its subject's last token, float64, on the states' own device
-    (layers of a model split over devices live on different ones)."""
-    states = states.reshape(len(last), width, -1)
-    pick = torch.arange(len(last), device=states.device)
-    return states[pick, last.to(states.device)].double()
 
 
 @dataclass

@@ -33,8 +33,9 @@ import torch
 import torch.nn.functional as F
 
 from lmpatch.errors import LmpatchError
+from lmpatch.methods.locate.keys import read_at
 from lmpatch.model.compat import output_cache, with_cache
-from lmpatch.model.hooks import capture_input, capture_output, edit_output, record_outputs, replay_outputs, run_until
+from lmpatch.model.hooks import edit_output, record_outputs, replay_outputs
 from lmpatch.model.loading import LoadedModel
 from lmpatch.model.shadow import resolve_compute_dtype
 from lmpatch.request import EditRequest
@@ -275,19 +276,14 @@ def edit_point_state(model: LoadedModel, rows: _Rows, layer: int, target: str) -
     n, width = inputs["input_ids"].shape
     spec = model.spec
     points = edit_points(spec, model.model, layer, target)
-    keys: list[torch.Tensor] = []
-    outs: list[list[torch.Tensor]] = [[] for _ in points]
-    with torch.no_grad(), ExitStack() as stack:
-        stack.enter_context(capture_input(spec.mlp_out(model.model, layer), keys))
-        for module, store in zip(points, outs):
-            stack.enter_context(capture_output(module, store))
-        run_until(partial(model.forward, body_only=True), spec.block(model.model, layer), **inputs)
+    last = torch.full((n,), width - 1, dtype=torch.long)  # rows end at the subject's last token
+    keys, outs = read_at(model, last, spec.mlp_out(model.model, layer), points, spec.block(model.model, layer), **inputs)
 
-    def at_last(x: torch.Tensor) -> torch.Tensor:
-        return x.reshape(n, width, -1)[:, -1].float().reshape(rows.n_requests, rows.n_rewrite, -1)
+    def per_request(x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(rows.n_requests, rows.n_rewrite, -1)
 
-    values = torch.stack([at_last(store[0])[:, 0] for store in outs], dim=1)
-    return at_last(keys[0]), values
+    values = torch.stack([per_request(out)[:, 0] for out in outs], dim=1)
+    return per_request(keys), values
 
 
 def _take_rows(out, idx: torch.Tensor):
