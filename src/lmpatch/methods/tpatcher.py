@@ -89,6 +89,8 @@ class TPatcherHparams:
     memory_data: str = "counterfact-train"
     memory_prompts: int = 64          # records of memory_data whose prompts and neighbours are memory
     memory_edits: int = 512           # at most this many earlier edits (the latest) as memory
+    train_ups: bool = False           # gated hosts: also train the up rows (see the module docstring)
+    whiten_keys: bool = True          # start keys at Σ⁻¹q (memory second moment), see _new_neurons
 
     def check(self) -> None:
         if self.max_neurons < 1:
@@ -210,13 +212,26 @@ def apply_tpatcher(model: LoadedModel, requests: Sequence[EditRequest], hp: TPat
     )
 
 
-def _new_neurons(form: MlpForm, queries: torch.Tensor, amplify: float) -> FFNNeurons:
-    """Keys scoring ``amplify`` on their query, ups scoring 1 (gated), zero values."""
+def _new_neurons(form: MlpForm, queries: torch.Tensor, amplify: float, memory: torch.Tensor | None) -> FFNNeurons:
+    """Keys scoring ``amplify`` on their query, ups scoring 1 (gated), zero values.
+
+    With ``memory``, a key is whitened by the memory's second moment, Σ⁻¹q (scaled to
+    score ``amplify`` on q), instead of q itself: last-layer FFN inputs share a dominant
+    direction (on SmolLM2 an unrelated prompt's input x gives q·x/‖q‖² ≈ 1), so a key
+    along q fires on almost everything, while Σ⁻¹q scores typical inputs low from the start.
+    """
+    direction = queries
+    if memory is not None and len(memory) > 0:
+        m = memory.to(torch.float64)
+        sigma = m.T @ m / len(m)
+        sigma += 1e-2 * sigma.diagonal().mean() * torch.eye(sigma.shape[0], dtype=sigma.dtype, device=sigma.device)
+        direction = torch.linalg.solve(sigma, queries.to(torch.float64).T).T.to(queries.dtype)
+    key = direction / (direction * queries).sum(-1, keepdim=True).clamp_min(1e-12)
     unit = queries / queries.pow(2).sum(-1, keepdim=True).clamp_min(1e-12)
     k = queries.shape[0]
     zeros = torch.zeros(k)
     return FFNNeurons(
-        form, amplify * unit, torch.zeros_like(queries),
+        form, amplify * key, torch.zeros_like(queries),
         key_bias=zeros if form.key_bias else None,
         ups=None if form.kind == PLAIN else unit.clone(),
         up_bias=zeros.clone() if form.up_bias else None,
@@ -230,8 +245,12 @@ def _edit_one(model: LoadedModel, layer: int, form: MlpForm, host: torch.nn.Modu
         blocks, recorded, (x,) = record_below(model, layer, batch, [host])
     n = min(len(batch.pos_cols), hp.max_neurons)
     queries = x[0, batch.pos_cols[:n]].to(model.input_device)
-    module = _new_neurons(form, queries, hp.amplify).to(model.input_device)
-    opt = torch.optim.Adam(module.parameters(), lr=hp.lr)
+    module = _new_neurons(form, queries, hp.amplify, memory if hp.whiten_keys else None).to(model.input_device)
+    if not hp.train_ups and module.ups is not None:
+        module.ups.requires_grad_(False)
+        if module.up_bias is not None:
+            module.up_bias.requires_grad_(False)
+    opt = torch.optim.Adam([p for p in module.parameters() if p.requires_grad], lr=hp.lr)
     own = torch.arange(n, device=queries.device)
     history = []
     with replaying(blocks, recorded), hooked([host] * (len(earlier) + 1), [*earlier, module]):
