@@ -175,10 +175,15 @@ def save_meta(run_dir: Path, meta: dict[str, Any]) -> None:
     atomic_write_json(run_dir / META_FILE, meta, indent=1)
 
 
-def edit_seconds(run_dir: Path) -> list[float]:
-    """Seconds of each update so far, in order (one edit per update; a recomputed update's last entry wins)."""
-    by_update = {u["update"]: u["seconds"] for u in read_records(run_dir / UPDATES_FILE) if "update" in u}
+def _updates(run_dir: Path) -> list[dict]:
+    """The runner's log of updates so far, in order (a recomputed update's last entry wins)."""
+    by_update = {u["update"]: u for u in read_records(run_dir / UPDATES_FILE) if "update" in u}
     return [by_update[u] for u in sorted(by_update)]
+
+
+def edit_seconds(run_dir: Path) -> list[float]:
+    """Seconds of each update so far, in order (one edit per update)."""
+    return [u["seconds"] for u in _updates(run_dir)]
 
 
 def estimate_stage(stages: Sequence[dict], edits: int, cfg: BenchConfig) -> tuple[float, float]:
@@ -243,6 +248,9 @@ def run_method(model: Any, method: str, requests: Sequence[Any], cfg: BenchConfi
     groups, task_names = select_metrics(",".join(cfg.metrics), None)
     tasks = build_tasks(task_names, TaskConfig(piqa_n=cfg.piqa_n, perplexity_tokens=cfg.ppl_tokens)) if task_names else None
 
+    if tasks:
+        share_tasks_before(run_dir, model.fingerprint, cfg)
+
     def edit_fn(m: Any, req: Any) -> Any:
         return compute_edit(m, req, info.name, hparams)
 
@@ -274,6 +282,32 @@ def run_method(model: Any, method: str, requests: Sequence[Any], cfg: BenchConfi
     meta["status"] = "done"
     save_meta(run_dir, meta)
     return meta
+
+
+def share_tasks_before(run_dir: Path, fingerprint: str, cfg: BenchConfig) -> bool:
+    """Seed ``run_dir/tasks.json`` with the unedited model's PIQA / perplexity from a sibling
+    method's run on the same model and task sizes (minutes per method saved); True if seeded."""
+    import json
+    import shutil
+
+    target = run_dir / "tasks.json"
+    if target.exists():
+        return False
+    for other in sorted(run_dir.parent.iterdir()):
+        meta, source = load_meta(other), other / "tasks.json"
+        if other == run_dir or meta is None or not source.is_file() or not (other / "summary.json").is_file():
+            continue
+        try:
+            same_model = json.loads((other / "summary.json").read_text(encoding="utf-8")).get("fingerprint") == fingerprint
+        except ValueError:
+            continue
+        theirs = meta.get("config") or {}
+        if same_model and all(theirs.get(k) == json.loads(json.dumps(getattr(cfg, k)))
+                             for k in ("model", "piqa_n", "ppl_tokens", "metrics")):
+            shutil.copyfile(source, target)
+            log.info("Unedited task scores taken from %s", source)
+            return True
+    return False
 
 
 def load_requests(cfg: BenchConfig) -> list[Any]:
@@ -362,6 +396,7 @@ class MethodRun:
     points: list[dict[str, Any]] = field(default_factory=list)  # curve points, by edits
     seconds: list[float] = field(default_factory=list)          # per edit
     before: dict[str, float] = field(default_factory=dict)      # unedited task scores
+    cached_targets: int = 0                                     # MEMIT-family targets found in the cache
 
     def config(self) -> BenchConfig:
         known = {f.name for f in fields(BenchConfig)}
@@ -393,8 +428,10 @@ def load_method_run(run_dir: Path) -> MethodRun | None:
             before = dict(json.loads(tasks.read_text(encoding="utf-8")).get("before") or {})
         except ValueError:
             pass
-    return MethodRun(method=meta.get("method", run_dir.name), meta=meta,
-                     points=[latest[k] for k in sorted(latest)], seconds=edit_seconds(run_dir), before=before)
+    updates = _updates(run_dir)
+    return MethodRun(method=meta.get("method", run_dir.name), meta=meta, points=[latest[k] for k in sorted(latest)],
+                     seconds=[u["seconds"] for u in updates], before=before,
+                     cached_targets=sum(int((u.get("parts") or {}).get("z_cached", 0)) for u in updates))
 
 
 def load_all(out: Path, methods: Sequence[str] | None = None) -> list[MethodRun]:
@@ -417,14 +454,29 @@ def _fmt(value: Any, pattern: str) -> str:
     return "-" if not isinstance(value, (int, float)) else pattern.format(value)
 
 
+def _reference(runs: Sequence[MethodRun]) -> MethodRun | None:
+    """The run that got furthest: its largest sample gives the unedited model's scores."""
+    reached = [r for r in runs if r.points]
+    return max(reached, key=lambda r: r.points[-1]["edits"]) if reached else None
+
+
+def unedited_values(runs: Sequence[MethodRun]) -> dict[str, Any]:
+    """The unedited model's scores, keyed like a curve point's metrics (tasks as ``<task>_after``)."""
+    ref = _reference(runs)
+    if ref is None:
+        return {}
+    values = dict(ref.points[-1].get("metrics_pre") or {})
+    values.update({f"{k}_after": v for k, v in ref.before.items()})
+    return values
+
+
 def table_rows(runs: Sequence[MethodRun]) -> list[list[str]]:
     """One row per method and checkpoint, plus one for the unedited model."""
     rows = []
-    reference = max(runs, key=lambda r: r.points[-1]["edits"] if r.points else 0, default=None)
-    if reference and reference.points:
-        pre = dict(reference.points[-1].get("metrics_pre") or {})
-        pre.update({f"{k}_after": v for k, v in reference.before.items()})
-        rows.append(["unedited", "0", str(reference.config().scored(reference.points[-1]["edits"])),
+    ref = _reference(runs)
+    if ref is not None:
+        pre = unedited_values(runs)
+        rows.append(["unedited", "0", str(ref.config().scored(ref.points[-1]["edits"])),
                      *(_fmt(pre.get(key), f) for _, key, f in COLUMNS), "-", "-"])
     for run in runs:
         cfg = run.config()
@@ -462,6 +514,8 @@ def status_notes(runs: Sequence[MethodRun]) -> list[str]:
         last = stages[-1]["edits"] if stages else 0
         per_edit = statistics.median(run.seconds) if run.seconds else None
         cost = f"; median {per_edit:.2f} s per edit" if per_edit is not None else ""
+        if run.cached_targets:
+            cost += f" ({run.cached_targets} of {len(run.seconds)} edits found their optimised target in the cache)"
         rss = run.meta.get("process_peak_rss_mb") or run.meta.get("peak_rss_mb")
         rss_text = f", peak RSS {rss:.0f} MB" if rss else ""
         status = run.meta.get("status")
@@ -483,6 +537,7 @@ def plot_retention(runs: Sequence[MethodRun], path: Path) -> bool:
     """Retention curves (each metric of all edits so far vs T) as one PNG; False without matplotlib."""
     try:
         import matplotlib
+        import matplotlib.ticker
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError:
@@ -495,19 +550,32 @@ def plot_retention(runs: Sequence[MethodRun], path: Path) -> bool:
     fig = Figure(figsize=(3.4 * cols, 2.8 * rows), dpi=110, layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    unedited = unedited_values(runs)
     for ax, (title, key, _) in zip(axes, CURVE_PANELS):
+        drawn = False
         for i, run in enumerate(runs):
             xy = [(p["edits"], p["metrics"][key]) for p in run.points if isinstance(p["metrics"].get(key), (int, float))]
             if xy:
                 ax.plot(*zip(*xy), marker="o", ms=3, label=run.method, color=matplotlib.colormaps["tab10"](i % 10))
+                drawn = True
+        if not drawn:
+            ax.set_visible(False)
+            continue
+        if isinstance(unedited.get(key), (int, float)):
+            ax.axhline(unedited[key], color="grey", ls="--", lw=0.8, label="unedited")
         ax.set_title(title, fontsize=9)
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        if key == "perplexity_after":
+            ax.set_yscale("log")
+        else:
+            ax.set_ylim(-0.03, 1.03)
         ax.set_xlabel("edits so far (T)", fontsize=8)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
     for ax in axes[len(CURVE_PANELS):]:
         ax.set_visible(False)
-    handles, labels = axes[0].get_legend_handles_labels()
+    handles, labels = next((ax.get_legend_handles_labels() for ax in axes if ax.get_visible()), ([], []))
     if handles:
         fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 8), fontsize=8)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -649,6 +717,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.worker:
         return worker(args.worker, config_from(args), args.out, method_overrides(args.sets, args.worker))
     console = Console()
+    if not console.is_terminal:
+        console = Console(width=200)  # a log file gets the whole table, not 80 columns of ellipses
     console.print(f"CPU: {cpu_line(cpu_info())}", soft_wrap=True)
     if args.render_only:
         runs = render(args.out, args.doc)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -35,9 +36,10 @@ def setup(bench, tmp_path, monkeypatch):
     return cfg, tiny_model("llama"), load_dataset("counterfact-edit", n=2)
 
 
-def test_two_methods_run_render_and_resume(bench, setup, tmp_path):
+def test_two_methods_run_render_and_resume(bench, setup, tmp_path, caplog):
     cfg, model, requests = setup
     out = tmp_path / "runs"
+    caplog.set_level(logging.INFO, logger="lifelong")
     for method in FAST:
         meta = bench.run_method(model, method, requests, cfg, out / method, overrides=FAST[method], progress=False)
         assert meta["status"] == "done" and [s["edits"] for s in meta["stages"]] == [1, 2]
@@ -51,6 +53,9 @@ def test_two_methods_run_render_and_resume(bench, setup, tmp_path):
         assert {"reliability", "efficacy_score", "perplexity_after", "piqa_after"} <= set(summary["curve"][-1]["metrics"])
         assert len(list((run_dir / "updates").glob("*.lmpatch"))) == 2
     assert not model.applied  # every run leaves the model as it found it
+    # the unedited model's task scores were measured once and shared with the second method
+    assert (out / "ft-m" / "tasks.json").read_text() == (out / "grace" / "tasks.json").read_text()
+    assert any("Unedited task scores taken from" in r.getMessage() and "grace" in r.getMessage() for r in caplog.records)
 
     again = bench.run_method(model, "grace", requests, cfg, out / "grace", overrides=FAST["grace"], progress=False)
     assert len(again["stages"]) == 2  # nothing recomputed
