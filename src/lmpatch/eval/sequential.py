@@ -31,6 +31,7 @@ from lmpatch.eval.metrics import (
 from lmpatch.eval.records import (
     RECORDS_FILE,
     SUMMARY_FILE,
+    TASKS_FILE,
     append_record,
     edit_parts,
     open_for_append,
@@ -39,7 +40,7 @@ from lmpatch.eval.records import (
     scored_indices,
     timing,
 )
-from lmpatch.eval.runner import EditFn, ModelState, check_restored, unique_keys
+from lmpatch.eval.runner import EditFn, ModelState, _load_task_state, check_restored, unique_keys
 from lmpatch.eval.tasks import Tasks, measure_tasks, task_metrics, task_protocols
 from lmpatch.fileio import atomic_write_json
 from lmpatch.model.loading import LoadedModel
@@ -100,7 +101,7 @@ def run_sequential(
         n_updates, batch_size, n
     )
     if not resume:
-        for name in (RECORDS_FILE, UPDATES_FILE, CURVE_FILE, SUMMARY_FILE):
+        for name in (RECORDS_FILE, UPDATES_FILE, CURVE_FILE, SUMMARY_FILE, TASKS_FILE):
             (out / name).unlink(missing_ok=True)
         for f in (out / UPDATES_DIR).glob("*.lmpatch"):
             f.unlink()
@@ -114,7 +115,7 @@ def run_sequential(
     final_scores = None  # the final model's scores: the checkpoint at n edits measures them
     with run_progress(progress) as bar:
         pre_scores = measure(model, [requests[i] for i in sample], groups, eval_batch_size)
-        tasks_before = measure_tasks(model, tasks) if tasks else {}
+        tasks_before = _tasks_before(model, out, tasks, resume)
         try:
             applied = _reapply(model, out, updates_log, originals, keys, batch_size)
             done_updates = len(applied)
@@ -190,6 +191,18 @@ def run_sequential(
     }
     atomic_write_json(out / SUMMARY_FILE, summary)
     return summary
+
+
+def _tasks_before(model: LoadedModel, out: Path, tasks: Tasks | None, resume: bool) -> dict[str, float]:
+    """Task scores of the unedited model: measured once per run directory and kept in
+    ``tasks.json``, so resuming (or growing a run to more edits) does not pay for them again."""
+    if not tasks:
+        return {}
+    state = _load_task_state(out, tasks, resume)
+    if "before" not in state:
+        state = {"before": measure_tasks(model, tasks)}
+        atomic_write_json(out / TASKS_FILE, state)
+    return state["before"]
 
 
 def _update_name(u: int) -> str:
