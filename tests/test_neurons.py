@@ -130,12 +130,14 @@ def test_tpatcher_in_sequence_keeps_off_earlier_edits():
         second.revert(model)
 
 
-def test_calinet_trains_on_rephrasings_and_refuses_opt():
+def test_calinet_trains_on_rephrasings_only_when_asked_and_refuses_opt():
     request = lmpatch.EditRequest(prompt="Mount Fuji is in", subject="Mount Fuji", target_new="Peru",
                                   rephrase=("Mount Fuji can be found in", "The country of Mount Fuji is"))
     assert [f.prompt for f in facts([request], True)] == [request.prompt, *request.rephrase]
     assert len(facts([request], False)) == 1
     patch = lmpatch.edit(tiny_model("qwen2"), request, "calinet", steps=3, slots=4)
-    assert patch.metrics["edit"]["facts"] == 3 and len(patch.modules) == 2
+    assert patch.metrics["edit"]["facts"] == 1 and len(patch.modules) == 2  # rephrases are test probes
+    patch = lmpatch.edit(tiny_model("qwen2"), request, "calinet", steps=3, slots=4, use_rephrase=True)
+    assert patch.metrics["edit"]["facts"] == 3
     with pytest.raises(lmpatch.LmpatchError, match="OPT-style"):
         lmpatch.edit(tiny_model("opt"), request, "calinet", steps=1)
