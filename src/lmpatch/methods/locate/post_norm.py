@@ -96,7 +96,27 @@ def _gauss_newton(f, y: torch.Tensor, r: torch.Tensor, steps: int, tol: float):
         err[index] = best_err
         moved = best_err < old * (1 - 1e-4)
         live[index] = moved & (best_err > tol * r[index].norm(dim=-1))
+    x = _back_to_scale(f, y, x)
     return x - y, f(x) - base
+
+
+def _back_to_scale(f, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """x rescaled to ‖y‖ where that leaves the norm's output as it is.
+
+    Each least-norm step is orthogonal to the current input, so chasing a target the norm
+    cannot fully reach makes ‖x‖ grow (to tens of ‖y‖ on Gemma-3-270M), although only
+    x's direction matters to a scale-invariant norm. A change that large moves the outputs
+    of other keys in proportion. ‖y‖·x/‖x‖ is the smallest change along x's ray that
+    keeps at least y's scale; it is taken only where the norm's output stays the same
+    (checked, so a norm that does depend on scale keeps x).
+    """
+    grown = x.norm(dim=-1) > y.norm(dim=-1)
+    if not bool(grown.any()):
+        return x
+    scaled = x * (y.norm(dim=-1) / x.norm(dim=-1).clamp_min(1e-30))[:, None]
+    out, back = f(x), f(scaled)
+    same = (back - out).norm(dim=-1) <= 1e-4 * out.norm(dim=-1)
+    return torch.where((grown & same)[:, None], scaled, x)
 
 
 def _jacobian(f, x: torch.Tensor) -> torch.Tensor:
