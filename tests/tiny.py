@@ -98,10 +98,11 @@ _CONFIGS: dict[str, tuple[str, Callable[[int], dict]]] = {
     "falcon": ("FalconConfig", _falcon),
     "bloom": ("BloomConfig", _bloom),
     "olmo": ("OlmoConfig", _gqa),  # its layer norms have no parameters
+    "olmo2": ("Olmo2Config", _gqa),  # norms after attention and MLP only (post-norms)
 }
 
 _MAIN = ["gpt2", "gptj", "gpt_neox", "llama", "mistral", "qwen2", "gemma", "phi3", "opt", "gemma2"]
-_EXTRA = ["qwen3", "cohere", "granite", "falcon", "bloom", "olmo"]
+_EXTRA = ["qwen3", "cohere", "granite", "falcon", "bloom", "olmo", "olmo2"]
 
 
 def _available(names: list[str]) -> list[str]:

@@ -6,6 +6,12 @@ by a least-squares update that maps the facts' keys to their share of the missin
 output while disturbing the preserved keys (C0) as little as possible.
 The loop and the solve live in :mod:`lmpatch.methods.locate`, so PMET, AlphaEdit and
 EMMET reuse them; this module is only MEMIT's choices.
+
+Where a block normalises its MLP output before the residual stream (Gemma 2/3, OLMo 2;
+``LayerSpec.mlp_post_norm``), each layer's share of the missing residual is mapped through
+that norm to the change of the output projection's output that makes it
+(:mod:`lmpatch.methods.locate.post_norm`); adding the share itself, as for Llama, made the
+residual change 2-22x what was asked on Gemma-3-270M and broke its neighbourhood.
 """
 from __future__ import annotations
 

@@ -17,7 +17,12 @@ look at structure and shapes:
   So the MLP is preferred where an activation function lives, then where the width
   matches the config's intermediate size;
 * the attention is the other sub-module that maps back to the hidden size;
-* the final norm is the (hidden,)-shaped norm of the base model outside the blocks.
+* the final norm is the (hidden,)-shaped norm of the base model outside the blocks;
+* the MLP's post-norm (Gemma 2/3, OLMo 2 normalise the MLP output before adding it to the
+  residual stream) is a matter of dataflow, not of shapes or registration order (Llama's
+  ``post_attention_layernorm`` is the norm *before* its MLP), so it is found by one short
+  forward pass: the (hidden,)-shaped module in the block whose input is the output
+  projection's output.
 
 Type names are looked at only where shapes cannot decide: a parameter-free module
 counts as an activation (the MLP's mark) and a parameter-free final norm (OLMo) is
@@ -27,13 +32,16 @@ GPT-2's ``Conv1D`` (weight stored as in x out) is recognised by type.
 """
 from __future__ import annotations
 
+import logging
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
 from lmpatch.errors import LmpatchError
+
+log = logging.getLogger(__name__)
 
 
 def _conv1d_type() -> tuple[type, ...]:
@@ -77,13 +85,20 @@ def from_param_layout(module: nn.Module, weight: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class LayerSpec:
-    """Module paths of one decoder block."""
+    """Module paths of one decoder block.
+
+    ``mlp_post_norm`` is the norm the MLP's output passes through before it joins the
+    residual stream, or empty when the output projection's output is added as it is. A
+    change of the projection's output then does not add linearly to the residual stream:
+    the norm rescales (and, with per-channel gains, rotates) it.
+    """
 
     block: str
     attn: str
     attn_out: str
     mlp_in: tuple[str, ...]
     mlp_out: str
+    mlp_post_norm: str = ""
 
 
 @dataclass(frozen=True)
@@ -125,6 +140,7 @@ class ModelSpec:
         d_ff_hint = _intermediate_size(cfg)
 
         layer_list, layers = _find_layers(model, n_layers, hidden, d_ff_hint, names)
+        layers = _with_mlp_post_norms(model, layer_list, layers, hidden, names)
         mlp_size = linear_dims(_get(model, layers[0].mlp_out))[0]
 
         base = getattr(model, "base_model", model)
@@ -152,6 +168,11 @@ class ModelSpec:
 
     def mlp_out(self, model: nn.Module, layer: int) -> nn.Module:
         return _get(model, self.layers[self.check_layer(layer)].mlp_out)
+
+    def mlp_post_norm(self, model: nn.Module, layer: int) -> nn.Module | None:
+        """The norm between layer ``layer``'s MLP output projection and the residual stream, if any."""
+        path = self.layers[self.check_layer(layer)].mlp_post_norm
+        return _get(model, path) if path else None
 
     def block(self, model: nn.Module, layer: int) -> nn.Module:
         return _get(model, self.layers[self.check_layer(layer)].block)
@@ -389,6 +410,61 @@ def _find_layers(
         f"Could not find {count}decoder blocks in this {type(model).__name__}; "
         "lmpatch edits decoder-only transformers."
     )
+
+
+def _with_mlp_post_norms(
+    model: nn.Module, layer_list: nn.ModuleList, layers: tuple[LayerSpec, ...], hidden: int, names: dict[int, str]
+) -> tuple[LayerSpec, ...]:
+    """``layers`` with ``mlp_post_norm`` set where the MLP output passes through a norm.
+
+    One forward pass over four tokens, with the blocks' output projections and every
+    (hidden,)-shaped module of the blocks hooked: a module whose input *is* (by value) the
+    output projection's output in the same pass is that MLP's post-norm. Models that cannot
+    run here (weights on the meta device) keep the plain description, with a warning.
+    """
+    first = next(model.parameters(), None)
+    if first is None or first.device.type == "meta":
+        return layers
+    blocks = list(layer_list)
+    outs: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(blocks))}
+    seen: dict[int, list[tuple[nn.Module, torch.Tensor]]] = {i: [] for i in range(len(blocks))}
+    handles = []
+    try:
+        for i, (block, layer) in enumerate(zip(blocks, layers)):
+            down = _get(model, layer.mlp_out)
+            handles.append(down.register_forward_hook(lambda _m, _a, out, i=i: outs[i].append(_first_tensor(out))))
+            for m in block.modules():
+                params = list(m.parameters(recurse=False))
+                if list(m.children()) or linear_dims(m) is not None or not params:
+                    continue
+                if all(tuple(p.shape) == (hidden,) for p in params):
+                    handles.append(m.register_forward_pre_hook(
+                        lambda mod, args, i=i: seen[i].append((mod, args[0])) if args else None))
+        emb = model.get_input_embeddings()
+        ids = (torch.arange(1, 5, device=emb.weight.device) % emb.weight.shape[0])[None]
+        with torch.no_grad():
+            getattr(model, "base_model", model)(input_ids=ids)
+    except Exception as exc:  # noqa: BLE001 - an exotic forward must not stop loading
+        log.warning("Could not run the probe that finds MLP post-norms (%s); assuming none.", exc)
+        return layers
+    finally:
+        for h in handles:
+            h.remove()
+    found = []
+    for i, layer in enumerate(layers):
+        post = ""
+        if outs[i]:
+            y = outs[i][0]
+            for mod, x in seen[i]:
+                if isinstance(x, torch.Tensor) and x.shape == y.shape and torch.equal(x, y):
+                    post = names[id(mod)]
+                    break
+        found.append(replace(layer, mlp_post_norm=post))
+    return tuple(found)
+
+
+def _first_tensor(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
 
 
 def _find_final_norm(base: nn.Module, layer_list: nn.ModuleList, hidden: int) -> nn.Module | None:

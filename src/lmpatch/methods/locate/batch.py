@@ -30,6 +30,7 @@ import torch
 
 from lmpatch.errors import LmpatchError
 from lmpatch.methods.locate.keys import read_at
+from lmpatch.methods.locate.post_norm import input_change
 from lmpatch.methods.locate.target_cache import CachedTarget, TargetCache
 from lmpatch.methods.locate.templates import context_templates
 from lmpatch.methods.locate.values import ValueConfig, optimize_values
@@ -144,13 +145,16 @@ def read_state(
     target: str = "block",
     chunk_rows: int = 256,
     frozen: FrozenBelow | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    own_output: bool = False,
+) -> tuple[torch.Tensor, ...]:
     """(keys, values) of the model as it is now, in one pass that stops at ``value_layer``.
 
     keys: n × d_ff float64, the template-weighted inputs of layer ``layer``'s MLP output
     projection at the subject's last token; values: n × d float64, the output of block
     ``value_layer`` (``target="block"``) or of its MLP (``"mlp_out"``) there, on the bare prompt.
     ``frozen`` (from the same ``rows`` and ``chunk_rows``) skips the blocks it covers.
+    With ``own_output``, a third tensor: the output of layer ``layer``'s MLP output
+    projection there (n × d float64, bare prompt), which an MLP post-norm reads.
     """
     spec = model.spec
     net = model.model
@@ -160,19 +164,26 @@ def read_state(
     total = rows.ids.shape[0]
     keys = torch.empty(total, spec.mlp_size, dtype=torch.float64, device=dev)
     values = torch.empty(total, spec.hidden_size, dtype=torch.float64, device=dev)
+    own = torch.empty(total, spec.hidden_size, dtype=torch.float64, device=dev) if own_output else None
+    out_modules = [value_module] + ([key_module] if own_output else [])
     for c, index in enumerate(rows.chunks(chunk_rows)):
         width = int(rows.last[index].max()) + 1
         ids = rows.ids[index, :width].to(dev)
         mask = rows.mask[index, :width].to(dev)
         with frozen.around(c) if frozen is not None else nullcontext():
-            k, (v,) = read_at(model, rows.last[index], key_module, [value_module], value_module,
+            k, outs = read_at(model, rows.last[index], key_module, out_modules, value_module,
                               input_ids=ids, attention_mask=mask, use_cache=False)
         keys[index.to(dev)] = k.double().to(dev)
-        values[index.to(dev)] = v.double().to(dev)
+        values[index.to(dev)] = outs[0].double().to(dev)
+        if own is not None:
+            own[index.to(dev)] = outs[1].double().to(dev)
     n, t = rows.n_requests, rows.n_templates
     k = keys.reshape(n, t, -1)
     v = values.reshape(n, t, -1)
-    return torch.einsum("ntd,t->nd", k, weights.to(k.device)), v[:, rows.bare]
+    result = (torch.einsum("ntd,t->nd", k, weights.to(k.device)), v[:, rows.bare])
+    if own is not None:
+        result += (own.reshape(n, t, -1)[:, rows.bare],)
+    return result
 
 
 @dataclass
@@ -265,6 +276,13 @@ def spread_update(
     ``solve`` turns the keys and that share into a weight change. Returns one low-rank
     delta per layer (dense when that is smaller) and per-layer diagnostics; the model is
     left exactly as it was.
+
+    Where an MLP's output passes through a post-norm before the residual stream
+    (:attr:`~lmpatch.model.spec.LayerSpec.mlp_post_norm`), the share is a change of the
+    norm's *output*: it is mapped through the norm (:func:`~lmpatch.methods.locate.post_norm.input_change`)
+    to the change of the projection's output that makes it, and that is what is solved for.
+    With an ``mlp_out`` target the top layer's values are likewise compared after its
+    post-norm. Layers without a post-norm are solved exactly as before.
     """
     if spread not in SPREADS:
         raise LmpatchError(f"Unknown residual spread {spread!r}; choose one of {', '.join(SPREADS)}.")
@@ -279,6 +297,8 @@ def spread_update(
     weights = template_weights(templates)
     frozen = FrozenBelow(model, rows, order[0], chunk_rows)
     top = order[-1]
+    spec = model.spec
+    top_norm = spec.mlp_post_norm(model.model, top) if target == "mlp_out" else None
     z: torch.Tensor | None = None
     out: list[WeightDelta] = []
     infos: list[dict] = []
@@ -286,16 +306,27 @@ def spread_update(
     try:
         for i, layer in enumerate(order):
             t0 = time.perf_counter()
-            keys, current = read_state(model, rows, weights, layer, top, target, chunk_rows, frozen)
+            norm = spec.mlp_post_norm(model.model, layer)
+            keys, current, *own = read_state(model, rows, weights, layer, top, target, chunk_rows, frozen,
+                                             own_output=norm is not None)
             if z is None:
                 z = current + deltas.to(current.device, torch.float64)
-            missing = z - current
+            if top_norm is None:
+                missing = z - current
+            else:  # the top MLP's value as the residual stream sees it: after its post-norm
+                missing = _normed(top_norm, z) - _normed(top_norm, current)
             remaining = len(order) - i
             residual = missing / (remaining if spread == "linear" else math.sqrt(remaining))
+            extra = {}
+            if norm is not None:
+                wanted = residual
+                residual, achieved = input_change(norm, own[0], wanted)
+                extra = _post_norm_info(spec.layers[layer].mlp_post_norm, own[0], wanted, residual, achieved)
             left, right = solve(layer, keys, residual)
             delta = weight_delta(model, layer, left, right)
             out.append(delta)
-            infos.append(_layer_info(layer, keys, missing, residual, left, right, time.perf_counter() - t0))
+            infos.append({**_layer_info(layer, keys, missing, residual, left, right, time.perf_counter() - t0),
+                          **extra})
             log.debug("layer %d: %s", layer, infos[-1])
             if i < len(order) - 1:
                 part = Patch(parts=[delta], method="spread-partial", model_fingerprint=model.fingerprint,
@@ -306,6 +337,28 @@ def spread_update(
         for part in reversed(applied):
             part.revert(model)
     return out, infos
+
+
+def _normed(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    param = next(norm.parameters(), None)
+    with torch.no_grad():
+        if param is None:
+            return norm(x.float()).double()
+        return norm(x.to(param.device, param.dtype)).double().to(x.device)
+
+
+def _post_norm_info(path: str, inputs, wanted, change, achieved) -> dict:
+    """How the share fared through the post-norm: the residual change the mapped change
+    makes relative to the share (1 = all of it) and the mapped change's size relative to
+    the projection's output (what the solve now writes)."""
+    w2 = (wanted * wanted).sum(-1).clamp_min(1e-30)
+    return {
+        "post_norm": path,
+        "share_norm": float(wanted.norm(dim=-1).mean()),
+        "share_reached": float(((achieved * wanted).sum(-1) / w2).mean()),
+        "share_error": float(((achieved - wanted).norm(dim=-1) / w2.sqrt()).mean()),
+        "relative_change": float((change.norm(dim=-1) / inputs.norm(dim=-1).clamp_min(1e-30)).mean()),
+    }
 
 
 def weight_delta(model: LoadedModel, layer: int, left: torch.Tensor, right: torch.Tensor) -> WeightDelta:
