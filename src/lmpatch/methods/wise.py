@@ -52,12 +52,12 @@ from lmpatch.errors import InvalidRequestError
 from lmpatch.methods.registry import Method, register
 from lmpatch.methods.teacher import TARGET_NEW, target_batch, target_nll
 from lmpatch.model.context import real_tokens
-from lmpatch.model.hooks import capture_input, capture_output, edit_output, record_outputs, replay_outputs
+from lmpatch.model.hooks import capture_input, capture_output, edit_output, record_outputs, replay_outputs, run_until
 from lmpatch.model.loading import LoadedModel
 from lmpatch.model.spec import from_param_layout
 from lmpatch.patch import AddedModule, ModuleAddition, Patch, register_addition
 from lmpatch.request import EditRequest
-from lmpatch.tokens import pad_right
+from lmpatch.tokens import pad_right, prompt_target
 
 __all__ = ["WiseHparams", "WiseMemory", "apply_wise"]
 
@@ -75,8 +75,8 @@ class WiseHparams:
 
     layer: int | None = None          # None: ``layer_fraction`` of the depth
     layer_fraction: float = 0.85      # EasyEdit: LLaMA-2-7B layer 27 of 32
-    steps: int = 70
-    lr: float = 1.0
+    steps: int = 40
+    lr: float = 1e-2
     weight_decay: float = 1e-5
     mask_ratio: float = 0.2
     norm_constraint: float = 1.0      # |W' - W| <= this, entry by entry
@@ -87,8 +87,11 @@ class WiseHparams:
     save_freq: int = 500              # edits per shard (one random mask)
     merge_freq: int = 1000            # edits per TIES merge of shards
     merge_density: float = 0.53
-    irrelevant: int = 4               # irrelevant prompts per edit (counterfact-train)
+    irrelevant: int = 8               # irrelevant prompts per edit: the pool's nearest to the edit
+    swapped: int = 4                  # and the edit prompt about this many other subjects
+    pool: int = 256                   # counterfact-train prompts the irrelevant ones are chosen from
     stop_loss: float = 2e-2
+    optimizer: str = "adam"            # or "sgd" (the paper's; lr 1.0, 70 steps)
     seed: int = 0
 
     def check(self) -> None:
@@ -299,11 +302,54 @@ def _irrelevant_pool() -> tuple[tuple[str, str], ...]:
     return tuple((r.subject, r.prompt) for r in load_dataset("counterfact-train"))
 
 
-def irrelevant_prompts(request: EditRequest, k: int, seed: int) -> list[str]:
-    pool = [p for s, p in _irrelevant_pool() if s != request.subject and request.subject not in p]
-    digest = hashlib.sha256(f"{seed}:{request.prompt}".encode()).digest()
-    start = int.from_bytes(digest[:4], "little") % len(pool)
-    return [pool[(start + i * 7919) % len(pool)] for i in range(k)]
+def pool_sample(size: int, seed: int) -> list[tuple[str, str]]:
+    """A fixed random sample of ``size`` (subject, prompt) pairs of the irrelevant pool."""
+    pool = _irrelevant_pool()
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(pool), generator=gen)[:size].tolist()
+    return [pool[i] for i in order]
+
+
+class _PoolIO:
+    """Host inputs/outputs of the pool sample, computed once per model and per state of the
+    layers below (WISE's own memory does not change them: it only acts on the host's output,
+    and it is bypassed while they are read)."""
+
+    def __init__(self, subjects: list[str], prompts: list[str], x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor):
+        self.subjects, self.prompts = subjects, prompts
+        self.x, self.y, self.mask = x, y, mask
+
+    def allowed(self, request: EditRequest) -> torch.Tensor:
+        """Indices of the pool prompts that do not mention the edited subject."""
+        subject = request.subject
+        return torch.tensor([i for i, (s, p) in enumerate(zip(self.subjects, self.prompts))
+                             if s != subject and subject not in p], dtype=torch.long)
+
+
+_POOL_CACHE: dict[tuple, _PoolIO] = {}
+
+
+def _pool_io(model: LoadedModel, host: nn.Module, hp: "WiseHparams") -> _PoolIO:
+    below = tuple(e.patch_id for e in model.stack.entries if e.method != "wise")
+    key = (id(model), model.fingerprint, below, id(host), hp.pool, hp.seed)
+    if key not in _POOL_CACHE:
+        _POOL_CACHE.clear()
+        sample = pool_sample(hp.pool, hp.seed)
+        xs, ys, masks = [], [], []
+        for i in range(0, len(sample), 64):
+            x, y, mask = _host_io(model, host, [p for _, p in sample[i:i + 64]])
+            xs.append(x)
+            ys.append(y)
+            masks.append(mask)
+        width = max(m.shape[1] for m in masks)
+
+        def padded(t: torch.Tensor) -> torch.Tensor:
+            return F.pad(t, (0, 0, 0, width - t.shape[1])) if t.dim() == 3 else F.pad(t, (0, width - t.shape[1]))
+
+        _POOL_CACHE[key] = _PoolIO([s for s, _ in sample], [p for _, p in sample],
+                                   torch.cat([padded(x) for x in xs]), torch.cat([padded(y) for y in ys]),
+                                   torch.cat([padded(m) for m in masks]))
+    return _POOL_CACHE[key]
 
 
 def apply_wise(model: LoadedModel, requests: Sequence[EditRequest], hp: WiseHparams) -> Patch:
@@ -361,21 +407,43 @@ def _act_name(model: LoadedModel) -> str:
     return getattr(cfg, "hidden_act", None) or getattr(cfg, "activation_function", None) or "gelu"
 
 
-def _host_io(model: LoadedModel, host: nn.Module, prompts: list[str]):
-    """Host inputs and outputs (float32) and the real-token mask of ``prompts``, unpatched by WISE's training."""
+def _host_io(model: LoadedModel, host: nn.Module, prompts: list[str], target: str | None = None):
+    """Host inputs and outputs (float32) and the real-token mask of ``prompts`` (each followed by
+    ``target`` if given, joined as the teacher-forced edit is), unpatched by WISE's training."""
     tok = model.tokenizer
-    ids = [tok(model.format_prompt(p))["input_ids"] for p in prompts]
+    if target is None:
+        ids = [tok(model.format_prompt(p))["input_ids"] for p in prompts]
+    else:
+        ids = [list(prompt_target(tok, model.format_prompt(p), target).ids) for p in prompts]
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     input_ids, mask = pad_right(ids, pad)
     xs, ys = [], []
     with torch.no_grad(), capture_input(host, xs), capture_output(host, ys):
-        model.forward(input_ids=input_ids.to(model.input_device), attention_mask=mask.to(model.input_device),
-                      use_cache=False)
+        run_until(model.forward, host, input_ids=input_ids.to(model.input_device),
+                  attention_mask=mask.to(model.input_device), use_cache=False)
     return _batched(xs[0], mask), _batched(ys[0], mask), mask.float()
+
+
+def swapped_prompts(request: EditRequest, k: int, seed: int) -> list[str]:
+    """The edit prompt about ``k`` other subjects (from ``counterfact-train``): the same question
+    asked of someone else, which the side memory must leave to the base model."""
+    if k <= 0 or not request.subject or request.subject not in request.prompt:
+        return []
+    subjects = sorted({s for s, _ in _irrelevant_pool() if s and s != request.subject
+                       and request.subject not in s and s not in request.subject})
+    digest = hashlib.sha256(f"{seed}:{request.subject}:{request.prompt}".encode()).digest()
+    start = int.from_bytes(digest[:4], "little") % len(subjects)
+    return [request.prompt.replace(request.subject, subjects[(start + i * 7919) % len(subjects)]) for i in range(k)]
 
 
 def _batched(t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return t.reshape(mask.shape[0], mask.shape[1], -1).float().cpu()
+
+
+def _separated(d_edit: torch.Tensor, d_irr: torch.Tensor, hp: "WiseHparams") -> bool:
+    """The router's goals for this edit: its Δ at least β and γ above every irrelevant prompt's."""
+    low = float(d_edit.detach().min())
+    return low >= hp.beta and low - float(d_irr.detach().max()) >= hp.gamma
 
 
 def _edit_one(
@@ -397,11 +465,32 @@ def _edit_one(
         target_nll(model, batch)
     edit_mask = batch.attention_mask.float()
     x_e, y_e = _batched(xs[0], edit_mask), _batched(ys[0], edit_mask)
-    x_i, y_i, irr_mask = _host_io(model, host, irrelevant_prompts(request, hp.irrelevant, hp.seed))
+    pool = _pool_io(model, host, hp)
+    allowed = pool.allowed(request)
+    swapped = swapped_prompts(request, hp.swapped, hp.seed)
+    x_s, y_s, s_mask = _host_io(model, host, swapped, request.target_new) if swapped else (None, None, None)
+    gen = torch.Generator().manual_seed(int.from_bytes(
+        hashlib.sha256(f"{hp.seed}:{request.prompt}".encode()).digest()[:4], "little"))
 
+    pick = allowed[torch.randperm(allowed.numel(), generator=gen)[:hp.irrelevant]]
+
+    def negatives() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The irrelevant inputs: a random draw from the pool (fixed for the edit), and the swapped prompts."""
+        x, y, mask = pool.x[pick], pool.y[pick], pool.mask[pick]
+        if x_s is None:
+            return x, y, mask
+        width = max(x.shape[1], x_s.shape[1])
+        return (torch.cat([F.pad(x, (0, 0, 0, width - x.shape[1])), F.pad(x_s, (0, 0, 0, width - x_s.shape[1]))]),
+                torch.cat([F.pad(y, (0, 0, 0, width - y.shape[1])), F.pad(y_s, (0, 0, 0, width - y_s.shape[1]))]),
+                torch.cat([F.pad(mask, (0, width - mask.shape[1])), F.pad(s_mask, (0, width - s_mask.shape[1]))]))
+
+    x_i, y_i, irr_mask = negatives()
     shape = current.shape
     values = torch.zeros(idx.numel(), requires_grad=True)
-    opt = torch.optim.SGD([values], lr=hp.lr, weight_decay=hp.weight_decay)
+    if hp.optimizer == "adam":
+        opt = torch.optim.Adam([values], lr=hp.lr)
+    else:
+        opt = torch.optim.SGD([values], lr=hp.lr, weight_decay=hp.weight_decay)
     device = model.input_device
 
     def side_change() -> torch.Tensor:
@@ -437,7 +526,7 @@ def _edit_one(
                          + F.relu(hp.gamma + d_irr - d_edit.mean()).mean())
                 loss = lm + route.to(lm.device)
                 losses.append(float(loss.detach()))
-                if float(lm.detach()) < hp.stop_loss and float(route.detach()) == 0.0:
+                if float(lm.detach()) < hp.stop_loss and _separated(d_edit, d_irr, hp):
                     break
                 loss.backward()
                 opt.step()
