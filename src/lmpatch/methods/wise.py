@@ -33,6 +33,27 @@ Departures, each for a stated reason: weight decay acts on the side memory's *ch
 (decaying W' itself towards zero, as plain SGD weight decay does, would pull it away from
 W); the router averages over real tokens only (padding excluded, see
 :mod:`lmpatch.model.context`).
+
+Made for speed and for SmolLM2 (each measured on ``counterfact-train``, see
+:class:`WiseHparams`):
+
+* the irrelevant prompts' host inputs/outputs are computed once for a fixed random sample
+  of ``pool`` training prompts (cached per model and per state of the non-WISE patches;
+  WISE's own memory only acts on the host's output, which is read with it bypassed), so
+  an edit costs no extra forward pass for them;
+* besides ``irrelevant`` random pool prompts, ``swapped`` negatives are the edit prompt
+  itself about other subjects (names from ``counterfact-train``), teacher-forced with the
+  new target: the same question about someone else must stay with the base model. The
+  paper's negatives are unrelated inputs only; these contrastive ones aim at the router
+  keying on the subject rather than the relation (never taken from evaluation records);
+* the stop rule is reachable: stop when the target loss is below ``stop_loss`` and the
+  routing goals hold (edit Δ ≥ β and ≥ γ above every irrelevant Δ). Requiring the whole
+  margin loss to be exactly 0 never happened on SmolLM2 (irrelevant Δ hovers around α),
+  so every edit ran all its steps;
+* ``optimizer="adam"`` (default here) instead of the paper's SGD: with SGD at lr 1.0 the
+  first steps overshoot on SmolLM2 (‖a‖ ≈ 20 per token, so one step moves Δ from 2 to 30)
+  and the target loss was still 0.3–4 after 70 steps; Adam at 1e-2 converges in ~20–40
+  steps. ``optimizer="sgd", lr=1.0, steps=70`` restores the paper's optimisation.
 """
 from __future__ import annotations
 
@@ -69,9 +90,36 @@ LONG_SEQUENCE = 100
 
 @dataclass(frozen=True)
 class WiseHparams:
-    """WISE's settings: EasyEdit's LLaMA-2 values except where SmolLM2 needs its own (the
-    router margins α, β, γ are in the units of the activation difference, which depends on
-    the model; see ``docs/lifelong.md`` for how they were chosen on ``counterfact-train``)."""
+    """WISE's settings for SmolLM2-135M (layer 26 of 30, ``down_proj``; SiLU; ‖W a‖ ≈ 90 per
+    token, so Δ of 20–40 is a 20–40 % change of the activation).
+
+    Evidence, ``counterfact-train`` records 0.. (sequential, one edit per update, all
+    re-scored at the end; shared 2-core CPU, times are noisy):
+
+    ========================================================  ===  =====  =====  =====  ======
+    settings                                                   n    rel    gen    loc    s/edit
+    ========================================================  ===  =====  =====  =====  ======
+    before this tuning: SGD lr 1.0, 70 steps, 4 random irr.    10   0.50   0.05   1.00   4.4
+    Adam 1e-2, 40 steps, 8 pool-nearest irr.                   10   0.80   0.12   0.77   3.6
+    Adam 1e-2, 40 steps, 4 nearest + 4 swapped                 10   0.80   0.05   0.77   3.7
+    Adam 1e-2, 16 random irr. redrawn every step + 4 swapped   10   0.18   0.05   1.00   5.9
+    SGD 0.5, 4 random redrawn every step + 4 swapped           10   0.18   0.05   1.00   5.4
+    Adam 1e-2, 2 random redrawn every step + 4 swapped         10   0.27   0.05   0.97   3.7
+    **defaults**: Adam 1e-2, 40 steps, 8 random + 4 swapped    30   0.23   0.03   0.83   ~4
+    SGD lr 1.0, 70 steps, 4 random (new stop rule, pool)       30   0.28   0.13   0.69   8.2
+    ========================================================  ===  =====  =====  =====  ======
+
+    The goals (reliability ≥ 0.85 and locality ≥ 0.95 after 100 sequential edits) are
+    **not** met. The diagnosis (router Δ per scored prompt after the edits): each edit
+    reaches Δ ≥ β on its own prompt with its negatives near α, but (a) with few fixed
+    negatives the change fires on unseen prompts of the same relation (CounterFact's
+    neighbourhood prompts reach Δ ≈ 0.75 of the edits'), and (b) with many (or redrawn)
+    negatives each later edit pushes the earlier edits' Δ below the threshold (median edit
+    Δ 14 against a threshold of 18–22 after 10 edits). The margins α/β/γ are kept at
+    EasyEdit's values: the router's threshold is relative (``act_ratio`` × the smallest
+    edit Δ), and on SmolLM2 the edits reach 20–50 with irrelevant inputs at 5–10, so their
+    scale is not what limits it.
+    """
 
     layer: int | None = None          # None: ``layer_fraction`` of the depth
     layer_fraction: float = 0.85      # EasyEdit: LLaMA-2-7B layer 27 of 32
@@ -87,7 +135,7 @@ class WiseHparams:
     save_freq: int = 500              # edits per shard (one random mask)
     merge_freq: int = 1000            # edits per TIES merge of shards
     merge_density: float = 0.53
-    irrelevant: int = 8               # irrelevant prompts per edit: the pool's nearest to the edit
+    irrelevant: int = 8               # random pool prompts per edit (fixed for the edit)
     swapped: int = 4                  # and the edit prompt about this many other subjects
     pool: int = 256                   # counterfact-train prompts the irrelevant ones are chosen from
     stop_loss: float = 2e-2
@@ -103,6 +151,10 @@ class WiseHparams:
             raise InvalidRequestError(
                 f"WISE needs merge_freq to be a multiple of save_freq, got {self.merge_freq} and {self.save_freq}."
             )
+        if self.optimizer not in ("adam", "sgd"):
+            raise InvalidRequestError(f"WISE optimizer must be 'adam' or 'sgd', got {self.optimizer!r}.")
+        if self.irrelevant < 0 or self.swapped < 0 or self.pool < 1:
+            raise InvalidRequestError("WISE needs irrelevant >= 0, swapped >= 0 and pool >= 1.")
         if not 0 < self.merge_density <= 1 or not self.act_ratio > 0:
             raise InvalidRequestError("WISE needs 0 < merge_density <= 1 and act_ratio > 0.")
 
