@@ -61,7 +61,7 @@ import hashlib
 import logging
 import time
 from contextlib import ExitStack, contextmanager, nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
 from typing import Any, Iterator, Sequence
 
@@ -140,8 +140,12 @@ class WiseHparams:
     merge_density: float = 0.53
     irrelevant: int = 8               # random pool prompts per edit (fixed for the edit)
     swapped: int = 4                  # and the edit prompt about this many other subjects
+    related: int = 8                  # and this many same-relation training prompts (hard negatives)
     pool: int = 256                   # counterfact-train prompts the irrelevant ones are chosen from
     stop_loss: float = 2e-2
+    replay: int = 32                  # earlier edits of the shard whose routing margins are kept (0: none)
+    replay_targets: int = 4           # the last this many of them also keep their target loss
+    replay_weight: float = 1.0        # weight of their target loss against the new edit's
     optimizer: str = "adam"            # or "sgd" (the paper's; lr 1.0, 70 steps)
     seed: int = 0
 
@@ -156,8 +160,10 @@ class WiseHparams:
             )
         if self.optimizer not in ("adam", "sgd"):
             raise InvalidRequestError(f"WISE optimizer must be 'adam' or 'sgd', got {self.optimizer!r}.")
-        if self.irrelevant < 0 or self.swapped < 0 or self.pool < 1:
-            raise InvalidRequestError("WISE needs irrelevant >= 0, swapped >= 0 and pool >= 1.")
+        if self.replay < 0 or self.replay_targets < 0 or self.replay_weight < 0:
+            raise InvalidRequestError("WISE needs replay >= 0, replay_targets >= 0 and replay_weight >= 0.")
+        if self.irrelevant < 0 or self.swapped < 0 or self.related < 0 or self.pool < 1:
+            raise InvalidRequestError("WISE needs irrelevant >= 0, swapped >= 0, related >= 0 and pool >= 1.")
         if not 0 < self.merge_density <= 1 or not self.act_ratio > 0:
             raise InvalidRequestError("WISE needs 0 < merge_density <= 1 and act_ratio > 0.")
 
@@ -357,6 +363,39 @@ def _irrelevant_pool() -> tuple[tuple[str, str], ...]:
     return tuple((r.subject, r.prompt) for r in load_dataset("counterfact-train"))
 
 
+@lru_cache(maxsize=1)
+def _related_pool() -> dict[str, tuple[tuple[str, str, str], ...]]:
+    """Training prompts by their true answer: (subject or "", prompt, answer) of each
+    ``counterfact-train`` record (its prompt with ``target_true``) and of its neighbourhood
+    probes. CounterFact's neighbourhood prompts are other subjects of the same relation with
+    the same true object, so prompts sharing an edit's ``target_true`` are mostly of its relation."""
+    from lmpatch.data import load_dataset
+
+    out: dict[str, list[tuple[str, str, str]]] = {}
+    for r in load_dataset("counterfact-train"):
+        if r.target_true:
+            out.setdefault(r.target_true.strip(), []).append((r.subject, r.prompt, r.target_true))
+        for probe in r.locality:
+            if probe.kind == "neighborhood" and probe.answer:
+                out.setdefault(probe.answer.strip(), []).append(("", probe.prompt, probe.answer))
+    return {k: tuple(dict.fromkeys(v)) for k, v in out.items()}
+
+
+def related_prompts(request: EditRequest, k: int, seed: int) -> list[tuple[str, str]]:
+    """Up to ``k`` (prompt, answer) training prompts sharing the edit's true answer, about other
+    subjects: hard negatives of the edit's relation (never from the evaluated records)."""
+    if k <= 0 or not request.target_true:
+        return []
+    subject = request.subject
+    rows = [(p, a) for s, p, a in _related_pool().get(request.target_true.strip(), ())
+            if subject not in p and p != request.prompt and not (s and s in request.prompt)]
+    if not rows:
+        return []
+    gen = torch.Generator().manual_seed(int.from_bytes(
+        hashlib.sha256(f"{seed}:related:{request.prompt}".encode()).digest()[:4], "little"))
+    return [rows[i] for i in torch.randperm(len(rows), generator=gen)[:k].tolist()]
+
+
 def pool_sample(size: int, seed: int) -> list[tuple[str, str]]:
     """A fixed random sample of ``size`` (subject, prompt) pairs of the irrelevant pool."""
     pool = _irrelevant_pool()
@@ -436,16 +475,18 @@ def apply_wise(model: LoadedModel, requests: Sequence[EditRequest], hp: WiseHpar
     idx = shard_mask(hp.seed, shard, shape, hp.mask_ratio)
     total = torch.zeros(idx.numel())
     infos, acts = [], []
+    olds = _earlier_edits(model, place, shard)
     for request in requests:
         t0 = time.perf_counter()
         with earlier.bypassed() if earlier is not None else nullcontext():
-            values, info = _edit_one(model, layer, host, request, hp, current, idx)
+            values, info = _edit_one(model, layer, host, request, hp, current, idx, olds)
+        olds.append(request)
         flat = current.flatten().clone()
         flat[idx] += values
         current = flat.reshape(shape)
         total += values
         info["seconds"] = round(time.perf_counter() - t0, 3)
-        acts.append(info["edit_act"])
+        acts.append(min(info["edit_act"], info.get("replay_act_min", info["edit_act"])))
         infos.append(info)
         log.debug("wise edit %r: %s", request.prompt, info)
     part = ModuleAddition(place=place, type=WiseMemory.type_name,
@@ -455,6 +496,49 @@ def apply_wise(model: LoadedModel, requests: Sequence[EditRequest], hp: WiseHpar
         hparams=asdict(hp), requests=requests,
         metrics={"edit": {"layer": layer, "shard": shard, "earlier_edits": before, "requests": infos}},
     )
+
+
+def _earlier_edits(model: LoadedModel, place: str, shard: int) -> list[EditRequest]:
+    """The requests of the applied WISE patches in side-memory shard ``shard`` at ``place``, in order."""
+    out: list[EditRequest] = []
+    for entry in model.stack.entries:
+        if entry.method != "wise":
+            continue
+        parts = [p for p in entry.patch.parts if isinstance(p, ModuleAddition) and p.place == place
+                 and p.type == WiseMemory.type_name and int(p.config.get("shard", -1)) == shard]
+        if parts:
+            out.extend(entry.requests)
+    return out
+
+
+@dataclass(frozen=True)
+class _Probe:
+    """A prompt and the answer it is teacher-forced with (what :func:`_edit_io` reads)."""
+
+    prompt: str
+    target_new: str
+
+
+_EDIT_IO_CACHE: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _edit_io(model: LoadedModel, host: nn.Module, requests: list[EditRequest]):
+    """Host inputs/outputs and real-token masks of earlier edits (prompt + new target), cached like
+    the pool's (per model and per state of the non-WISE patches), padded to one width."""
+    below = tuple(e.patch_id for e in model.stack.entries if e.method != "wise")
+    base = (id(model), model.fingerprint, below, id(host))
+    if any(k[0] != base for k in _EDIT_IO_CACHE):
+        _EDIT_IO_CACHE.clear()
+    missing = [r for r in requests if (base, r.prompt, r.target_new) not in _EDIT_IO_CACHE]
+    for r in missing:
+        x, y, _ = _host_io(model, host, [r.prompt], r.target_new)
+        _EDIT_IO_CACHE[(base, r.prompt, r.target_new)] = (x[0], y[0])
+    rows = [_EDIT_IO_CACHE[(base, r.prompt, r.target_new)] for r in requests]
+    width = max(x.shape[0] for x, _ in rows)
+    x = torch.stack([F.pad(x, (0, 0, 0, width - x.shape[0])) for x, _ in rows])
+    y = torch.stack([F.pad(y, (0, 0, 0, width - y.shape[0])) for _, y in rows])
+    mask = torch.stack([F.pad(torch.ones(r[0].shape[0]), (0, width - r[0].shape[0])) for r in rows])
+    return x, y, mask
 
 
 def _act_name(model: LoadedModel) -> str:
@@ -503,12 +587,21 @@ def _separated(d_edit: torch.Tensor, d_irr: torch.Tensor, hp: "WiseHparams") -> 
 
 def _edit_one(
     model: LoadedModel, layer: int, host: nn.Module, request: EditRequest, hp: WiseHparams,
-    current: torch.Tensor, idx: torch.Tensor,
+    current: torch.Tensor, idx: torch.Tensor, olds: Sequence[EditRequest] = (),
 ) -> tuple[torch.Tensor, dict]:
-    """Train this request's change of the side memory at the mask positions ``idx``."""
+    """Train this request's change of the side memory at the mask positions ``idx``, keeping the
+    routing margins of (up to ``hp.replay``) earlier edits ``olds`` of the shard and the target
+    loss of the last ``hp.replay_targets`` of them."""
     spec = model.spec
     act = _activation(model)
-    batch = target_batch(model, [request], TARGET_NEW)
+    olds = [r for r in olds if r.prompt != request.prompt]
+    replayed = olds[len(olds) - min(hp.replay_targets, hp.replay, len(olds)):] if hp.replay else []
+    batch = target_batch(model, [request] + replayed, TARGET_NEW)
+    if replayed:  # the new edit's mean token loss, plus replay_weight times the replayed edits' mean
+        k = len(replayed)
+        rows = batch.pos_rows[batch.pick]
+        scale = torch.where(rows == 0, torch.tensor(float(k + 1)), torch.tensor(hp.replay_weight * (k + 1) / k))
+        batch = replace(batch, weights=batch.weights * scale)
     blocks = [spec.block(model.model, i) for i in range(layer)]
     recorded: list = []
     xs: list = []
@@ -520,12 +613,30 @@ def _edit_one(
         target_nll(model, batch)
     edit_mask = batch.attention_mask.float()
     x_e, y_e = _batched(xs[0], edit_mask), _batched(ys[0], edit_mask)
+    x_e, y_e, edit_mask = x_e[:1], y_e[:1], edit_mask[:1]
+    gen = torch.Generator().manual_seed(int.from_bytes(
+        hashlib.sha256(f"{hp.seed}:{request.prompt}".encode()).digest()[:4], "little"))
+    margin_olds = list(olds)
+    if len(olds) > hp.replay:  # the last replay_targets ones, and a random draw of the rest
+        last = min(hp.replay_targets, hp.replay)
+        rest = olds[:len(olds) - last]
+        draw = torch.randperm(len(rest), generator=gen)[:hp.replay - last].sort().values.tolist()
+        margin_olds = [rest[i] for i in draw] + olds[len(olds) - last:]
+    x_o, y_o, o_mask = _edit_io(model, host, margin_olds) if margin_olds else (None, None, None)
     pool = _pool_io(model, host, hp)
     allowed = pool.allowed(request)
     swapped = swapped_prompts(request, hp.swapped, hp.seed)
     x_s, y_s, s_mask = _host_io(model, host, swapped, request.target_new) if swapped else (None, None, None)
-    gen = torch.Generator().manual_seed(int.from_bytes(
-        hashlib.sha256(f"{hp.seed}:{request.prompt}".encode()).digest()[:4], "little"))
+    related = related_prompts(request, hp.related, hp.seed)
+    if related:
+        x_r, y_r, r_mask = _edit_io(model, host, [_Probe(p, a) for p, a in related])
+        if x_s is None:
+            x_s, y_s, s_mask = x_r, y_r, r_mask
+        else:
+            width = max(x_s.shape[1], x_r.shape[1])
+            x_s = torch.cat([F.pad(x_s, (0, 0, 0, width - x_s.shape[1])), F.pad(x_r, (0, 0, 0, width - x_r.shape[1]))])
+            y_s = torch.cat([F.pad(y_s, (0, 0, 0, width - y_s.shape[1])), F.pad(y_r, (0, 0, 0, width - y_r.shape[1]))])
+            s_mask = torch.cat([F.pad(s_mask, (0, width - s_mask.shape[1])), F.pad(r_mask, (0, width - r_mask.shape[1]))])
 
     pick = allowed[torch.randperm(allowed.numel(), generator=gen)[:hp.irrelevant]]
 
@@ -579,9 +690,15 @@ def _edit_one(
                 d_irr = distance(x_i, y_i, irr_mask, change)
                 route = (F.relu(d_irr - hp.alpha).mean() + F.relu(hp.beta - d_edit).mean()
                          + F.relu(hp.gamma + d_irr - d_edit.mean()).mean())
+                d_old = d_edit
+                if x_o is not None:  # the earlier edits keep routing to the side memory
+                    d_old = distance(x_o, y_o, o_mask, change)
+                    route = route + (F.relu(hp.beta - d_old).mean()
+                                     + F.relu(hp.gamma + d_irr[None, :] - d_old[:, None]).mean())
                 loss = lm + route.to(lm.device)
                 losses.append(float(loss.detach()))
-                if float(lm.detach()) < hp.stop_loss and _separated(d_edit, d_irr, hp):
+                if (float(lm.detach()) < hp.stop_loss and _separated(d_edit, d_irr, hp)
+                        and _separated(d_old, d_irr, hp)):
                     break
                 loss.backward()
                 opt.step()
@@ -592,10 +709,13 @@ def _edit_one(
         applied = final.flatten()[idx] - current.flatten()[idx]  # the clamp included
         d_edit = float(distance(x_e, y_e, edit_mask, final).mean())
         d_irr = distance(x_i, y_i, irr_mask, final)
-    info = {
-        "steps": len(losses), "initial_loss": round(losses[0], 4), "final_loss": round(losses[-1], 4),
-        "edit_act": d_edit, "irrelevant_act_max": round(float(d_irr.max()), 4),
-    }
+        info = {
+            "steps": len(losses), "initial_loss": round(losses[0], 4), "final_loss": round(losses[-1], 4),
+            "edit_act": d_edit, "irrelevant_act_max": round(float(d_irr.max()), 4),
+        }
+        if x_o is not None:
+            info["replayed"] = len(margin_olds)
+            info["replay_act_min"] = float(distance(x_o, y_o, o_mask, final).min())
     return applied.detach(), info
 
 
