@@ -28,7 +28,7 @@ FAST: dict[str, dict] = {
     "ft-l": dict(steps=3),
     "ft-m": dict(steps=3),
     "grace": dict(steps=5),
-    "wise": dict(steps=5, irrelevant=2),
+    "wise": dict(steps=5, irrelevant=2, swapped=1, pool=8),
     "t-patcher": dict(steps=5, memory_prompts=4),
     "calinet": dict(steps=5, slots=8),
 }
