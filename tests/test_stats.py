@@ -211,6 +211,7 @@ def test_matches_brute_force_on_text_file(lm, text_file):
 
 def test_one_pass_for_several_layers_equals_per_layer_passes(lm, text_file):
     config = cfg_for(text_file)
+    assert lm.spec  # built first: reading the structure runs one probe pass (post-norm detection)
     embed_calls = count_calls(lm.model.get_input_embeddings())
     together = second_moments(lm, [2, 0, 1], config, progress=False, cache=False)
     assert list(together) == [0, 1, 2]
