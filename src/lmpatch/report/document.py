@@ -67,7 +67,8 @@ def _run_lines(runs: Sequence[Run], table: ReportTable) -> list[str]:
                  f"fingerprint {run.fingerprint}" if run.fingerprint else None,
                  f"{len(run.curve)} curve checkpoints" if run.curve else None,
                  None if run.complete else "unfinished: summarised from its records"]
-        lines.append(f"{header.text}: read from {run.path}" + "".join(f"; {f}" for f in facts if f))
+        # The run directory's name only: a report is shared, the machine's paths are not.
+        lines.append(f"{header.text}: run {Path(run.path).name}" + "".join(f"; {f}" for f in facts if f))
     return lines
 
 
