@@ -461,14 +461,23 @@ class _PoolIO:
                              if s != subject and subject not in p], dtype=torch.long)
 
 
-_POOL_CACHE: dict[tuple, _PoolIO] = {}
+def _stack_cache(model: LoadedModel, name: str) -> dict:
+    """One of WISE's caches of values derived from the current model. They live with the
+    model's other derived caches (``model.stack.solves``), so they go away with the model."""
+    return model.stack.solves.setdefault(("wise", name), {})
+
+
+def _below(model: LoadedModel, host: nn.Module) -> tuple:
+    """What the host's inputs and outputs depend on: the non-WISE patches applied (WISE's own
+    memory acts after the host and is bypassed while they are read)."""
+    return tuple(e.patch_id for e in model.stack.entries if e.method != "wise"), id(host)
 
 
 def _pool_io(model: LoadedModel, host: nn.Module, hp: "WiseHparams") -> _PoolIO:
-    below = tuple(e.patch_id for e in model.stack.entries if e.method != "wise")
-    key = (id(model), model.fingerprint, below, id(host), hp.pool, hp.seed)
-    if key not in _POOL_CACHE:
-        _POOL_CACHE.clear()
+    cache = _stack_cache(model, "pool")
+    key = (_below(model, host), hp.pool, hp.seed)
+    if key not in cache:
+        cache.clear()
         sample = pool_sample(hp.pool, hp.seed)
         xs, ys, masks = [], [], []
         for i in range(0, len(sample), 64):
@@ -481,10 +490,10 @@ def _pool_io(model: LoadedModel, host: nn.Module, hp: "WiseHparams") -> _PoolIO:
         def padded(t: torch.Tensor) -> torch.Tensor:
             return F.pad(t, (0, 0, 0, width - t.shape[1])) if t.dim() == 3 else F.pad(t, (0, width - t.shape[1]))
 
-        _POOL_CACHE[key] = _PoolIO([s for s, _ in sample], [p for _, p in sample],
+        cache[key] = _PoolIO([s for s, _ in sample], [p for _, p in sample],
                                    torch.cat([padded(x) for x in xs]), torch.cat([padded(y) for y in ys]),
                                    torch.cat([padded(m) for m in masks]))
-    return _POOL_CACHE[key]
+    return cache[key]
 
 
 def apply_wise(model: LoadedModel, requests: Sequence[EditRequest], hp: WiseHparams) -> Patch:
@@ -560,21 +569,18 @@ class _Probe:
     target_new: str
 
 
-_EDIT_IO_CACHE: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-
-
 def _edit_io(model: LoadedModel, host: nn.Module, requests: list[EditRequest]):
     """Host inputs/outputs and real-token masks of earlier edits (prompt + new target), cached like
     the pool's (per model and per state of the non-WISE patches), padded to one width."""
-    below = tuple(e.patch_id for e in model.stack.entries if e.method != "wise")
-    base = (id(model), model.fingerprint, below, id(host))
-    if any(k[0] != base for k in _EDIT_IO_CACHE):
-        _EDIT_IO_CACHE.clear()
-    missing = [r for r in requests if (base, r.prompt, r.target_new) not in _EDIT_IO_CACHE]
-    for r in missing:
-        x, y, _ = _host_io(model, host, [r.prompt], r.target_new)
-        _EDIT_IO_CACHE[(base, r.prompt, r.target_new)] = (x[0], y[0])
-    rows = [_EDIT_IO_CACHE[(base, r.prompt, r.target_new)] for r in requests]
+    cache = _stack_cache(model, "edits")
+    base = _below(model, host)
+    if any(k[0] != base for k in cache):
+        cache.clear()
+    for r in requests:
+        if (base, r.prompt, r.target_new) not in cache:
+            x, y, _ = _host_io(model, host, [r.prompt], r.target_new)
+            cache[(base, r.prompt, r.target_new)] = (x[0], y[0])
+    rows = [cache[(base, r.prompt, r.target_new)] for r in requests]
     width = max(x.shape[0] for x, _ in rows)
     x = torch.stack([F.pad(x, (0, 0, 0, width - x.shape[0])) for x, _ in rows])
     y = torch.stack([F.pad(y, (0, 0, 0, width - y.shape[0])) for _, y in rows])
