@@ -35,16 +35,16 @@ The score is the pre-activation (the gate's, in a gated MLP). Below -3, GELU is 
 zero; gated MLPs without biases (Llama) also have no neuron bias, so the threshold lives
 in the key.
 
-Memory. The FFN inputs at every token of ``memory_prompts`` prompts (and their
-neighbourhood probes) from ``memory_data`` (``counterfact-train``: short factual prompts
-like the ones locality is measured on; prompts mentioning the edit's subject are left
-out), plus the FFN input at the last token of every earlier edit applied to the model
-and of the earlier requests of the same call: in the sequential regime earlier edits
-are natural memory, so a new patch does not fire on them.
+Memory. The FFN inputs at every token of the prompts (and neighbourhood probes) of
+``memory_prompts`` ``counterfact-train`` records: short factual prompts like the ones
+locality is measured on, never one that is evaluated or tuned on, and none mentioning the
+edit's subject (:mod:`lmpatch.methods.negatives`); optionally (``related``) training
+prompts of the edited relation; and the FFN input at the last token of every earlier edit
+applied to the model and of the earlier requests of the same call: in the sequential
+regime earlier edits are natural memory, so a new patch does not fire on them.
 """
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import time
@@ -54,6 +54,7 @@ from typing import Sequence
 import torch
 
 from lmpatch.errors import InvalidRequestError
+from lmpatch.methods.negatives import memory_texts, related_prompts
 from lmpatch.methods.neuron_train import hooked, host_inputs, nll_and_fixed, record_below, replaying
 from lmpatch.methods.neurons import PLAIN, FFNNeurons, MlpForm, mlp_form
 from lmpatch.methods.registry import Method, register
@@ -93,9 +94,9 @@ class TPatcherHparams:
     stop_act_loss: float = 0.1
     stop_memory_score: float = 0.0    # ... and every memory score at most this (see the class docstring)
     edit_floor: float = 0.05          # L_edit stops pulling below this NLL (keeps the value from growing)
-    memory_data: str = "counterfact-train"
-    memory_prompts: int = 256         # records of memory_data whose prompts and neighbours are memory (tuned: see docstring)
+    memory_prompts: int = 256         # negative records whose prompts and neighbours are memory (tuned: see docstring)
     memory_edits: int = 512           # at most this many earlier edits (the latest) as memory
+    related: int = 0                  # and this many training prompts of the edit's relation (hard negatives)
     train_ups: bool = False           # gated hosts: also train the up rows (see the module docstring)
     whiten_keys: bool = True          # start keys at Σ⁻¹q (memory second moment), see _new_neurons
 
@@ -106,8 +107,8 @@ class TPatcherHparams:
             raise InvalidRequestError(f"T-Patcher needs lr > 0 and steps >= 1, got lr={self.lr}, steps={self.steps}.")
         if not self.amplify > 0:
             raise InvalidRequestError(f"T-Patcher amplify must be positive, got {self.amplify}.")
-        if self.alc < 0 or self.mlc < 0 or self.memory_prompts < 0 or self.memory_edits < 0:
-            raise InvalidRequestError("T-Patcher alc, mlc, memory_prompts and memory_edits must be >= 0.")
+        if min(self.alc, self.mlc, self.memory_prompts, self.memory_edits, self.related) < 0:
+            raise InvalidRequestError("T-Patcher alc, mlc, memory_prompts, memory_edits and related must be >= 0.")
 
 
 def tpatcher_layer(model: LoadedModel, hp: TPatcherHparams) -> int:
@@ -116,19 +117,6 @@ def tpatcher_layer(model: LoadedModel, hp: TPatcherHparams) -> int:
 
 
 # --------------------------------------------------------------------------- memory
-
-
-@functools.lru_cache(maxsize=4)
-def _memory_texts(source: str, n: int) -> tuple[str, ...]:
-    """Prompts (and their neighbourhood probes) of the first ``n`` records of ``source``;
-    read once per process: the shipped file never changes."""
-    from lmpatch.data.loaders import load_dataset
-
-    texts: list[str] = []
-    for request in load_dataset(source, n=n):
-        texts.append(request.prompt)
-        texts.extend(p.prompt for p in request.locality)
-    return tuple(dict.fromkeys(texts))
 
 
 @dataclass
@@ -177,11 +165,12 @@ def memory_inputs(model: LoadedModel, host: torch.nn.Module, place: str, request
     subjects = [r.subject for r in requests]
     own = {r.prompt for r in requests}
     texts = [] if hp.memory_prompts == 0 else [
-        t for t in _memory_texts(hp.memory_data, hp.memory_prompts) if not any(s in t for s in subjects)
+        t for t in memory_texts(hp.memory_prompts) if not any(s in t for s in subjects)
     ]
+    texts += [p for r in requests for p, _ in related_prompts(r, hp.related, 0)]
     earlier = list(dict.fromkeys(r.prompt for e in model.stack for r in e.requests if r.prompt not in own))
     earlier = earlier[-hp.memory_edits:] if hp.memory_edits else []
-    rows = _inputs(model, host, texts, cache.texts, last_only=False)
+    rows = _inputs(model, host, list(dict.fromkeys(texts)), cache.texts, last_only=False)
     rows += _inputs(model, host, earlier, cache.prompts, last_only=True)
     return torch.cat(rows) if rows else torch.zeros(0, model.spec.hidden_size)
 

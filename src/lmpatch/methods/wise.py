@@ -81,7 +81,6 @@ import logging
 import time
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, replace
-from functools import lru_cache
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -89,6 +88,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmpatch.errors import InvalidRequestError
+from lmpatch.methods.negatives import pool_sample, related_prompts, swapped_prompts
 from lmpatch.methods.registry import Method, register
 from lmpatch.methods.teacher import TARGET_NEW, target_batch, target_nll
 from lmpatch.model.context import real_tokens
@@ -187,6 +187,7 @@ class WiseHparams:
     replay: int = 32                  # earlier edits of the shard whose routing margins are kept (0: none)
     replay_targets: int = 4           # the last this many of them also keep their target loss
     replay_weight: float = 1.0        # weight of their target loss against the new edit's
+    keep: float = 0.0                 # weight of the earlier edits' side-output change (0: off)
     optimizer: str = "adam"            # or "sgd" (the paper's; lr 1.0, 70 steps)
     seed: int = 0
 
@@ -201,7 +202,7 @@ class WiseHparams:
             )
         if self.optimizer not in ("adam", "sgd"):
             raise InvalidRequestError(f"WISE optimizer must be 'adam' or 'sgd', got {self.optimizer!r}.")
-        if self.replay < 0 or self.replay_targets < 0 or self.replay_weight < 0:
+        if self.replay < 0 or self.replay_targets < 0 or self.replay_weight < 0 or self.keep < 0:
             raise InvalidRequestError("WISE needs replay >= 0, replay_targets >= 0 and replay_weight >= 0.")
         if self.irrelevant < 0 or self.swapped < 0 or self.related < 0 or self.pool < 1:
             raise InvalidRequestError("WISE needs irrelevant >= 0, swapped >= 0, related >= 0 and pool >= 1.")
@@ -396,55 +397,6 @@ def router_distance(diff: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------- editing
 
 
-@lru_cache(maxsize=1)
-def _irrelevant_pool() -> tuple[tuple[str, str], ...]:
-    """(subject, prompt) of the training split's records: inputs the side memory must leave alone."""
-    from lmpatch.data import load_dataset
-
-    return tuple((r.subject, r.prompt) for r in load_dataset("counterfact-train"))
-
-
-@lru_cache(maxsize=1)
-def _related_pool() -> dict[str, tuple[tuple[str, str, str], ...]]:
-    """Training prompts by their true answer: (subject or "", prompt, answer) of each
-    ``counterfact-train`` record (its prompt with ``target_true``) and of its neighbourhood
-    probes. CounterFact's neighbourhood prompts are other subjects of the same relation with
-    the same true object, so prompts sharing an edit's ``target_true`` are mostly of its relation."""
-    from lmpatch.data import load_dataset
-
-    out: dict[str, list[tuple[str, str, str]]] = {}
-    for r in load_dataset("counterfact-train"):
-        if r.target_true:
-            out.setdefault(r.target_true.strip(), []).append((r.subject, r.prompt, r.target_true))
-        for probe in r.locality:
-            if probe.kind == "neighborhood" and probe.answer:
-                out.setdefault(probe.answer.strip(), []).append(("", probe.prompt, probe.answer))
-    return {k: tuple(dict.fromkeys(v)) for k, v in out.items()}
-
-
-def related_prompts(request: EditRequest, k: int, seed: int) -> list[tuple[str, str]]:
-    """Up to ``k`` (prompt, answer) training prompts sharing the edit's true answer, about other
-    subjects: hard negatives of the edit's relation (never from the evaluated records)."""
-    if k <= 0 or not request.target_true:
-        return []
-    subject = request.subject
-    rows = [(p, a) for s, p, a in _related_pool().get(request.target_true.strip(), ())
-            if subject not in p and p != request.prompt and not (s and s in request.prompt)]
-    if not rows:
-        return []
-    gen = torch.Generator().manual_seed(int.from_bytes(
-        hashlib.sha256(f"{seed}:related:{request.prompt}".encode()).digest()[:4], "little"))
-    return [rows[i] for i in torch.randperm(len(rows), generator=gen)[:k].tolist()]
-
-
-def pool_sample(size: int, seed: int) -> list[tuple[str, str]]:
-    """A fixed random sample of ``size`` (subject, prompt) pairs of the irrelevant pool."""
-    pool = _irrelevant_pool()
-    gen = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(pool), generator=gen)[:size].tolist()
-    return [pool[i] for i in order]
-
-
 class _PoolIO:
     """Host inputs/outputs of the pool sample, computed once per model and per state of the
     layers below (WISE's own memory does not change them: it only acts on the host's output,
@@ -588,6 +540,18 @@ def _edit_io(model: LoadedModel, host: nn.Module, requests: list[EditRequest]):
     return x, y, mask
 
 
+def _key_factor(model: LoadedModel, host: nn.Module, requests: list[EditRequest]) -> tuple[torch.Tensor, int]:
+    """Rows R with RᵀR = Σ a aᵀ over the real tokens of ``requests`` (their host inputs), and the
+    token count: ‖ΔW a‖² summed over those tokens is ‖R ΔWᵀ‖², at a cost bounded by the
+    input width however many edits there are."""
+    x, _, mask = _edit_io(model, host, requests)
+    rows = x[mask > 0]
+    if rows.shape[0] <= rows.shape[1]:
+        return rows, rows.shape[0]
+    evals, evecs = torch.linalg.eigh(rows.T.double() @ rows.double())
+    return (evecs * evals.clamp_min(0).sqrt()).T.float(), rows.shape[0]
+
+
 def _act_name(model: LoadedModel) -> str:
     cfg = model.model.config
     return getattr(cfg, "hidden_act", None) or getattr(cfg, "activation_function", None) or "gelu"
@@ -608,18 +572,6 @@ def _host_io(model: LoadedModel, host: nn.Module, prompts: list[str], target: st
         run_until(model.forward, host, input_ids=input_ids.to(model.input_device),
                   attention_mask=mask.to(model.input_device), use_cache=False)
     return _batched(xs[0], mask), _batched(ys[0], mask), mask.float()
-
-
-def swapped_prompts(request: EditRequest, k: int, seed: int) -> list[str]:
-    """The edit prompt about ``k`` other subjects (from ``counterfact-train``): the same question
-    asked of someone else, which the side memory must leave to the base model."""
-    if k <= 0 or not request.subject or request.subject not in request.prompt:
-        return []
-    subjects = sorted({s for s, _ in _irrelevant_pool() if s and s != request.subject
-                       and request.subject not in s and s not in request.subject})
-    digest = hashlib.sha256(f"{seed}:{request.subject}:{request.prompt}".encode()).digest()
-    start = int.from_bytes(digest[:4], "little") % len(subjects)
-    return [request.prompt.replace(request.subject, subjects[(start + i * 7919) % len(subjects)]) for i in range(k)]
 
 
 def _batched(t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -670,6 +622,7 @@ def _edit_one(
         draw = torch.randperm(len(rest), generator=gen)[:hp.replay - last].sort().values.tolist()
         margin_olds = [rest[i] for i in draw] + olds[len(olds) - last:]
     x_o, y_o, o_mask = _edit_io(model, host, margin_olds) if margin_olds else (None, None, None)
+    keep_rows, keep_n = _key_factor(model, host, olds) if hp.keep > 0 and olds else (None, 0)
     pool = _pool_io(model, host, hp)
     allowed = pool.allowed(request)
     swapped = swapped_prompts(request, hp.swapped, hp.seed)
@@ -710,6 +663,8 @@ def _edit_one(
         flat = current.flatten().index_add(0, idx, values)
         return flat.reshape(shape).clamp(-hp.norm_constraint, hp.norm_constraint)
 
+    start = current.clamp(-hp.norm_constraint, hp.norm_constraint)
+
     def distance(x, y, mask, change) -> torch.Tensor:
         return router_distance(act(y + F.linear(x, change)) - act(y), mask)
 
@@ -743,6 +698,9 @@ def _edit_one(
                     route = route + (F.relu(hp.beta - d_old).mean()
                                      + F.relu(hp.gamma + d_irr[None, :] - d_old[:, None]).mean())
                 loss = lm + route.to(lm.device)
+                if keep_rows is not None:  # the earlier edits' side outputs stay as they were
+                    moved = F.linear(keep_rows, change - start)
+                    loss = loss + (hp.keep * moved.pow(2).sum() / keep_n).to(lm.device)
                 losses.append(float(loss.detach()))
                 if (float(lm.detach()) < hp.stop_loss and _separated(d_edit, d_irr, hp)
                         and _separated(d_old, d_irr, hp)):
