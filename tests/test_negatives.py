@@ -39,20 +39,33 @@ def test_swapped_prompts_ask_the_same_question_of_someone_else():
 
 
 def test_key_factor_reproduces_the_second_moment(monkeypatch):
-    """‖R ΔWᵀ‖² must equal Σ‖ΔW a‖² over the earlier edits' tokens, both below and above the
-    input width (where R comes from an eigendecomposition instead of the rows themselves)."""
+    """‖R ΔWᵀ‖² must equal Σ‖ΔW a‖² over the earlier edits' tokens, below the input width
+    (R: the rows themselves) and above it (R: a Cholesky factor grown edit by edit in the
+    stack's caches), padded positions excluded."""
+    from types import SimpleNamespace
+
     import lmpatch.methods.wise as wise
 
     gen = torch.Generator().manual_seed(0)
-    delta = torch.randn(5, 8, generator=gen)
-    for tokens in (6, 30):
-        x = torch.randn(3, tokens // 3, 8, generator=gen)
-        mask = torch.ones(3, tokens // 3)
-        mask[0, -1] = 0  # a padded position does not count
-        x[0, -1] = 100.0
-        monkeypatch.setattr(wise, "_edit_io", lambda *a, x=x, mask=mask: (x, None, mask))
-        rows, n = wise._key_factor(None, None, [])
-        assert n == tokens - 1
-        want = (x[mask > 0] @ delta.T).pow(2).sum()
-        got = (rows @ delta.T).pow(2).sum()
-        assert torch.allclose(got, want, rtol=1e-4), (tokens, got, want)
+    width = 8
+    delta = torch.randn(5, width, generator=gen)
+    tokens = {f"edit {i}": torch.randn(3 + i % 2, width, generator=gen) for i in range(6)}
+
+    def fake_edit_io(_model, _host, requests, cached=True):
+        longest = max(len(tokens[r.prompt]) for r in requests)
+        x = torch.full((len(requests), longest, width), 100.0)  # padding must not count
+        mask = torch.zeros(len(requests), longest)
+        for i, r in enumerate(requests):
+            x[i, :len(tokens[r.prompt])] = tokens[r.prompt]
+            mask[i, :len(tokens[r.prompt])] = 1
+        return x, None, mask
+
+    monkeypatch.setattr(wise, "_edit_io", fake_edit_io)
+    model = SimpleNamespace(stack=SimpleNamespace(solves={}, entries=[]))
+    requests = [SimpleNamespace(prompt=p, target_new="x") for p in tokens]
+    for k in range(1, len(requests) + 1):  # 3 rows (<= width) up to 21 rows (> width)
+        rows, n = wise._key_factor(model, object(), requests[:k])
+        want_rows = torch.cat([tokens[r.prompt] for r in requests[:k]])
+        assert n == len(want_rows)
+        want = (want_rows @ delta.T).pow(2).sum()
+        assert torch.allclose((rows @ delta.T).pow(2).sum(), want, rtol=1e-4), k

@@ -521,10 +521,11 @@ class _Probe:
     target_new: str
 
 
-def _edit_io(model: LoadedModel, host: nn.Module, requests: list[EditRequest]):
-    """Host inputs/outputs and real-token masks of earlier edits (prompt + new target), cached like
-    the pool's (per model and per state of the non-WISE patches), padded to one width."""
-    cache = _stack_cache(model, "edits")
+def _edit_io(model: LoadedModel, host: nn.Module, requests: Sequence[EditRequest | _Probe], cached: bool = True):
+    """Host inputs/outputs and real-token masks of earlier edits (prompt + new target), padded
+    to one width; with ``cached``, kept like the pool's (per model and per state of the
+    non-WISE patches), as earlier edits are read again by every later one."""
+    cache = _stack_cache(model, "edits") if cached else {}
     base = _below(model, host)
     if any(k[0] != base for k in cache):
         cache.clear()
@@ -543,13 +544,27 @@ def _edit_io(model: LoadedModel, host: nn.Module, requests: list[EditRequest]):
 def _key_factor(model: LoadedModel, host: nn.Module, requests: list[EditRequest]) -> tuple[torch.Tensor, int]:
     """Rows R with RᵀR = Σ a aᵀ over the real tokens of ``requests`` (their host inputs), and the
     token count: ‖ΔW a‖² summed over those tokens is ‖R ΔWᵀ‖², at a cost bounded by the
-    input width however many edits there are."""
+    input width however many edits there are. Past the input width R is the Cholesky factor
+    of the second moment, which is kept in the stack's caches and grown by the new requests
+    only (a sequential run appends one edit at a time)."""
     x, _, mask = _edit_io(model, host, requests)
     rows = x[mask > 0]
     if rows.shape[0] <= rows.shape[1]:
         return rows, rows.shape[0]
-    evals, evecs = torch.linalg.eigh(rows.T.double() @ rows.double())
-    return (evecs * evals.clamp_min(0).sqrt()).T.float(), rows.shape[0]
+    cache = _stack_cache(model, "keys")
+    base = _below(model, host)
+    names = tuple((r.prompt, r.target_new) for r in requests)
+    covered, gram = cache.get(base, ((), None))
+    if gram is None or names[:len(covered)] != covered:
+        covered, gram = (), torch.zeros(rows.shape[1], rows.shape[1], dtype=torch.float64)
+    if len(covered) < len(names):
+        xn, _, mn = _edit_io(model, host, requests[len(covered):])
+        fresh = xn[mn > 0].double()
+        gram = gram + fresh.T @ fresh
+    cache.clear()
+    cache[base] = (names, gram)
+    jitter = 1e-6 * float(gram.diagonal().mean()) * torch.eye(gram.shape[0], dtype=gram.dtype)
+    return torch.linalg.cholesky(gram + jitter).T.float(), rows.shape[0]
 
 
 def _act_name(model: LoadedModel) -> str:
@@ -629,7 +644,7 @@ def _edit_one(
     x_s, y_s, s_mask = _host_io(model, host, swapped, request.target_new) if swapped else (None, None, None)
     related = related_prompts(request, hp.related, hp.seed)
     if related:
-        x_r, y_r, r_mask = _edit_io(model, host, [_Probe(p, a) for p, a in related])
+        x_r, y_r, r_mask = _edit_io(model, host, [_Probe(p, a) for p, a in related], cached=False)
         if x_s is None:
             x_s, y_s, s_mask = x_r, y_r, r_mask
         else:
