@@ -1,7 +1,8 @@
-"""T-Patcher: a few neurons added to the last FFN per edit (Huang et al., ICLR 2023).
+"""T-Patcher: a few neurons added to a late FFN per edit (Huang et al., ICLR 2023).
 
 The model keeps every weight. Each edit adds a *patch*: one or a few neurons in the FFN
-of the last layer, trained so that
+of one late layer (the paper's is the last; here 0.8 of the depth by default, see
+:class:`TPatcherHparams`), trained so that
 
 * the edit holds: teacher-forced cross-entropy of the new target (``L_edit``);
 * each neuron fires on its edit input: its score ``s = key·x + b`` there is high
@@ -72,16 +73,38 @@ log = logging.getLogger(__name__)
 class TPatcherHparams:
     """T-Patcher's settings. ``lr``, ``alc``, ``mlc``, the margins, ``max_neurons`` and the
     stopping rule are the paper's; ``amplify`` sets the starting edit score (10) so the
-    patch fires from the first step. ``layer`` None is the paper's last layer.
+    patch fires from the first step. ``layer_fraction=1.0`` is the paper's last layer.
 
     Tuned on 20 ``counterfact-train`` records (2000-2019, sequential, re-scored after the
     20th; the memory records 0-255 never hold their neighbourhood prompts), reliability 1.0
     throughout, locality: 64 memory records 0.725 (records 200-219), fixed up rows 0.75,
     256 records 0.825, 256 with whitened keys 0.875 (chosen), 1024 with whitened keys 0.825.
     Trained up rows grew ~30x and made the output large wherever the gate was barely open;
-    keys along q fire on most last-layer inputs (they share a dominant direction)."""
+    keys along q fire on most last-layer inputs (they share a dominant direction).
 
-    layer: int | None = None          # None: the last layer
+    Round 2, after the memory stopped including evaluated prompts (see
+    :mod:`lmpatch.methods.negatives`; CounterFact repeats prompts across records), on 50
+    clean ``counterfact-train`` records (5000-5049), reliability 1.0 throughout:
+
+    ===========================================================  ========  ======
+    settings                                                      locality  s/edit
+    ===========================================================  ========  ======
+    round 1's defaults (last layer)                                0.86      5.8
+    and 32 related negatives                                       0.88      6.5
+    and stop only when every memory score is below -2              0.88      6.6
+    related 32, edit_floor 0.3 (a smaller value)                   0.88      5.6
+    related 32, layer 24 of 30 (``layer_fraction`` 0.8, defaults)  0.94      11.6
+    ===========================================================  ========  ======
+
+    The failures at the last layer were whole neighbourhood probes of the edited relation
+    ("The mother tongue of Ferdinand de Saussure is" after editing Raymond Triboulet's):
+    at the last layer the prompt's last token mostly encodes the answer about to be given,
+    which the edit and its neighbours share, so no key separates them. Six layers down
+    the subject is still told apart, at twice the cost per edit (the neuron's effect is
+    trained through the layers above it)."""
+
+    layer: int | None = None          # None: ``layer_fraction`` of the depth
+    layer_fraction: float = 0.8       # 1.0: the paper's last layer (see the docstring)
     max_neurons: int = 5              # per edit: one per predicted target token, at most this many
     amplify: float = 10.0             # a new key scores this much on its edit input
     lr: float = 1e-2
@@ -96,7 +119,7 @@ class TPatcherHparams:
     edit_floor: float = 0.05          # L_edit stops pulling below this NLL (keeps the value from growing)
     memory_prompts: int = 256         # negative records whose prompts and neighbours are memory (tuned: see docstring)
     memory_edits: int = 512           # at most this many earlier edits (the latest) as memory
-    related: int = 0                  # and this many training prompts of the edit's relation (hard negatives)
+    related: int = 32                 # and this many training prompts of the edit's relation (hard negatives)
     train_ups: bool = False           # gated hosts: also train the up rows (see the module docstring)
     whiten_keys: bool = True          # start keys at Σ⁻¹q (memory second moment), see _new_neurons
 
@@ -113,7 +136,7 @@ class TPatcherHparams:
 
 def tpatcher_layer(model: LoadedModel, hp: TPatcherHparams) -> int:
     spec = model.spec
-    return spec.check_layer(hp.layer) if hp.layer is not None else spec.n_layers - 1
+    return spec.check_layer(hp.layer) if hp.layer is not None else spec.depth_layer(hp.layer_fraction)
 
 
 # --------------------------------------------------------------------------- memory
@@ -179,7 +202,7 @@ def memory_inputs(model: LoadedModel, host: torch.nn.Module, place: str, request
 
 
 def apply_tpatcher(model: LoadedModel, requests: Sequence[EditRequest], hp: TPatcherHparams) -> Patch:
-    """One ``ffn.neurons`` module at the last layer's MLP, holding each request's neurons
+    """One ``ffn.neurons`` module at the chosen layer's MLP, holding each request's neurons
     (requests are edited one after another, each seeing the earlier ones)."""
     hp.check()
     requests = list(requests)
@@ -295,7 +318,7 @@ def _concat(form: MlpForm, modules: list[FFNNeurons]) -> FFNNeurons:
 
 register(Method(
     name="t-patcher", aliases=("tpatcher", "T-Patcher", "transformer-patcher"),
-    summary="T-Patcher: a few trained neurons added to the last FFN per edit, silent on other inputs (Huang et al. 2023)",
+    summary="T-Patcher: a few trained neurons added to a late FFN per edit, silent on other inputs (Huang et al. 2023)",
     hparams=TPatcherHparams, edit=apply_tpatcher, regimes=frozenset({"single", "sequential"}),
     produces=frozenset({"module_additions"}),
     paper="Huang et al., Transformer-Patcher: One Mistake Worth One Neuron, ICLR 2023",

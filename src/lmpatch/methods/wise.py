@@ -725,6 +725,7 @@ def _edit_one(
         state["x"] = args[0].float()
 
     losses: list[float] = []
+    target_losses: list[float] = []
     handle = host.register_forward_pre_hook(keep_input)
     try:
         with torch.inference_mode(False), torch.enable_grad(), ExitStack() as stack:
@@ -745,6 +746,7 @@ def _edit_one(
                     route = route + (F.relu(hp.beta - d_old).mean()
                                      + F.relu(hp.gamma + d_irr[None, :] - d_old[:, None]).mean())
                 loss = lm + route.to(lm.device)
+                target_losses.append(float(lm.detach()))
                 if keep_rows is not None:  # the earlier edits' side outputs stay as they were
                     moved = F.linear(keep_rows, change - start)
                     loss = loss + (hp.keep * moved.pow(2).sum() / keep_n).to(lm.device)
@@ -763,6 +765,7 @@ def _edit_one(
         d_irr = distance(x_i, y_i, irr_mask, final)
         info = {
             "steps": len(losses), "initial_loss": round(losses[0], 4), "final_loss": round(losses[-1], 4),
+            "final_target_loss": round(target_losses[-1], 4),
             "edit_act": d_edit, "irrelevant_act_max": round(float(d_irr.max()), 4),
         }
         if x_o is not None:
