@@ -101,7 +101,12 @@ class TPatcherHparams:
     at the last layer the prompt's last token mostly encodes the answer about to be given,
     which the edit and its neighbours share, so no key separates them. Six layers down
     the subject is still told apart, at twice the cost per edit (the neuron's effect is
-    trained through the layers above it)."""
+    trained through the layers above it).
+
+    With these defaults, ``counterfact-edit`` records 0–99 (sequential, all re-scored after
+    the 100th, ``benchmarks/lifelong.py``): reliability 1.00, generalization 0.11, locality
+    0.90, perplexity 25.5 (unedited 23.3), 12.0 s per edit; the last-layer defaults with the
+    uncleaned memory gave locality 0.84 at 6.5 s per edit."""
 
     layer: int | None = None          # None: ``layer_fraction`` of the depth
     layer_fraction: float = 0.8       # 1.0: the paper's last layer (see the docstring)
