@@ -202,9 +202,11 @@ class WiseHparams:
     Each edit's log (``final_target_loss``) shows why: after its 40 steps the new edit's own
     target loss was 0.05 for the first edits and 0.3–0.7 after 40, while the routing terms
     (γ = 30 above every irrelevant prompt, for every replayed edit) make up most of the
-    loss. The routing margins and the content now compete for the same 20 % of the matrix;
-    separating them (smaller margins once edits are routed, more steps when the target is
-    not reached) is the next step. The goals (≥ 0.85 / ≥ 0.95) are still not met.
+    loss. Smaller margins are not the cure on their own: the paper's β 20, γ 10 with
+    ``keep`` gave reliability 0.14 and locality 0.82 after 60 training edits (defaults:
+    0.26 / 0.81). Still to find: whether earlier edits fail at scoring time by routing (Δ
+    below the threshold) or by content (routed, wrong answer). The goals (≥ 0.85 / ≥ 0.95)
+    are still not met.
     """
 
     layer: int | None = None          # None: ``layer_fraction`` of the depth
