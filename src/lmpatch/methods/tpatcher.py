@@ -195,10 +195,11 @@ def memory_inputs(model: LoadedModel, host: torch.nn.Module, place: str, request
     texts = [] if hp.memory_prompts == 0 else [
         t for t in memory_texts(hp.memory_prompts) if not any(s in t for s in subjects)
     ]
-    texts += [p for r in requests for p, _ in related_prompts(r, hp.related, 0)]
+    related = list(dict.fromkeys(p for r in requests for p, _ in related_prompts(r, hp.related, 0)))
     earlier = list(dict.fromkeys(r.prompt for e in model.stack for r in e.requests if r.prompt not in own))
     earlier = earlier[-hp.memory_edits:] if hp.memory_edits else []
-    rows = _inputs(model, host, list(dict.fromkeys(texts)), cache.texts, last_only=False)
+    rows = _inputs(model, host, texts, cache.texts, last_only=False)
+    rows += _inputs(model, host, related, {}, last_only=False)  # an edit's own: not kept for later ones
     rows += _inputs(model, host, earlier, cache.prompts, last_only=True)
     return torch.cat(rows) if rows else torch.zeros(0, model.spec.hidden_size)
 

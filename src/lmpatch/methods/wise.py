@@ -588,27 +588,27 @@ def _edit_io(model: LoadedModel, host: nn.Module, requests: Sequence[EditRequest
 def _key_factor(model: LoadedModel, host: nn.Module, requests: list[EditRequest]) -> tuple[torch.Tensor, int]:
     """Rows R with RᵀR = Σ a aᵀ over the real tokens of ``requests`` (their host inputs), and the
     token count: ‖ΔW a‖² summed over those tokens is ‖R ΔWᵀ‖², at a cost bounded by the
-    input width however many edits there are. Past the input width R is the Cholesky factor
-    of the second moment, which is kept in the stack's caches and grown by the new requests
-    only (a sequential run appends one edit at a time)."""
-    x, _, mask = _edit_io(model, host, requests)
-    rows = x[mask > 0]
-    if rows.shape[0] <= rows.shape[1]:
-        return rows, rows.shape[0]
+    input width however many edits there are. The second moment is kept in the stack's
+    caches and grown by the new requests only (a sequential run appends one edit at a
+    time); up to the input width R is the token rows themselves, past it its Cholesky factor."""
     cache = _stack_cache(model, "keys")
     base = _below(model, host)
     names = tuple((r.prompt, r.target_new) for r in requests)
-    covered, gram = cache.get(base, ((), None))
+    covered, gram, count = cache.get(base, ((), None, 0))
     if gram is None or names[:len(covered)] != covered:
-        covered, gram = (), torch.zeros(rows.shape[1], rows.shape[1], dtype=torch.float64)
+        covered, gram, count = (), None, 0
     if len(covered) < len(names):
         xn, _, mn = _edit_io(model, host, requests[len(covered):])
         fresh = xn[mn > 0].double()
-        gram = gram + fresh.T @ fresh
+        gram = fresh.T @ fresh if gram is None else gram + fresh.T @ fresh
+        count += fresh.shape[0]
     cache.clear()
-    cache[base] = (names, gram)
+    cache[base] = (names, gram, count)
+    if count <= gram.shape[0]:
+        x, _, mask = _edit_io(model, host, requests)
+        return x[mask > 0], count
     jitter = 1e-6 * float(gram.diagonal().mean()) * torch.eye(gram.shape[0], dtype=gram.dtype)
-    return torch.linalg.cholesky(gram + jitter).T.float(), rows.shape[0]
+    return torch.linalg.cholesky(gram + jitter).T.float(), count
 
 
 def _act_name(model: LoadedModel) -> str:
