@@ -360,7 +360,9 @@ def spawn(method: str, args: argparse.Namespace, console: Console) -> dict[str, 
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg = config_from(args)
     meta = load_meta(run_dir) or new_meta(method, cfg)
-    meta["process_peak_rss_mb"] = usage.ru_maxrss / (1024 * 1024 if sys.platform == "darwin" else 1024)
+    # A resumed run is several processes: its peak is the largest of them, not the last one's.
+    this_peak = usage.ru_maxrss / (1024 * 1024 if sys.platform == "darwin" else 1024)
+    meta["process_peak_rss_mb"] = max(this_peak, meta.get("process_peak_rss_mb") or 0.0)
     meta["process_wall_seconds"] = time.perf_counter() - start
     if proc.returncode != 0:
         meta.update(status="failed", stopped=f"worker exited with code {proc.returncode}")
@@ -516,7 +518,9 @@ def status_notes(runs: Sequence[MethodRun]) -> list[str]:
         cost = f"; median {per_edit:.2f} s per edit" if per_edit is not None else ""
         if run.cached_targets:
             cost += f" ({run.cached_targets} of {len(run.seconds)} edits found their optimised target in the cache)"
-        rss = run.meta.get("process_peak_rss_mb") or run.meta.get("peak_rss_mb")
+        peaks = [run.meta.get("process_peak_rss_mb"), run.meta.get("peak_rss_mb"),
+                 *(s.get("peak_rss_mb") for s in stages)]
+        rss = max((p for p in peaks if p), default=None)
         rss_text = f", peak RSS {rss:.0f} MB" if rss else ""
         status = run.meta.get("status")
         if status == "stopped":
