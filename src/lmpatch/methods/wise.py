@@ -238,6 +238,12 @@ class WiseHparams:
     same 100-edit run (share of edits routed / of neighbourhood prompts routed): 0.88 1.00 /
     0.19, 0.92 1.00 / 0.14, 0.96 1.00 / 0.08, **0.98** 1.00 / 0.06, 1.0 0.96 / 0.04. 0.98
     is the highest that still routes every training edit.
+
+    With these defaults, ``counterfact-edit`` records 0–99 (``benchmarks/lifelong.py``,
+    sequential, all re-scored after the 100th): reliability 0.99, generalization 0.13,
+    locality 0.972, perplexity 24.4 (unedited 23.3), PIQA 0.64 (0.67), median 5.2 s per
+    edit. The goals (≥ 0.85 / ≥ 0.95) are met; paraphrases, which the paper's router
+    should also send to the side memory, mostly are not (generalization 0.13).
     """
 
     layer: int | None = None          # None: ``layer_fraction`` of the depth
