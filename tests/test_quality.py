@@ -62,7 +62,7 @@ LIFELONG = [
     # method, min reliability, min locality, min generalization
     ("grace", 0.9, 0.95, 0.0),
     ("t-patcher", 0.9, 0.8, 0.0),
-    ("wise", 0.9, 0.85, 0.0),  # 1.00 / 0.90 (docs/lifelong.md, T = 10)
+    ("wise", 0.9, 0.95, 0.0),  # measured 0.97 / 0.985 (generalization 0.33)
 ]
 
 
