@@ -442,20 +442,17 @@ class WiseMemory(AddedModule):
         real = real_tokens(y3.shape[0], y3.shape[1], y3.device)
         base = act(y3.float())
         best = torch.full((y3.shape[0],), -1.0, device=y3.device)
-        chosen = torch.full((y3.shape[0],), -1, dtype=torch.long, device=y3.device)
-        outputs = []
-        for m, (delta, threshold) in enumerate(self.memories()):
+        new = y3.float()
+        # One memory at a time, keeping only the best answer so far: at 1,000 edits there are
+        # 100 memories, and holding every side output would cost 100 activations per call.
+        for delta, threshold in self.memories():
             side = y3.float() + F.linear(x3.float(), delta)
-            outputs.append(side)
             dist = router_distance(act(side) - base, real)
             take = (dist > threshold) & (dist > best)
             best = torch.where(take, dist, best)
-            chosen = torch.where(take, torch.full_like(chosen, m), chosen)
-        if not bool((chosen >= 0).any()):
+            new = torch.where(take[:, None, None], side, new)
+        if not bool((best >= 0).any()):
             return output
-        new = y3.float()
-        for m, side in enumerate(outputs):
-            new = torch.where((chosen == m)[:, None, None], side, new)
         new = new.to(y.dtype).reshape(y.shape)
         return (new,) + tuple(output[1:]) if isinstance(output, tuple) else new
 
