@@ -7,6 +7,7 @@ from typing import Any, Sequence
 from lmpatch.errors import InvalidRequestError
 from lmpatch.methods.hparams import with_overrides
 from lmpatch.methods.registry import get_method
+from lmpatch.model.context import memories_paused
 from lmpatch.model.loading import LoadedModel
 from lmpatch.patch import Patch
 from lmpatch.request import EditRequest, as_requests
@@ -40,4 +41,6 @@ def edit(
         raise InvalidRequestError(
             f"hparams for {info.name} must be a dict or {info.hparams.__name__}, got {type(hparams).__name__}."
         )
-    return info.edit(model, reqs, with_overrides(info.hparams, {**base, **overrides}))
+    hp = with_overrides(info.hparams, {**base, **overrides})
+    with memories_paused():  # an edit is computed from the model's own reading of the edit prompt
+        return info.edit(model, reqs, hp)

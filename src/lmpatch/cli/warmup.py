@@ -14,6 +14,7 @@ from typing import Any
 
 from lmpatch.cli.console import notice, spinner
 from lmpatch.methods.registry import Method
+from lmpatch.model.context import memories_paused
 from lmpatch.model.loading import LoadedModel
 
 
@@ -27,7 +28,8 @@ def prepare(model: LoadedModel, method: Method, hparams: Any, show: bool = True)
             notice(f"One-off: {job.what} (cached in {job.where}; later runs skip this).")
         t0 = time.perf_counter()
         with spinner(f"{job.what[0].upper()}{job.what[1:]} ...", enabled=show and not job.draws_progress):
-            job.run(show)
+            with memories_paused():  # one-off statistics read the model itself
+                job.run(show)
         done.append(f"{job.what}: {time.perf_counter() - t0:.1f} s")
     if show and done:
         notice("One-off work done: " + "; ".join(done) + ".")

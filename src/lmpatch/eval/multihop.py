@@ -174,7 +174,7 @@ def greedy_shared_prefix(
     Returns ``None`` when the model's cache cannot be shared (the caller falls back).
     """
     tok = model.tokenizer
-    encoded = [encode(tok, model.format_prompt(p)) for p in prompts]
+    encoded = [encode(tok, text) for text in model.format_prompts(prompts)]
     shared = _common_prefix_length(encoded)
     if shared == 0:
         return None

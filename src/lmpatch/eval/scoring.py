@@ -65,7 +65,8 @@ class TargetScore:
 def encode_pairs(model: LoadedModel, pairs: Sequence[tuple[str, str]]) -> list[PromptTarget]:
     """Prompt and target IDs exactly as scored (chat wrapping included)."""
     tok = model.tokenizer
-    return [prompt_target(tok, model.format_prompt(prompt), target) for prompt, target in pairs]
+    texts = model.format_prompts([prompt for prompt, _ in pairs])
+    return [prompt_target(tok, text, target) for text, (_, target) in zip(texts, pairs)]
 
 
 def _pad_id(model: LoadedModel) -> int:
@@ -160,7 +161,7 @@ def generate_ids(
     tok = model.tokenizer
     pad_id = _pad_id(model)
     stops = model.stop_ids
-    encoded = [encode(tok, model.format_prompt(p)) for p in prompts]
+    encoded = [encode(tok, text) for text in model.format_prompts(prompts)]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]), reverse=True)
     results: list[list[int]] = [[] for _ in prompts]
     device = model.input_device

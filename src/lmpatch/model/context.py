@@ -8,6 +8,11 @@ tokens they see (during cached generation that is the newest token, always real)
 
 A context variable rather than an attribute on the model: nested or concurrent calls
 (threads, the bf16 compute copy) each see their own mask, and nothing outlives the call.
+
+The same holds for :func:`memories_paused`: while an edit is being *computed*, applied
+retrieval memories must not rewrite the prompts the method reads (its hooks index token
+positions of the edit prompt, and a weight edit is computed against weights; a memory is
+a layer on top). Other threads - a server answering requests - keep seeing them.
 """
 from __future__ import annotations
 
@@ -18,6 +23,22 @@ from typing import Iterator
 import torch
 
 _ATTENTION_MASK: ContextVar[torch.Tensor | None] = ContextVar("lmpatch_attention_mask", default=None)
+_MEMORIES_PAUSED: ContextVar[bool] = ContextVar("lmpatch_memories_paused", default=False)
+
+
+@contextmanager
+def memories_paused() -> Iterator[None]:
+    """Format prompts without the applied retrieval memories while the block runs."""
+    token = _MEMORIES_PAUSED.set(True)
+    try:
+        yield
+    finally:
+        _MEMORIES_PAUSED.reset(token)
+
+
+def memories_active() -> bool:
+    """False inside :func:`memories_paused`."""
+    return not _MEMORIES_PAUSED.get()
 
 
 @contextmanager

@@ -19,7 +19,7 @@ import shutil
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -102,7 +102,7 @@ class LoadedModel:
     #
     # Scoring, generation, perplexity, PIQA, multi-hop, the value optimisation and the
     # statistics all run the model through these methods, so whatever the patch stack
-    # installs (added modules today, forward wrappers later) is seen by every path.
+    # installs (added modules; retrieval memories through format_prompts) is seen by every path.
 
     def network(self, compute_dtype: torch.dtype | None = None) -> torch.nn.Module:
         """The module that computes: the model itself, or its synced copy in ``compute_dtype``.
@@ -141,13 +141,36 @@ class LoadedModel:
             return self.model.generate(**kwargs)
 
     def format_prompt(self, prompt: str) -> str:
-        """The text the model actually sees for ``prompt`` (chat-wrapped if enabled)."""
+        """The text the model actually sees for ``prompt``; see :meth:`format_prompts`."""
+        return self.format_prompts([prompt])[0]
+
+    def format_prompts(self, prompts: Sequence[str]) -> list[str]:
+        """The texts the model actually sees for ``prompts``: rewritten by the applied
+        retrieval memories (SERAC, IKE, ...), then chat-wrapped if enabled.
+
+        This is where memories act, rather than inside :meth:`forward`: every lmpatch
+        path turns a prompt into tokens here (scoring joins the target's token IDs after
+        the result, generation continues it), so a memory sees the prompt alone - never
+        the target being scored - and nothing has to be re-tokenised or mapped back.
+        Calls that feed raw token IDs (perplexity windows) are not prompts and are left
+        alone. Inside :func:`lmpatch.model.context.memories_paused` (while an edit is
+        computed) memories are skipped. Retrieval is batched over ``prompts``.
+        """
+        from lmpatch.model.context import memories_active
+
+        texts = list(prompts)
+        if memories_active():
+            for group in self.stack.memories():
+                texts = group.runtime.rewrite(list(prompts), texts)
         if not self.chat:
-            return prompt
+            return texts
         self._check_chat_template()
-        return self.tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-        )
+        return [
+            self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+            )
+            for text in texts
+        ]
 
     def _check_chat_template(self) -> None:
         if not getattr(self.tokenizer, "chat_template", None):

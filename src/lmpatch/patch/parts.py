@@ -21,9 +21,11 @@ Kinds, each with the feature name a file lists in its ``requires``:
 * :class:`WeightDelta` (``weight_deltas``) - an additive change to one parameter;
 * :class:`ModuleAddition` (``module_additions``) - a small module run as a forward hook
   at a named place (a GRACE codebook, extra FFN neurons, a WISE side memory);
-* a third kind, a retrieval memory that wraps the whole forward pass (SERAC, IKE), goes
-  into :data:`PART_KINDS` next to these two and is consulted by
-  ``LoadedModel.forward``; nothing else needs to change for it.
+* :class:`RetrievalMemory` (``retrieval_memories``) - edited facts as text, their
+  embeddings and the method's settings (SERAC, IKE, MemPrompt, MeLLo). It changes no
+  weight and hooks no layer: applied, it rewrites the *prompt* the model is given
+  (:meth:`lmpatch.model.loading.LoadedModel.format_prompts`), e.g. by putting the
+  retrieved fact in front of it.
 """
 from __future__ import annotations
 
@@ -37,12 +39,16 @@ from lmpatch.errors import PatchError
 
 __all__ = [
     "AddedModule",
+    "MemoryRuntime",
     "ModuleAddition",
     "PART_KINDS",
+    "RetrievalMemory",
     "WeightDelta",
     "addition_type",
     "dense_is_smaller",
+    "memory_type",
     "register_addition",
+    "register_memory",
 ]
 
 DENSE = "dense"
@@ -382,10 +388,151 @@ class ModuleAddition:
         return f"ModuleAddition({self.type!r} at {self.place!r}, {self.stored_numel} values)"
 
 
+# --------------------------------------------------------------------------- retrieval memories
+
+
+class MemoryRuntime:
+    """The running side of every applied :class:`RetrievalMemory` of one type and settings.
+
+    Memories are always *grouped*: all applied SERAC edits are searched together (the
+    best match over every stored fact decides), so a sequential run of a hundred edits
+    is one runtime holding a hundred facts, not a hundred prompts wrapped in turn.
+    Subclasses are registered by name (:func:`register_memory`) next to their method and
+    rebuilt from JSON plus tensors, so a patch file never carries code.
+    """
+
+    type_name: ClassVar[str] = ""
+    #: MeLLo answers multi-hop questions with its own retrieval loop instead of rewriting.
+    answers_questions: ClassVar[bool] = False
+
+    @classmethod
+    def combine(cls, members: list["RetrievalMemory"]) -> "MemoryRuntime":
+        """One runtime for ``members`` in order of application. Must equal building from the
+        first member and ``extend``-ing with the rest, so a group rebuilt after a removal
+        behaves exactly as one grown from scratch."""
+        raise NotImplementedError
+
+    def extend(self, member: "RetrievalMemory") -> None:
+        """Take one more member in, in place."""
+        raise NotImplementedError
+
+    def rewrite(self, queries: list[str], current: list[str]) -> list[str]:
+        """The prompts to run instead of ``current``.
+
+        ``queries`` are the caller's prompts as given (what retrieval must look at);
+        ``current`` are the same prompts after the memories applied before this one
+        (what a template wraps). Return ``current[i]`` unchanged where no stored fact
+        is in scope.
+        """
+        raise NotImplementedError
+
+
+_MEMORIES: dict[str, type[MemoryRuntime]] = {}
+
+
+def register_memory(cls: type[MemoryRuntime]) -> type[MemoryRuntime]:
+    """Class decorator: make ``cls`` loadable from patch files under ``cls.type_name``."""
+    if not cls.type_name:
+        raise TypeError(f"{cls.__name__} needs a type_name to be registered.")
+    known = _MEMORIES.get(cls.type_name)
+    if known is not None and known is not cls:
+        raise TypeError(f"Memory type {cls.type_name!r} is registered twice ({known.__name__}, {cls.__name__}).")
+    _MEMORIES[cls.type_name] = cls
+    return cls
+
+
+def memory_type(name: str) -> type[MemoryRuntime]:
+    """The registered runtime for ``name``; importing the methods registers every built-in one."""
+    if name not in _MEMORIES:
+        import lmpatch.methods  # noqa: F401 - each method module registers its memory types
+
+    if name not in _MEMORIES:
+        raise PatchError(
+            f"This patch holds a memory of type {name!r}, which this lmpatch does not know; upgrade lmpatch."
+        )
+    return _MEMORIES[name]
+
+
+@dataclass(eq=False)
+class RetrievalMemory:
+    """Edited facts kept as text, consulted when a prompt is formatted for the model.
+
+    * ``type`` - the registered :class:`MemoryRuntime` that uses them;
+    * ``settings`` - the method's settings (JSON); memories of one type are searched
+      together only when their settings are equal;
+    * ``entries`` - one JSON record per stored fact (its text, IKE's demonstrations, ...);
+    * ``state`` - float32 tensors, e.g. ``keys`` with one embedding row per entry, so a
+      loaded patch never has to re-embed its facts and behaves bit-for-bit as saved.
+    """
+
+    part_kind: ClassVar[str] = "retrieval_memories"
+    mergeable: ClassVar[bool] = False
+
+    type: str
+    settings: dict = field(default_factory=dict)
+    entries: list = field(default_factory=list)
+    state: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.type, str) or not self.type:
+            raise PatchError(f"A retrieval memory needs a registered type name, got {self.type!r}.")
+        from lmpatch.patch.jsonable import json_dict
+
+        self.settings = json_dict(self.settings, f"settings of the {self.type} memory")
+        if not isinstance(self.entries, list) or not self.entries:
+            raise PatchError(f"A {self.type} memory needs a non-empty list of entries.")
+        self.entries = json_dict({"entries": self.entries}, f"entries of the {self.type} memory")["entries"]
+        self.state = {
+            str(k): _own_float32(v, f"Tensor '{k}' of the {self.type} memory") for k, v in self.state.items()
+        }
+
+    @property
+    def group_key(self) -> str:
+        """Members with equal keys run as one :class:`MemoryRuntime`."""
+        from lmpatch.patch.jsonable import canonical_json
+
+        return f"{self.type}:{canonical_json(self.settings)}"
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return dict(self.state)
+
+    def describe(self) -> dict:
+        return {
+            "type": self.type,
+            "settings": self.settings,
+            "entries": self.entries,
+            "shapes": {k: list(v.shape) for k, v in sorted(self.state.items())},
+        }
+
+    @property
+    def stored_numel(self) -> int:
+        return sum(t.numel() for t in self.state.values())
+
+    def norm(self) -> float:
+        return float(sum(float(torch.linalg.vector_norm(t.double())) ** 2 for t in self.state.values()) ** 0.5)
+
+    @classmethod
+    def from_file(cls, entry: dict, tensors: dict[str, torch.Tensor]) -> "RetrievalMemory":
+        memory_type(entry["type"])  # refuse a type this lmpatch does not know at load, not at apply
+        shapes = {k: list(v.shape) for k, v in tensors.items()}
+        if shapes != {k: list(v) for k, v in entry.get("shapes", {}).items()}:
+            raise ValueError(f"tensors of the {entry.get('type')!r} memory do not match the manifest")
+        return cls(type=entry["type"], settings=entry.get("settings", {}), entries=entry["entries"], state=tensors)
+
+    @staticmethod
+    def compose(parts: list["RetrievalMemory"]) -> list["RetrievalMemory"]:
+        """Memories are kept side by side, in order (the stack groups them when applied)."""
+        return list(parts)
+
+    def __repr__(self) -> str:
+        return f"RetrievalMemory({self.type!r}, {len(self.entries)} entries)"
+
+
 #: Part kinds in the order they are applied, by the feature name a file ``requires``.
 #: The section of the manifest that lists each kind is given next to it.
 PART_KINDS: dict[str, tuple[type, str]] = {
     WeightDelta.part_kind: (WeightDelta, "deltas"),
     ModuleAddition.part_kind: (ModuleAddition, "modules"),
+    RetrievalMemory.part_kind: (RetrievalMemory, "memories"),
 }
 

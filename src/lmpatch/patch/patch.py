@@ -6,7 +6,8 @@ an edit cannot be shipped to someone else. Here a method only *computes* a patch
 caller decides when to apply it, can revert it bit-exactly, stack several, compose them,
 save them as one safetensors file, or bake them into a plain Hugging Face checkpoint.
 
-A patch is a list of parts (:mod:`lmpatch.patch.parts`: weight deltas, added modules)
+A patch is a list of parts (:mod:`lmpatch.patch.parts`: weight deltas, added modules,
+retrieval memories)
 plus a manifest saying where it came from. Applied state lives in the model's
 :class:`~lmpatch.patch.stack.PatchStack`, never in module globals, so two models in one
 process cannot interfere. The file format is in :mod:`lmpatch.patch.file`; the design is
@@ -29,7 +30,7 @@ import torch
 from lmpatch.errors import LmpatchError, PatchError
 from lmpatch.fileio import atomic_write_json, share_like_new_files
 from lmpatch.patch.jsonable import canonical_json, json_dict
-from lmpatch.patch.parts import PART_KINDS, ModuleAddition, WeightDelta
+from lmpatch.patch.parts import PART_KINDS, ModuleAddition, RetrievalMemory, WeightDelta
 from lmpatch.request import EditRequest
 
 __all__ = ["Patch", "compose"]
@@ -69,7 +70,7 @@ def _kind_rank(part: Any) -> int:
 class Patch:
     """An edit computed for one base model: its parts plus a manifest saying where it came from.
 
-    ``parts`` are applied in kind order (weight deltas, then added modules), each kind in
+    ``parts`` are applied in kind order (weight deltas, added modules, memories), each kind in
     the order given. ``model_fingerprint`` is the fingerprint of the *base* model; patches
     stacked on each other all carry it, and :meth:`apply` refuses any other model.
     Compare patches by :attr:`patch_id`, not ``==`` (tensors have no single truth value).
@@ -127,6 +128,10 @@ class Patch:
     @property
     def modules(self) -> list[ModuleAddition]:
         return [p for p in self.parts if isinstance(p, ModuleAddition)]
+
+    @property
+    def memories(self) -> list[RetrievalMemory]:
+        return [p for p in self.parts if isinstance(p, RetrievalMemory)]
 
     def sections(self) -> dict[str, list]:
         """Manifest section name -> the parts stored there, for every kind this patch has.
@@ -311,8 +316,11 @@ class Patch:
 
 def _unmergeable(patch: Patch, note: str = "") -> PatchError:
     kinds = sorted({m.type for m in patch.modules if not m.mergeable})
+    what = [f"{', '.join(kinds)} module(s)"] if kinds else []
+    if patch.memories:
+        what.append(f"{', '.join(sorted({m.type for m in patch.memories}))} memory(ies) that rewrite prompts")
     return PatchError(
-        f"Patch {patch.patch_id} ({patch.method}){note} adds {', '.join(kinds)} module(s), which a plain "
+        f"Patch {patch.patch_id} ({patch.method}){note} adds {' and '.join(what)}, which a plain "
         "checkpoint cannot express; keep it as a patch file and apply it with lmpatch instead of merging."
     )
 

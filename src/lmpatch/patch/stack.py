@@ -18,7 +18,9 @@ every weight is recomputed the same way it was first computed:
   touches it: cheap for low-rank deltas, and only for the parameters the removed patch
   touched);
 * parameters the removed patch did not touch are left alone;
-* added modules are hooks; removing one leaves the others in their order of application.
+* added modules are hooks; removing one leaves the others in their order of application;
+* retrieval memories touch nothing in the network: removing one rebuilds its group from
+  the remaining members, and with no memory left prompts are formatted exactly as before.
 
 The stack also owns the caches that derive from the current weights: the low-precision
 compute copies (:mod:`lmpatch.model.shadow`), the solved covariances of locate-and-edit
@@ -39,7 +41,15 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from lmpatch.errors import PatchError
-from lmpatch.patch.parts import AddedModule, ModuleAddition, WeightDelta, addition_type
+from lmpatch.patch.parts import (
+    AddedModule,
+    MemoryRuntime,
+    ModuleAddition,
+    RetrievalMemory,
+    WeightDelta,
+    addition_type,
+    memory_type,
+)
 
 if TYPE_CHECKING:
     from lmpatch.patch.patch import Patch
@@ -60,6 +70,15 @@ class InstalledAddition:
     module: AddedModule
     handle: RemovableHandle
     parts: list[ModuleAddition]
+
+
+@dataclass(eq=False)
+class InstalledMemory:
+    """The running memory of every applied :class:`RetrievalMemory` with one ``group_key``."""
+
+    key: str
+    runtime: MemoryRuntime
+    parts: list[RetrievalMemory]
 
 
 @dataclass(eq=False)
@@ -110,6 +129,7 @@ class PatchStack:
         self._originals: dict[str, torch.Tensor] = {}
         self._before_top: dict[str, tuple[str, torch.Tensor]] = {}
         self._installed: list[InstalledAddition] = []  # in the order their hooks were registered
+        self._memories: list[InstalledMemory] = []  # in the order prompts go through them
         self.lock = threading.RLock()
         #: Bumped whenever added modules come or go, so compute copies know to mirror them.
         self.structure = 0
@@ -141,6 +161,10 @@ class PatchStack:
     def additions(self) -> list[InstalledAddition]:
         """Every running added module, in the order its hook runs."""
         return list(self._installed)
+
+    def memories(self) -> list[InstalledMemory]:
+        """Every running retrieval memory, in the order it rewrites prompts."""
+        return list(self._memories)
 
     def saved_bytes(self) -> int:
         """Bytes held to make undo exact (base values plus previous-value copies)."""
@@ -242,6 +266,46 @@ class PatchStack:
                 self._uninstall(group)
                 self._install(group.place, type(group.module).combine(parts), parts)
 
+    def _add_memories(self, patch: "Patch") -> list:
+        """Install ``patch``'s memories (building their runtimes may fail: all or nothing)."""
+        done: list = []  # ("new", installed) or ("grown", group, previous parts)
+        try:
+            for part in patch.memories:
+                cls = memory_type(part.type)
+                group = next((g for g in self._memories if g.key == part.group_key), None)
+                if group is None:
+                    installed = InstalledMemory(part.group_key, cls.combine([part]), [part])
+                    self._memories.append(installed)
+                    done.append(("new", installed))
+                else:
+                    done.append(("grown", group, list(group.parts)))
+                    group.runtime.extend(part)
+                    group.parts.append(part)
+        except BaseException:
+            self._undo_memories(done)
+            raise
+        return done
+
+    def _undo_memories(self, done: list) -> None:
+        for step in reversed(done):
+            if step[0] == "new":
+                self._memories.remove(step[1])
+            else:
+                _, group, parts = step
+                group.runtime = type(group.runtime).combine(parts)
+                group.parts = parts
+
+    def _drop_memories(self, gone: set[int]) -> None:
+        """Rebuild each memory group without the removed parts (a group left empty goes)."""
+        kept: list[InstalledMemory] = []
+        for group in self._memories:
+            rest = [p for p in group.parts if id(p) not in gone]
+            if len(rest) == len(group.parts):
+                kept.append(group)
+            elif rest:
+                kept.append(InstalledMemory(group.key, type(group.runtime).combine(rest), rest))
+        self._memories = kept
+
     def push(self, patch: "Patch") -> StackEntry:
         """Apply ``patch`` on top of the others; on any error the model is left as it was."""
         with self.lock:
@@ -265,7 +329,12 @@ class PatchStack:
                         if first:
                             self._originals[name] = previous
                         p.copy_(new)  # in place: references held elsewhere (tied heads, optimisers) stay valid
-                    self._add_modules(patch)
+                    modules_done = self._add_modules(patch)
+                    try:
+                        self._add_memories(patch)
+                    except BaseException:
+                        self._undo_modules(modules_done)
+                        raise
             except BaseException:
                 with torch.no_grad():
                     for name, previous, first in reversed(undo):
@@ -278,8 +347,8 @@ class PatchStack:
             self._entries.append(entry)
             if patch.modules:
                 self.structure += 1
-            log.debug("Applied patch %s (%s): %d weights, %d modules", pid, patch.method, len(targets),
-                      len(patch.modules))
+            log.debug("Applied patch %s (%s): %d weights, %d modules, %d memories", pid, patch.method,
+                      len(targets), len(patch.modules), len(patch.memories))
             return entry
 
     # ----------------------------------------------------------------- remove
@@ -306,6 +375,9 @@ class PatchStack:
             if gone:
                 self._drop_modules(gone)
                 self.structure += 1
+            gone_memories = {id(part) for e in removed for part in e.patch.memories}
+            if gone_memories:
+                self._drop_memories(gone_memories)
             touched = list(dict.fromkeys(name for e in removed for name in e.deltas))
             with torch.no_grad():
                 for name in touched:
