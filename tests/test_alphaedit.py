@@ -83,6 +83,7 @@ def test_edits_in_the_model_keep_their_keys(preserve_weight, most):
         recorded = earlier_key_moments(model, layers, hp)
         del model.stack.edit_keys[first.patch_id]
         reread = earlier_key_moments(model, layers, hp)
+        assert set(model.stack.edit_keys[first.patch_id]) == set(layers)  # read once, then remembered
     for layer, d_alone, d_stacked in zip(layers, alone.deltas, stacked.deltas):
         old_keys = remembered[layer].double()
         moved_alone = float((old_keys @ _matrix(d_alone).T).norm())

@@ -143,24 +143,31 @@ def apply_alphaedit(
 
 def earlier_key_moments(model: LoadedModel, layers: Sequence[int], hp: AlphaEditHparams) -> dict[int, torch.Tensor]:
     """Σ k kᵀ over the keys of every edit in the patches applied to ``model``, per layer
-    (float64): remembered from when each AlphaEdit patch was computed, else read again."""
+    (float64): remembered from when each AlphaEdit patch was computed, else read again
+    once and remembered from then on (a resumed run, or patches of other methods, would
+    otherwise re-read every earlier edit's keys at every edit)."""
     moments: dict[int, torch.Tensor] = {}
-    missing: list[EditRequest] = []
-    for record in model.applied:
-        known = model.stack.edit_keys.get(record.patch_id)
-        if known is not None and all(layer in known for layer in layers):
-            for layer in layers:
-                k = known[layer].double()
-                moments[layer] = moments.get(layer, 0) + k.T @ k
-        else:
-            missing.extend(record.requests)
+    missing = [
+        record for record in model.applied
+        if not all(layer in model.stack.edit_keys.get(record.patch_id, {}) for layer in layers)
+    ]
     if missing:
+        requests = [r for record in missing for r in record.requests]
         templates = context_templates(model, hp.template_config())
-        rows = key_rows(model, missing, templates)
+        rows = key_rows(model, requests, templates)
         weights = template_weights(templates)
+        read = {layer: read_state(model, rows, weights, layer, layer)[0].float().cpu() for layer in layers}
+        start = 0
+        for record in missing:
+            n = len(record.requests)
+            known = model.stack.edit_keys.setdefault(record.patch_id, {})
+            for layer in layers:
+                known[layer] = read[layer][start : start + n]
+            start += n
+    for record in model.applied:
+        known = model.stack.edit_keys[record.patch_id]
         for layer in layers:
-            k, _ = read_state(model, rows, weights, layer, layer)
-            k = k.cpu()
+            k = known[layer].double()
             moments[layer] = moments.get(layer, 0) + k.T @ k
     return moments
 
