@@ -33,6 +33,8 @@ FAST: dict[str, dict] = {
     "wise": dict(steps=5, irrelevant=2, swapped=1, pool=8, act_ratio=0.88),
     "t-patcher": dict(steps=5, memory_prompts=4),
     "calinet": dict(steps=5, slots=8),
+    "ike": dict(k=2, pool_records=50),
+    "memprompt": dict(),
 }
 # (method, arch) pairs a method refuses with one clear error, and why.
 UNSUPPORTED: dict[tuple[str, str], str] = {
@@ -55,10 +57,11 @@ def test_every_registered_method_has_fast_settings_here():
 
 
 def _logits(model: lmpatch.LoadedModel) -> list[torch.Tensor]:
+    """Logits on PROMPTS as every lmpatch path reads them: formatted (memories rewrite here), then run."""
     with torch.no_grad():
         return [
-            model.forward(input_ids=torch.tensor([model.tokenizer(p)["input_ids"]])).logits[0].clone()
-            for p in PROMPTS
+            model.forward(input_ids=torch.tensor([model.tokenizer(text)["input_ids"]])).logits[0].clone()
+            for text in model.format_prompts(PROMPTS)
         ]
 
 
@@ -121,7 +124,7 @@ def test_reverting_the_middle_of_rome_grace_rome_equals_the_outer_two():
 
 @pytest.mark.slow
 @pytest.mark.model
-@pytest.mark.parametrize("method", ["grace", "wise", "t-patcher", "calinet"])
+@pytest.mark.parametrize("method", ["grace", "wise", "t-patcher", "calinet", "ike", "memprompt"])
 def test_added_module_patches_round_trip_on_the_real_model(real_model, method, tmp_path):
     """On SmolLM2 with default settings: save -> load -> apply -> revert leaves the state_dict
     and the logits on five prompts bit-identical, and the loaded patch acts as the original."""

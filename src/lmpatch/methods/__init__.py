@@ -14,3 +14,5 @@ from lmpatch.methods import grace  # noqa: F401
 from lmpatch.methods import wise  # noqa: F401
 from lmpatch.methods import tpatcher  # noqa: F401
 from lmpatch.methods import calinet  # noqa: F401
+from lmpatch.methods import ike  # noqa: F401
+from lmpatch.methods import memprompt  # noqa: F401

@@ -21,7 +21,7 @@ from lmpatch.request import EditRequest
 
 __all__ = [
     "HELD_OUT_DATA", "NEGATIVE_DATA", "NEGATIVE_RECORDS", "held_out", "memory_texts", "pool_sample",
-    "related_prompts", "swapped_prompts", "training_pool",
+    "related_prompts", "swapped_prompts", "training_pool", "training_records",
 ]
 
 NEGATIVE_DATA = "counterfact-train"
@@ -49,6 +49,11 @@ def _records() -> tuple:
     from lmpatch.data import load_dataset
 
     return tuple(load_dataset(NEGATIVE_DATA, n=NEGATIVE_RECORDS))
+
+
+def training_records() -> tuple[EditRequest, ...]:
+    """The first :data:`NEGATIVE_RECORDS` records of :data:`NEGATIVE_DATA` (filter with :func:`held_out`)."""
+    return _records()
 
 
 @lru_cache(maxsize=4)

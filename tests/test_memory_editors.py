@@ -1,0 +1,107 @@
+"""IKE and MemPrompt: what they store, when a stored fact is used, and how the prompt is built.
+
+They run the real MiniLM retriever (``model`` marker) on a tiny language model: the
+language model only has to format prompts here; quality on SmolLM2 is in test_quality.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+import lmpatch
+from facts import REQS
+from lmpatch.errors import InvalidRequestError, PatchError
+from lmpatch.methods.ike import IkeHparams, choose_demonstrations, demonstration_pool, statement
+from lmpatch.methods.memprompt import pattern
+from lmpatch.methods.negatives import held_out
+from tiny import tiny_model
+
+pytestmark = pytest.mark.model
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return tiny_model("llama")
+
+
+def test_ike_pool_has_the_three_kinds_and_no_held_out_prompt():
+    pool = demonstration_pool(60)
+    skip = held_out()
+    assert pool and all(d.startswith("New Fact: ") and d.endswith("\n\n") for d in pool)
+    prompts = [d.split("\nPrompt: ", 1)[1] for d in pool]
+    assert not any(p.strip() in skip for p in prompts)
+    facts = {d.split("\n", 1)[0] for d in pool}
+    assert len(pool) > 2 * len(facts)  # most records give copy, update and retain demonstrations
+    with pytest.raises(InvalidRequestError, match="tuning"):
+        demonstration_pool(5001)
+
+
+def test_ike_demonstrations_are_the_nearest_least_similar_first_with_the_edit_copy_last():
+    hp = IkeHparams(k=4, pool_records=60)
+    fact = statement(REQS[0])
+    demos = choose_demonstrations(fact, hp)
+    assert len(demos) == 5 and demos[-1] == f"New Fact: {fact}\nPrompt: {fact}\n\n"
+    assert set(demos[:-1]) <= set(demonstration_pool(60))
+    wider = choose_demonstrations(fact, dataclasses.replace(hp, k=8))
+    assert wider[-5:-1] == demos[:-1]  # the 4 nearest are the last 4 of the 8 nearest
+    assert choose_demonstrations(fact, dataclasses.replace(hp, k=0)) == [demos[-1]]
+
+
+def test_ike_puts_demonstrations_and_the_fact_before_every_prompt(lm):
+    patch = lmpatch.edit(lm, REQS[0], "ike", k=2, pool_records=60)
+    entry = patch.memories[0].entries[0]
+    with patch.applied(lm):
+        for prompt in (REQS[0].prompt, "Water boils at"):  # no scope test: every prompt gets it
+            text = lm.format_prompt(prompt)
+            assert text == "".join(entry["demos"]) + f"New Fact: {entry['fact']}\nPrompt: {prompt}"
+    assert lm.format_prompt("Water boils at") == "Water boils at"
+
+
+def test_sequential_ike_uses_the_nearest_edit(lm):
+    a = lmpatch.edit(lm, REQS[0], "ike", k=0, pool_records=60)
+    b = lmpatch.edit(lm, REQS[1], "ike", k=0, pool_records=60)
+    with a.applied(lm), b.applied(lm):
+        assert len(lm.stack.memories()) == 1
+        for r in REQS[:2]:
+            assert f"New Fact: {statement(r)}\nPrompt: {r.prompt}" in lm.format_prompt(r.prompt)
+
+
+def test_ike_settings_are_checked(lm):
+    with pytest.raises(InvalidRequestError, match="end with {query}"):
+        lmpatch.edit(lm, REQS[0], "ike", template="{query} {fact}")
+    with pytest.raises(InvalidRequestError, match="k"):
+        lmpatch.edit(lm, REQS[0], "ike", k=-1)
+
+
+def test_memprompt_uses_feedback_only_above_its_threshold(lm):
+    request = REQS[0]
+    patch = lmpatch.edit(lm, request, "memprompt")
+    feedback = f"{request.prompt} {request.target_new}"
+    assert patch.memories[0].entries == [{"fact": feedback, "pattern": pattern(request.prompt)}]
+    with patch.applied(lm):
+        assert lm.format_prompt(request.prompt) == f"Feedback: {feedback}\n{request.prompt}"
+        assert lm.format_prompt(request.prompt.upper()) != request.prompt.upper()  # keys are case-folded
+        assert lm.format_prompt("Water boils at a temperature of") == "Water boils at a temperature of"
+    strict = lmpatch.edit(lm, request, "memprompt", threshold=1.0)
+    with strict.applied(lm):
+        assert lm.format_prompt(request.prompt + " the") == request.prompt + " the"
+
+
+def test_memprompt_takes_the_users_feedback(lm):
+    request = dataclasses.replace(REQS[0], meta={"feedback": "Answer with the new fact."})
+    patch = lmpatch.edit(lm, request, "memprompt")
+    with patch.applied(lm):
+        assert lm.format_prompt(request.prompt).startswith("Feedback: Answer with the new fact.\n")
+    with pytest.raises(InvalidRequestError, match="feedback"):
+        lmpatch.edit(lm, dataclasses.replace(REQS[0], meta={"feedback": 3}), "memprompt")
+
+
+def test_a_memory_made_with_another_embedder_is_refused(lm):
+    patch = lmpatch.edit(lm, REQS[0], "memprompt")
+    part = patch.memories[0]
+    other = dataclasses.replace(part, settings={**part.settings, "embedder_id": "someone-else"})
+    forged = lmpatch.Patch([other], "memprompt", lm.fingerprint, lm.name)
+    with pytest.raises(PatchError, match="embedder 'minilm'.*someone-else"):
+        forged.apply(lm)
+    assert lm.stack.memories() == []
