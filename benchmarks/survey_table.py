@@ -10,6 +10,11 @@ One command, fixed records, fixed seeds:
 * zsRE: the first ``--n-zsre`` records of the MEND eval split, with one-hop, subject-replace
   and inverse-relation portability where the Yao et al. files annotate them.
 
+Both datasets are also scored "in the wild" (QAEdit's protocol: the prompt alone, greedy,
+the answer cut at the first "." or newline and exact-matched after SQuAD normalisation;
+``reliability_wild``, ``generalization_wild``, ``locality_wild``), next to the survey's
+teacher-forced numbers that it shows to be optimistic.
+
 Each (dataset, method) pair is one resumable single-regime run directory under ``--out``;
 PIQA (first ``--piqa-n`` items) is measured before editing and with the first
 ``--piqa-updates`` edits applied. Fluency (100 greedy tokens per generation prompt, pre and
@@ -37,8 +42,8 @@ from lmpatch.eval.tasks import TaskConfig, build_tasks
 from lmpatch.methods.registry import method_names
 from lmpatch.report import write_report
 
-CF_METRICS = ("reliability", "generalization", "locality", "portability", "side_effects", "counterfact")
-ZSRE_METRICS = ("reliability", "generalization", "locality", "portability", "side_effects")
+CF_METRICS = ("reliability", "generalization", "locality", "portability", "side_effects", "counterfact", "wild")
+ZSRE_METRICS = ("reliability", "generalization", "locality", "portability", "side_effects", "wild")
 
 
 def counterfact_records(n: int) -> list[lmpatch.EditRequest]:

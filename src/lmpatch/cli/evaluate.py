@@ -37,7 +37,7 @@ def evaluate(
     sets: Optional[list[str]] = typer.Option(None, "--set", help="Hyperparameter override key=value (repeatable)."),
     metrics: Optional[str] = typer.Option(
         None, "--metrics", help="Comma-separated metric groups (default: reliability, generalization, locality, "
-        "portability, side_effects, counterfact, generation). Also: fluency (n-gram entropy of generations), "
+        "portability, side_effects, counterfact, generation, wild). Also: fluency (n-gram entropy of generations), "
         "piqa and perplexity (whole-model side effects, measured before and after). `all` selects every "
         "group and task."
     ),
@@ -172,7 +172,8 @@ def select_metrics(metrics: str | None, protocol: str | None) -> tuple[tuple[str
         family = {
             "teacher_forced": ("teacher_forced_token_accuracy", "pre_post_agreement"),
             "probability": ("probability_comparison",),
-            "generation": ("generation_exact_match", "generation_contains", "ngram_entropy_of_greedy_generation"),
+            "generation": ("generation_exact_match", "generation_contains", "generation_wild_exact_match",
+                           "ngram_entropy_of_greedy_generation"),
         }[protocol]
         groups = [g for g in groups if any(PROTOCOLS[k] in family for k in GROUPS[g])]
         task_names = ()

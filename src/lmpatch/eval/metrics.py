@@ -40,6 +40,17 @@ Per request and per pass (pre = unedited model, post = patch applied):
   when the target ends in a letter or digit, the next character is not one (so "Rome"
   does not match "Romeo"). *Contains*: the stripped target occurs anywhere in the
   continuation, case-insensitively. Both are the fraction over prompt + rephrases.
+* ``reliability_wild`` / ``generalization_wild`` / ``locality_wild`` - the generation
+  protocol of QAEdit (Yang et al. 2025, "The Mirage of Model Editing: Revisiting
+  Evaluation in the Wild"), see :mod:`lmpatch.eval.wild`: the prompt alone, greedy, at
+  most 50 new tokens, the answer cut before the first "." or newline and SQuAD-normalised.
+  Reliability: the edit prompt's answer equals ``target_new``; generalization: the
+  fraction of rephrases whose answer does; locality: the fraction of plain neighbourhood
+  probes whose post-edit answer equals the unedited model's (the pre-edit answers come
+  from the pre pass, generated once; pre is 1.0 by definition). Teacher-forced accuracy
+  hands the model the target's tokens and length; these ask it to produce them, so they
+  are lower, and closer to how an edit is used. Each pass keeps its raw continuations
+  in ``wild_generations``.
 
 * ``fluency`` - ROME's n-gram entropy (bits; papers print it x100) of greedy
   100-token continuations of the request's first :data:`FLUENCY_PROMPTS` generation
@@ -57,7 +68,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Sequence
 
 from lmpatch.errors import LmpatchError
+from lmpatch.eval import wild
 from lmpatch.eval.scoring import TargetScore, encode_pairs, generate, score_targets
+from lmpatch.eval.wild import WildGenerations
 from lmpatch.model.loading import LoadedModel
 from lmpatch.request import EditRequest, Probe, as_requests
 
@@ -65,6 +78,7 @@ TEACHER_FORCED = "teacher_forced_token_accuracy"
 PROBABILITY = "probability_comparison"
 GENERATION_EXACT = "generation_exact_match"
 GENERATION_CONTAINS = "generation_contains"
+GENERATION_WILD = "generation_wild_exact_match"
 PRE_POST = "pre_post_agreement"
 NGRAM_ENTROPY = "ngram_entropy_of_greedy_generation"
 
@@ -89,6 +103,9 @@ PROTOCOLS: dict[str, str] = {
     "neighborhood_magnitude": PROBABILITY,
     "generation_exact": GENERATION_EXACT,
     "generation_contains": GENERATION_CONTAINS,
+    "reliability_wild": GENERATION_WILD,
+    "generalization_wild": GENERATION_WILD,
+    "locality_wild": GENERATION_WILD,
     "fluency": NGRAM_ENTROPY,
 }
 METRIC_KEYS: tuple[str, ...] = tuple(PROTOCOLS)
@@ -105,6 +122,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
         "efficacy_magnitude", "paraphrase_magnitude", "neighborhood_magnitude",
     ),
     "generation": ("generation_exact", "generation_contains"),
+    "wild": ("reliability_wild", "generalization_wild", "locality_wild"),
     "fluency": ("fluency",),
 }
 # Fluency generates 100 tokens per prompt: selected explicitly, not by default.
@@ -180,12 +198,14 @@ class RequestScores:
     side_kind: list[str] = field(default_factory=list)
     texts: list[str] = field(default_factory=list)
     fluency_texts: list[str] = field(default_factory=list)
+    wild_texts: WildGenerations | None = None  # None: the wild group was not measured
 
 
 def measure(
     model: LoadedModel, requests: Sequence[EditRequest], groups: frozenset[str], batch_size: int = 16
 ) -> list[RequestScores]:
-    """One pass over ``requests``: a single batched scoring call and a single generation call."""
+    """One pass over ``requests``: a single batched scoring call and one generation call per
+    generation-based group (``generation``, ``wild``, ``fluency``) selected."""
     cf = "counterfact" in groups
     want_rel = cf or "reliability" in groups
     want_gen = cf or "generalization" in groups
@@ -246,7 +266,29 @@ def measure(
                 prompts.append(p)
         for i, text in zip(owners, generation_texts(model, prompts, FLUENCY_TOKENS, batch_size=batch_size)):
             out[i].fluency_texts.append(text)
+    if "wild" in groups:
+        _measure_wild(model, requests, out, batch_size)
     return out
+
+
+def _measure_wild(model: LoadedModel, requests: Sequence[EditRequest], out: list[RequestScores],
+                  batch_size: int) -> None:
+    """One batched generation over every request's prompt, rephrases and neighbourhood probes."""
+    slots: list[tuple[int, str]] = []
+    prompts: list[str] = []
+    for i, r in enumerate(requests):
+        out[i].wild_texts = WildGenerations()
+        asked = [("prompt", r.prompt), *(("rephrase", p) for p in r.rephrase),
+                 *(("locality", probe.prompt) for probe in r.locality if is_neighbour(probe))]
+        for kind, prompt in asked:
+            slots.append((i, kind))
+            prompts.append(prompt)
+    for (i, kind), text in zip(slots, wild.generate_raw(model, prompts, batch_size=batch_size)):
+        gens = out[i].wild_texts
+        if kind == "prompt":
+            gens.prompt = text
+        else:
+            getattr(gens, kind).append(text)
 
 
 def fluency_prompts(request: EditRequest) -> list[str]:
@@ -321,11 +363,34 @@ def request_values(
         v["generation_exact"] = _mean([float(exact_match(t, request.target_new)) for t in scores.texts])
         v["generation_contains"] = _mean([float(contains_match(t, request.target_new)) for t in scores.texts])
         v["generations"] = list(scores.texts)
+    if "wild" in groups:
+        v.update(wild_values(request, scores.wild_texts, pre.wild_texts))
     if "fluency" in groups:
         from lmpatch.eval.fluency import ngram_entropy
 
         v["fluency"] = ngram_entropy(scores.fluency_texts) if scores.fluency_texts else None
     return v
+
+
+def wild_values(
+    request: EditRequest, gens: WildGenerations | None, pre: WildGenerations | None
+) -> dict[str, Any]:
+    """The three ``_wild`` values of one pass and its raw texts; ``pre`` is the unedited pass.
+
+    Nothing generated (``gens`` is None) gives None values, like any metric with nothing
+    to measure it on.
+    """
+    gens = gens or WildGenerations()
+    pre = pre or WildGenerations()
+    if len(gens.locality) != len(pre.locality):
+        raise ValueError("pre and post generations were made for different locality prompts")
+    target = request.target_new
+    return {
+        "reliability_wild": None if gens.prompt is None else float(wild.matches_target(gens.prompt, target)),
+        "generalization_wild": _mean([float(wild.matches_target(t, target)) for t in gens.rephrase]),
+        "locality_wild": _mean([float(wild.same_answer(a, b)) for a, b in zip(gens.locality, pre.locality)]),
+        "wild_generations": asdict(gens),
+    }
 
 
 # --------------------------------------------------------------------------- aggregation

@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
 from lmpatch.model.loading import LoadedModel
-from lmpatch.model.stops import until_stop
+from lmpatch.model.stops import StopTextCriterion, cut_at, until_stop
 from lmpatch.tokens import PromptTarget, encode, pad_left, pad_right, prompt_target
 
 PADDING_SIDES = ("right", "left")
@@ -144,6 +144,7 @@ def generate_ids(
     prompts: Sequence[str],
     max_new_tokens: int | Sequence[int] = 20,
     batch_size: int = 8,
+    stop_texts: Sequence[str] | None = None,
 ) -> list[list[int]]:
     """Greedy continuation token IDs for each prompt (chat-wrapped), in input order.
 
@@ -151,6 +152,12 @@ def generate_ids(
     and each row is cut to its own, which is exact because greedy decoding is
     deterministic step by step. Rows stop at the first stop token (EOS, a special token
     or a media marker, see :mod:`lmpatch.model.stops`), which is not returned.
+
+    With ``stop_texts`` a row also stops as soon as its decoded new text contains one of
+    them (:class:`lmpatch.model.stops.StopTextCriterion`); its IDs end with the token that
+    completed the stop string, so the caller cuts the decoded text (see :func:`generate`).
+    A batch then ends when all its rows have, instead of always running to its limit.
+    Without ``stop_texts`` nothing changes: ``generate`` gets exactly the same arguments.
     """
     if isinstance(max_new_tokens, int):
         limits = [max_new_tokens] * len(prompts)
@@ -168,6 +175,10 @@ def generate_ids(
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
         ids, mask = pad_left([encoded[i] for i in chunk], pad_id)
+        extra, criterion = {}, None
+        if stop_texts:
+            criterion = StopTextCriterion(tok, ids.shape[1], stop_texts, stops)
+            extra["stopping_criteria"] = _criteria_list(criterion)
         out = model.generate(
             input_ids=ids.to(device),
             attention_mask=mask.to(device),
@@ -176,11 +187,26 @@ def generate_ids(
             num_beams=1,
             pad_token_id=pad_id,
             eos_token_id=sorted(stops),
+            **extra,
         )
         new = out[:, ids.shape[1] :].cpu().tolist()
-        for i, row in zip(chunk, new):
+        for r, (i, row) in enumerate(zip(chunk, new)):
+            if criterion is not None and r in criterion.ends:
+                row = row[: criterion.ends[r]]  # the rest is padding added after the row stopped
             results[i] = until_stop(row[: limits[i]], stops)
     return results
+
+
+def _criteria_list(criterion: StopTextCriterion) -> Any:
+    """``criterion`` in the list type ``generate`` expects (imported only when needed)."""
+    from transformers import StoppingCriteriaList
+
+    return StoppingCriteriaList([criterion])
+
+
+def decode_rows(model: LoadedModel, rows: Sequence[Sequence[int]]) -> list[str]:
+    """Generated IDs as text, special tokens dropped (how :func:`generate` decodes)."""
+    return [model.tokenizer.decode(list(row), skip_special_tokens=True) for row in rows]
 
 
 def generate(
@@ -188,7 +214,13 @@ def generate(
     prompts: Sequence[str],
     max_new_tokens: int | Sequence[int] = 20,
     batch_size: int = 8,
+    stop_texts: Sequence[str] | None = None,
 ) -> list[str]:
-    """Greedy continuations (text after the prompt only), batched with left padding."""
-    ids = generate_ids(model, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
-    return [model.tokenizer.decode(row, skip_special_tokens=True) for row in ids]
+    """Greedy continuations (text after the prompt only), batched with left padding.
+
+    With ``stop_texts`` each continuation ends early at the first of them, and the text
+    is cut just before it (the stop string itself is not returned).
+    """
+    ids = generate_ids(model, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, stop_texts=stop_texts)
+    texts = decode_rows(model, ids)
+    return [cut_at(t, stop_texts) for t in texts] if stop_texts else texts

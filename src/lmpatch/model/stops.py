@@ -10,11 +10,19 @@ ends at the first token that is EOS, a special token, or a media marker.
 
 GGUF files record media markers as ordinary user-defined tokens (like HTML tags) and a
 text-only config names no image ids, so the markers are also recognised by name.
+
+Some protocols also end an answer at a piece of *text* ("." or a newline): an answer
+usually ends inside a token ("Paris." or ".\n" are often one token), so those are found
+in the decoded text, not among token ids. :class:`StopTextCriterion` ends each row of a
+batched ``generate`` as soon as its own new text contains one (saving the remaining
+decoding steps), and :func:`cut_at` removes the stop and what follows after decoding.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
+
+import torch
 
 # Multimodal markers that may sit in a text-only model's vocabulary (Gemma 3).
 MEDIA_MARKERS = (
@@ -55,6 +63,57 @@ def until_stop(ids: Iterable[int], stops: frozenset[int] | set[int]) -> list[int
             break
         out.append(t)
     return out
+
+
+def cut_at(text: str, stop_texts: Sequence[str]) -> str:
+    """``text`` before the earliest occurrence of any of ``stop_texts`` (all of it if none occurs)."""
+    found = [at for at in (text.find(s) for s in stop_texts if s) if at >= 0]
+    return text[: min(found)] if found else text
+
+
+class StopTextCriterion:
+    """Ends each row of a batched greedy ``generate`` once its new text contains a stop string.
+
+    It has the call signature of ``transformers.StoppingCriteria`` (the batch's ids so far
+    -> one bool per row) without subclassing it, so importing this module does not import
+    ``transformers.generation``. Each row is judged on its own tokens only: finished rows
+    are padded by ``generate`` and never affect another row's greedy choices, so a row's
+    output is the same whatever else is in its batch. ``ends[row]`` is the number of new
+    tokens the row had when its text first contained a stop string; the tokens after that
+    are padding and the caller drops them.
+
+    ``prompt_width`` is the padded prompt length (all rows are left-padded to it), and
+    text after a stop token (``stop_ids``: EOS and the like) is not text, as in
+    :func:`until_stop`.
+    """
+
+    def __init__(self, tokenizer: Any, prompt_width: int, stop_texts: Sequence[str],
+                 stop_ids: frozenset[int] | set[int] = frozenset()) -> None:
+        if not any(stop_texts):
+            raise ValueError("stop_texts must contain at least one non-empty string")
+        self.tokenizer = tokenizer
+        self.prompt_width = prompt_width
+        self.stop_texts = tuple(s for s in stop_texts if s)
+        self.stop_ids = stop_ids
+        self.ends: dict[int, int] = {}
+        self._ended_by_token: set[int] = set()
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any = None, **kwargs: Any) -> torch.Tensor:
+        done = [self._check(row, new) for row, new in enumerate(input_ids[:, self.prompt_width :].tolist())]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+    def _check(self, row: int, new: list[int]) -> bool:
+        if row in self.ends or row in self._ended_by_token:
+            return True
+        text_ids = until_stop(new, self.stop_ids)
+        if len(text_ids) < len(new):
+            self._ended_by_token.add(row)  # generate has finished this row at the stop token
+            return True
+        text = self.tokenizer.decode(text_ids, skip_special_tokens=True)
+        if any(s in text for s in self.stop_texts):
+            self.ends[row] = len(new)
+            return True
+        return False
 
 
 def _special_ids(tokenizer: Any) -> set[int]:

@@ -4,8 +4,10 @@ The layout follows the survey tables of Yao et al. 2023 ("Editing Large Language
 Problems, Methods, and Opportunities"): reliability, generalization and locality, then
 portability split by probe kind, then the side effects of an edit on other knowledge
 and other tasks. Scores from the ROME/MEMIT papers' CounterFact protocol, generation
-checks and cost come after, and a key this module has never heard of is still shown
-under "Other", so a new metric in a run is never silently dropped from its report.
+checks (including QAEdit's "in the wild" reliability, generalization and locality, read
+from greedy answers instead of teacher-forced tokens) and cost come after, and a key
+this module has never heard of is still shown under "Other", so a new metric in a run
+is never silently dropped from its report.
 """
 from __future__ import annotations
 
@@ -69,6 +71,10 @@ CATALOG: tuple[MetricSpec, ...] = (
     _S("neighborhood_magnitude", "CounterFact", "Neighborhood magnitude", fraction=False),
     _S("generation_exact", "Generation", "Exact match"),
     _S("generation_contains", "Generation", "Contains target"),
+    _S("reliability_wild", "In the wild", "Reliability"),
+    _S("generalization_wild", "In the wild", "Generalization"),
+    # As for locality: before the edit the model gives its own answers, 1 by definition.
+    _S("locality_wild", "In the wild", "Locality", show_pre=False),
     _S("edit_seconds_median", "Cost", "Edit time, median", fraction=False, show_pre=False, unit=" s"),
     _S("edit_seconds_p90", "Cost", "Edit time, p90", fraction=False, show_pre=False, unit=" s"),
     _S("edit_seconds_total", "Cost", "Edit time, total", fraction=False, show_pre=False, unit=" s"),
@@ -84,6 +90,12 @@ PROTOCOL_NOTES: dict[str, tuple[str, str]] = {
     "pre_post_agreement": ("AG", "fraction of answer tokens whose argmax the edit leaves unchanged"),
     "generation_exact_match": ("GE", "greedy continuation starts with the target"),
     "generation_contains": ("GC", "greedy continuation contains the target"),
+    "generation_wild_exact_match": (
+        "GW",
+        "greedy answer to the prompt alone (at most 50 tokens, cut at the first '.' or newline), "
+        "SQuAD-normalised, equals the target, or for locality the unedited model's answer "
+        "(QAEdit, Yang et al. 2025)",
+    ),
 }
 
 

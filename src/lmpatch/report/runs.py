@@ -29,7 +29,7 @@ RECORDS_FILE = "records.jsonl"
 SUMMARY_FILE = "summary.json"
 
 # Per-request record fields that are bookkeeping or raw text, not metrics.
-_NOT_METRICS = frozenset({"generations", "efficacy"})
+_NOT_METRICS = frozenset({"generations", "wild_generations", "efficacy"})
 
 
 class RunDirError(LmpatchError):
