@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+import torch
 
 import lmpatch
 from facts import REQS
@@ -105,3 +106,54 @@ def test_a_memory_made_with_another_embedder_is_refused(lm):
     with pytest.raises(PatchError, match="embedder 'minilm'.*someone-else"):
         forged.apply(lm)
     assert lm.stack.memories() == []
+
+
+# --------------------------------------------------------------------------- SERAC
+
+
+def test_serac_with_raw_cosine_wraps_only_prompts_in_scope(lm):
+    patch = lmpatch.edit(lm, REQS[0], "serac", classifier="cosine", threshold=0.6)
+    with patch.applied(lm):
+        assert lm.format_prompt(REQS[0].prompt) == f"New Fact: {statement(REQS[0])}\nPrompt: {REQS[0].prompt}"
+        assert lm.format_prompt("Water boils at a temperature of") == "Water boils at a temperature of"
+    assert "head.weight" not in patch.memories[0].state
+
+
+def test_serac_trains_its_scope_classifier_once_and_ships_it_in_the_patch(lm, tmp_path, monkeypatch):
+    from lmpatch.methods.scope import load_scope_head
+    from lmpatch.methods.serac import SeracHparams, train_serac
+
+    monkeypatch.setenv("LMPATCH_CACHE", str(tmp_path / "cache"))
+    small = dict(train_records=60, train_epochs=2)
+    hp = SeracHparams(**small)
+    info = lmpatch.methods.registry.get_method("serac")
+    (job,) = info.one_offs(lm, hp)
+    assert not job.done()
+    report = train_serac(lm, hp, show=False)
+    assert job.done() and report["pairs"] > 60 and report["positives"] > 0
+    assert set(report["validation"]) >= {"prompt_in_scope", "paraphrase_in_scope", "probe_in_scope"}
+    head, cached_report = load_scope_head(lm.fingerprint, hp.scope_config())
+    assert cached_report["pairs"] == report["pairs"]
+
+    patch = lmpatch.edit(lm, REQS[:2], "serac", **small)
+    state = patch.memories[0].state
+    assert torch.equal(state["head.weight"], head.proj.weight)
+    loaded = lmpatch.Patch.load(patch.save(tmp_path / "serac.lmpatch"))
+    monkeypatch.setenv("LMPATCH_CACHE", str(tmp_path / "elsewhere"))  # the patch needs no cache
+    prompts = [REQS[0].prompt, REQS[1].prompt, "Water boils at a temperature of"]
+    with patch.applied(lm):
+        expected = lm.format_prompts(prompts)
+    with loaded.applied(lm):
+        assert lm.format_prompts(prompts) == expected
+    assert lm.format_prompts(prompts) == prompts
+
+
+def test_serac_memories_with_different_heads_are_not_mixed(lm):
+    a = lmpatch.edit(lm, REQS[0], "serac", classifier="cosine")
+    part = a.memories[0]
+    b = lmpatch.Patch([dataclasses.replace(part, settings={**part.settings, "threshold": 0.9})], "serac",
+                      lm.fingerprint, lm.name)
+    with a.applied(lm), b.applied(lm):
+        assert len(lm.stack.memories()) == 2
+    with pytest.raises(InvalidRequestError, match="classifier"):
+        lmpatch.edit(lm, REQS[0], "serac", classifier="bert")

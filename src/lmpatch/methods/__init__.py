@@ -16,3 +16,4 @@ from lmpatch.methods import tpatcher  # noqa: F401
 from lmpatch.methods import calinet  # noqa: F401
 from lmpatch.methods import ike  # noqa: F401
 from lmpatch.methods import memprompt  # noqa: F401
+from lmpatch.methods import serac  # noqa: F401

@@ -51,6 +51,9 @@ class Method:
     #: (model, hparams) -> the one-off work this method needs on that model (cached or not)
     prepare: Callable[..., list[OneOff]] | None = None
     paper: str = ""
+    #: (model, hparams, show) -> report: what ``lmpatch train METHOD`` runs, for methods
+    #: with a learned part (SERAC's scope classifier); cached like a one-off
+    train: Callable[..., dict] | None = None
     extras: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -71,6 +74,7 @@ class Method:
             "regimes": [r for r in REGIMES if r in self.regimes],
             "produces": sorted(self.produces),
             "needs_prepare": self.prepare is not None,
+            "trainable": self.train is not None,
             "hparams": self.hparams.__name__,
         }
 
