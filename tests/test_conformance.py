@@ -35,7 +35,8 @@ FAST: dict[str, dict] = {
     "calinet": dict(steps=5, slots=8),
     "ike": dict(k=2, pool_records=50),
     "memprompt": dict(),
-    "serac": dict(classifier="cosine"),  # the trained classifier has its own test (test_memory_editors)
+    "serac": dict(classifier="cosine"),
+    "mello": dict(),  # the trained classifier has its own test (test_memory_editors)
 }
 # (method, arch) pairs a method refuses with one clear error, and why.
 UNSUPPORTED: dict[tuple[str, str], str] = {
@@ -125,7 +126,7 @@ def test_reverting_the_middle_of_rome_grace_rome_equals_the_outer_two():
 
 @pytest.mark.slow
 @pytest.mark.model
-@pytest.mark.parametrize("method", ["grace", "wise", "t-patcher", "calinet", "ike", "memprompt", "serac"])
+@pytest.mark.parametrize("method", ["grace", "wise", "t-patcher", "calinet", "ike", "memprompt", "serac", "mello"])
 def test_added_module_patches_round_trip_on_the_real_model(real_model, method, tmp_path):
     """On SmolLM2 with default settings: save -> load -> apply -> revert leaves the state_dict
     and the logits on five prompts bit-identical, and the loaded patch acts as the original."""

@@ -157,3 +157,78 @@ def test_serac_memories_with_different_heads_are_not_mixed(lm):
         assert len(lm.stack.memories()) == 2
     with pytest.raises(InvalidRequestError, match="classifier"):
         lmpatch.edit(lm, REQS[0], "serac", classifier="bert")
+
+
+# --------------------------------------------------------------------------- MeLLo
+
+
+FACTS = [
+    lmpatch.EditRequest("Ellie Kemper is a citizen of", "Ellie Kemper", "Croatia"),
+    lmpatch.EditRequest("The head of state of Croatia is", "Croatia", "Kolinda Grabar"),
+]
+
+
+def scripted(monkeypatch, replies):
+    """Make the model's generations come from ``replies`` (one list per round), recording prompts."""
+    from lmpatch.eval import scoring
+
+    seen: list[list[str]] = []
+
+    def fake_generate(model, prompts, max_new_tokens=20, batch_size=8, stop_texts=None):
+        assert stop_texts == ("Retrieved fact:",) and max_new_tokens == 256
+        seen.append(list(prompts))
+        return [replies[len(seen) - 1][i] for i in range(len(prompts))]
+
+    monkeypatch.setattr(scoring, "generate", fake_generate)
+    return seen
+
+
+def test_mello_decomposes_retrieves_and_stops_at_the_final_answer(lm, monkeypatch):
+    from lmpatch.eval.multihop import ask
+
+    patch = lmpatch.edit(lm, FACTS, "mello")
+    seen = scripted(monkeypatch, [
+        ["Subquestion: What is the country of citizenship of Ellie Kemper?\nGenerated answer: United States.\n",
+         "I do not know.\n"],
+        ["\nRetrieved fact contradicts to generated answer, so the intermediate answer is: Croatia\n"
+         "Final answer: Croatia\n"],
+    ])
+    with patch.applied(lm):
+        texts, answers = ask(lm, ["Which country is Ellie Kemper a citizen of?", "What?"])
+    assert answers == ["Croatia", ""]  # the second wrote no subquestion: a counted failure
+    assert len(seen) == 2 and len(seen[1]) == 1  # the failed question is not asked again
+    assert seen[0][0].startswith(lmpatch.methods.mello.task_prompt("MeLLo-prompt.txt"))
+    assert seen[1][0].endswith("Retrieved fact: Ellie Kemper is a citizen of Croatia.")
+    assert "Final answer: Croatia" in texts[0]
+
+
+def test_mello_gives_up_after_its_rounds(lm, monkeypatch):
+    from lmpatch.methods.mello import mello_answer
+
+    patch = lmpatch.edit(lm, FACTS, "mello", max_iterations=2)
+    sub = "Subquestion: Who is the head of state of Croatia?\nGenerated answer: Someone.\n"
+    scripted(monkeypatch, [[sub], [sub]])
+    with patch.applied(lm):
+        runtime = lm.stack.memories()[0].runtime
+        _, answers, details = mello_answer(lm, runtime, ["Who leads Ellie Kemper's country?"])
+    assert answers == [""] and details[0]["failed"] == "rounds" and details[0]["rounds"] == 2
+    assert details[0]["facts"] == ["The head of state of Croatia is Kolinda Grabar"] * 2
+
+
+def test_mello_rewrites_a_single_prompt_with_its_nearest_fact(lm):
+    patch = lmpatch.edit(lm, FACTS, "mello")
+    with patch.applied(lm):
+        text = lm.format_prompt("Ellie Kemper is a citizen of")
+        assert text == "Retrieved fact: Ellie Kemper is a citizen of Croatia.\nEllie Kemper is a citizen of"
+        assert lm.format_prompt("Water boils at a temperature of") == "Water boils at a temperature of"
+
+
+def test_mquake_files_are_recognised_by_their_fields(tmp_path):
+    import json
+
+    from lmpatch.data.mquake import default_path, looks_like_mquake
+
+    assert looks_like_mquake(default_path())
+    rome_style = tmp_path / "cf.json"
+    rome_style.write_text(json.dumps([{"case_id": 0, "requested_rewrite": {"prompt": "{} is in"}}]))
+    assert not looks_like_mquake(rome_style) and not looks_like_mquake(tmp_path / "missing.json")

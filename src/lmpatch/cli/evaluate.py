@@ -75,8 +75,10 @@ def evaluate(
     hparams = with_overrides(info.hparams, parse_sets(sets, info.hparams))
     groups, task_names = select_metrics(metrics, protocol)
     marks = _parse_counts(checkpoints)
-    if data == "mquake":
-        _multihop(settings, info, hparams, n, offset, model, chat, out_dir, as_json)
+    from lmpatch.data.mquake import looks_like_mquake
+
+    if data == "mquake" or looks_like_mquake(data):
+        _multihop(settings, info, hparams, n, offset, model, chat, out_dir, as_json, data)
         return
     requests = load_dataset(data, n=n, offset=offset)
     if not requests:
@@ -112,9 +114,9 @@ def evaluate(
            f"render with `lmpatch report {run_dir}`")
 
 
-def _multihop(settings, info, hparams, n, offset, model, chat, out_dir, as_json) -> None:
-    """``--data mquake``: each case's edits together, then its multi-hop questions (MQuAKE's
-    protocol); pre = the unedited model against the original answers."""
+def _multihop(settings, info, hparams, n, offset, model, chat, out_dir, as_json, data="mquake") -> None:
+    """``--data mquake`` or an MQuAKE-format file: each case's edits together, then its
+    multi-hop questions (MQuAKE's protocol); pre = the unedited model against the original answers."""
     from lmpatch.api import edit as compute_edit
     from lmpatch.data.mquake import load_mquake
     from lmpatch.errors import LmpatchError
@@ -122,10 +124,10 @@ def _multihop(settings, info, hparams, n, offset, model, chat, out_dir, as_json)
     from lmpatch.eval.records import SUMMARY_FILE
     from lmpatch.fileio import atomic_write_json
 
-    cases = load_mquake()[offset : offset + n]
+    cases = load_mquake(None if data == "mquake" else data)[offset : offset + n]
     if not cases:
         raise LmpatchError(f"No MQuAKE cases after skipping {offset}; lower --offset.")
-    run_dir = Path(out_dir or default_run_dir(info.name, "mquake"))
+    run_dir = Path(out_dir or default_run_dir(info.name, "mquake" if data == "mquake" else Path(data).stem))
     run_dir.mkdir(parents=True, exist_ok=True)
     loaded, _ = load(settings, model, chat=chat)
     prepare(loaded, info, hparams, show=True)
@@ -136,12 +138,13 @@ def _multihop(settings, info, hparams, n, offset, model, chat, out_dir, as_json)
 
     summary = {
         "method": info.name, "model": loaded.name, "fingerprint": loaded.fingerprint, "regime": "single",
-        "batch_size": 1, "n": len(cases), "data": "mquake", "offset": offset,
+        "batch_size": 1, "n": len(cases), "data": data, "offset": offset,
         "metrics": {"multihop_accuracy": post.accuracy, "multihop_question_accuracy": post.question_accuracy},
         "metrics_pre": {"multihop_accuracy": pre.accuracy, "multihop_question_accuracy": pre.question_accuracy},
         "counts": {"multihop_accuracy": len(cases)},
         "protocols": {"multihop_accuracy": post.tag, "multihop_question_accuracy": post.tag},
-        "edit_seconds": timing(edit_times), "out_dir": str(run_dir), "peak_rss_mb": peak_rss_mb(),
+        "edit_seconds": timing(edit_times), "answer_seconds": timing([r.answer_seconds for r in post.records]),
+        "out_dir": str(run_dir), "peak_rss_mb": peak_rss_mb(),
         "multihop": {"pre": pre.to_dict(records=False), "post": post.to_dict(records=False)},
     }
     atomic_write_json(run_dir / "multihop.json", {"pre": pre.to_dict(), "post": post.to_dict()}, indent=1, default=str)

@@ -93,6 +93,25 @@ def load_mquake(path: str | Path | None = None, n: int | None = None) -> list[MQ
     return [parse_case(record, position) for position, record in enumerate(records)]
 
 
+MQUAKE_FIELDS = ("requested_rewrite", "questions", "new_answer")
+
+
+def looks_like_mquake(path: str | Path) -> bool:
+    """Whether ``path`` is an MQuAKE-format file: its first record has a ``requested_rewrite``
+    *list*, ``questions`` and ``new_answer`` (a ROME-schema CounterFact record has a single
+    ``requested_rewrite`` object and no questions). Unreadable files are not."""
+    source = Path(path).expanduser()
+    if not source.is_file():
+        return False
+    try:
+        records = read_records(source)
+    except (InvalidRequestError, OSError, ValueError):
+        return False
+    first = records[0] if records else None
+    return (isinstance(first, dict) and all(k in first for k in MQUAKE_FIELDS)
+            and isinstance(first["requested_rewrite"], list))
+
+
 def parse_case(record: Any, position: int = 0) -> MQuAKECase:
     """One raw MQuAKE record as a :class:`MQuAKECase` (``position`` only names it in errors)."""
     if not isinstance(record, dict):

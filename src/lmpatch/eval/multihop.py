@@ -243,6 +243,15 @@ def _decode_batch(model, base, prefix_cache, shared, suffixes, max_new_tokens, e
     return generated
 
 
+def question_answerer(model: LoadedModel):
+    """The first applied memory that answers multi-hop questions with its own loop, or None."""
+    from lmpatch.model.context import memories_active
+
+    if not memories_active():
+        return None
+    return next((g.runtime for g in model.stack.memories() if g.runtime.answers_questions), None)
+
+
 def ask(
     model: LoadedModel,
     questions: Sequence[str],
@@ -251,7 +260,15 @@ def ask(
     batch_size: int = 16,
     cache_prefix: bool = True,
 ) -> tuple[list[str], list[str]]:
-    """(generations, parsed answers) for ``questions`` asked after the few-shot prompt."""
+    """(generations, parsed answers) for ``questions`` asked after the few-shot prompt.
+
+    When an applied memory answers questions itself (MeLLo), it does instead: its own
+    prompt and loop replace the few-shot prompt.
+    """
+    answerer = question_answerer(model)
+    if answerer is not None:
+        texts, answers, _ = answerer.answer(model, questions)
+        return texts, answers
     fmt = prompt_format(prompt)
     limit = fmt.default_max_new_tokens if max_new_tokens is None else max_new_tokens
     demos = fmt.demonstrations()
@@ -284,6 +301,8 @@ class CaseRecord:
     correct: tuple[bool, ...]
     matches_other: tuple[bool, ...]
     edit_seconds: float = 0.0
+    answer_seconds: float = 0.0
+    answered_by: str = "few-shot prompt"
 
     @property
     def case_correct(self) -> bool:
@@ -421,13 +440,18 @@ def _edited_records(model, cases, edit_fn, gold, match, ask_kw, progress) -> lis
                     "Patch, e.g. lambda m, reqs: lmpatch.edit(m, reqs, 'rome')."
                 )
             with patch.applied(model):
+                t0 = time.perf_counter()
+                answerer = question_answerer(model)
                 texts, answers = ask(model, case.questions, **ask_kw)
-            records.append(_record(case, texts, answers, gold, match, edit_seconds))
+                answer_seconds = time.perf_counter() - t0
+            by = "few-shot prompt" if answerer is None else f"{answerer.type_name} loop"
+            records.append(_record(case, texts, answers, gold, match, edit_seconds, answer_seconds, by))
             advance(1)
     return records
 
 
-def _record(case: MQuAKECase, texts, answers, gold: str, match: str, edit_seconds: float = 0.0) -> CaseRecord:
+def _record(case: MQuAKECase, texts, answers, gold: str, match: str, edit_seconds: float = 0.0,
+            answer_seconds: float = 0.0, answered_by: str = "few-shot prompt") -> CaseRecord:
     other = "original" if gold == "new" else "new"
     return CaseRecord(
         case_id=case.case_id,
@@ -439,6 +463,8 @@ def _record(case: MQuAKECase, texts, answers, gold: str, match: str, edit_second
         correct=tuple(answer_matches(a, case.gold(gold), match) for a in answers),
         matches_other=tuple(answer_matches(a, case.gold(other), match) for a in answers),
         edit_seconds=edit_seconds,
+        answer_seconds=answer_seconds,
+        answered_by=answered_by,
     )
 
 
@@ -455,9 +481,10 @@ def _summarize(cases, records, model, fmt: PromptFormat, match, gold, edited, ma
         for rule in MATCHES
     }
     limit = fmt.default_max_new_tokens if max_new_tokens is None else max_new_tokens
+    answered_by = sorted({r.answered_by for r in records})
     return MultiHopResult(
         tag=f"generation_multihop_{match}",
-        protocol=_protocol(model, fmt, match, gold, edited, limit, n_cases),
+        protocol=_protocol(model, fmt, match, gold, edited, limit, n_cases, answered_by),
         prompt=fmt.name,
         match=match,
         gold=gold,
@@ -474,7 +501,7 @@ def _summarize(cases, records, model, fmt: PromptFormat, match, gold, edited, ma
     )
 
 
-def _protocol(model, fmt: PromptFormat, match, gold, edited, limit, n_cases) -> str:
+def _protocol(model, fmt: PromptFormat, match, gold, edited, limit, n_cases, answered_by=("few-shot prompt",)) -> str:
     rule = {
         "exact": "equals the gold answer or an alias (whitespace-stripped string equality, MQuAKE's rule)",
         "normalized": "equals the gold answer or an alias after SQuAD normalisation (casefold, no punctuation/articles)",
@@ -482,6 +509,14 @@ def _protocol(model, fmt: PromptFormat, match, gold, edited, limit, n_cases) -> 
     }[match]
     edits = "each case's edits applied together by edit_fn, then reverted" if edited else "unedited model"
     answer = "first line of the generation" if fmt.answer_marker is None else f"text after '{fmt.answer_marker}' to end of line"
+    if list(answered_by) != ["few-shot prompt"]:
+        return (
+            f"MQuAKE multi-hop accuracy over {n_cases} cases ({edits}); questions answered by "
+            f"{', '.join(answered_by)} (MeLLo: the official MeLLo-prompt.txt, greedy rounds stopped at "
+            f"'Retrieved fact:', top-1 retrieved edit appended, answer = text after 'Final answer: ', '' when the "
+            f"loop fails); a question is correct when its answer {rule} ({gold} answers); a case is correct when "
+            f"any of its questions is; chat template {'on' if model.chat else 'off'}"
+        )
     return (
         f"MQuAKE multi-hop accuracy over {n_cases} cases ({edits}); official few-shot prompt {fmt.file} + "
         f"{(fmt.question_prefix + '{question}' + fmt.question_suffix)!r}; greedy, <= {limit} new tokens; "

@@ -17,3 +17,4 @@ from lmpatch.methods import calinet  # noqa: F401
 from lmpatch.methods import ike  # noqa: F401
 from lmpatch.methods import memprompt  # noqa: F401
 from lmpatch.methods import serac  # noqa: F401
+from lmpatch.methods import mello  # noqa: F401
