@@ -61,7 +61,8 @@ from lmpatch.fileio import atomic_write_json
 
 log = logging.getLogger("lifelong")
 
-DEFAULT_METHODS = ("grace", "wise", "t-patcher", "calinet", "rome", "memit", "alphaedit", "ft-m")
+DEFAULT_METHODS = ("grace", "wise", "t-patcher", "calinet", "serac", "memprompt", "ike", "mello", "rome", "memit",
+                   "alphaedit", "ft-m")
 DEFAULT_CHECKPOINTS = (1, 10, 100, 1000)
 DEFAULT_METRICS = ("reliability", "generalization", "locality", "counterfact", "wild", "perplexity", "piqa")
 META_FILE = "lifelong.json"

@@ -16,10 +16,13 @@ The two parts here, and how they differ from the paper:
   through ``template``. The paper trains a separate smaller model (GPT-2 for GPT-2 XL);
   nothing smaller than SmolLM2-135M is available offline and a fine-tuned copy would
   cost hours of CPU, so the base model reads the edit in context. The default template
-  is EasyEdit's "New Fact: ... Prompt: ..." form; on 40 tuning records (counterfact-train
-  5000+) it did best of the three tried (efficacy / paraphrase 1.00 / 0.95, against
-  0.97 / 0.95 with the fact also stated as a worked example first, and 0.80 / 0.78 for
-  "{fact}." on the line before the prompt).
+  states the edit once as a worked example ("New Fact: f / Prompt: f") and then as the
+  context of the prompt, in EasyEdit's "New Fact: ... Prompt: ..." form. On 40 tuning
+  records (counterfact-train 5000+) it gave the best paraphrase token accuracy of six
+  templates tried (0.49; 0.34 without the worked example, 0.46 with two, 0.29-0.31 for
+  plain "Fact:" / "Remember:" lines), with efficacy / paraphrase scores 0.97 / 0.95.
+  A 135M model reading an edit in context does not reach the paper's paraphrase
+  numbers; a trained counterfactual model is what SERAC uses to get there.
 
 A patch stores the edit statements, their MiniLM embeddings and the head's tensors, so
 it is self-contained: applied anywhere, it needs neither the training data nor the
@@ -63,7 +66,7 @@ class SeracHparams:
 
     threshold: float = 0.5
     classifier: str = "trained"
-    template: str = "New Fact: {fact}\nPrompt: {query}"
+    template: str = "New Fact: {fact}\nPrompt: {fact}\n\nNew Fact: {fact}\nPrompt: {query}"
     embedder: str = "minilm"
     train_records: int = 5000
     train_epochs: int = 30
