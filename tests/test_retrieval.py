@@ -174,7 +174,12 @@ def test_faiss_index_equals_exact():
     exact = ExactIndex(keys, chunk_size=300)
     for k in (1, 10, 5000):
         got, want = faiss_index.search(queries, k), exact.search(queries, k)
-        assert torch.equal(got[1], want[1]) and torch.allclose(got[0], want[0], atol=1e-5)
+        # Same scores in the same order; keys whose scores tie within rounding may swap places,
+        # so each returned key is checked by recomputing its score rather than by position.
+        assert torch.allclose(got[0], want[0], atol=1e-5)
+        recomputed = torch.einsum("qd,qkd->qk", queries, keys[got[1]])
+        assert torch.allclose(recomputed, got[0], atol=1e-5)
+        assert all(len(set(row.tolist())) == row.numel() for row in got[1])
     assert FaissIndex(torch.empty(0, 64)).search(queries, 3)[0].shape == (20, 0)
 
 
