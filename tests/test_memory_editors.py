@@ -112,9 +112,12 @@ def test_a_memory_made_with_another_embedder_is_refused(lm):
 
 
 def test_serac_with_raw_cosine_wraps_only_prompts_in_scope(lm):
+    from lmpatch.methods.serac import SeracHparams
+
     patch = lmpatch.edit(lm, REQS[0], "serac", classifier="cosine", threshold=0.6)
     with patch.applied(lm):
-        assert lm.format_prompt(REQS[0].prompt) == f"New Fact: {statement(REQS[0])}\nPrompt: {REQS[0].prompt}"
+        expected = SeracHparams().template.format(fact=statement(REQS[0]), query=REQS[0].prompt)
+        assert lm.format_prompt(REQS[0].prompt) == expected
         assert lm.format_prompt("Water boils at a temperature of") == "Water boils at a temperature of"
     assert "head.weight" not in patch.memories[0].state
 

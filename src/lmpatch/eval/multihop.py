@@ -32,7 +32,6 @@ tests check that both paths give the same answers.
 """
 from __future__ import annotations
 
-import copy
 import logging
 import re
 import string
@@ -45,12 +44,12 @@ import torch
 
 from lmpatch.data.mquake import MQuAKECase, prompt_path
 from lmpatch.errors import InvalidRequestError
+from lmpatch.eval.prefix import common_prefix_length, decode_after_prefix, read_prefix
 from lmpatch.eval.scoring import _pad_id, generate
-from lmpatch.model.compat import output_cache, with_cache
 from lmpatch.model.loading import LoadedModel
 from lmpatch.progress import progress_bar
 from lmpatch.request import EditRequest
-from lmpatch.tokens import encode, pad_left
+from lmpatch.tokens import encode
 
 log = logging.getLogger(__name__)
 
@@ -165,25 +164,18 @@ def greedy_shared_prefix(
 ) -> list[str] | None:
     """Greedy continuations of ``prompts``, reading their common token prefix only once.
 
-    The prompts are chat-wrapped and tokenised whole (as :func:`scoring.generate` does),
-    so the shared prefix is the longest common run of token IDs and no tokenisation seam
-    is introduced. Its cache is copied into every batch; each row's own tokens follow
-    after left padding *between* prefix and question, masked out, with positions counted
-    over real tokens only, so every row sees exactly the positions it would see alone.
+    The prompts are chat-wrapped and tokenised whole (as :func:`scoring.generate` does);
+    the shared token prefix is read once (:mod:`lmpatch.eval.prefix`).
     A row stops at a stop token (EOS, special, media marker) or when ``complete(text so far)``; the batch stops when all have.
     Returns ``None`` when the model's cache cannot be shared (the caller falls back).
     """
     tok = model.tokenizer
     encoded = [encode(tok, text) for text in model.format_prompts(prompts)]
-    shared = _common_prefix_length(encoded)
+    shared = common_prefix_length(encoded)
     if shared == 0:
         return None
-    base = model.spec.base_model(model.model)
-    device = model.input_device
-    out = model.forward(body_only=True, input_ids=torch.tensor([encoded[0][:shared]], device=device), use_cache=True)
-    prefix_cache = output_cache(out)
-    if prefix_cache is None or not hasattr(prefix_cache, "batch_repeat_interleave"):
-        log.debug("%s returns no shareable cache; generating without a prefix cache", model.name)
+    prefix_cache = read_prefix(model, encoded[0][:shared])
+    if prefix_cache is None:
         return None
     eos = model.stop_ids
     pad_id = _pad_id(model)
@@ -191,56 +183,11 @@ def greedy_shared_prefix(
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]), reverse=True)
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
-        rows = _decode_batch(model, base, prefix_cache, shared, [encoded[i][shared:] for i in chunk],
-                             max_new_tokens, eos, pad_id, complete)
+        rows = decode_after_prefix(model, prefix_cache, shared, [encoded[i][shared:] for i in chunk],
+                                   max_new_tokens, eos, pad_id, complete)
         for i, row in zip(chunk, rows):
             texts[i] = tok.decode(row, skip_special_tokens=True)
     return texts
-
-
-def _common_prefix_length(encoded: list[list[int]]) -> int:
-    """Tokens shared by every sequence, leaving each at least one token of its own."""
-    limit = min(len(e) for e in encoded) - 1
-    first = encoded[0]
-    for j in range(max(limit, 0)):
-        if any(e[j] != first[j] for e in encoded):
-            return j
-    return max(limit, 0)
-
-
-def _decode_batch(model, base, prefix_cache, shared, suffixes, max_new_tokens, eos, pad_id, complete) -> list[list[int]]:
-    device = model.input_device
-    rows = len(suffixes)
-    cache = copy.deepcopy(prefix_cache)  # the prefix cache is reused by later batches
-    cache.batch_repeat_interleave(rows)
-    ids, mask = pad_left(suffixes, pad_id)
-    ids, mask = ids.to(device), mask.to(device)
-    attention = torch.cat([torch.ones(rows, shared, dtype=mask.dtype, device=device), mask], dim=1)
-    positions = (shared + mask.cumsum(-1) - 1).clamp(min=shared)
-    hidden = model.forward(body_only=True, input_ids=ids, attention_mask=attention, position_ids=positions,
-                           use_cache=True, **with_cache(base, cache)).last_hidden_state[:, -1]
-    last = positions[:, -1]
-    generated: list[list[int]] = [[] for _ in range(rows)]
-    done = [False] * rows
-    tok = model.tokenizer
-    for step in range(max_new_tokens):
-        nxt = model.logits(hidden).argmax(-1)
-        for r, t in enumerate(nxt.tolist()):
-            if done[r]:
-                continue
-            if t in eos:
-                done[r] = True
-                continue
-            generated[r].append(t)
-            if complete is not None and complete(tok.decode(generated[r], skip_special_tokens=True)):
-                done[r] = True
-        if all(done) or step == max_new_tokens - 1:
-            break
-        attention = torch.cat([attention, torch.ones(rows, 1, dtype=attention.dtype, device=device)], dim=1)
-        last = last + 1
-        hidden = base(input_ids=nxt[:, None].to(device), attention_mask=attention, position_ids=last[:, None],
-                      use_cache=True, **with_cache(base, cache)).last_hidden_state[:, -1]
-    return generated
 
 
 def question_answerer(model: LoadedModel):
