@@ -235,3 +235,15 @@ def test_mquake_files_are_recognised_by_their_fields(tmp_path):
     rome_style = tmp_path / "cf.json"
     rome_style.write_text(json.dumps([{"case_id": 0, "requested_rewrite": {"prompt": "{} is in"}}]))
     assert not looks_like_mquake(rome_style) and not looks_like_mquake(tmp_path / "missing.json")
+
+
+def test_inspect_shows_a_memory_patch(lm, tmp_path):
+    from typer.testing import CliRunner
+
+    from lmpatch.cli.app import app
+
+    path = lmpatch.edit(lm, REQS[0], "memprompt").save(tmp_path / "m.lmpatch")
+    result = CliRunner(env={"COLUMNS": "200"}).invoke(app, ["inspect", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "1 retrieval memory(ies)" in result.output and "memprompt.memory" in result.output
+    assert "weight delta" not in result.output

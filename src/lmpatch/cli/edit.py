@@ -12,7 +12,7 @@ from rich.table import Table
 from lmpatch.cli.console import out, print_json, spinner
 from lmpatch.cli.models import load
 from lmpatch.cli.options import Settings, check_file, default_patch_path, parse_sets
-from lmpatch.cli.patches import deltas_table
+from lmpatch.cli.patches import parts_tables
 from lmpatch.cli.warmup import prepare
 from lmpatch.errors import LmpatchError
 from lmpatch.request import EditRequest
@@ -73,6 +73,9 @@ def edit(
         "edit_seconds": seconds,
         "load_seconds": load_seconds,
         "deltas": [{k: d[k] for k in ("param", "kind", "shape", "rank", "norm", "stored_values")} for d in summary["deltas"]],
+        "modules": [{k: m[k] for k in ("place", "type", "norm", "stored_values")} for m in summary.get("modules", [])],
+        "memories": [{"type": m["type"], "entries": m["entries"], "stored_values": m["stored_values"]}
+                     for m in summary.get("memories", [])],
         "metrics": summary.get("metrics", {}),
         "answers": [{"prompt": p, "before": before[p], "after": after[p]} for p in prompts],
     }
@@ -113,7 +116,8 @@ def _print_result(result: dict) -> None:
         f"for {result['n_requests']} request(s) on {result['model']}."
     )
     console.print(f"Patch [bold]{result['patch_id']}[/] saved to [bold]{result['path']}[/]")
-    console.print(deltas_table(result["deltas"]))
+    for table in parts_tables(result):
+        console.print(table)
     if result["answers"]:
         table = Table(title="Greedy answers", title_justify="left")
         table.add_column("prompt")

@@ -18,7 +18,8 @@ def inspect(
     patch_file: Path = typer.Argument(..., help="A .lmpatch file written by `lmpatch edit` or Patch.save."),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest (plus delta norms) as JSON."),
 ) -> None:
-    """Show what a patch file holds: method, base model, requests and weight deltas."""
+    """Show what a patch file holds: method, base model, requests and its parts (weight deltas,
+    added modules, retrieval memories)."""
     from lmpatch.patch import Patch
 
     summary = Patch.load(patch_file).summary()
@@ -34,7 +35,8 @@ def inspect(
         meta.add_row(key, str(summary.get(key)))
     console.print(meta)
     console.print(requests_table(summary.get("requests", [])))
-    console.print(deltas_table(summary.get("deltas", [])))
+    for table in parts_tables(summary):
+        console.print(table)
     hparams = summary.get("hparams") or {}
     if hparams:
         console.print(Text("hparams ", style="dim") + Text(json.dumps(hparams, default=str)), soft_wrap=True)
@@ -60,6 +62,40 @@ def deltas_table(deltas: list[dict]) -> Table:
             d["param"], d["kind"], "x".join(map(str, d["shape"])), "" if d.get("rank") is None else str(d["rank"]),
             "" if norm is None else f"{norm:.4g}", f"{d.get('stored_values', 0):,}",
         )
+    return table
+
+
+def parts_tables(summary: dict) -> list[Table]:
+    """One table per part kind the patch holds (the weight-delta table also when it holds nothing)."""
+    tables = []
+    if summary.get("deltas") or not (summary.get("modules") or summary.get("memories")):
+        tables.append(deltas_table(summary.get("deltas", [])))
+    if summary.get("modules"):
+        tables.append(modules_table(summary["modules"]))
+    if summary.get("memories"):
+        tables.append(memories_table(summary["memories"]))
+    return tables
+
+
+def modules_table(modules: list[dict]) -> Table:
+    table = Table(title=f"{len(modules)} added module(s)", title_justify="left")
+    table.add_column("place", overflow="fold")
+    for col in ("type", "norm", "stored values"):
+        table.add_column(col, justify="left" if col == "type" else "right")
+    for m in modules:
+        norm = m.get("norm")
+        table.add_row(m["place"], m["type"], "" if norm is None else f"{norm:.4g}", f"{m.get('stored_values', 0):,}")
+    return table
+
+
+def memories_table(memories: list[dict]) -> Table:
+    table = Table(title=f"{len(memories)} retrieval memory(ies)", title_justify="left")
+    for col in ("type", "facts", "first fact", "stored values"):
+        table.add_column(col, justify="right" if col in ("facts", "stored values") else "left", overflow="fold")
+    for m in memories:
+        entries = m.get("entries") or []
+        first = str(entries[0].get("fact", "")) if entries else ""
+        table.add_row(m["type"], str(len(entries)), first, f"{m.get('stored_values', 0):,}")
     return table
 
 
