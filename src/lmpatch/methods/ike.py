@@ -47,7 +47,13 @@ POOL_NAME = "ike-demonstrations"
 class IkeHparams:
     """IKE's settings. ``k = 32`` demonstrations is the paper's; the pool is built from
     ``counterfact-train`` (its records up to ``pool_records``) and the retriever is
-    all-MiniLM-L6-v2, the paper's sentence encoder."""
+    all-MiniLM-L6-v2, the paper's sentence encoder.
+
+    On 20 tuning records (counterfact-train 5000+; efficacy / paraphrase / neighbourhood
+    scores) k = 4, 16 and 32 gave 0.90 / 0.90 / 0.25, 0.90 / 0.95 / 0.15 and 0.90 / 1.00 /
+    0.20: no k is clearly better, so the paper's 32 stays. With k = 0 (the fact alone,
+    no demonstrations) SmolLM2 scored 1.00 / 0.95 / 0.30: at 135M parameters the
+    demonstrations teach less than they cost in context."""
 
     k: int = 32
     pool_records: int = 5000
