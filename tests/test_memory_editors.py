@@ -178,7 +178,7 @@ def scripted(monkeypatch, replies):
     seen: list[list[str]] = []
 
     def fake_generate(model, prompts, max_new_tokens=20, batch_size=8, stop_texts=None):
-        assert stop_texts == ("Retrieved fact:",) and max_new_tokens == 256
+        assert stop_texts == ("Retrieved fact:", "\n\nQuestion:") and max_new_tokens == 256
         seen.append(list(prompts))
         return [replies[len(seen) - 1][i] for i in range(len(prompts))]
 

@@ -10,7 +10,8 @@ answer and continues from the right intermediate answer, until it writes
 retrieved.
 
 The loop, as in the authors' notebook: at most ``max_iterations`` rounds; each is one
-greedy generation of at most ``max_new_tokens`` that stops at "Retrieved fact:"; if its
+greedy generation of at most ``max_new_tokens`` that stops at "Retrieved fact:" (or where
+a new "Question:" would begin, see :data:`NEXT_EXAMPLE`); if its
 last line starts with "Final answer: " that is the answer; otherwise the line before
 must start with "Subquestion: " (else the question fails - counted, not hidden), the
 top-1 fact for that subquestion is appended and the next round continues.
@@ -42,6 +43,11 @@ __all__ = ["MelloHparams", "MelloMemory", "apply_mello", "mello_answer"]
 
 TYPE = "mello.memory"
 STOP = "Retrieved fact:"
+#: Where the next demonstration would begin. The authors' API model stopped after its final
+#: answer; SmolLM2 writes "Final answer: X" and goes on to invent a new "Question:", which
+#: would hide the answer from the loop (5 of 30 traces on 10 MQuAKE cases), so a round also
+#: ends there.
+NEXT_EXAMPLE = "\n\nQuestion:"
 FINAL = "Final answer: "
 SUBQUESTION = "Subquestion: "
 
@@ -118,7 +124,7 @@ def mello_answer(model: LoadedModel, memory: "MelloMemory", questions: Sequence[
             break
         with memories_paused():
             gens = generate(model, [t.prompt for t in active], max_new_tokens=int(s["max_new_tokens"]),
-                            stop_texts=(STOP,))
+                            stop_texts=(STOP, NEXT_EXAMPLE))
         asked: list[tuple[_Trace, str, str]] = []
         for t, gen in zip(active, gens):
             t.rounds += 1
