@@ -282,30 +282,54 @@ class AddedModule(nn.Module):
         whole: added FFN neurons widen every layer to one width and update the config."""
 
 
+def _register(table: dict[str, type], cls: type, kind: str) -> type:
+    """Add ``cls`` to ``table`` under its ``type_name`` (the one registry rule of both runtimes)."""
+    if not cls.type_name:
+        raise TypeError(f"{cls.__name__} needs a type_name to be registered.")
+    known = table.get(cls.type_name)
+    if known is not None and known is not cls:
+        raise TypeError(f"{kind} type {cls.type_name!r} is registered twice ({known.__name__}, {cls.__name__}).")
+    table[cls.type_name] = cls
+    return cls
+
+
+def _lookup(table: dict[str, type], name: str, kind: str) -> type:
+    """The class registered as ``name``; importing the methods registers every built-in one."""
+    if name not in table:
+        import lmpatch.methods  # noqa: F401 - each method module registers its types
+
+    if name not in table:
+        raise PatchError(
+            f"This patch holds a {kind} of type {name!r}, which this lmpatch does not know; upgrade lmpatch."
+        )
+    return table[name]
+
+
 _ADDITIONS: dict[str, type[AddedModule]] = {}
 
 
 def register_addition(cls: type[AddedModule]) -> type[AddedModule]:
     """Class decorator: make ``cls`` loadable from patch files under ``cls.type_name``."""
-    if not cls.type_name:
-        raise TypeError(f"{cls.__name__} needs a type_name to be registered.")
-    known = _ADDITIONS.get(cls.type_name)
-    if known is not None and known is not cls:
-        raise TypeError(f"Addition type {cls.type_name!r} is registered twice ({known.__name__}, {cls.__name__}).")
-    _ADDITIONS[cls.type_name] = cls
-    return cls
+    return _register(_ADDITIONS, cls, "Addition")
 
 
 def addition_type(name: str) -> type[AddedModule]:
-    """The registered class for ``name``; importing the methods registers every built-in one."""
-    if name not in _ADDITIONS:
-        import lmpatch.methods  # noqa: F401 - each method module registers its addition types
+    """The registered added-module class for ``name``."""
+    return _lookup(_ADDITIONS, name, "module")
 
-    if name not in _ADDITIONS:
-        raise PatchError(
-            f"This patch holds a module of type {name!r}, which this lmpatch does not know; upgrade lmpatch."
-        )
-    return _ADDITIONS[name]
+
+def _state_shapes(state: dict[str, torch.Tensor]) -> dict[str, list[int]]:
+    return {k: list(v.shape) for k, v in sorted(state.items())}
+
+
+def _state_norm(state: dict[str, torch.Tensor]) -> float:
+    return float(sum(float(torch.linalg.vector_norm(t.double())) ** 2 for t in state.values()) ** 0.5)
+
+
+def _check_shapes(entry: dict, tensors: dict[str, torch.Tensor], what: str) -> None:
+    """A file's tensors must be exactly those its manifest entry lists."""
+    if _state_shapes(tensors) != {k: list(v) for k, v in sorted(entry.get("shapes", {}).items())}:
+        raise ValueError(f"tensors of {what} do not match the manifest")
 
 
 @dataclass(eq=False)
@@ -361,7 +385,7 @@ class ModuleAddition:
             "place": self.place,
             "type": self.type,
             "config": self.config,
-            "shapes": {k: list(v.shape) for k, v in sorted(self.state.items())},
+            "shapes": _state_shapes(self.state),
         }
 
     @property
@@ -369,14 +393,12 @@ class ModuleAddition:
         return sum(t.numel() for t in self.state.values())
 
     def norm(self) -> float:
-        return float(sum(float(torch.linalg.vector_norm(t.double())) ** 2 for t in self.state.values()) ** 0.5)
+        return _state_norm(self.state)
 
     @classmethod
     def from_file(cls, entry: dict, tensors: dict[str, torch.Tensor]) -> "ModuleAddition":
         addition_type(entry["type"])  # refuse a type this lmpatch does not know at load, not at apply
-        shapes = {k: list(v.shape) for k, v in tensors.items()}
-        if shapes != {k: list(v) for k, v in entry.get("shapes", {}).items()}:
-            raise ValueError(f"tensors of the addition at {entry.get('place')!r} do not match the manifest")
+        _check_shapes(entry, tensors, f"the addition at {entry.get('place')!r}")
         return cls(place=entry["place"], type=entry["type"], config=entry.get("config", {}), state=tensors)
 
     @staticmethod
@@ -432,25 +454,12 @@ _MEMORIES: dict[str, type[MemoryRuntime]] = {}
 
 def register_memory(cls: type[MemoryRuntime]) -> type[MemoryRuntime]:
     """Class decorator: make ``cls`` loadable from patch files under ``cls.type_name``."""
-    if not cls.type_name:
-        raise TypeError(f"{cls.__name__} needs a type_name to be registered.")
-    known = _MEMORIES.get(cls.type_name)
-    if known is not None and known is not cls:
-        raise TypeError(f"Memory type {cls.type_name!r} is registered twice ({known.__name__}, {cls.__name__}).")
-    _MEMORIES[cls.type_name] = cls
-    return cls
+    return _register(_MEMORIES, cls, "Memory")
 
 
 def memory_type(name: str) -> type[MemoryRuntime]:
-    """The registered runtime for ``name``; importing the methods registers every built-in one."""
-    if name not in _MEMORIES:
-        import lmpatch.methods  # noqa: F401 - each method module registers its memory types
-
-    if name not in _MEMORIES:
-        raise PatchError(
-            f"This patch holds a memory of type {name!r}, which this lmpatch does not know; upgrade lmpatch."
-        )
-    return _MEMORIES[name]
+    """The registered memory runtime for ``name``."""
+    return _lookup(_MEMORIES, name, "memory")
 
 
 @dataclass(eq=False)
@@ -501,7 +510,7 @@ class RetrievalMemory:
             "type": self.type,
             "settings": self.settings,
             "entries": self.entries,
-            "shapes": {k: list(v.shape) for k, v in sorted(self.state.items())},
+            "shapes": _state_shapes(self.state),
         }
 
     @property
@@ -509,14 +518,12 @@ class RetrievalMemory:
         return sum(t.numel() for t in self.state.values())
 
     def norm(self) -> float:
-        return float(sum(float(torch.linalg.vector_norm(t.double())) ** 2 for t in self.state.values()) ** 0.5)
+        return _state_norm(self.state)
 
     @classmethod
     def from_file(cls, entry: dict, tensors: dict[str, torch.Tensor]) -> "RetrievalMemory":
         memory_type(entry["type"])  # refuse a type this lmpatch does not know at load, not at apply
-        shapes = {k: list(v.shape) for k, v in tensors.items()}
-        if shapes != {k: list(v) for k, v in entry.get("shapes", {}).items()}:
-            raise ValueError(f"tensors of the {entry.get('type')!r} memory do not match the manifest")
+        _check_shapes(entry, tensors, f"the {entry.get('type')!r} memory")
         return cls(type=entry["type"], settings=entry.get("settings", {}), entries=entry["entries"], state=tensors)
 
     @staticmethod
