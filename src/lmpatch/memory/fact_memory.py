@@ -13,41 +13,63 @@ templates). They share everything else, which lives here once:
   key with one exact inner-product search, and wrapped with the nearest fact when the
   subclass says that fact is in scope.
 
-:func:`fact_memory_part` is the matching edit-side helper: it embeds the keys and writes
+:func:`memory_patch` is the matching edit-side helper: it embeds the keys and writes
 the settings every memory records (the embedder's name and id, so a patch embedded with
 other weights is refused instead of silently retrieving nonsense).
 """
 from __future__ import annotations
 
-from typing import ClassVar, Sequence
+import time
+from dataclasses import asdict
+from typing import Any, ClassVar, Sequence
 
 import torch
 
 from lmpatch.errors import PatchError
 from lmpatch.memory.embedder import Embedder, embedder_for
 from lmpatch.memory.index import ExactIndex
+from lmpatch.model.loading import LoadedModel
+from lmpatch.patch import Patch
 from lmpatch.patch.parts import MemoryRuntime, RetrievalMemory
+from lmpatch.request import EditRequest
 
-__all__ = ["FactMemory", "fact_memory_part"]
+__all__ = ["FactMemory", "memory_patch", "statement"]
 
 
-def fact_memory_part(
-    type_name: str, embedder_name: str, settings: dict, entries: list[dict], key_texts: Sequence[str],
-) -> RetrievalMemory:
-    """A memory part holding ``entries`` found by the embeddings of ``key_texts`` (one each)."""
+def statement(request: EditRequest) -> str:
+    """An edit as one sentence: its prompt continued with the new target (what the retrieval
+    editors store and retrieve, as IKE's and MeLLo's reference code do)."""
+    return f"{request.prompt} {request.target_new}"
+
+
+def memory_patch(
+    model: LoadedModel, requests: list[EditRequest], hp: Any, *, method: str, type_name: str, settings: dict,
+    entries: list[dict], key_texts: Sequence[str], started: float, state: dict[str, torch.Tensor] | None = None,
+    metrics: dict | None = None,
+) -> Patch:
+    """The patch of a retrieval editor: one memory part holding ``entries``, found by the
+    embeddings of ``key_texts`` (one each), plus any other ``state`` (SERAC's classifier).
+
+    The embedder's name and id go into the settings, so a patch embedded with other
+    weights is refused when applied. ``started`` is when the edit began (for its time).
+    """
     if len(entries) != len(key_texts):
         raise ValueError("one key text per entry")
-    embedder = embedder_for(embedder_name)
-    keys = embedder.embed(list(key_texts))
-    full = {**settings, "embedder": embedder_name, "embedder_id": embedder.id}
-    return RetrievalMemory(type_name, full, entries, {"keys": keys})
+    name = hp.embedder
+    embedder = embedder_for(name)
+    part = RetrievalMemory(type_name, {**settings, "embedder": name, "embedder_id": embedder.id}, entries,
+                           {"keys": embedder.embed(list(key_texts)), **(state or {})})
+    edit = {"entries": len(entries), "seconds": round(time.perf_counter() - started, 3), **(metrics or {})}
+    return Patch(parts=[part], method=method, model_fingerprint=model.fingerprint, model_name=model.name,
+                 hparams=asdict(hp), requests=requests, metrics={"edit": edit})
 
 
 class FactMemory(MemoryRuntime):
     """Stored facts with embedding keys; each prompt is wrapped with its nearest in-scope fact.
 
-    Subclasses set ``type_name`` and override :meth:`in_scope` and :meth:`wrap` (and
-    :meth:`query_text` when keys are normalised, as MemPrompt lower-cases them).
+    Subclasses set ``type_name`` and override only what differs: :meth:`nearest` (SERAC
+    scores with its classifier), :meth:`wrap` (IKE adds its demonstrations) or
+    :meth:`query_text` (MemPrompt case-folds its keys).
     """
 
     type_name: ClassVar[str] = ""
@@ -85,8 +107,8 @@ class FactMemory(MemoryRuntime):
         """The text embedded for a prompt (the prompt itself unless keys were normalised)."""
         return query
 
-    def in_scope(self, query_keys: torch.Tensor, scores: torch.Tensor, nearest: torch.Tensor) -> list[bool]:
-        """Whether each prompt's nearest fact applies (``scores``: cosine similarities)."""
+    def in_scope(self, scores: torch.Tensor) -> list[bool]:
+        """Whether each prompt's nearest fact applies (``scores`` from :meth:`nearest`)."""
         threshold = self.settings.get("threshold")
         if threshold is None:
             return [True] * len(scores)
@@ -98,17 +120,16 @@ class FactMemory(MemoryRuntime):
 
     # ------------------------------------------------------------ the shared mechanism
 
-    def nearest(self, queries: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(query keys [m, d], best cosine [m], index of the nearest fact [m])."""
-        query_keys = self.embedder.embed([self.query_text(q) for q in queries])
-        scores, idx = self.index.search(query_keys, 1)
-        return query_keys, scores[:, 0], idx[:, 0]
+    def nearest(self, queries: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(best cosine [m], index of the nearest fact [m]) for each query."""
+        scores, idx = self.index.search(self.embedder.embed([self.query_text(q) for q in queries]), 1)
+        return scores[:, 0], idx[:, 0]
 
     def rewrite(self, queries: list[str], current: list[str]) -> list[str]:
         if not self.entries or not queries:
             return list(current)
-        query_keys, scores, idx = self.nearest(queries)
-        keep = self.in_scope(query_keys, scores, idx)
+        scores, idx = self.nearest(queries)
+        keep = self.in_scope(scores)
         return [
             self.wrap(self.entries[int(j)], text) if ok else text
             for text, ok, j in zip(current, keep, idx.tolist())

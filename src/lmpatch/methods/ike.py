@@ -22,13 +22,13 @@ so scoring an IKE-edited model reads ~1,300 tokens per prompt at ``k = 32``.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import ClassVar
 
 from lmpatch.errors import InvalidRequestError
 from lmpatch.memory.embedder import embedder_for
-from lmpatch.memory.fact_memory import FactMemory, fact_memory_part
+from lmpatch.memory.fact_memory import FactMemory, memory_patch, statement
 from lmpatch.memory.index import ExactIndex
 from lmpatch.memory.pools import pool_embeddings, pool_path
 from lmpatch.methods.registry import Method, OneOff, register
@@ -69,11 +69,6 @@ class IkeHparams:
             raise InvalidRequestError(
                 "IKE's template must contain {fact} and end with {query} (the target follows the prompt)."
             )
-
-
-def statement(request: EditRequest) -> str:
-    """The new fact as one sentence: the prompt continued with the new target."""
-    return f"{request.prompt} {request.target_new}"
 
 
 def _demo(fact: str, prompt: str, answer: str) -> str:
@@ -148,13 +143,8 @@ def apply_ike(model: LoadedModel, requests: list[EditRequest], hp: IkeHparams) -
     hp.check()
     t0 = time.perf_counter()
     entries = [{"fact": statement(r), "demos": choose_demonstrations(statement(r), hp)} for r in requests]
-    part = fact_memory_part(TYPE, hp.embedder, {"k": hp.k, "template": hp.template}, entries,
-                            [e["fact"] for e in entries])
-    return Patch(
-        parts=[part], method="ike", model_fingerprint=model.fingerprint, model_name=model.name,
-        hparams=asdict(hp), requests=requests,
-        metrics={"edit": {"entries": len(entries), "seconds": round(time.perf_counter() - t0, 3)}},
-    )
+    return memory_patch(model, requests, hp, method="ike", type_name=TYPE, settings={"k": hp.k, "template": hp.template},
+                        entries=entries, key_texts=[e["fact"] for e in entries], started=t0)
 
 
 @register_memory

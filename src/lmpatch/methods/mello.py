@@ -27,12 +27,12 @@ the line before it, with no contradiction check.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import ClassVar, Sequence
 
 from lmpatch.errors import InvalidRequestError
-from lmpatch.memory.fact_memory import FactMemory, fact_memory_part
+from lmpatch.memory.fact_memory import FactMemory, memory_patch, statement
 from lmpatch.methods.registry import Method, register
 from lmpatch.model.loading import LoadedModel
 from lmpatch.patch import Patch
@@ -85,15 +85,11 @@ def apply_mello(model: LoadedModel, requests: list[EditRequest], hp: MelloHparam
     hp.check()
     task_prompt(hp.prompt_file)  # a missing prompt file fails now, not at the first question
     t0 = time.perf_counter()
-    entries = [{"fact": f"{r.prompt} {r.target_new}"} for r in requests]
+    entries = [{"fact": statement(r)} for r in requests]
     settings = {"threshold": hp.fact_threshold, "template": hp.template, "max_iterations": hp.max_iterations,
                 "max_new_tokens": hp.max_new_tokens, "prompt_file": hp.prompt_file}
-    part = fact_memory_part(TYPE, hp.embedder, settings, entries, [e["fact"] for e in entries])
-    return Patch(
-        parts=[part], method="mello", model_fingerprint=model.fingerprint, model_name=model.name,
-        hparams=asdict(hp), requests=requests,
-        metrics={"edit": {"entries": len(entries), "seconds": round(time.perf_counter() - t0, 3)}},
-    )
+    return memory_patch(model, requests, hp, method="mello", type_name=TYPE, settings=settings, entries=entries,
+                        key_texts=[e["fact"] for e in entries], started=t0)
 
 
 @dataclass
@@ -139,7 +135,7 @@ def mello_answer(model: LoadedModel, memory: "MelloMemory", questions: Sequence[
                 continue
             asked.append((t, gen, lines[-2][len(SUBQUESTION):].strip()))
         if asked:
-            _, _, idx = memory.nearest([sub for _, _, sub in asked])
+            _, idx = memory.nearest([sub for _, _, sub in asked])
             for (t, gen, _), j in zip(asked, idx.tolist()):
                 fact = memory.entries[int(j)]["fact"]
                 t.facts.append(fact)

@@ -18,11 +18,11 @@ Two deviations, both forced by cloze-style edits and stated here:
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import ClassVar
 
 from lmpatch.errors import InvalidRequestError
-from lmpatch.memory.fact_memory import FactMemory, fact_memory_part
+from lmpatch.memory.fact_memory import FactMemory, memory_patch, statement
 from lmpatch.methods.registry import Method, register
 from lmpatch.model.loading import LoadedModel
 from lmpatch.patch import Patch
@@ -66,7 +66,7 @@ def feedback(request: EditRequest) -> str:
     given = request.meta.get("feedback") if request.meta else None
     if given is not None and not isinstance(given, str):
         raise InvalidRequestError("A MemPrompt edit's meta['feedback'] must be text.")
-    return given.strip() if given else f"{request.prompt} {request.target_new}"
+    return given.strip() if given else statement(request)
 
 
 def apply_memprompt(model: LoadedModel, requests: list[EditRequest], hp: MemPromptHparams) -> Patch:
@@ -74,13 +74,9 @@ def apply_memprompt(model: LoadedModel, requests: list[EditRequest], hp: MemProm
     hp.check()
     t0 = time.perf_counter()
     entries = [{"fact": feedback(r), "pattern": pattern(r.prompt)} for r in requests]
-    part = fact_memory_part(TYPE, hp.embedder, {"threshold": hp.threshold, "template": hp.template}, entries,
-                            [e["pattern"] for e in entries])
-    return Patch(
-        parts=[part], method="memprompt", model_fingerprint=model.fingerprint, model_name=model.name,
-        hparams=asdict(hp), requests=requests,
-        metrics={"edit": {"entries": len(entries), "seconds": round(time.perf_counter() - t0, 3)}},
-    )
+    return memory_patch(model, requests, hp, method="memprompt", type_name=TYPE,
+                        settings={"threshold": hp.threshold, "template": hp.template}, entries=entries,
+                        key_texts=[e["pattern"] for e in entries], started=t0)
 
 
 @register_memory

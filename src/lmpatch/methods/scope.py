@@ -39,6 +39,7 @@ from torch import nn
 
 from lmpatch.fileio import atomic_path, atomic_write_json
 from lmpatch.memory.embedder import embedder_for
+from lmpatch.memory.fact_memory import statement
 from lmpatch.memory.pools import pool_embeddings
 from lmpatch.model.loading import cache_dir
 
@@ -130,10 +131,6 @@ def scope_dir(fingerprint: str, config: ScopeConfig) -> Path:
 # --------------------------------------------------------------------------- data
 
 
-def statement(prompt: str, target: str) -> str:
-    return f"{prompt} {target}"
-
-
 def _pairs(records: list, config: ScopeConfig, skip: frozenset[str]) -> tuple[list[str], list[str], list[float]]:
     """(edit statements, prompts, labels) for the records, deterministic in ``config.seed``."""
     g = torch.Generator().manual_seed(config.seed)
@@ -142,7 +139,7 @@ def _pairs(records: list, config: ScopeConfig, skip: frozenset[str]) -> tuple[li
     for r in records:
         if r.prompt.strip() in skip:
             continue
-        e = statement(r.prompt, r.target_new)
+        e = statement(r)
         positives = [r.prompt, *(p for p in r.rephrase if p.strip() not in skip)]
         hard = [p.prompt for p in r.locality if p.kind == "neighborhood" and p.prompt.strip() not in skip]
         picks = torch.randint(len(prompts), (config.random_negatives,), generator=g).tolist()
@@ -221,7 +218,7 @@ def validate(head: ScopeHead, config: ScopeConfig, show: bool = False, threshold
     from lmpatch.methods.negatives import NEGATIVE_RECORDS
 
     records = load_dataset(config.data, n=config.validate_records, offset=NEGATIVE_RECORDS)
-    facts = [statement(r.prompt, r.target_new) for r in records]
+    facts = [statement(r) for r in records]
     asked = [(i, "prompt", r.prompt) for i, r in enumerate(records)]
     asked += [(i, "paraphrase", p) for i, r in enumerate(records) for p in r.rephrase]
     asked += [(i, "probe", p.prompt) for i, r in enumerate(records) for p in r.locality if p.kind == "neighborhood"]

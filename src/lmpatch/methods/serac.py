@@ -31,13 +31,13 @@ cache. All applied SERAC patches with the same head and settings form one memory
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import ClassVar, Sequence
 
 import torch
 
 from lmpatch.errors import InvalidRequestError, PatchError
-from lmpatch.memory.fact_memory import FactMemory, fact_memory_part
+from lmpatch.memory.fact_memory import FactMemory, memory_patch, statement
 from lmpatch.methods.registry import Method, OneOff, register
 from lmpatch.methods.scope import (
     HEAD_ROLES,
@@ -119,10 +119,6 @@ def train_serac(model: LoadedModel, hp: SeracHparams, show: bool = True) -> dict
     return {**report, "cached_in": str(scope_dir(model.fingerprint, hp.scope_config()))}
 
 
-def statement(request: EditRequest) -> str:
-    return f"{request.prompt} {request.target_new}"
-
-
 def apply_serac(model: LoadedModel, requests: list[EditRequest], hp: SeracHparams) -> Patch:
     """One memory entry per request; the trained head travels with the patch."""
     hp.check()
@@ -135,15 +131,9 @@ def apply_serac(model: LoadedModel, requests: list[EditRequest], hp: SeracHparam
         state = head.state()
         settings["head_id"] = head_id(state)
     entries = [{"fact": statement(r)} for r in requests]
-    part = fact_memory_part(TYPE, hp.embedder, settings, entries, [e["fact"] for e in entries])
-    part = RetrievalMemory(part.type, part.settings, part.entries, {**part.state, **state})
-    metrics = {"entries": len(entries), "seconds": round(time.perf_counter() - t0, 3)}
-    if report is not None:
-        metrics["classifier"] = report.get("validation", {})
-    return Patch(
-        parts=[part], method="serac", model_fingerprint=model.fingerprint, model_name=model.name,
-        hparams=asdict(hp), requests=requests, metrics={"edit": metrics},
-    )
+    return memory_patch(model, requests, hp, method="serac", type_name=TYPE, settings=settings, entries=entries,
+                        key_texts=[e["fact"] for e in entries], started=t0, state=state,
+                        metrics={} if report is None else {"classifier": report.get("validation", {})})
 
 
 @register_memory
@@ -170,15 +160,14 @@ class SeracMemory(FactMemory):
                 new = self.head.project(member.state["keys"])
             self._projected = new if self._projected.numel() == 0 else torch.cat([self._projected, new])
 
-    def nearest(self, queries: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def nearest(self, queries: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(in-scope probability of the likeliest edit [m], its index [m]); raw cosine without a head."""
         if self.head is None:
             return super().nearest(queries)
-        query_keys = self.embedder.embed(list(queries))
         with torch.no_grad():
-            sims = self.head.project(query_keys) @ self._projected.T
+            sims = self.head.project(self.embedder.embed(list(queries))) @ self._projected.T
             probs = torch.sigmoid(self.head.scale * sims + self.head.offset)
-        best, idx = probs.max(dim=1)
-        return query_keys, best, idx
+        return probs.max(dim=1)
 
 
 register(Method(
