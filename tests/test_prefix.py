@@ -19,17 +19,13 @@ def lm():
 
 
 def _without_prefix(monkeypatch):
-    import lmpatch.eval.scoring as scoring
-
-    monkeypatch.setattr(scoring, "MIN_SHARED", 10**9)
+    monkeypatch.setattr(prefix_module, "MIN_SHARED", 10**9)
 
 
 def test_a_long_shared_prefix_is_read_once_and_scores_match(lm, monkeypatch):
     calls = []
     real = prefix_module.read_prefix
-    import lmpatch.eval.scoring as scoring
-
-    monkeypatch.setattr(scoring, "read_prefix", lambda m, ids: calls.append(len(ids)) or real(m, ids))
+    monkeypatch.setattr(prefix_module, "read_prefix", lambda m, ids: calls.append(len(ids)) or real(m, ids))
     fast = score_targets(lm, PAIRS, batch_size=2)
     assert calls and calls[0] >= prefix_module.MIN_SHARED
     _without_prefix(monkeypatch)
@@ -50,11 +46,8 @@ def test_generation_after_a_shared_prefix_matches(lm, monkeypatch):
 
 
 def test_short_prefixes_and_added_modules_take_the_ordinary_path(lm, monkeypatch):
-    import lmpatch.eval.scoring as scoring
-
-    monkeypatch.setattr(scoring, "read_prefix", lambda *a: pytest.fail("no prefix should be read"))
+    monkeypatch.setattr(prefix_module, "read_prefix", lambda *a: pytest.fail("no prefix should be read"))
     score_targets(lm, [("The Eiffel Tower is in", " Rome"), ("The Eiffel Tower stands in", " Rome")])
     monkeypatch.setattr(prefix_module, "shareable", lambda m: False)
-    monkeypatch.setattr(scoring, "shareable", lambda m: False)
     score_targets(lm, PAIRS)
     generate_ids(lm, [p for p, _ in PAIRS], max_new_tokens=2)

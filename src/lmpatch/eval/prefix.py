@@ -66,6 +66,20 @@ def read_prefix(model: LoadedModel, ids: Sequence[int]) -> Any | None:
     return cache
 
 
+def long_shared_prefix(
+    model: LoadedModel, seqs: Sequence[Sequence[int]], keep: Sequence[int] | int = 1,
+) -> tuple[Any, int] | None:
+    """(cache, length) of the token prefix all ``seqs`` share, read once, when it is worth it
+    (at least :data:`MIN_SHARED` tokens, two or more sequences, :func:`shareable`); else None."""
+    if len(seqs) < 2 or not shareable(model):
+        return None
+    shared = common_prefix_length(seqs, keep)
+    if shared < MIN_SHARED:
+        return None
+    cache = read_prefix(model, seqs[0][:shared])
+    return None if cache is None else (cache, shared)
+
+
 def _batch_cache(prefix_cache: Any, rows: int) -> Any:
     cache = copy.deepcopy(prefix_cache)  # the prefix cache is reused by later batches
     cache.batch_repeat_interleave(rows)

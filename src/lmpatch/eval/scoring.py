@@ -28,12 +28,9 @@ from typing import Any, Sequence
 import torch
 
 from lmpatch.eval.prefix import (
-    MIN_SHARED,
-    common_prefix_length,
     decode_after_prefix,
-    read_prefix,
+    long_shared_prefix,
     score_after_prefix,
-    shareable,
 )
 from lmpatch.model.loading import LoadedModel
 from lmpatch.model.stops import StopTextCriterion, cut_at, until_stop
@@ -103,7 +100,9 @@ def score_targets(
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     encoded = encode_pairs(model, pairs)
-    prefix = _long_prefix(model, encoded)
+    # An IKE memory puts the same demonstrations before every prompt: read them once.
+    prefix = long_shared_prefix(model, [it.ids for it in encoded],
+                                keep=[len(it.ids) - len(it.prompt_ids) + 1 for it in encoded])
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].ids), reverse=True)
     results: list[TargetScore | None] = [None] * len(encoded)
     for start in range(0, len(order), batch_size):
@@ -111,19 +110,6 @@ def score_targets(
         for i, score in zip(chunk, _score_batch(model, [encoded[i] for i in chunk], padding_side, prefix)):
             results[i] = score
     return results  # type: ignore[return-value]
-
-
-def _long_prefix(model: LoadedModel, encoded: list[PromptTarget]) -> tuple[Any, int] | None:
-    """(cache, length) of a long token prefix every prompt shares (an IKE memory's
-    demonstrations), read once; None for ordinary prompts (see :mod:`lmpatch.eval.prefix`)."""
-    if len(encoded) < 2 or not shareable(model):
-        return None
-    shared = common_prefix_length([it.ids for it in encoded],
-                                  keep=[len(it.ids) - len(it.prompt_ids) + 1 for it in encoded])
-    if shared < MIN_SHARED:
-        return None
-    cache = read_prefix(model, encoded[0].ids[:shared])
-    return None if cache is None else (cache, shared)
 
 
 def _score_batch(
@@ -208,10 +194,10 @@ def generate_ids(
     encoded = [encode(tok, text) for text in model.format_prompts(prompts)]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]), reverse=True)
     results: list[list[int]] = [[] for _ in prompts]
-    shared = common_prefix_length(encoded) if len(encoded) > 1 and shareable(model) else 0
-    cache = read_prefix(model, encoded[0][:shared]) if shared >= MIN_SHARED else None
-    if cache is not None:
-        complete = (lambda text: any(t in text for t in stop_texts)) if stop_texts else None
+    prefix = long_shared_prefix(model, encoded)
+    if prefix is not None:
+        cache, shared = prefix
+        complete = (lambda text: cut_at(text, stop_texts) != text) if stop_texts else None
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
             rows = decode_after_prefix(model, cache, shared, [encoded[i][shared:] for i in chunk],
