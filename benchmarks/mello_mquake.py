@@ -8,7 +8,16 @@ original answers, as the ceiling an edit could keep. Per case: the time to make 
 and the time to answer the questions. MeLLo's failed loops (no subquestion written, or
 out of rounds) count as wrong answers and are reported separately.
 
+MeLLo costs ~45 s per case on one core, so the full subset takes hours. The run is
+therefore saved in chunks of ``--chunk`` cases (``<out>/<method>/cases-<first>-<last>.json``,
+each written atomically when done): a killed run resumes where it stopped, and
+``--shard 1/2`` and ``--shard 2/2`` in two processes split the chunks between two cores.
+The table is built from every chunk on disk and says how many cases it covers.
+
     OMP_NUM_THREADS=1 python benchmarks/mello_mquake.py --n 20
+    OMP_NUM_THREADS=1 python benchmarks/mello_mquake.py --shard 1/2 &   # all 254 cases,
+    OMP_NUM_THREADS=1 python benchmarks/mello_mquake.py --shard 2/2     # two cores
+    python benchmarks/mello_mquake.py --table-only                      # the table so far
 """
 from __future__ import annotations
 
@@ -33,6 +42,66 @@ from lmpatch.methods.hparams import with_overrides
 from lmpatch.methods.registry import get_method
 
 DEFAULT_METHODS = ("mello", "rome", "memit")
+UNEDITED = "unedited"
+
+
+def shard(text: str) -> tuple[int, int]:
+    """``"2/3"`` -> (1, 3): this process takes every third chunk, starting with the second."""
+    try:
+        k, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shard takes K/N, e.g. 1/2; got {text!r}") from None
+    if not 1 <= k <= n:
+        raise argparse.ArgumentTypeError(f"--shard K/N needs 1 <= K <= N; got {text!r}")
+    return k - 1, n
+
+
+def chunk_path(out: Path, method: str, first: int, last: int) -> Path:
+    return out / method / f"cases-{first:04d}-{last:04d}.json"
+
+
+def run_chunks(model, cases, method: str, out: Path, chunk: int, mine: tuple[int, int], console: Console) -> None:
+    """Evaluate this shard's chunks of ``cases`` that are not on disk yet."""
+    edit_fn = None
+    if method != UNEDITED:
+        info = get_method(method)
+        hp = with_overrides(info.hparams, {})
+        prepare(model, info, hp, show=True)
+        edit_fn = lambda m, reqs, info=info, hp=hp: lmpatch.edit(m, reqs, info.name, hp)  # noqa: E731
+    starts = list(range(0, len(cases), chunk))
+    for number, start in enumerate(starts):
+        if number % mine[1] != mine[0]:
+            continue
+        part = cases[start : start + chunk]
+        path = chunk_path(out, method, part[0].case_id, part[-1].case_id)
+        if path.is_file():
+            continue
+        console.print(f"{method}: cases {part[0].case_id}-{part[-1].case_id}")
+        result = multihop_accuracy(model, part, edit_fn)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, result.to_dict(), indent=1, default=str)
+
+
+def summary_row(out: Path, method: str, n_cases: int) -> list[str] | None:
+    """One table row from every chunk of ``method`` on disk, or None when there is none."""
+    chunks = [json.loads(p.read_text()) for p in sorted((out / method).glob("cases-*.json"))]
+    if not chunks:
+        return None
+    records = [r for c in chunks for r in c["records"]]
+    questions = sum(len(r["questions"]) for r in records)
+    failed = sum(a == "" for r in records for a in r["answers"])
+    cases = f"{len(records)}" + ("" if len(records) == n_cases else f" of {n_cases}")
+    return [
+        method, cases,
+        f"{sum(r['case_correct'] for r in records) / len(records):.3f}",
+        f"{sum(sum(r['correct']) for r in records) / questions:.3f}",
+        "-" if method == UNEDITED else f"{sum(any(r['matches_other']) for r in records) / len(records):.3f}",
+        f"{failed}/{questions}" if method == "mello" else "-",
+        "-" if method == UNEDITED else f"{statistics.median(r['edit_seconds'] for r in records):.2f}",
+        # the unedited model's questions are pooled across cases, so only its total is per-case
+        f"{sum(c['seconds'] for c in chunks) / len(records):.1f}" if method == UNEDITED
+        else f"{statistics.median(r['answer_seconds'] for r in records):.1f}",
+    ]
 
 
 def main() -> None:
@@ -41,34 +110,29 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=None, help="first N cases of the shipped subset (default: all 254)")
     ap.add_argument("--data", default=None, help="an MQuAKE-format file (default: the shipped subset)")
     ap.add_argument("--out", type=Path, default=Path("runs/mello-mquake"))
+    ap.add_argument("--chunk", type=int, default=10, help="cases per saved chunk (default 10)")
+    ap.add_argument("--shard", type=shard, default=(0, 1), help="K/N: run only every N-th chunk, from the K-th")
+    ap.add_argument("--table-only", action="store_true", help="print the table from the chunks on disk")
     args = ap.parse_args()
+    if args.chunk < 1:
+        ap.error("--chunk must be at least 1")
     console = Console()
     console.print(cpu_line(cpu_info()))
-    model = lmpatch.load_model()
     cases = load_mquake(args.data, n=args.n)
-    args.out.mkdir(parents=True, exist_ok=True)
-    table = Table(title=f"{model.name}: MQuAKE, {len(cases)} cases, exact match")
-    for col in ("method", "multi-hop acc.", "question acc.", "still original", "failed loops",
+    methods = [UNEDITED, *(args.method or DEFAULT_METHODS)]
+    if not args.table_only:
+        model = lmpatch.load_model()
+        for method in methods:
+            run_chunks(model, cases, method, args.out, args.chunk, args.shard, console)
+    table = Table(title=f"MQuAKE ({len(cases)} cases asked), exact match; the unedited model against the original answers")
+    for col in ("method", "cases", "multi-hop acc.", "question acc.", "still original", "failed loops",
                 "edit s / case", "answer s / case"):
         table.add_column(col, justify="right")
-    pre = multihop_accuracy(model, cases)
-    table.add_row("unedited (original answers)", f"{pre.accuracy:.3f}", f"{pre.question_accuracy:.3f}", "-", "-",
-                  "-", f"{pre.seconds_per_case:.1f}")
-    for name in args.method or DEFAULT_METHODS:
-        info = get_method(name)
-        hp = with_overrides(info.hparams, {})
-        prepare(model, info, hp, show=True)
-        result = multihop_accuracy(model, cases, lambda m, reqs, info=info, hp=hp: lmpatch.edit(m, reqs, info.name, hp))
-        atomic_write_json(args.out / f"{name}.json", result.to_dict(), indent=1, default=str)
-        failed = sum(a == "" for r in result.records for a in r.answers) if name == "mello" else None
-        table.add_row(
-            name, f"{result.accuracy:.3f}", f"{result.question_accuracy:.3f}", f"{result.other_accuracy:.3f}",
-            "-" if failed is None else f"{failed}/{result.n_questions}",
-            f"{statistics.median(r.edit_seconds for r in result.records):.2f}",
-            f"{statistics.median(r.answer_seconds for r in result.records):.1f}",
-        )
+    for method in methods:
+        row = summary_row(args.out, method, len(cases))
+        if row is not None:
+            table.add_row(*row)
     console.print(table)
-    console.print(json.dumps({"protocol_pre": pre.protocol}))
 
 
 if __name__ == "__main__":
