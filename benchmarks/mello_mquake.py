@@ -12,7 +12,9 @@ MeLLo costs ~45 s per case on one core, so the full subset takes hours. The run 
 therefore saved in chunks of ``--chunk`` cases (``<out>/<method>/cases-<first>-<last>.json``,
 each written atomically when done): a killed run resumes where it stopped, and
 ``--shard 1/2`` and ``--shard 2/2`` in two processes split the chunks between two cores.
-The table is built from every chunk on disk and says how many cases it covers.
+Each chunk is run by every method before the next begins, so a partial run compares
+the methods on the same cases. The table is built from every chunk on disk and says
+how many cases it covers.
 
     OMP_NUM_THREADS=1 python benchmarks/mello_mquake.py --n 20
     OMP_NUM_THREADS=1 python benchmarks/mello_mquake.py --shard 1/2 &   # all 254 cases,
@@ -60,26 +62,35 @@ def chunk_path(out: Path, method: str, first: int, last: int) -> Path:
     return out / method / f"cases-{first:04d}-{last:04d}.json"
 
 
-def run_chunks(model, cases, method: str, out: Path, chunk: int, mine: tuple[int, int], console: Console) -> None:
-    """Evaluate this shard's chunks of ``cases`` that are not on disk yet."""
-    edit_fn = None
-    if method != UNEDITED:
-        info = get_method(method)
-        hp = with_overrides(info.hparams, {})
-        prepare(model, info, hp, show=True)
-        edit_fn = lambda m, reqs, info=info, hp=hp: lmpatch.edit(m, reqs, info.name, hp)  # noqa: E731
-    starts = list(range(0, len(cases), chunk))
-    for number, start in enumerate(starts):
+def edit_function(model, method: str):
+    """``lmpatch.edit`` with ``method``'s defaults, its one-off work done first; None unedited."""
+    if method == UNEDITED:
+        return None
+    info = get_method(method)
+    hp = with_overrides(info.hparams, {})
+    prepare(model, info, hp, show=True)
+    return lambda m, reqs: lmpatch.edit(m, reqs, info.name, hp)
+
+
+def run_chunks(model, cases, methods: list[str], out: Path, chunk: int, mine: tuple[int, int],
+               console: Console) -> None:
+    """Evaluate every method on this shard's chunks of ``cases`` that are not on disk yet.
+
+    Chunks are the outer loop, so a run stopped early has every method on the same cases.
+    """
+    edit_fns = {method: edit_function(model, method) for method in methods}
+    for number, start in enumerate(range(0, len(cases), chunk)):
         if number % mine[1] != mine[0]:
             continue
         part = cases[start : start + chunk]
-        path = chunk_path(out, method, part[0].case_id, part[-1].case_id)
-        if path.is_file():
-            continue
-        console.print(f"{method}: cases {part[0].case_id}-{part[-1].case_id}")
-        result = multihop_accuracy(model, part, edit_fn)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(path, result.to_dict(), indent=1, default=str)
+        for method in methods:
+            path = chunk_path(out, method, part[0].case_id, part[-1].case_id)
+            if path.is_file():
+                continue
+            console.print(f"{method}: cases {part[0].case_id}-{part[-1].case_id}")
+            result = multihop_accuracy(model, part, edit_fns[method])
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(path, result.to_dict(), indent=1, default=str)
 
 
 def summary_row(out: Path, method: str, n_cases: int) -> list[str] | None:
@@ -122,8 +133,7 @@ def main() -> None:
     methods = [UNEDITED, *(args.method or DEFAULT_METHODS)]
     if not args.table_only:
         model = lmpatch.load_model()
-        for method in methods:
-            run_chunks(model, cases, method, args.out, args.chunk, args.shard, console)
+        run_chunks(model, cases, methods, args.out, args.chunk, args.shard, console)
     table = Table(title=f"MQuAKE ({len(cases)} cases asked), exact match; the unedited model against the original answers")
     for col in ("method", "cases", "multi-hop acc.", "question acc.", "still original", "failed loops",
                 "edit s / case", "answer s / case"):
