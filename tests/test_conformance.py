@@ -35,7 +35,7 @@ FAST: dict[str, dict] = {
     "calinet": dict(steps=5, slots=8),
     "ike": dict(k=2, pool_records=50),
     "memprompt": dict(),
-    "serac": dict(classifier="cosine"),
+    "serac": dict(classifier="cosine", demonstrations=0),  # demonstrations outgrow tiny gpt2's positions
     "mello": dict(),  # the trained classifier has its own test (test_memory_editors)
 }
 # (method, arch) pairs a method refuses with one clear error, and why.

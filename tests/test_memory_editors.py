@@ -13,9 +13,10 @@ import torch
 import lmpatch
 from facts import REQS
 from lmpatch.errors import InvalidRequestError, PatchError
-from lmpatch.methods.ike import IkeHparams, choose_demonstrations, demonstration_pool, statement
+from lmpatch.methods.demonstrations import demonstration_kinds, demonstration_pool, nearest_demonstrations
+from lmpatch.methods.ike import IkeHparams, choose_demonstrations, statement
 from lmpatch.methods.memprompt import pattern
-from lmpatch.methods.negatives import held_out
+from lmpatch.methods.negatives import held_out, training_records
 from tiny import tiny_model
 
 pytestmark = pytest.mark.model
@@ -34,6 +35,10 @@ def test_ike_pool_has_the_three_kinds_and_no_held_out_prompt():
     assert not any(p.strip() in skip for p in prompts)
     facts = {d.split("\n", 1)[0] for d in pool}
     assert len(pool) > 2 * len(facts)  # most records give copy, update and retain demonstrations
+    kinds = demonstration_kinds(60)
+    assert len(kinds) == len(pool) and set(kinds) == {"copy", "update", "retain"}
+    first = training_records()[0]
+    assert kinds[pool.index(f"New Fact: {statement(first)}\nPrompt: {first.prompt} {first.target_new}\n\n")] == "copy"
     with pytest.raises(InvalidRequestError, match="tuning"):
         demonstration_pool(5001)
 
@@ -114,12 +119,27 @@ def test_a_memory_made_with_another_embedder_is_refused(lm):
 def test_serac_with_raw_cosine_wraps_only_prompts_in_scope(lm):
     from lmpatch.methods.serac import SeracHparams
 
-    patch = lmpatch.edit(lm, REQS[0], "serac", classifier="cosine", threshold=0.6)
+    patch = lmpatch.edit(lm, REQS[0], "serac", classifier="cosine", threshold=0.6, demonstrations=2, pool_records=60)
+    entry = patch.memories[0].entries[0]
     with patch.applied(lm):
-        expected = SeracHparams().template.format(fact=statement(REQS[0]), query=REQS[0].prompt)
+        expected = "".join(entry["demos"]) + SeracHparams().template.format(fact=statement(REQS[0]), query=REQS[0].prompt)
         assert lm.format_prompt(REQS[0].prompt) == expected
         assert lm.format_prompt("Water boils at a temperature of") == "Water boils at a temperature of"
     assert "head.weight" not in patch.memories[0].state
+
+
+def test_serac_shows_only_copy_and_update_demonstrations_then_the_edit():
+    fact = statement(REQS[0])
+    demos = nearest_demonstrations(fact, 6, 60, "minilm", kinds=("copy", "update"))
+    kind = dict(zip(demonstration_pool(60), demonstration_kinds(60)))
+    assert len(demos) == 7 and demos[-1] == f"New Fact: {fact}\nPrompt: {fact}\n\n"
+    assert {kind[d] for d in demos[:-1]} <= {"copy", "update"}
+    every_kind = nearest_demonstrations(fact, 6, 60, "minilm")
+    assert demos != every_kind  # without the filter some retain demonstrations come in
+    with pytest.raises(InvalidRequestError, match="kinds"):
+        nearest_demonstrations(fact, 2, 60, "minilm", kinds=("copy", "paraphrase"))
+    with pytest.raises(InvalidRequestError, match="demonstrations"):
+        lmpatch.edit(tiny_model("llama"), REQS[0], "serac", classifier="cosine", demonstrations=-1)
 
 
 def test_serac_trains_its_scope_classifier_once_and_ships_it_in_the_patch(lm, tmp_path, monkeypatch):
@@ -127,10 +147,11 @@ def test_serac_trains_its_scope_classifier_once_and_ships_it_in_the_patch(lm, tm
     from lmpatch.methods.serac import SeracHparams, train_serac
 
     monkeypatch.setenv("LMPATCH_CACHE", str(tmp_path / "cache"))
-    small = dict(train_records=60, train_epochs=2)
+    small = dict(train_records=60, train_epochs=2, pool_records=60)
     hp = SeracHparams(**small)
     info = lmpatch.methods.registry.get_method("serac")
-    (job,) = info.one_offs(lm, hp)
+    pool_job, job = info.one_offs(lm, hp)
+    assert "demonstrations" in pool_job.what and "scope classifier" in job.what
     assert not job.done()
     report = train_serac(lm, hp, show=False)
     assert job.done() and report["pairs"] > 60 and report["positives"] > 0
@@ -152,14 +173,14 @@ def test_serac_trains_its_scope_classifier_once_and_ships_it_in_the_patch(lm, tm
 
 
 def test_serac_memories_with_different_heads_are_not_mixed(lm):
-    a = lmpatch.edit(lm, REQS[0], "serac", classifier="cosine")
+    a = lmpatch.edit(lm, REQS[0], "serac", classifier="cosine", pool_records=60)
     part = a.memories[0]
     b = lmpatch.Patch([dataclasses.replace(part, settings={**part.settings, "threshold": 0.9})], "serac",
                       lm.fingerprint, lm.name)
     with a.applied(lm), b.applied(lm):
         assert len(lm.stack.memories()) == 2
     with pytest.raises(InvalidRequestError, match="classifier"):
-        lmpatch.edit(lm, REQS[0], "serac", classifier="bert")
+        lmpatch.edit(lm, REQS[0], "serac", classifier="bert", pool_records=60)
 
 
 # --------------------------------------------------------------------------- MeLLo

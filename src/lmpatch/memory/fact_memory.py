@@ -115,8 +115,8 @@ class FactMemory(MemoryRuntime):
         return [bool(s >= threshold) for s in scores.tolist()]
 
     def wrap(self, entry: dict, current: str) -> str:
-        """The prompt ``current`` with ``entry``'s fact put before it."""
-        return self.settings["template"].format(fact=entry["fact"], query=current)
+        """The prompt ``current`` with ``entry``'s demonstrations (if any) and fact put before it."""
+        return "".join(entry.get("demos", ())) + self.settings["template"].format(fact=entry["fact"], query=current)
 
     # ------------------------------------------------------------ the shared mechanism
 

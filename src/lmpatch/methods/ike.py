@@ -4,10 +4,8 @@ The edit is shown to the model in its prompt, after ``k`` demonstrations that te
 what to do with a "New Fact": repeat it (*copy*), answer a rephrased question with it
 (*update*), and answer an unrelated question as before (*retain*). The demonstrations
 are the ``k`` most similar, by sentence embedding, to the new fact, out of a pool built
-from ``counterfact-train`` records (the first :data:`~lmpatch.methods.negatives.NEGATIVE_RECORDS`,
-less every prompt that is :func:`~lmpatch.methods.negatives.held_out` for tuning or
-reporting), ordered from least to most similar so the closest example sits next to the
-edit. The edit's own copy demonstration comes last, as in the authors' evaluation code.
+from ``counterfact-train`` records (:mod:`lmpatch.methods.demonstrations`), ordered from
+least to most similar so the closest example sits next to the edit. The edit's own copy demonstration comes last, as in the authors' evaluation code.
 
 What lmpatch adds: the demonstrations are chosen when the edit is made and stored in
 the patch, so an applied IKE patch needs neither the pool nor the retriever's pool
@@ -23,14 +21,11 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import ClassVar
 
 from lmpatch.errors import InvalidRequestError
-from lmpatch.memory.embedder import embedder_for
 from lmpatch.memory.fact_memory import FactMemory, memory_patch, statement
-from lmpatch.memory.index import ExactIndex
-from lmpatch.memory.pools import pool_embeddings, pool_path
+from lmpatch.methods.demonstrations import demonstration_pool, nearest_demonstrations, pool_one_off
 from lmpatch.methods.registry import Method, OneOff, register
 from lmpatch.model.loading import LoadedModel
 from lmpatch.patch import Patch
@@ -40,7 +35,6 @@ from lmpatch.request import EditRequest
 __all__ = ["IkeHparams", "IkeMemory", "apply_ike", "demonstration_pool"]
 
 TYPE = "ike.memory"
-POOL_NAME = "ike-demonstrations"
 
 
 @dataclass(frozen=True)
@@ -71,71 +65,13 @@ class IkeHparams:
             )
 
 
-def _demo(fact: str, prompt: str, answer: str) -> str:
-    return f"New Fact: {fact}\nPrompt: {prompt} {answer}\n\n"
-
-
-@lru_cache(maxsize=4)
-def demonstration_pool(pool_records: int) -> tuple[str, ...]:
-    """The copy, update and retain demonstrations of the first ``pool_records`` training records.
-
-    A record gives a *copy* demonstration (its fact repeated), an *update* one (its first
-    paraphrase not held out, answered with the new target) and a *retain* one (its first
-    neighbourhood probe not held out, answered with the probe's true answer).
-    """
-    from lmpatch.methods.negatives import NEGATIVE_RECORDS, held_out, training_records
-
-    if pool_records > NEGATIVE_RECORDS:
-        raise InvalidRequestError(
-            f"IKE's pool may use at most the first {NEGATIVE_RECORDS} training records (the rest are for tuning)."
-        )
-    skip = held_out()
-    pool: list[str] = []
-    for r in training_records()[:pool_records]:
-        if r.prompt.strip() in skip:
-            continue
-        fact = statement(r)
-        pool.append(_demo(fact, r.prompt, r.target_new))
-        para = next((p for p in r.rephrase if p.strip() not in skip), None)
-        if para is not None:
-            pool.append(_demo(fact, para, r.target_new))
-        probe = next((p for p in r.locality if p.answer and p.prompt.strip() not in skip), None)
-        if probe is not None:
-            pool.append(_demo(fact, probe.prompt, probe.answer))
-    return tuple(dict.fromkeys(pool))
-
-
 def _pool_one_off(model: LoadedModel, hp: IkeHparams) -> list[OneOff]:
-    embedder = embedder_for(hp.embedder)
-    texts = demonstration_pool(hp.pool_records)
-    path = pool_path(embedder, texts)
-    return [OneOff(
-        what=f"embed IKE's {len(texts):,} demonstrations from counterfact-train",
-        where=path,
-        done=path.is_file,
-        run=lambda show: pool_embeddings(embedder, texts, POOL_NAME, progress=show),
-        draws_progress=True,
-    )]
+    return pool_one_off(hp.embedder, hp.pool_records)
 
 
 def choose_demonstrations(fact: str, hp: IkeHparams) -> list[str]:
     """The ``k`` pool demonstrations nearest to ``fact`` (least similar first), then the fact's copy."""
-    copy = f"New Fact: {fact}\nPrompt: {fact}\n\n"
-    if hp.k == 0:
-        return [copy]
-    embedder = embedder_for(hp.embedder)
-    texts = demonstration_pool(hp.pool_records)
-    index = _pool_index(hp.embedder, hp.pool_records)
-    query = embedder.embed([copy])
-    _, idx = index.search(query, min(hp.k, len(texts)))
-    return [texts[int(j)] for j in reversed(idx[0].tolist())] + [copy]
-
-
-@lru_cache(maxsize=2)
-def _pool_index(embedder_name: str, pool_records: int) -> ExactIndex:
-    """The searchable pool, read from its disk cache once per process (an edit needs one search)."""
-    texts = demonstration_pool(pool_records)
-    return ExactIndex(pool_embeddings(embedder_for(embedder_name), texts, POOL_NAME))
+    return nearest_demonstrations(fact, hp.k, hp.pool_records, hp.embedder)
 
 
 def apply_ike(model: LoadedModel, requests: list[EditRequest], hp: IkeHparams) -> Patch:
@@ -152,9 +88,6 @@ class IkeMemory(FactMemory):
     """Every prompt gets the demonstrations and fact of the nearest applied IKE edit."""
 
     type_name: ClassVar[str] = TYPE
-
-    def wrap(self, entry: dict, current: str) -> str:
-        return "".join(entry["demos"]) + self.settings["template"].format(fact=entry["fact"], query=current)
 
 
 register(Method(

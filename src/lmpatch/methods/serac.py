@@ -12,17 +12,27 @@ The two parts here, and how they differ from the paper:
   (:mod:`lmpatch.methods.scope`), trained on ``counterfact-train`` on this CPU in about
   three minutes and cached per base model (``lmpatch train serac``). The paper
   fine-tunes DistilBERT, which is not available offline.
-* **counterfactual model** - the base model itself, conditioned on the retrieved edit
-  through ``template``. The paper trains a separate smaller model (GPT-2 for GPT-2 XL);
-  nothing smaller than SmolLM2-135M is available offline and a fine-tuned copy would
-  cost hours of CPU, so the base model reads the edit in context. The default template
-  states the edit once as a worked example ("New Fact: f / Prompt: f") and then as the
-  context of the prompt, in EasyEdit's "New Fact: ... Prompt: ..." form. On 40 tuning
-  records (counterfact-train 5000+) it gave the best paraphrase token accuracy of six
-  templates tried (0.49; 0.34 without the worked example, 0.46 with two, 0.29-0.31 for
-  plain "Fact:" / "Remember:" lines), with efficacy / paraphrase scores 0.97 / 0.95.
-  A 135M model reading an edit in context does not reach the paper's paraphrase
-  numbers; a trained counterfactual model is what SERAC uses to get there.
+* **counterfactual model** - the base model itself, conditioned on the retrieved edit.
+  The paper trains a separate smaller model (GPT-2 for GPT-2 XL) on (edit, in-scope
+  input, new answer) examples; nothing smaller than SmolLM2-135M is available offline
+  and a fine-tuned copy would cost hours of CPU. So the training examples are shown
+  instead of trained on: before an in-scope prompt come the ``demonstrations`` (32)
+  *copy* and *update* examples from ``counterfact-train`` nearest to the edit (the pool
+  IKE uses, :mod:`lmpatch.methods.demonstrations`, without its *retain* examples - an
+  in-scope prompt is by definition one the edit applies to), then the edit stated once
+  as its own example, then "New Fact: <edit>\nPrompt: <prompt>".
+
+  Chosen on the tuning split with ``benchmarks/tune_serac.py`` (counterfact-train
+  5000-5099, one edit at a time, teacher-forced token accuracy of the new target after
+  the edit prompt / after its paraphrases): the edit alone, stated once as its own
+  example, gave 0.92 / 0.37; the 16 nearest copy/update demonstrations 0.92 / 0.72; 32
+  (chosen) 0.94 / 0.85, at about 1,300 prompt tokens instead of 700. Two exploratory
+  runs on 40 of those records, not in the script: IKE's pool *with* its retain examples
+  gave 0.85 / 0.73 at 16, and fixed (not retrieved) demonstrations at best 0.95 / 0.56.
+  The retrieved ones teach the relation; the retain ones teach the model to keep its
+  old answer. A 135M model still sometimes answers from memory right after reading the
+  edit ("The mother tongue of Raymond Triboulet is Dutch." and then " French"), which
+  is what holds reliability near 0.92-0.94.
 
 A patch stores the edit statements, their MiniLM embeddings and the head's tensors, so
 it is self-contained: applied anywhere, it needs neither the training data nor the
@@ -38,6 +48,7 @@ import torch
 
 from lmpatch.errors import InvalidRequestError, PatchError
 from lmpatch.memory.fact_memory import FactMemory, memory_patch, statement
+from lmpatch.methods.demonstrations import nearest_demonstrations, pool_one_off
 from lmpatch.methods.registry import Method, OneOff, register
 from lmpatch.methods.scope import (
     HEAD_ROLES,
@@ -66,7 +77,9 @@ class SeracHparams:
 
     threshold: float = 0.5
     classifier: str = "trained"
-    template: str = "New Fact: {fact}\nPrompt: {fact}\n\nNew Fact: {fact}\nPrompt: {query}"
+    template: str = "New Fact: {fact}\nPrompt: {query}"
+    demonstrations: int = 32
+    pool_records: int = 5000
     embedder: str = "minilm"
     train_records: int = 5000
     train_epochs: int = 30
@@ -76,6 +89,8 @@ class SeracHparams:
     def check(self) -> None:
         if self.classifier not in ("trained", "cosine"):
             raise InvalidRequestError(f"SERAC classifier must be 'trained' or 'cosine', got {self.classifier!r}.")
+        if self.demonstrations < 0:
+            raise InvalidRequestError(f"SERAC demonstrations must be 0 or more, got {self.demonstrations}.")
         if not -1.0 <= self.threshold <= 1.0:
             raise InvalidRequestError(f"SERAC threshold must lie in [-1, 1], got {self.threshold}.")
         if not self.template.endswith("{query}") or "{fact}" not in self.template:
@@ -97,11 +112,12 @@ def scope_head(model: LoadedModel, hp: SeracHparams, show: bool = False) -> tupl
 
 
 def _one_offs(model: LoadedModel, hp: SeracHparams) -> list[OneOff]:
+    jobs = pool_one_off(hp.embedder, hp.pool_records) if hp.demonstrations else []
     if hp.classifier != "trained":
-        return []
+        return jobs
     config = hp.scope_config()
     folder = scope_dir(model.fingerprint, config)
-    return [OneOff(
+    return jobs + [OneOff(
         what=f"train SERAC's scope classifier on {config.data} (records 0-{config.records - 1})",
         where=folder,
         done=lambda: load_scope_head(model.fingerprint, config) is not None,
@@ -120,7 +136,7 @@ def train_serac(model: LoadedModel, hp: SeracHparams, show: bool = True) -> dict
 
 
 def apply_serac(model: LoadedModel, requests: list[EditRequest], hp: SeracHparams) -> Patch:
-    """One memory entry per request; the trained head travels with the patch."""
+    """One memory entry per request (its fact and nearest demonstrations); the trained head travels with the patch."""
     hp.check()
     t0 = time.perf_counter()
     settings = {"threshold": hp.threshold, "template": hp.template, "classifier": hp.classifier}
@@ -130,7 +146,11 @@ def apply_serac(model: LoadedModel, requests: list[EditRequest], hp: SeracHparam
         head, report = scope_head(model, hp)
         state = head.state()
         settings["head_id"] = head_id(state)
-    entries = [{"fact": statement(r)} for r in requests]
+    entries = [
+        {"fact": fact, "demos": nearest_demonstrations(fact, hp.demonstrations, hp.pool_records, hp.embedder,
+                                                       kinds=("copy", "update"))}
+        for fact in map(statement, requests)
+    ]
     return memory_patch(model, requests, hp, method="serac", type_name=TYPE, settings=settings, entries=entries,
                         key_texts=[e["fact"] for e in entries], started=t0, state=state,
                         metrics={} if report is None else {"classifier": report.get("validation", {})})
