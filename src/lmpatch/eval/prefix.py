@@ -1,10 +1,12 @@
 """Prompts that share a long beginning read it once: greedy decoding and teacher-forced scoring.
 
-Two kinds of evaluation put the same long text in front of every prompt: MQuAKE's few-shot
-block (~320 tokens) and an applied IKE memory (k demonstrations and the fact, ~1,300 tokens
-at k = 32), where one record's ~40 scored and generated prompts differ only in their last
-dozen tokens. Reading the shared part once and handing its key/value cache to every row
-makes such an evaluation about as cheap as one without the prefix.
+Two kinds of evaluation put the same long text in front of many prompts: MQuAKE's few-shot
+block (~320 tokens) and an applied IKE or SERAC memory (k demonstrations and the fact,
+~1,300 tokens at k = 32), where one edit's scored and generated prompts differ only in
+their last dozen tokens. Reading the shared part once and handing its key/value cache to
+every row makes such an evaluation about as cheap as one without the prefix. With many
+edits in one memory, a call holds many such groups (:func:`group_by_prefix`); each is
+read once.
 
 Both functions here take prompts already formatted and tokenised whole (so the shared
 prefix is a common run of token IDs and no tokenisation seam is introduced), copy the
@@ -66,18 +68,50 @@ def read_prefix(model: LoadedModel, ids: Sequence[int]) -> Any | None:
     return cache
 
 
-def long_shared_prefix(
+def group_by_prefix(
+    seqs: Sequence[Sequence[int]], keep: Sequence[int] | int = 1, min_shared: int | None = None,
+) -> list[tuple[list[int], int]]:
+    """Groups of two or more sequences that begin with the same ``min_shared`` (default
+    :data:`MIN_SHARED`) or more tokens: (their indices, the length they share).
+
+    Sequence ``i`` keeps at least ``keep[i]`` tokens of its own. Sorting the sequences
+    puts those with a common beginning next to each other; a sequence joins the group
+    before it when that saves more tokens than it costs - the group's shared length may
+    only shrink by what the newcomer saves, so two memories' groups (1,300 tokens each,
+    alike in their first 150) stay apart. Sequences in no group are not returned.
+    """
+    floor = MIN_SHARED if min_shared is None else min_shared
+    keeps = [keep] * len(seqs) if isinstance(keep, int) else list(keep)
+    order = sorted(range(len(seqs)), key=lambda i: list(seqs[i]))
+    groups: list[tuple[list[int], int]] = []
+    members: list[int] = []
+    shared = 0
+    for i in order:
+        if members:
+            first = members[0]
+            common = common_prefix_length([seqs[first], seqs[i]], [keeps[first], keeps[i]])
+            joined = common if len(members) == 1 else min(shared, common)
+            if joined >= floor and (len(members) == 1 or joined >= len(members) * (shared - joined)):
+                members.append(i)
+                shared = joined
+                continue
+            if len(members) > 1:
+                groups.append((members, shared))
+        members, shared = [i], 0
+    if len(members) > 1:
+        groups.append((members, shared))
+    return groups
+
+
+def prefix_groups(
     model: LoadedModel, seqs: Sequence[Sequence[int]], keep: Sequence[int] | int = 1,
-) -> tuple[Any, int] | None:
-    """(cache, length) of the token prefix all ``seqs`` share, read once, when it is worth it
-    (at least :data:`MIN_SHARED` tokens, two or more sequences, :func:`shareable`); else None."""
+) -> list[tuple[list[int], int]]:
+    """:func:`group_by_prefix` of ``seqs`` when ``model`` may share prefixes (:func:`shareable`),
+    else none. Callers read each group's prefix (:func:`read_prefix`) only when they reach it,
+    so a hundred groups never hold a hundred caches at once."""
     if len(seqs) < 2 or not shareable(model):
-        return None
-    shared = common_prefix_length(seqs, keep)
-    if shared < MIN_SHARED:
-        return None
-    cache = read_prefix(model, seqs[0][:shared])
-    return None if cache is None else (cache, shared)
+        return []
+    return group_by_prefix(seqs, keep)
 
 
 def _batch_cache(prefix_cache: Any, rows: int) -> Any:

@@ -29,7 +29,8 @@ import torch
 
 from lmpatch.eval.prefix import (
     decode_after_prefix,
-    long_shared_prefix,
+    prefix_groups,
+    read_prefix,
     score_after_prefix,
 )
 from lmpatch.model.loading import LoadedModel
@@ -100,15 +101,25 @@ def score_targets(
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     encoded = encode_pairs(model, pairs)
-    # An IKE memory puts the same demonstrations before every prompt: read them once.
-    prefix = long_shared_prefix(model, [it.ids for it in encoded],
-                                keep=[len(it.ids) - len(it.prompt_ids) + 1 for it in encoded])
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].ids), reverse=True)
     results: list[TargetScore | None] = [None] * len(encoded)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
-        for i, score in zip(chunk, _score_batch(model, [encoded[i] for i in chunk], padding_side, prefix)):
-            results[i] = score
+
+    def score_rows(rows: list[int], prefix: tuple[Any, int] | None) -> None:
+        order = sorted(rows, key=lambda i: len(encoded[i].ids), reverse=True)
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            for i, score in zip(chunk, _score_batch(model, [encoded[i] for i in chunk], padding_side, prefix)):
+                results[i] = score
+
+    # An IKE or SERAC memory puts the same demonstrations before each edit's prompts: read them once.
+    seqs = [it.ids for it in encoded]
+    rest = set(range(len(encoded)))
+    for rows, shared in prefix_groups(model, seqs, keep=[len(it.ids) - len(it.prompt_ids) + 1 for it in encoded]):
+        cache = read_prefix(model, seqs[rows[0]][:shared])
+        if cache is None:
+            break  # this model's cache cannot be shared: every row takes the ordinary path
+        score_rows(rows, (cache, shared))
+        rest.difference_update(rows)
+    score_rows(sorted(rest), None)
     return results  # type: ignore[return-value]
 
 
@@ -192,20 +203,23 @@ def generate_ids(
     pad_id = _pad_id(model)
     stops = model.stop_ids
     encoded = [encode(tok, text) for text in model.format_prompts(prompts)]
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]), reverse=True)
     results: list[list[int]] = [[] for _ in prompts]
-    prefix = long_shared_prefix(model, encoded)
-    if prefix is not None:
-        cache, shared = prefix
-        complete = (lambda text: cut_at(text, stop_texts) != text) if stop_texts else None
+    complete = (lambda text: cut_at(text, stop_texts) != text) if stop_texts else None
+    rest = set(range(len(encoded)))
+    for rows, shared in prefix_groups(model, encoded):
+        cache = read_prefix(model, encoded[rows[0]][:shared])
+        if cache is None:
+            break  # this model's cache cannot be shared: every row takes the ordinary path
+        order = sorted(rows, key=lambda i: len(encoded[i]), reverse=True)
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
-            rows = decode_after_prefix(model, cache, shared, [encoded[i][shared:] for i in chunk],
-                                       max(limits[i] for i in chunk), stops, pad_id, complete)
-            for i, row in zip(chunk, rows):
+            new = decode_after_prefix(model, cache, shared, [encoded[i][shared:] for i in chunk],
+                                      max(limits[i] for i in chunk), stops, pad_id, complete)
+            for i, row in zip(chunk, new):
                 results[i] = row[: limits[i]]
-        return results
+        rest.difference_update(rows)
     device = model.input_device
+    order = sorted(rest, key=lambda i: len(encoded[i]), reverse=True)
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
         ids, mask = pad_left([encoded[i] for i in chunk], pad_id)
