@@ -478,21 +478,28 @@ def unedited_values(runs: Sequence[MethodRun]) -> dict[str, Any]:
     return values
 
 
+def measured_columns(runs: Sequence[MethodRun]) -> tuple[tuple[str, str, str], ...]:
+    """The :data:`COLUMNS` some run measured: a metric no run asked for gets no column of dashes."""
+    keys = set(unedited_values(runs)) | {k for run in runs for p in run.points for k in p["metrics"]}
+    return tuple(c for c in COLUMNS if c[1] in keys)
+
+
 def table_rows(runs: Sequence[MethodRun]) -> list[list[str]]:
     """One row per method and checkpoint, plus one for the unedited model."""
     rows = []
+    columns = measured_columns(runs)
     ref = _reference(runs)
     if ref is not None:
         pre = unedited_values(runs)
         rows.append(["unedited", "0", str(ref.config().scored(ref.points[-1]["edits"])),
-                     *(_fmt(pre.get(key), f) for _, key, f in COLUMNS), "-", "-"])
+                     *(_fmt(pre.get(key), f) for _, key, f in columns), "-", "-"])
     for run in runs:
         cfg = run.config()
         for point in run.points:
             t = point["edits"]
             times = run.seconds[:t]
             rows.append([run.method, str(t), str(cfg.scored(t)),
-                         *(_fmt(point["metrics"].get(key), f) for _, key, f in COLUMNS),
+                         *(_fmt(point["metrics"].get(key), f) for _, key, f in columns),
                          _fmt(statistics.median(times) if times else None, "{:.2f}"),
                          _fmt(run.stage(t).get("peak_rss_mb"), "{:.0f}")])
     return rows
@@ -555,13 +562,14 @@ def plot_retention(runs: Sequence[MethodRun], path: Path) -> bool:
         return False
     from lmpatch.fileio import atomic_path
 
+    panels = [c for c in CURVE_PANELS if c in measured_columns(runs)]
     cols = 4
-    rows = (len(CURVE_PANELS) + cols - 1) // cols
+    rows = (len(panels) + cols - 1) // cols
     fig = Figure(figsize=(3.4 * cols, 2.8 * rows), dpi=110, layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     unedited = unedited_values(runs)
-    for ax, (title, key, _) in zip(axes, CURVE_PANELS):
+    for ax, (title, key, _) in zip(axes, panels):
         drawn = False
         for i, run in enumerate(runs):
             xy = [(p["edits"], p["metrics"][key]) for p in run.points if isinstance(p["metrics"].get(key), (int, float))]
@@ -583,7 +591,7 @@ def plot_retention(runs: Sequence[MethodRun], path: Path) -> bool:
         ax.set_xlabel("edits so far (T)", fontsize=8)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
-    for ax in axes[len(CURVE_PANELS):]:
+    for ax in axes[len(panels):]:
         ax.set_visible(False)
     handles, labels = next((ax.get_legend_handles_labels() for ax in axes if ax.get_visible()), ([], []))
     if handles:
@@ -602,7 +610,7 @@ def render_section(runs: Sequence[MethodRun], image: str | None) -> str:
     cfg = first.config()
     cpus = sorted({cpu_line(r.meta.get("cpu") or {}) for r in runs})
     score_text = f"`--score-n {cfg.score_n}`" if cfg.score_n else "every edit"
-    header = ["method", "T", "scored", *(c for c, _, _ in COLUMNS), "median s/edit", "peak RSS MB"]
+    header = ["method", "T", "scored", *(c for c, _, _ in measured_columns(runs)), "median s/edit", "peak RSS MB"]
     parts = [
         f"Model **{first.meta.get('model', cfg.model or 'embedded SmolLM2-135M-Instruct')}**, data "
         f"`{cfg.data}` (records {cfg.offset}–{cfg.offset + cfg.n - 1}), one edit per update, all earlier edits "
@@ -665,7 +673,7 @@ def render(out: Path, doc: Path, methods: Sequence[str] | None = None) -> list[M
 
 def print_summary(console: Console, runs: Sequence[MethodRun]) -> None:
     table = Table(title="lifelong editing", title_justify="left")
-    for col in ("method", "T", "scored", *(c for c, _, _ in COLUMNS), "s/edit", "RSS MB"):
+    for col in ("method", "T", "scored", *(c for c, _, _ in measured_columns(runs)), "s/edit", "RSS MB"):
         table.add_column(col, justify="left" if col == "method" else "right")
     for row in table_rows(runs):
         table.add_row(*row)

@@ -75,6 +75,8 @@ def test_two_methods_run_render_and_resume(bench, setup, tmp_path, caplog):
         assert (method, "1", "1") in starts and (method, "2", "2") in starts
     assert ("unedited", "0", "2") in starts
     assert "CPU: " in text and "reached T=2" in text
+    header = rows[0]
+    assert "| reliability |" in header and "_wild" not in header  # metrics no run measured get no column
     assert (doc.parent / "lifelong" / "retention.png").stat().st_size > 1000
     assert "![retention curves](lifelong/retention.png)" in text
     # re-rendering is idempotent
