@@ -13,8 +13,8 @@ therefore saved in chunks of ``--chunk`` cases (``<out>/<method>/cases-<first>-<
 each written atomically when done): a killed run resumes where it stopped, and
 ``--shard 1/2`` and ``--shard 2/2`` in two processes split the chunks between two cores.
 Each chunk is run by every method before the next begins, so a partial run compares
-the methods on the same cases. The table is built from every chunk on disk and says
-how many cases it covers.
+the methods on the same cases. The table is built from the chunks every method has
+finished and says how many cases that is.
 
     OMP_NUM_THREADS=1 python benchmarks/mello_mquake.py --n 20
     OMP_NUM_THREADS=1 python benchmarks/mello_mquake.py --shard 1/2 &   # all 254 cases,
@@ -93,9 +93,13 @@ def run_chunks(model, cases, methods: list[str], out: Path, chunk: int, mine: tu
             atomic_write_json(path, result.to_dict(), indent=1, default=str)
 
 
-def summary_row(out: Path, method: str, n_cases: int) -> list[str] | None:
-    """One table row from every chunk of ``method`` on disk, or None when there is none."""
-    chunks = [json.loads(p.read_text()) for p in sorted((out / method).glob("cases-*.json"))]
+def chunk_names(out: Path, method: str) -> set[str]:
+    return {p.name for p in (out / method).glob("cases-*.json")}
+
+
+def summary_row(out: Path, method: str, n_cases: int, names: set[str]) -> list[str] | None:
+    """One table row from ``method``'s chunks called ``names``, or None when there is none."""
+    chunks = [json.loads((out / method / name).read_text()) for name in sorted(names)]
     if not chunks:
         return None
     records = [r for c in chunks for r in c["records"]]
@@ -138,8 +142,11 @@ def main() -> None:
     for col in ("method", "cases", "multi-hop acc.", "question acc.", "still original", "failed loops",
                 "edit s / case", "answer s / case"):
         table.add_column(col, justify="right")
+    # a partial run is compared on the chunks every method has finished
+    done = [chunk_names(args.out, m) for m in methods]
+    common = set.intersection(*done) if done else set()
     for method in methods:
-        row = summary_row(args.out, method, len(cases))
+        row = summary_row(args.out, method, len(cases), common)
         if row is not None:
             table.add_row(*row)
     console.print(table)
