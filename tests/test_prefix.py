@@ -5,7 +5,6 @@ import pytest
 import torch
 
 from lmpatch.eval import prefix as prefix_module
-from lmpatch.eval import scoring as scoring_module
 from lmpatch.eval.prefix import group_by_prefix
 from lmpatch.eval.scoring import generate, generate_ids, score_targets
 from tiny import tiny_model
@@ -27,7 +26,7 @@ def _without_prefix(monkeypatch):
 def test_a_long_shared_prefix_is_read_once_and_scores_match(lm, monkeypatch):
     calls = []
     real = prefix_module.read_prefix
-    monkeypatch.setattr(scoring_module, "read_prefix", lambda m, ids: calls.append(len(ids)) or real(m, ids))
+    monkeypatch.setattr(prefix_module, "read_prefix", lambda m, ids: calls.append(len(ids)) or real(m, ids))
     fast = score_targets(lm, PAIRS, batch_size=2)
     assert calls and calls[0] >= prefix_module.MIN_SHARED
     _without_prefix(monkeypatch)
@@ -48,7 +47,7 @@ def test_generation_after_a_shared_prefix_matches(lm, monkeypatch):
 
 
 def test_short_prefixes_and_added_modules_take_the_ordinary_path(lm, monkeypatch):
-    monkeypatch.setattr(scoring_module, "read_prefix", lambda *a: pytest.fail("no prefix should be read"))
+    monkeypatch.setattr(prefix_module, "read_prefix", lambda *a: pytest.fail("no prefix should be read"))
     score_targets(lm, [("The Eiffel Tower is in", " Rome"), ("The Eiffel Tower stands in", " Rome")])
     monkeypatch.setattr(prefix_module, "shareable", lambda m: False)
     score_targets(lm, PAIRS)
@@ -74,7 +73,7 @@ def test_prompts_are_grouped_by_the_long_beginning_they_share():
 def test_several_prefix_groups_in_one_call_match_the_full_computation(lm, monkeypatch):
     calls = []
     real = prefix_module.read_prefix
-    monkeypatch.setattr(scoring_module, "read_prefix", lambda m, ids: calls.append(len(ids)) or real(m, ids))
+    monkeypatch.setattr(prefix_module, "read_prefix", lambda m, ids: calls.append(len(ids)) or real(m, ids))
     pairs = [*PAIRS[:2], (f"{OTHER}\nThe Eiffel Tower is in", " Paris"), ("The capital of Japan is", " Tokyo"),
              (f"{OTHER}\nWater boils at", " 90 degrees"), PAIRS[2]]
     fast = score_targets(lm, pairs, batch_size=2)

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -105,13 +105,21 @@ def group_by_prefix(
 
 def prefix_groups(
     model: LoadedModel, seqs: Sequence[Sequence[int]], keep: Sequence[int] | int = 1,
-) -> list[tuple[list[int], int]]:
-    """:func:`group_by_prefix` of ``seqs`` when ``model`` may share prefixes (:func:`shareable`),
-    else none. Callers read each group's prefix (:func:`read_prefix`) only when they reach it,
-    so a hundred groups never hold a hundred caches at once."""
+) -> Iterator[tuple[list[int], Any, int]]:
+    """(row indices, prefix cache, shared length) for each :func:`group_by_prefix` group of
+    ``seqs``, when ``model`` may share prefixes (:func:`shareable`).
+
+    Each group's prefix is read only when the caller reaches it, so a hundred groups never
+    hold a hundred caches at once. Nothing is yielded once the model turns out to return no
+    shareable cache: the rows the caller has not seen take its ordinary path.
+    """
     if len(seqs) < 2 or not shareable(model):
-        return []
-    return group_by_prefix(seqs, keep)
+        return
+    for rows, shared in group_by_prefix(seqs, keep):
+        cache = read_prefix(model, seqs[rows[0]][:shared])
+        if cache is None:
+            return
+        yield rows, cache, shared
 
 
 def _batch_cache(prefix_cache: Any, rows: int) -> Any:

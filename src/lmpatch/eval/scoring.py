@@ -30,7 +30,6 @@ import torch
 from lmpatch.eval.prefix import (
     decode_after_prefix,
     prefix_groups,
-    read_prefix,
     score_after_prefix,
 )
 from lmpatch.model.loading import LoadedModel
@@ -113,10 +112,7 @@ def score_targets(
     # An IKE or SERAC memory puts the same demonstrations before each edit's prompts: read them once.
     seqs = [it.ids for it in encoded]
     rest = set(range(len(encoded)))
-    for rows, shared in prefix_groups(model, seqs, keep=[len(it.ids) - len(it.prompt_ids) + 1 for it in encoded]):
-        cache = read_prefix(model, seqs[rows[0]][:shared])
-        if cache is None:
-            break  # this model's cache cannot be shared: every row takes the ordinary path
+    for rows, cache, shared in prefix_groups(model, seqs, keep=[len(it.ids) - len(it.prompt_ids) + 1 for it in encoded]):
         score_rows(rows, (cache, shared))
         rest.difference_update(rows)
     score_rows(sorted(rest), None)
@@ -206,10 +202,7 @@ def generate_ids(
     results: list[list[int]] = [[] for _ in prompts]
     complete = (lambda text: cut_at(text, stop_texts) != text) if stop_texts else None
     rest = set(range(len(encoded)))
-    for rows, shared in prefix_groups(model, encoded):
-        cache = read_prefix(model, encoded[rows[0]][:shared])
-        if cache is None:
-            break  # this model's cache cannot be shared: every row takes the ordinary path
+    for rows, cache, shared in prefix_groups(model, encoded):
         order = sorted(rows, key=lambda i: len(encoded[i]), reverse=True)
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]

@@ -28,7 +28,8 @@ from lmpatch.memory.index import ExactIndex
 from lmpatch.memory.pools import pool_embeddings, pool_path
 from lmpatch.methods.registry import OneOff
 
-__all__ = ["KINDS", "copy_demonstration", "demonstration_pool", "nearest_demonstrations", "pool_one_off"]
+__all__ = ["KINDS", "copy_demonstration", "demonstration_kinds", "demonstration_pool", "nearest_demonstrations",
+           "pool_one_off"]
 
 KINDS = ("copy", "update", "retain")
 POOL_NAME = "ike-demonstrations"  # the cache's name since IKE was the only user; kept so caches stay valid

@@ -5,7 +5,8 @@ what to do with a "New Fact": repeat it (*copy*), answer a rephrased question wi
 (*update*), and answer an unrelated question as before (*retain*). The demonstrations
 are the ``k`` most similar, by sentence embedding, to the new fact, out of a pool built
 from ``counterfact-train`` records (:mod:`lmpatch.methods.demonstrations`), ordered from
-least to most similar so the closest example sits next to the edit. The edit's own copy demonstration comes last, as in the authors' evaluation code.
+least to most similar so the closest example sits next to the edit. The edit's own copy
+demonstration comes last, as in the authors' evaluation code.
 
 What lmpatch adds: the demonstrations are chosen when the edit is made and stored in
 the patch, so an applied IKE patch needs neither the pool nor the retriever's pool
@@ -25,14 +26,14 @@ from typing import ClassVar
 
 from lmpatch.errors import InvalidRequestError
 from lmpatch.memory.fact_memory import FactMemory, memory_patch, statement
-from lmpatch.methods.demonstrations import demonstration_pool, nearest_demonstrations, pool_one_off
+from lmpatch.methods.demonstrations import nearest_demonstrations, pool_one_off
 from lmpatch.methods.registry import Method, OneOff, register
 from lmpatch.model.loading import LoadedModel
 from lmpatch.patch import Patch
 from lmpatch.patch.parts import register_memory
 from lmpatch.request import EditRequest
 
-__all__ = ["IkeHparams", "IkeMemory", "apply_ike", "demonstration_pool"]
+__all__ = ["IkeHparams", "IkeMemory", "apply_ike", "choose_demonstrations"]
 
 TYPE = "ike.memory"
 
