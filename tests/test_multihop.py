@@ -12,16 +12,16 @@ import torch
 import lmpatch
 from lmpatch.data.mquake import MQuAKECase, default_path, load_mquake, parse_case, prompt_path
 from lmpatch.errors import InvalidRequestError
+from lmpatch.eval import prefix as prefix_module
 from lmpatch.eval.multihop import (
     PROMPTS,
     answer_matches,
     ask,
-    greedy_shared_prefix,
     multihop_accuracy,
     normalize_answer,
     prompt_format,
 )
-from lmpatch.eval.scoring import generate
+from lmpatch.eval.scoring import generate, generate_ids
 from lmpatch.patch import Patch, WeightDelta
 from tiny import tiny_model
 
@@ -196,30 +196,44 @@ def sharp():
     return model
 
 
-def test_shared_prefix_generation_equals_plain_generation(sharp, cases):
+def _without_prefix(monkeypatch):
+    monkeypatch.setattr(prefix_module, "MIN_SHARED", 10**9)
+
+
+def test_shared_prefix_generation_equals_plain_generation(sharp, cases, monkeypatch):
     # Questions of different lengths in one batch: pads sit between prefix and question.
     questions = [q for c in cases[:3] for q in c.questions]
-    texts, answers = ask(sharp, questions, max_new_tokens=6, batch_size=4, cache_prefix=True)
-    ref_texts, ref_answers = ask(sharp, questions, max_new_tokens=6, batch_size=4, cache_prefix=False)
-    # The cached path stops at a finished answer line; up to there the tokens are the same.
-    assert answers == ref_answers
-    assert all(r.startswith(t) for t, r in zip(texts, ref_texts))
+    texts, answers = ask(sharp, questions, max_new_tokens=6, batch_size=4)
+    _without_prefix(monkeypatch)
+    ref_texts, ref_answers = ask(sharp, questions, max_new_tokens=6, batch_size=4)
+    # Both paths stop at a finished answer line, so they give the same text.
+    assert (texts, answers) == (ref_texts, ref_answers)
     assert any(t for t in texts)
 
 
-def test_padding_between_prefix_and_question_is_invisible(sharp):
-    # A short shared prefix and very unequal questions: most of a short row is padding.
-    prompts = ["Q: Paris? A: France\nQ: Rome?", "Q: Paris? A: France\nQ: " + "Which river flows through " * 6 + "Rome?"]
-    cached = greedy_shared_prefix(sharp, prompts, max_new_tokens=6, batch_size=2)
+def test_padding_between_prefix_and_question_is_invisible(sharp, monkeypatch):
+    # A shared prefix and very unequal questions: most of a short row is padding.
+    shots = "Q: Paris? A: France\n" * 30
+    prompts = [shots + "Q: Rome?", shots + "Q: " + "Which river flows through " * 6 + "Rome?"]
+    calls = []
+    real = prefix_module.read_prefix
+    monkeypatch.setattr(prefix_module, "read_prefix", lambda m, ids: calls.append(len(ids)) or real(m, ids))
+    cached = generate(sharp, prompts, max_new_tokens=6, batch_size=2)
+    assert calls  # the prefix path was taken
+    _without_prefix(monkeypatch)
     assert cached == generate(sharp, prompts, max_new_tokens=6, batch_size=1)
 
 
-def test_shared_prefix_generation_stops_when_complete(tiny, cases):
-    prompts = [prompt_format("multihop").build("Q: a? A: b", q) for q in cases[0].questions]
-    full = greedy_shared_prefix(tiny, prompts, max_new_tokens=5)
-    cut = greedy_shared_prefix(tiny, prompts, max_new_tokens=5, complete=lambda text: True)
-    assert all(f.startswith(c) for f, c in zip(full, cut))
-    assert sum(map(len, cut)) < sum(map(len, full))  # one token per row instead of five
+@pytest.mark.parametrize("shared", [True, False])
+def test_generation_stops_when_the_answer_is_complete(tiny, cases, monkeypatch, shared):
+    if not shared:
+        _without_prefix(monkeypatch)
+    prompts = [prompt_format("multihop").build(prompt_format("multihop").demonstrations(), q)
+               for q in cases[0].questions]
+    full = generate_ids(tiny, prompts, max_new_tokens=5)
+    cut = generate_ids(tiny, prompts, max_new_tokens=5, complete=lambda text: True)
+    assert all(f[: len(c)] == c for f, c in zip(full, cut))
+    assert [len(c) for c in cut] == [1] * len(prompts) < [len(f) for f in full]
 
 
 def _first_weight(model: lmpatch.LoadedModel) -> tuple[str, torch.Tensor]:
@@ -287,7 +301,7 @@ def test_bad_arguments(tiny, cases):
 
 @pytest.mark.model
 @pytest.mark.slow
-def test_unedited_smollm2_answers_multihop_questions(real_model, cases):
+def test_unedited_smollm2_answers_multihop_questions(real_model, cases, monkeypatch):
     result = multihop_accuracy(real_model, cases[:5], progress=False)
     assert result.n_cases == 5 and result.n_questions == 15
     assert 0.0 <= result.accuracy <= 1.0 and 0.0 <= result.question_accuracy <= 1.0
@@ -297,4 +311,6 @@ def test_unedited_smollm2_answers_multihop_questions(real_model, cases):
     assert sum("\n" in g for r in result.records for g in r.generations) >= 12
     # The prefix-cached decoder gives the real model the same answers as plain generation.
     questions = [q for c in cases[:2] for q in c.questions]
-    assert ask(real_model, questions, cache_prefix=True)[1] == ask(real_model, questions, cache_prefix=False)[1]
+    cached = ask(real_model, questions)[1]
+    monkeypatch.setattr(prefix_module, "MIN_SHARED", 10**9)
+    assert cached == ask(real_model, questions)[1]

@@ -27,8 +27,7 @@ post-edit run shows how often the model still gives the pre-edit answer.
 Speed: the few-shot block (~320 tokens) dwarfs a question (~20), so its key/value cache is
 computed once and shared by every question asked of the same weights (all questions before
 editing; a case's 3 questions after it), and decoding stops as soon as every answer line
-is complete. ``cache_prefix=False`` uses :func:`lmpatch.eval.scoring.generate` instead; the
-tests check that both paths give the same answers.
+is complete: :func:`lmpatch.eval.scoring.generate` with the prompt's completion test.
 """
 from __future__ import annotations
 
@@ -40,16 +39,12 @@ import unicodedata
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Sequence
 
-import torch
-
 from lmpatch.data.mquake import MQuAKECase, prompt_path
 from lmpatch.errors import InvalidRequestError
-from lmpatch.eval.prefix import common_prefix_length, decode_after_prefix, read_prefix
-from lmpatch.eval.scoring import _pad_id, generate
+from lmpatch.eval.scoring import generate
 from lmpatch.model.loading import LoadedModel
 from lmpatch.progress import progress_bar
 from lmpatch.request import EditRequest
-from lmpatch.tokens import encode
 
 log = logging.getLogger(__name__)
 
@@ -154,42 +149,6 @@ def answer_matches(answer: str, gold: Sequence[str], match: str = "exact") -> bo
 # --------------------------------------------------------------------------- generation
 
 
-@torch.inference_mode()
-def greedy_shared_prefix(
-    model: LoadedModel,
-    prompts: Sequence[str],
-    max_new_tokens: int,
-    batch_size: int = 16,
-    complete: Callable[[str], bool] | None = None,
-) -> list[str] | None:
-    """Greedy continuations of ``prompts``, reading their common token prefix only once.
-
-    The prompts are chat-wrapped and tokenised whole (as :func:`scoring.generate` does);
-    the shared token prefix is read once (:mod:`lmpatch.eval.prefix`).
-    A row stops at a stop token (EOS, special, media marker) or when ``complete(text so far)``; the batch stops when all have.
-    Returns ``None`` when the model's cache cannot be shared (the caller falls back).
-    """
-    tok = model.tokenizer
-    encoded = [encode(tok, text) for text in model.format_prompts(prompts)]
-    shared = common_prefix_length(encoded)
-    if shared == 0:
-        return None
-    prefix_cache = read_prefix(model, encoded[0][:shared])
-    if prefix_cache is None:
-        return None
-    eos = model.stop_ids
-    pad_id = _pad_id(model)
-    texts: list[str] = [""] * len(prompts)
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]), reverse=True)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
-        rows = decode_after_prefix(model, prefix_cache, shared, [encoded[i][shared:] for i in chunk],
-                                   max_new_tokens, eos, pad_id, complete)
-        for i, row in zip(chunk, rows):
-            texts[i] = tok.decode(row, skip_special_tokens=True)
-    return texts
-
-
 def question_answerer(model: LoadedModel):
     """The first applied memory that answers multi-hop questions with its own loop, or None."""
     from lmpatch.model.context import memories_active
@@ -205,7 +164,6 @@ def ask(
     prompt: str = "multihop",
     max_new_tokens: int | None = None,
     batch_size: int = 16,
-    cache_prefix: bool = True,
 ) -> tuple[list[str], list[str]]:
     """(generations, parsed answers) for ``questions`` asked after the few-shot prompt.
 
@@ -220,11 +178,7 @@ def ask(
     limit = fmt.default_max_new_tokens if max_new_tokens is None else max_new_tokens
     demos = fmt.demonstrations()
     prompts = [fmt.build(demos, q) for q in questions]
-    texts = None
-    if cache_prefix:
-        texts = greedy_shared_prefix(model, prompts, limit, batch_size=batch_size, complete=fmt.complete)
-    if texts is None:
-        texts = generate(model, prompts, max_new_tokens=limit, batch_size=batch_size)
+    texts = generate(model, prompts, max_new_tokens=limit, batch_size=batch_size, complete=fmt.complete)
     return texts, [fmt.parse(t) for t in texts]
 
 
@@ -311,7 +265,6 @@ def multihop_accuracy(
     gold: str | None = None,
     batch_size: int = 16,
     max_new_tokens: int | None = None,
-    cache_prefix: bool = True,
     progress: bool = True,
 ) -> MultiHopResult:
     """MQuAKE multi-hop accuracy of ``model`` on ``cases``, edited per case by ``edit_fn``.
@@ -340,7 +293,7 @@ def multihop_accuracy(
         raise InvalidRequestError(f"batch_size must be at least 1, got {batch_size}.")
     if max_new_tokens is not None and max_new_tokens < 1:
         raise InvalidRequestError(f"max_new_tokens must be at least 1, got {max_new_tokens}.")
-    ask_kw = dict(prompt=prompt, max_new_tokens=max_new_tokens, batch_size=batch_size, cache_prefix=cache_prefix)
+    ask_kw = dict(prompt=prompt, max_new_tokens=max_new_tokens, batch_size=batch_size)
 
     started = time.perf_counter()
     if edit_fn is None:

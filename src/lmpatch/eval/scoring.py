@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -33,7 +33,7 @@ from lmpatch.eval.prefix import (
     score_after_prefix,
 )
 from lmpatch.model.loading import LoadedModel
-from lmpatch.model.stops import StopTextCriterion, cut_at, until_stop
+from lmpatch.model.stops import CompletionCriterion, contains_any, cut_at, until_stop
 from lmpatch.tokens import PromptTarget, encode, pad_left, pad_right, prompt_target
 
 PADDING_SIDES = ("right", "left")
@@ -175,6 +175,7 @@ def generate_ids(
     max_new_tokens: int | Sequence[int] = 20,
     batch_size: int = 8,
     stop_texts: Sequence[str] | None = None,
+    complete: Callable[[str], bool] | None = None,
 ) -> list[list[int]]:
     """Greedy continuation token IDs for each prompt (chat-wrapped), in input order.
 
@@ -184,10 +185,13 @@ def generate_ids(
     or a media marker, see :mod:`lmpatch.model.stops`), which is not returned.
 
     With ``stop_texts`` a row also stops as soon as its decoded new text contains one of
-    them (:class:`lmpatch.model.stops.StopTextCriterion`); its IDs end with the token that
-    completed the stop string, so the caller cuts the decoded text (see :func:`generate`).
-    A batch then ends when all its rows have, instead of always running to its limit.
-    Without ``stop_texts`` nothing changes: ``generate`` gets exactly the same arguments.
+    them; its IDs end with the token that completed the stop string, so the caller cuts
+    the decoded text (see :func:`generate`). ``complete`` is the general form: a row stops
+    once ``complete(its decoded new text)`` is true (MQuAKE: the answer line has ended),
+    its IDs ending with the completing token. A batch then ends when all its rows have,
+    instead of always running to its limit
+    (:class:`lmpatch.model.stops.CompletionCriterion`). Without either nothing changes:
+    ``generate`` gets exactly the same arguments.
     """
     if isinstance(max_new_tokens, int):
         limits = [max_new_tokens] * len(prompts)
@@ -200,7 +204,7 @@ def generate_ids(
     stops = model.stop_ids
     encoded = [encode(tok, text) for text in model.format_prompts(prompts)]
     results: list[list[int]] = [[] for _ in prompts]
-    complete = (lambda text: cut_at(text, stop_texts) != text) if stop_texts else None
+    complete = _either(contains_any(stop_texts) if stop_texts else None, complete)
     rest = set(range(len(encoded)))
     for rows, cache, shared in prefix_groups(model, encoded):
         order = sorted(rows, key=lambda i: len(encoded[i]), reverse=True)
@@ -217,8 +221,8 @@ def generate_ids(
         chunk = order[start : start + batch_size]
         ids, mask = pad_left([encoded[i] for i in chunk], pad_id)
         extra, criterion = {}, None
-        if stop_texts:
-            criterion = StopTextCriterion(tok, ids.shape[1], stop_texts, stops)
+        if complete is not None:
+            criterion = CompletionCriterion(tok, ids.shape[1], complete, stops)
             extra["stopping_criteria"] = _criteria_list(criterion)
         out = model.generate(
             input_ids=ids.to(device),
@@ -238,7 +242,14 @@ def generate_ids(
     return results
 
 
-def _criteria_list(criterion: StopTextCriterion) -> Any:
+def _either(a: Callable[[str], bool] | None, b: Callable[[str], bool] | None) -> Callable[[str], bool] | None:
+    """The completion test "``a`` or ``b``", where either may be absent."""
+    if a is None or b is None:
+        return a or b
+    return lambda text: a(text) or b(text)
+
+
+def _criteria_list(criterion: CompletionCriterion) -> Any:
     """``criterion`` in the list type ``generate`` expects (imported only when needed)."""
     from transformers import StoppingCriteriaList
 
@@ -256,12 +267,15 @@ def generate(
     max_new_tokens: int | Sequence[int] = 20,
     batch_size: int = 8,
     stop_texts: Sequence[str] | None = None,
+    complete: Callable[[str], bool] | None = None,
 ) -> list[str]:
     """Greedy continuations (text after the prompt only), batched with left padding.
 
     With ``stop_texts`` each continuation ends early at the first of them, and the text
-    is cut just before it (the stop string itself is not returned).
+    is cut just before it (the stop string itself is not returned). With ``complete`` a
+    continuation ends once the test passes and is returned whole.
     """
-    ids = generate_ids(model, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, stop_texts=stop_texts)
+    ids = generate_ids(model, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                       stop_texts=stop_texts, complete=complete)
     texts = decode_rows(model, ids)
     return [cut_at(t, stop_texts) for t in texts] if stop_texts else texts

@@ -13,13 +13,14 @@ text-only config names no image ids, so the markers are also recognised by name.
 
 Some protocols also end an answer at a piece of *text* ("." or a newline): an answer
 usually ends inside a token ("Paris." or ".\n" are often one token), so those are found
-in the decoded text, not among token ids. :class:`StopTextCriterion` ends each row of a
-batched ``generate`` as soon as its own new text contains one (saving the remaining
-decoding steps), and :func:`cut_at` removes the stop and what follows after decoding.
+in the decoded text, not among token ids. :class:`CompletionCriterion` ends each row of a
+batched ``generate`` as soon as its own new text contains one (:func:`contains_any`) or,
+more generally, passes a completion test (MQuAKE: "the answer line has ended"), saving
+the remaining decoding steps; :func:`cut_at` removes the stop and what follows.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -71,29 +72,27 @@ def cut_at(text: str, stop_texts: Sequence[str]) -> str:
     return text[: min(found)] if found else text
 
 
-class StopTextCriterion:
-    """Ends each row of a batched greedy ``generate`` once its new text contains a stop string.
+class CompletionCriterion:
+    """Ends each row of a batched greedy ``generate`` once ``complete(its new text)`` is true.
 
     It has the call signature of ``transformers.StoppingCriteria`` (the batch's ids so far
     -> one bool per row) without subclassing it, so importing this module does not import
     ``transformers.generation``. Each row is judged on its own tokens only: finished rows
     are padded by ``generate`` and never affect another row's greedy choices, so a row's
     output is the same whatever else is in its batch. ``ends[row]`` is the number of new
-    tokens the row had when its text first contained a stop string; the tokens after that
-    are padding and the caller drops them.
+    tokens the row had when its text first was complete; the tokens after that are
+    padding and the caller drops them.
 
     ``prompt_width`` is the padded prompt length (all rows are left-padded to it), and
     text after a stop token (``stop_ids``: EOS and the like) is not text, as in
     :func:`until_stop`.
     """
 
-    def __init__(self, tokenizer: Any, prompt_width: int, stop_texts: Sequence[str],
+    def __init__(self, tokenizer: Any, prompt_width: int, complete: Callable[[str], bool],
                  stop_ids: frozenset[int] | set[int] = frozenset()) -> None:
-        if not any(stop_texts):
-            raise ValueError("stop_texts must contain at least one non-empty string")
         self.tokenizer = tokenizer
         self.prompt_width = prompt_width
-        self.stop_texts = tuple(s for s in stop_texts if s)
+        self.complete = complete
         self.stop_ids = stop_ids
         self.ends: dict[int, int] = {}
         self._ended_by_token: set[int] = set()
@@ -109,11 +108,18 @@ class StopTextCriterion:
         if len(text_ids) < len(new):
             self._ended_by_token.add(row)  # generate has finished this row at the stop token
             return True
-        text = self.tokenizer.decode(text_ids, skip_special_tokens=True)
-        if any(s in text for s in self.stop_texts):
+        if self.complete(self.tokenizer.decode(text_ids, skip_special_tokens=True)):
             self.ends[row] = len(new)
             return True
         return False
+
+
+def contains_any(stop_texts: Sequence[str]) -> Callable[[str], bool]:
+    """The completion test "the text contains one of ``stop_texts``" (empty strings ignored)."""
+    texts = tuple(s for s in stop_texts if s)
+    if not texts:
+        raise ValueError("stop_texts must contain at least one non-empty string")
+    return lambda text: any(s in text for s in texts)
 
 
 def _special_ids(tokenizer: Any) -> set[int]:
