@@ -12,7 +12,8 @@ import torch
 
 import lmpatch
 from facts import REQS
-from lmpatch.methods.registry import all_methods
+from lmpatch.methods.hparams import with_overrides
+from lmpatch.methods.registry import all_methods, get_method
 from tiny import ARCHS, tiny_model
 
 _LOCATE = dict(v_steps=3, template_lengths=((3, 2),))
@@ -37,6 +38,8 @@ FAST: dict[str, dict] = {
     "memprompt": dict(),
     "serac": dict(classifier="cosine", demonstrations=0),  # demonstrations outgrow tiny gpt2's positions
     "mello": dict(),  # the trained classifier has its own test (test_memory_editors)
+    "mend": dict(steps=2, batch_size=2, rank=4),  # trained first, for each tiny model (see below)
+    "ke": dict(steps=2, batch_size=2, hidden=4),
 }
 # (method, arch) pairs a method refuses with one clear error, and why.
 UNSUPPORTED: dict[tuple[str, str], str] = {
@@ -77,8 +80,12 @@ def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("method", sorted(FAST))
-def test_method_life_cycle(method, arch, tmp_path):
+def test_method_life_cycle(method, arch, tmp_path, monkeypatch):
     model = tiny_model(arch)
+    info = get_method(method)
+    if info.needs_training:  # a learned editor exists per base model: train a small one here
+        monkeypatch.setenv("LMPATCH_CACHE", str(tmp_path / "cache"))
+        info.train(model, with_overrides(info.hparams, FAST[method]), show=False)
     if (method, arch) in UNSUPPORTED:
         with pytest.raises(lmpatch.LmpatchError, match=UNSUPPORTED[method, arch]):
             lmpatch.edit(model, REQS[0], method, **FAST[method])

@@ -13,13 +13,11 @@ from lmpatch.cli.models import load
 from lmpatch.cli.options import Settings, parse_sets
 from lmpatch.errors import LmpatchError
 
-TRAINING_DATA = "counterfact-train"
-
 
 def train(
     ctx: typer.Context,
     method: str = typer.Argument(..., help="Method with a learned part (see `lmpatch methods`), e.g. serac."),
-    data: str = typer.Option(TRAINING_DATA, "--data", help="Training split (only counterfact-train is kept for training)."),
+    data: Optional[str] = typer.Option(None, "--data", help="Training split; each method trains on its own (see its docs)."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Hub id, model dir or .gguf (default: embedded SmolLM2)."),
     sets: Optional[list[str]] = typer.Option(None, "--set", help="Hyperparameter override key=value (repeatable)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout and nothing else."),
@@ -32,21 +30,22 @@ def train(
     if info.train is None:
         trainable = ", ".join(m.name for m in all_methods() if m.train is not None) or "none"
         raise LmpatchError(f"{info.name} has nothing to train; methods with a learned part: {trainable}.")
-    if data != TRAINING_DATA:
+    if data is not None and data not in info.training_data:
         raise LmpatchError(
-            f"Training uses {TRAINING_DATA} (its first 5,000 records; the rest are for tuning); got --data {data}."
+            f"{info.name} trains on {' and '.join(info.training_data)} (their training records; the rest are kept "
+            f"for tuning and validation); got --data {data}."
         )
     hparams = with_overrides(info.hparams, parse_sets(sets, info.hparams))
     settings: Settings = ctx.obj
     loaded, _ = load(settings, model)
     t0 = time.perf_counter()
     report = info.train(loaded, hparams, show=not as_json)
-    report = {"method": info.name, "model": loaded.name, "fingerprint": loaded.fingerprint, "data": data,
+    report = {"method": info.name, "model": loaded.name, "fingerprint": loaded.fingerprint, "data": " + ".join(info.training_data),
               "wall_seconds": round(time.perf_counter() - t0, 1), **report}
     if as_json:
         print_json(json.dumps(report, default=str))
         return
-    table = Table(title=f"Trained {info.name} for {loaded.name} on {data}", title_justify="left", show_header=False)
+    table = Table(title=f"Trained {info.name} for {loaded.name} on {report['data']}", title_justify="left", show_header=False)
     for key, value in report.items():
         if isinstance(value, dict):
             value = ", ".join(f"{k} {v}" for k, v in value.items())

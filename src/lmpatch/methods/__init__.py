@@ -18,3 +18,5 @@ from lmpatch.methods import ike  # noqa: F401
 from lmpatch.methods import memprompt  # noqa: F401
 from lmpatch.methods import serac  # noqa: F401
 from lmpatch.methods import mello  # noqa: F401
+from lmpatch.methods import mend  # noqa: F401
+from lmpatch.methods import ke  # noqa: F401

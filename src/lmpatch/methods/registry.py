@@ -54,9 +54,16 @@ class Method:
     #: (model, hparams, show) -> report: what ``lmpatch train METHOD`` runs, for methods
     #: with a learned part (SERAC's scope classifier); cached like a one-off
     train: Callable[..., dict] | None = None
+    #: editing needs a trained artefact that ``train`` makes and nothing makes on the fly
+    #: (MEND): without one, editing is an error naming ``lmpatch train METHOD``
+    needs_training: bool = False
+    #: the training splits ``train`` reads (each keeps records apart for tuning and validation)
+    training_data: tuple[str, ...] = ("counterfact-train",)
     extras: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.needs_training and self.train is None:
+            raise ValueError(f"{self.name}: needs_training without a train function.")
         unknown = set(self.regimes) - set(REGIMES)
         if unknown:
             raise ValueError(f"{self.name}: unknown regimes {sorted(unknown)}; known: {REGIMES}.")
@@ -75,6 +82,7 @@ class Method:
             "produces": sorted(self.produces),
             "needs_prepare": self.prepare is not None,
             "trainable": self.train is not None,
+            "needs_training": self.needs_training,
             "hparams": self.hparams.__name__,
         }
 

@@ -89,6 +89,37 @@ def _long(values: list[int]) -> torch.Tensor:
 
 def target_nll(model: LoadedModel, batch: TargetBatch, compute_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Mean NLL of the supervised tokens, with logits only at the positions that need them."""
+    return _weighted_nll(model, batch, compute_dtype).sum()
+
+
+def request_nll(model: LoadedModel, batch: TargetBatch, compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Each request's own mean NLL over its target tokens, shape (n_requests,): what an
+    editor that learns from one request's gradient at a time needs from a batch."""
+    terms = _weighted_nll(model, batch, compute_dtype) * batch.n_requests
+    owner = batch.pos_rows.to(terms.device)[batch.pick.to(terms.device)]
+    return torch.zeros(batch.n_requests, dtype=terms.dtype, device=terms.device).index_add(0, owner, terms)
+
+
+def request_hits(model: LoadedModel, batch: TargetBatch) -> list[bool]:
+    """Per request: is every target token the argmax where it is read (teacher-forced success)?"""
+    logp = target_logprobs(model, batch, None)
+    right = (logp.argmax(-1) == batch.tokens.to(logp.device)).tolist()
+    owner = batch.pos_rows[batch.pick].tolist()
+    hits = [True] * batch.n_requests
+    for r, ok in zip(owner, right):
+        hits[r] = hits[r] and ok
+    return hits
+
+
+def _weighted_nll(model: LoadedModel, batch: TargetBatch, compute_dtype: torch.dtype | None) -> torch.Tensor:
+    """-weight * log p for every supervised token (summing them gives :func:`target_nll`)."""
+    logp = target_logprobs(model, batch, compute_dtype)
+    picked = logp.gather(1, batch.tokens.to(logp.device)[:, None])[:, 0]
+    return -(picked * batch.weights.to(logp.device))
+
+
+def target_logprobs(model: LoadedModel, batch: TargetBatch, compute_dtype: torch.dtype | None) -> torch.Tensor:
+    """Log-probabilities over the vocabulary where each supervised token is read, one row per token."""
     device = model.input_device
     out = model.forward(
         compute_dtype=compute_dtype,
@@ -98,5 +129,4 @@ def target_nll(model: LoadedModel, batch: TargetBatch, compute_dtype: torch.dtyp
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     h = hidden[batch.pos_rows.to(hidden.device), batch.pos_cols.to(hidden.device)]
     logp = torch.log_softmax(model.logits(h, compute_dtype).float(), dim=-1)
-    picked = logp[batch.pick.to(logp.device), batch.tokens.to(logp.device)]
-    return -(picked * batch.weights.to(logp.device)).sum()
+    return logp[batch.pick.to(logp.device)]

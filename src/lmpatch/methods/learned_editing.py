@@ -1,0 +1,227 @@
+"""What every editor that learns to turn a gradient into an edit shares (MEND, KE).
+
+Such an editor is an ``nn.Module`` with two things:
+
+* ``params`` - the names of the weight matrices it edits;
+* ``changes(requests, factors, update_norm)`` - from the requests and their per-token
+  gradient factors at those matrices (:mod:`lmpatch.methods.token_grads`), one (U, D)
+  pair per matrix such that request r's weight change is D[r]^T U[r].
+
+Everything else is here, once: the passes of a training step (gradient, edited prompts
+and paraphrases, locality before and after, all over the frozen bottom), the validation
+scores, the patch an edit returns, and finding, training and saving the trained artefact.
+"""
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from lmpatch.errors import LmpatchError
+from lmpatch.methods.editor_training import (
+    EditExample,
+    TrainingConfig,
+    artefact_dir,
+    artefact_key,
+    load_artefact,
+    save_artefact,
+    train_editor,
+)
+from lmpatch.methods.frozen_bottom import FrozenBottom
+from lmpatch.methods.teacher import TARGET_NEW, request_hits, request_nll, target_batch, target_logprobs
+from lmpatch.methods.token_grads import gradient_factors, row_deltas
+from lmpatch.model.loading import LoadedModel, cache_dir
+from lmpatch.model.spec import factors_to_param_layout
+from lmpatch.patch import Patch, WeightDelta
+from lmpatch.request import EditRequest
+
+__all__ = [
+    "edit_losses", "edit_modules", "load_trained", "patch_from_editor", "top_layer_params", "train_learned",
+    "validate_editor",
+]
+
+MODULE_KINDS = ("mlp_in", "mlp_out")
+
+
+def top_layer_params(model: LoadedModel, top_layers: int, modules: Sequence[str]) -> list[str]:
+    """Weight names of the chosen MLP matrices ("mlp_in": gate and up, "mlp_out": down) of
+    the top ``top_layers`` layers, lowest layer first."""
+    spec = model.spec
+    names = []
+    for layer in range(spec.n_layers - min(top_layers, spec.n_layers), spec.n_layers):
+        paths = spec.layers[layer]
+        for kind in modules:
+            names += [f"{p}.weight" for p in (paths.mlp_in if kind == "mlp_in" else (paths.mlp_out,))]
+    return names
+
+
+def edit_modules(model: LoadedModel, params: Sequence[str]) -> list[nn.Module]:
+    return [model.model.get_submodule(p.rsplit(".", 1)[0]) for p in params]
+
+
+def _lowest_layer(model: LoadedModel, params: Sequence[str]) -> int:
+    blocks = [model.spec.layers[i].block + "." for i in range(model.spec.n_layers)]
+    return min(i for i, b in enumerate(blocks) for p in params if p.startswith(b))
+
+
+def _per_row(changes, rows: torch.Tensor):
+    return [(u[rows], d[rows]) for u, d in changes]
+
+
+class _Passes:
+    """The forward passes of one training or validation batch, over the frozen bottom."""
+
+    def __init__(self, model: LoadedModel, editor: nn.Module, bottom: FrozenBottom | None) -> None:
+        self.model, self.editor, self.bottom = model, editor, bottom
+        self.modules = edit_modules(model, editor.params)
+
+    def _replay(self, batch):
+        return self.bottom.replaying(batch.input_ids, batch.attention_mask) if self.bottom else nullcontext()
+
+    def edit(self, examples: Sequence[EditExample], update_norm: bool):
+        reqs = [e.request for e in examples]
+        batch = target_batch(self.model, reqs, TARGET_NEW)
+        with self._replay(batch):
+            factors, _ = gradient_factors(self.model, self.modules, reqs, batch=batch)
+        return self.editor.changes(reqs, factors, update_norm)
+
+    def asked(self, examples: Sequence[EditExample], changes, fn: Callable):
+        """``fn(model, batch)`` on the edit prompts then the paraphrases, each row edited by its own edit."""
+        n = len(examples)
+        batch = target_batch(self.model, [e.request for e in examples] + [e.paraphrase_request for e in examples],
+                             TARGET_NEW)
+        with self._replay(batch), row_deltas(self.modules, _per_row(changes, torch.arange(2 * n) % n)):
+            return fn(self.model, batch)
+
+    def locality(self, examples: Sequence[EditExample], changes):
+        """Log-probabilities at the locality answers' positions, unedited and edited, and
+        which example each position belongs to."""
+        batch = target_batch(self.model, [e.locality_request for e in examples], TARGET_NEW)
+        with self._replay(batch):
+            with torch.no_grad():
+                pre = target_logprobs(self.model, batch, None)
+            with row_deltas(self.modules, changes):
+                post = target_logprobs(self.model, batch, None)
+        return pre, post, batch.pos_rows[batch.pick]
+
+
+def edit_losses(model: LoadedModel, editor: nn.Module, examples: Sequence[EditExample],
+                bottom: FrozenBottom | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each example edited alone from the unedited model: the new target's NLL on the edit
+    prompts then the paraphrases (2n,), and the mean KL(unedited || edited) over the
+    locality answers' tokens."""
+    passes = _Passes(model, editor, bottom)
+    with torch.inference_mode(False), torch.enable_grad():
+        changes = passes.edit(examples, update_norm=editor.training)
+        nll = passes.asked(examples, changes, request_nll)
+        pre, post, _ = passes.locality(examples, changes)
+        kl = (pre.exp() * (pre - post)).sum(-1).mean()
+    return nll, kl
+
+
+@torch.no_grad()
+def validate_editor(model: LoadedModel, editor: nn.Module, examples: Sequence[EditExample],
+                    bottom: FrozenBottom | None = None, batch: int = 16) -> dict:
+    """Teacher-forced success on held-apart edits, each made alone: every target token the
+    argmax on the edit prompt (efficacy) and on the paraphrase (paraphrase), and the
+    locality answer's argmax tokens unchanged (locality)."""
+    hits: dict[str, list[bool]] = {"efficacy": [], "paraphrase": [], "locality": []}
+    passes = _Passes(model, editor, bottom)
+    for start in range(0, len(examples), batch):
+        chunk = examples[start : start + batch]
+        n = len(chunk)
+        changes = passes.edit(chunk, update_norm=False)
+        ok = passes.asked(chunk, changes, request_hits)
+        hits["efficacy"] += ok[:n]
+        hits["paraphrase"] += ok[n:]
+        pre, post, owner = passes.locality(chunk, changes)
+        same = [True] * n
+        for r, s in zip(owner.tolist(), (pre.argmax(-1) == post.argmax(-1)).tolist()):
+            same[r] = same[r] and s
+        hits["locality"] += same
+    return {k: sum(v) / max(len(v), 1) for k, v in hits.items()}
+
+
+# --------------------------------------------------------------------------- editing
+
+
+def patch_from_editor(model: LoadedModel, editor: nn.Module, requests: Sequence[EditRequest], method: str,
+                      hparams: Any, manifest: dict) -> Patch:
+    """All ``requests`` in one call: their changes summed into one weight-delta patch
+    (low-rank, rank = the requests' tokens, unless dense is smaller)."""
+    t0 = time.perf_counter()
+    modules = edit_modules(model, editor.params)
+    factors, losses = gradient_factors(model, modules, requests)
+    deltas = []
+    with torch.no_grad():
+        for name, module, (u, d), f in zip(editor.params, modules, editor.changes(requests, factors, False), factors):
+            keep = f.mask.reshape(-1)
+            extra = u.shape[1] - f.mask.shape[1]  # rows an editor adds after the tokens (KE's bias term)
+            if extra:
+                keep = torch.cat([f.mask, torch.ones(f.mask.shape[0], extra, dtype=torch.bool)], 1).reshape(-1)
+            right = u.reshape(-1, u.shape[-1])[keep]          # (k, d_in)
+            left = d.reshape(-1, d.shape[-1])[keep].T          # (d_out, k)
+            left, right = factors_to_param_layout(module, left, right)
+            if left.shape[1] * (left.shape[0] + right.shape[1]) >= left.shape[0] * right.shape[1]:
+                deltas.append(WeightDelta(param=name, dense=left @ right))
+            else:
+                deltas.append(WeightDelta(param=name, left=left, right=right))
+    metrics = {"pre_edit_nll": [round(float(x), 4) for x in losses], "edit_seconds": round(time.perf_counter() - t0, 4),
+               "editor": {k: manifest.get(k) for k in ("key", "trained_seconds", "validation")}}
+    return Patch(parts=deltas, method=method, model_fingerprint=model.fingerprint, model_name=model.name,
+                 hparams=asdict(hparams), requests=list(requests), metrics=metrics)
+
+
+# --------------------------------------------------------------------------- artefacts
+
+
+def load_trained(method: str, model: LoadedModel, settings: dict, build: Callable[[], nn.Module],
+                 hours: str) -> tuple[nn.Module, dict]:
+    """The trained editor for this model and settings, or the error that says how to get one."""
+    saved = load_artefact(artefact_dir(method, artefact_key(method, model.fingerprint, settings)))
+    if saved is None:
+        raise LmpatchError(
+            f"{method.upper()} has not been trained for {model.name} with these settings; run "
+            f"`lmpatch train {method}` first ({hours} on a 2-core CPU; the embedded model with default "
+            "settings needs no training)."
+        )
+    state, manifest = saved
+    editor = build()
+    editor.load_state_dict({k: v.float() for k, v in state.items()})
+    return editor.eval().requires_grad_(False), manifest
+
+
+def train_learned(method: str, model: LoadedModel, editor: nn.Module, groups: list[dict], settings: dict,
+                  loss: Callable[[torch.Tensor, torch.Tensor, nn.Module], tuple[torch.Tensor, dict]],
+                  config: TrainingConfig, show: bool) -> dict:
+    """Train ``editor`` with the shared loop and save it where editing finds it.
+
+    ``loss(nll, kl, editor)`` combines the edit losses (:func:`edit_losses`) into the
+    method's objective and returns it with numbers for the log.
+    """
+    key = artefact_key(method, model.fingerprint, settings)
+    folder = cache_dir() / method / key
+    for p in model.model.parameters():
+        p.requires_grad_(False)
+    lowest = _lowest_layer(model, editor.params)
+    bottom = FrozenBottom(model, lowest) if lowest > 0 else None
+
+    def step(m: LoadedModel, net: nn.Module, examples: Sequence[EditExample]):
+        nll, kl = edit_losses(m, net, examples, bottom)
+        total, numbers = loss(nll, kl, net)
+        n, nll, kl = len(examples), nll.detach(), kl.detach()
+        return total, {"edit_nll": float(nll[:n].mean()), "para_nll": float(nll[n:].mean()), "kl": float(kl),
+                       **numbers}
+
+    report = train_editor(model, editor, groups, step_loss=step,
+                          validate=lambda m, net, ex: validate_editor(m, net, ex, bottom),
+                          config=config, folder=folder, show=show)
+    manifest = {"method": method, "key": key, "model": model.name, "fingerprint": model.fingerprint,
+                "settings": settings, "params": editor.params, "trained_seconds": report["train_seconds"],
+                "validation": report["validation"][-1] if report["validation"] else {}, "report": report}
+    save_artefact(folder, editor.state_dict(), manifest)
+    return {**report, "saved_in": str(folder)}

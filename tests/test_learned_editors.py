@@ -1,0 +1,154 @@
+"""MEND, KE and the pieces every learned editor shares: gradient factors, per-row edits,
+the frozen bottom, MEND's gradient network, the training loop with resume, the artefact."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lmpatch
+from facts import REQS
+from lmpatch.methods import editor_training
+from lmpatch.methods.frozen_bottom import FrozenBottom
+from lmpatch.methods.hparams import with_overrides
+from lmpatch.methods.mend_net import GradientNet, RunningNorm
+from lmpatch.methods.registry import get_method
+from lmpatch.methods.teacher import TARGET_NEW, request_nll, target_batch
+from lmpatch.methods.token_grads import gradient_factors, row_deltas
+from tiny import tiny_model
+
+FAST = {"mend": dict(steps=4, batch_size=2, rank=4), "ke": dict(steps=4, batch_size=2, hidden=4)}
+LEARNED = sorted(FAST)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model("llama")
+
+
+def _top_modules(model):
+    spec = model.spec
+    top = spec.n_layers - 1
+    return [spec.module(model.model, p) for p in spec.layers[top].mlp_in] + [spec.mlp_out(model.model, top)]
+
+
+def test_gradient_factors_sum_to_each_requests_weight_gradient(model):
+    modules = _top_modules(model)
+    factors, losses = gradient_factors(model, modules, REQS[:2])
+    assert losses.shape == (2,)
+    for row, request in enumerate(REQS[:2]):
+        weights = [m.weight for m in modules]
+        for w in weights:
+            w.requires_grad_(True)
+            w.grad = None
+        request_nll(model, target_batch(model, [request], TARGET_NEW)).sum().backward()
+        for w, f in zip(weights, factors):
+            assert torch.allclose(w.grad, f.gradient(row), atol=1e-5)
+            w.requires_grad_(False)
+            w.grad = None
+
+
+def test_row_deltas_equal_editing_each_rows_weights(model):
+    module = _top_modules(model)[-1]
+    d_out, d_in = module.weight.shape
+    g = torch.Generator().manual_seed(0)
+    u, d = torch.randn(2, 3, d_in, generator=g) * 0.1, torch.randn(2, 3, d_out, generator=g) * 0.1
+    batch = target_batch(model, REQS[:2], TARGET_NEW)
+    with row_deltas([module], [(u, d)]):
+        both = request_nll(model, batch)
+    for row in range(2):
+        original = module.weight.detach().clone()
+        with torch.no_grad():
+            module.weight += d[row].T @ u[row]
+        alone = request_nll(model, target_batch(model, [REQS[row]], TARGET_NEW))
+        with torch.no_grad():
+            module.weight.copy_(original)
+        assert torch.allclose(both[row], alone[0], atol=1e-5)
+
+
+def test_replaying_the_frozen_bottom_gives_the_full_forward(model):
+    bottom = FrozenBottom(model, model.spec.n_layers - 1)
+    batch = target_batch(model, REQS[:3], TARGET_NEW)
+    full = request_nll(model, batch)
+    with bottom.replaying(batch.input_ids, batch.attention_mask):
+        first = request_nll(model, batch)
+    assert len(bottom.states) == 3
+    # a batch padded differently reuses the states kept per text
+    other = target_batch(model, REQS[1:3], TARGET_NEW)
+    with bottom.replaying(other.input_ids, other.attention_mask):
+        again = request_nll(model, other)
+    assert len(bottom.states) == 3
+    assert torch.allclose(first, full, atol=1e-5) and torch.allclose(again, full[1:], atol=1e-5)
+
+
+def test_running_norm_pools_moments_exactly_and_the_network_starts_as_the_identity():
+    norm = RunningNorm(modes=2, dim=5)
+    x = torch.randn(40, 5, dtype=torch.float64).float()
+    norm.update(1, x[:13])
+    norm.update(1, x[13:])
+    assert torch.allclose(norm.mean[1], x.mean(0), atol=1e-5)
+    assert torch.allclose(norm.var[1], x.var(0, unbiased=False), atol=1e-5)
+    assert torch.equal(norm.mean[0], torch.zeros(5))
+    net = GradientNet(d_in=3, d_out=2, modes=1, rank=2)
+    u, d = torch.randn(4, 3), torch.randn(4, 2)
+    out_u, out_d = net(0, u, d)
+    assert torch.allclose(out_u, u) and torch.allclose(out_d, d)  # unit statistics: the identity
+
+
+def _train(model, tmp_path, monkeypatch, method="mend"):
+    monkeypatch.setenv("LMPATCH_CACHE", str(tmp_path))
+    monkeypatch.setattr(editor_training.TrainingConfig, "__init__", _small_config_init(), raising=True)
+    info = get_method(method)
+    return info.train(model, with_overrides(info.hparams, FAST[method]), show=False)
+
+
+def _small_config_init():
+    real = editor_training.TrainingConfig.__init__
+
+    def init(self, **kw):
+        real(self, **{**kw, "validate_every": 2, "validate_records": 4, "checkpoint_every": 2})
+    return init
+
+
+@pytest.mark.parametrize("method", LEARNED)
+def test_editing_with_an_untrained_editor_names_the_command_to_run(model, tmp_path, monkeypatch, method):
+    monkeypatch.setenv("LMPATCH_CACHE", str(tmp_path))
+    with pytest.raises(lmpatch.LmpatchError, match=f"lmpatch train {method}"):
+        lmpatch.edit(model, REQS[0], method, **FAST[method])
+
+
+@pytest.mark.parametrize("method", LEARNED)
+def test_training_validates_saves_and_edits_in_one_call(model, tmp_path, monkeypatch, method):
+    report = _train(model, tmp_path, monkeypatch, method)
+    assert [v["step"] for v in report["validation"]] == [2, 4]
+    assert {"efficacy", "paraphrase", "locality"} <= set(report["validation"][-1])
+    assert not any(tmp_path.rglob("checkpoint"))  # a finished run leaves no checkpoint behind
+    one = lmpatch.edit(model, REQS[0], method, **FAST[method])
+    n_matrices = {"mend": 9, "ke": 3}[method]  # 3 layers x (gate, up, down) or (down)
+    assert len(one.parts) == n_matrices and one.parts[-1].param.endswith("down_proj.weight")
+    assert one.metrics["edit_seconds"] < 5
+    batch = lmpatch.edit(model, REQS[:3], method, **FAST[method])  # three edits, one call, one patch
+    assert len(batch.parts) == n_matrices and len(batch.requests) == 3
+    with batch.applied(model):
+        pass
+
+
+@pytest.mark.parametrize("method", LEARNED)
+def test_an_interrupted_training_resumes_to_the_same_editor(model, tmp_path, monkeypatch, method):
+    _train(model, tmp_path / "whole", monkeypatch, method)
+    reference = lmpatch.edit(model, REQS[0], method, **FAST[method])
+
+    real = editor_training.save_artefact
+
+    def stop_after_first_checkpoint(folder, state, manifest):
+        real(folder, state, manifest)
+        if folder.name == "checkpoint":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(editor_training, "save_artefact", stop_after_first_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        _train(model, tmp_path / "cut", monkeypatch, method)
+    monkeypatch.setattr(editor_training, "save_artefact", real)
+    _train(model, tmp_path / "cut", monkeypatch, method)
+    resumed = lmpatch.edit(model, REQS[0], method, **FAST[method])
+    for a, b in zip(reference.parts, resumed.parts):
+        assert torch.equal(a.materialize(), b.materialize())
