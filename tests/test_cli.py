@@ -127,6 +127,8 @@ BAD_INPUT = {
     "unknown dataset": (["eval", "--data", "counterfacts", "--n", "2"], "No dataset named 'counterfacts'"),
     "bad layers": (["stats", "--layers", "five"], "--layers expects"),
     "missing model dir": (["edit", "--model", "/no/such/model/dir", *EIFFEL], "No model at"),
+    "train on an eval split": (["train", "mend", "--data", "zsre"], "trains on counterfact-train and zsre-train"),
+    "train a method without a learned part": (["train", "rome"], "rome has nothing to train"),
 }
 
 
@@ -210,6 +212,19 @@ def test_edit_json_writes_the_patch_it_reports(tiny_dir, tmp_path, cache):
     assert [a["prompt"] for a in data["answers"]] == [
         "The Eiffel Tower is located in the city of", "Where is the Eiffel Tower? It is in"]
     assert all(isinstance(a["before"], str) and isinstance(a["after"], str) for a in data["answers"])
+
+
+def test_train_then_edit_with_a_learned_editor(tiny_dir, tmp_path, cache):
+    sets = ["--set", "steps=2", "--set", "batch_size=2", "--set", "rank=4"]
+    untrained = run("edit", "--model", str(tiny_dir), *EIFFEL, "--method", "mend", *sets)
+    assert untrained.exit_code == 2 and "lmpatch train mend" in untrained.stderr
+    assert len([line for line in untrained.stderr.splitlines() if line.strip()]) == 1
+    report = parse_json(run("train", "mend", "--model", str(tiny_dir), *sets, "--json"))
+    assert report["method"] == "mend" and report["steps"] == 2 and report["validation"][-1]["step"] == 2
+    assert report["data"] == "counterfact-train + zsre-train"
+    data = parse_json(run("edit", "--model", str(tiny_dir), *EIFFEL, "--method", "mend", *sets,
+                          "--out", str(tmp_path / "m.lmpatch"), "--json"))
+    assert data["method"] == "mend" and len(data["deltas"]) == 9
 
 
 def test_edit_default_file_name_comes_from_subject(tiny_dir, tmp_path, cache, monkeypatch):

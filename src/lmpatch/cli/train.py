@@ -47,6 +47,8 @@ def train(
         return
     table = Table(title=f"Trained {info.name} for {loaded.name} on {report['data']}", title_justify="left", show_header=False)
     for key, value in report.items():
+        if isinstance(value, list) and value and isinstance(value[-1], dict):
+            key, value = f"{key} (last of {len(value)})", value[-1]  # a validation history: its end
         if isinstance(value, dict):
             value = ", ".join(f"{k} {v}" for k, v in value.items())
         table.add_row(key.replace("_", " "), str(value))
