@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from lmpatch.errors import LmpatchError
+from lmpatch.machine import cpu_info, cpu_line
 from lmpatch.methods.editor_training import (
     EditExample,
     TrainingConfig,
@@ -222,6 +223,7 @@ def train_learned(method: str, model: LoadedModel, editor: nn.Module, groups: li
                           config=config, folder=folder, show=show)
     manifest = {"method": method, "key": key, "model": model.name, "fingerprint": model.fingerprint,
                 "settings": settings, "params": editor.params, "trained_seconds": report["train_seconds"],
+                "machine": cpu_line(cpu_info()),
                 "validation": report["validation"][-1] if report["validation"] else {}, "report": report}
     save_artefact(folder, editor.state_dict(), manifest)
     return {**report, "saved_in": str(folder)}

@@ -70,7 +70,7 @@ class MendHparams:
     steps: int = 3000
     batch_size: int = 8
     lr: float = 1e-4               # Adam lr of the network
-    c_edit: float = 1.0
+    c_edit: float = 0.1            # the paper's weights: locality counts ten times the edit
     c_loc: float = 1.0
     seed: int = 0
 

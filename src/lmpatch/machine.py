@@ -1,0 +1,50 @@
+"""What machine a number was measured on: the CPU model and the instruction sets torch can use.
+
+Speed differs by ~2.5x between the machines lmpatch runs on (AMX bfloat16 against AVX2
+float32), so every timing - benchmarks, and the training time in a trained editor's
+manifest - is printed or stored next to this.
+"""
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+__all__ = ["ISA_FLAGS", "cpu_info", "cpu_line"]
+
+ISA_FLAGS = (
+    "sse4_2", "avx", "avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
+    "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8", "asimd", "sve",
+)
+
+
+def cpu_info() -> dict[str, Any]:
+    """The CPU model and the instruction sets torch can use, so timings are not compared blindly."""
+    name, flags = None, set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and name is None:
+                name = value.strip()
+            elif key.strip() in ("flags", "Features") and not flags:
+                flags = set(value.split())
+    except OSError:
+        pass
+    name = name or platform.processor() or platform.machine()
+    capability = None
+    try:
+        import torch
+
+        capability = torch.backends.cpu.get_cpu_capability()
+        threads = torch.get_num_threads()
+    except (ImportError, AttributeError):
+        threads = None
+    return {"model": name, "isa": [f for f in ISA_FLAGS if f in flags], "torch_capability": capability,
+            "cores": os.cpu_count(), "torch_threads": threads}
+
+
+def cpu_line(cpu: dict[str, Any]) -> str:
+    isa = " ".join(cpu.get("isa") or []) or "unknown"
+    return (f"{cpu.get('model')} ({cpu.get('cores')} cores; ISA: {isa}; torch kernels: "
+            f"{cpu.get('torch_capability') or '?'}; torch threads: {cpu.get('torch_threads')})")
