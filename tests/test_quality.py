@@ -97,3 +97,23 @@ def test_ike_quality(real_model, held_out):
     assert s["metrics_pre"]["efficacy_score"] < 0.5
     assert s["metrics"]["efficacy_score"] >= 0.8
     assert all(v.equal(state[k]) for k, v in real_model.model.state_dict().items())
+
+
+# ----------------------------------------------------------------------------- learned editors
+# The shipped MEND editor, no training step. On 100 counterfact-edit records it measured
+# efficacy 1.00, paraphrase 0.96, neighbourhood 0.37 (unedited 0.66) and on 100 zsRE
+# records reliability 0.94, locality 0.954 (docs/learned-editors.md). The issue's
+# neighbourhood goal (unedited - 0.05) is NOT met; the bound below only guards against the
+# edit spreading further than measured.
+
+
+def test_shipped_mend_quality(real_model, held_out):
+    s = _run(real_model, held_out, "mend")
+    post, pre = s["metrics"], s["metrics_pre"]
+    assert pre["efficacy_score"] < 0.5
+    assert post["efficacy_score"] >= 0.9 and post["paraphrase_score"] >= 0.7
+    assert post["neighborhood_score"] >= pre["neighborhood_score"] - 0.5
+    zsre = load_dataset("zsre", n=10)
+    z = summarize([evaluate_request(real_model, r, lmpatch.edit(real_model, r, "mend"),
+                                    metrics=("reliability", "locality")) for r in zsre])
+    assert z["metrics"]["reliability"] >= 0.85 and z["metrics"]["locality"] >= 0.9
