@@ -37,6 +37,7 @@ from torch import nn
 from lmpatch.errors import LmpatchError
 from lmpatch.fileio import atomic_path, atomic_write_json
 from lmpatch.model.loading import LoadedModel, cache_dir
+from lmpatch.progress import run_progress
 from lmpatch.request import EditRequest
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,8 @@ __all__ = [
 
 #: (data set, first training record, end of training records, end of validation records)
 SPLITS = (("counterfact-train", 0, 5000, 5100), ("zsre-train", 0, 900, 1000))
+#: the data sets the learned editors train on (what ``lmpatch train`` accepts as ``--data``)
+TRAINING_DATA = tuple(name for name, *_ in SPLITS)
 
 
 @dataclass(frozen=True)
@@ -79,8 +82,6 @@ class TrainingConfig:
     steps: int = 3000
     batch_size: int = 8
     lr: float = 1e-4
-    c_edit: float = 1.0
-    c_loc: float = 1.0
     grad_clip: float = 100.0
     validate_every: int = 500
     validate_records: int = 100      # per data set
@@ -198,16 +199,6 @@ def train_editor(
     ``step_loss(model, net, examples)`` returns (loss, numbers to average for the log);
     ``validate(model, net, examples)`` returns named scores (higher is better).
     """
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
     train = training_examples()
     valid = validation_examples(config.validate_records)
     if not train:
@@ -222,12 +213,10 @@ def train_editor(
         log.info("Resuming training from step %d (%s)", start, checkpoint)
     order = _order(len(train), config)
 
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("steps"),
-               TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
     t0 = time.perf_counter() - seconds
     running: dict[str, float] = {}
-    with Progress(*columns, console=Console(stderr=True), disable=not show) as bar:
-        task = bar.add_task("training", total=config.steps, completed=start, info=_describe(history))
+    with run_progress(show) as bar:
+        task = bar.add_task(_describe(history), total=config.steps, completed=start)
         for step in range(start, config.steps):
             picks = order[step * config.batch_size : (step + 1) * config.batch_size]
             loss, numbers = step_loss(model, net, [train[i] for i in picks])
@@ -251,7 +240,7 @@ def train_editor(
                 save_artefact(checkpoint, _checkpoint_state(net, opt),
                               {"config": asdict(config), "step": done, "validation": history,
                                "seconds": time.perf_counter() - t0})
-            bar.update(task, completed=done, info=_describe(history, running))
+            bar.update(task, completed=done, description=_describe(history, running))
     net.eval()
     shutil.rmtree(checkpoint, ignore_errors=True)  # finished: a new `train` starts afresh
     return {"steps": config.steps, "train_seconds": round(time.perf_counter() - t0, 1),
@@ -266,7 +255,8 @@ def _order(n: int, config: TrainingConfig) -> list[int]:
 
 
 def _describe(history: list[dict], running: dict | None = None) -> str:
-    parts = [f"loss {running['loss']:.3f}"] if running else []
+    """The bar's label: "training", the running loss and the last validation scores."""
+    parts = ["training"] + ([f"loss {running['loss']:.3f}"] if running else [])
     if history:
         last = history[-1]
         parts += [f"{k} {v:.2f}" for k, v in last.items() if k != "step" and not k.startswith("train_")]

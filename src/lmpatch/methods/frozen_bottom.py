@@ -13,7 +13,7 @@ every batch it is padded into.
 """
 from __future__ import annotations
 
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from typing import Iterator
 
 import torch
@@ -63,6 +63,5 @@ class FrozenBottom:
         hidden = torch.zeros(ids.shape[0], ids.shape[1], self.states[rows[0]].shape[-1], dtype=dtype)
         for r, key in enumerate(rows):
             hidden[r, : len(key)] = self.states[key]
-        with ExitStack() as stack:
-            stack.enter_context(replay_outputs(self.blocks, [hidden] * len(self.blocks)))
+        with replay_outputs(self.blocks, [hidden] * len(self.blocks)):
             yield

@@ -24,19 +24,18 @@ chosen subset of a model's matrices; its hypernetwork outputs grow with their wi
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
 from lmpatch.errors import InvalidRequestError
-from lmpatch.methods.editor_training import SPLITS, TrainingConfig
+from lmpatch.methods.editor_training import TRAINING_DATA, TrainingConfig
 from lmpatch.methods.learned_editing import (
     MODULE_KINDS,
     edit_modules,
-    load_trained,
-    patch_from_editor,
+    edit_with_trained,
     top_layer_params,
     train_learned,
 )
@@ -156,18 +155,10 @@ def new_editor(model: LoadedModel, hp: KEHparams) -> KnowledgeEditor:
         return KnowledgeEditor(params, shapes, embed_dim, hp.hidden, hp.step_size).bind(model)
 
 
-def _settings(hp: KEHparams) -> dict:
-    return {f.name: getattr(hp, f.name) for f in fields(hp)}
-
-
 def apply_ke(model: LoadedModel, requests: Sequence[EditRequest], hp: KEHparams) -> Patch:
     """All ``requests`` in one KE call, summed into one patch."""
     hp.check()
-    requests = list(requests)
-    if not requests:
-        raise InvalidRequestError("KE needs at least one edit request.")
-    editor, manifest = load_trained(METHOD, model, _settings(hp), lambda: new_editor(model, hp), "about an hour")
-    return patch_from_editor(model, editor.bind(model), requests, METHOD, hp, manifest)
+    return edit_with_trained(METHOD, model, requests, hp, lambda: new_editor(model, hp))
 
 
 def train_ke(model: LoadedModel, hp: KEHparams, show: bool = True) -> dict:
@@ -182,7 +173,7 @@ def train_ke(model: LoadedModel, hp: KEHparams, show: bool = True) -> dict:
             net.lagrange.copy_((net.lagrange + hp.lagrange_lr * (kl.detach() - hp.margin)).clamp_min(0.0))
         return total, {"lagrange": float(net.lagrange)}
 
-    return train_learned(METHOD, model, editor, groups, _settings(hp), loss, hp.training(), show)
+    return train_learned(METHOD, model, editor, groups, hp, loss, hp.training(), show)
 
 
 register(Method(
@@ -190,5 +181,5 @@ register(Method(
     summary="KE: a hypernetwork reads the edit's text and gates the fine-tuning gradient into a weight change",
     hparams=KEHparams, edit=apply_ke, regimes=frozenset({"single", "batch", "sequential"}),
     paper="De Cao et al., Editing Factual Knowledge in Language Models, EMNLP 2021",
-    train=train_ke, needs_training=True, training_data=tuple(name for name, *_ in SPLITS),
+    train=train_ke, needs_training=True, training_data=TRAINING_DATA,
 ))

@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from lmpatch.errors import LmpatchError
+from lmpatch.errors import InvalidRequestError, LmpatchError
 from lmpatch.machine import cpu_info, cpu_line
 from lmpatch.methods.editor_training import (
     EditExample,
@@ -41,7 +41,7 @@ from lmpatch.patch import Patch, WeightDelta
 from lmpatch.request import EditRequest
 
 __all__ = [
-    "edit_losses", "edit_modules", "load_trained", "patch_from_editor", "top_layer_params", "train_learned",
+    "edit_losses", "edit_modules", "edit_with_trained", "load_trained", "patch_from_editor", "top_layer_params", "train_learned",
     "validate_editor",
 ]
 
@@ -180,14 +180,14 @@ def patch_from_editor(model: LoadedModel, editor: nn.Module, requests: Sequence[
 # --------------------------------------------------------------------------- artefacts
 
 
-def load_trained(method: str, model: LoadedModel, settings: dict, build: Callable[[], nn.Module],
-                 hours: str) -> tuple[nn.Module, dict]:
-    """The trained editor for this model and settings, or the error that says how to get one."""
-    saved = load_artefact(artefact_dir(method, artefact_key(method, model.fingerprint, settings)))
+def load_trained(method: str, model: LoadedModel, hparams: Any, build: Callable[[], nn.Module]) -> tuple[nn.Module, dict]:
+    """The trained editor for this model and hyperparameters (all of them key the
+    artefact), or the error that says how to get one."""
+    saved = load_artefact(artefact_dir(method, artefact_key(method, model.fingerprint, asdict(hparams))))
     if saved is None:
         raise LmpatchError(
             f"{method.upper()} has not been trained for {model.name} with these settings; run "
-            f"`lmpatch train {method}` first ({hours} on a 2-core CPU; the embedded model with default "
+            f"`lmpatch train {method}` first (about an hour on a 2-core CPU; the embedded model with default "
             "settings needs no training)."
         )
     state, manifest = saved
@@ -196,7 +196,17 @@ def load_trained(method: str, model: LoadedModel, settings: dict, build: Callabl
     return editor.eval().requires_grad_(False), manifest
 
 
-def train_learned(method: str, model: LoadedModel, editor: nn.Module, groups: list[dict], settings: dict,
+def edit_with_trained(method: str, model: LoadedModel, requests: Sequence[EditRequest], hparams: Any,
+                      build: Callable[[], nn.Module]) -> Patch:
+    """All ``requests`` in one call of the trained editor, summed into one patch."""
+    requests = list(requests)
+    if not requests:
+        raise InvalidRequestError(f"{method.upper()} needs at least one edit request.")
+    editor, manifest = load_trained(method, model, hparams, build)
+    return patch_from_editor(model, editor, requests, method, hparams, manifest)
+
+
+def train_learned(method: str, model: LoadedModel, editor: nn.Module, groups: list[dict], hparams: Any,
                   loss: Callable[[torch.Tensor, torch.Tensor, nn.Module], tuple[torch.Tensor, dict]],
                   config: TrainingConfig, show: bool) -> dict:
     """Train ``editor`` with the shared loop and save it where editing finds it.
@@ -204,6 +214,7 @@ def train_learned(method: str, model: LoadedModel, editor: nn.Module, groups: li
     ``loss(nll, kl, editor)`` combines the edit losses (:func:`edit_losses`) into the
     method's objective and returns it with numbers for the log.
     """
+    settings = asdict(hparams)
     key = artefact_key(method, model.fingerprint, settings)
     folder = cache_dir() / method / key
     for p in model.model.parameters():

@@ -21,20 +21,18 @@ Editing with an untrained one is an error that names the command to run.
 """
 from __future__ import annotations
 
-import logging
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 from torch import nn
 
 from lmpatch.errors import InvalidRequestError
-from lmpatch.methods.editor_training import SPLITS, TrainingConfig
+from lmpatch.methods.editor_training import TRAINING_DATA, TrainingConfig
 from lmpatch.methods.learned_editing import (
     MODULE_KINDS,
     edit_modules,
-    load_trained,
-    patch_from_editor,
+    edit_with_trained,
     top_layer_params,
     train_learned,
 )
@@ -45,8 +43,6 @@ from lmpatch.model.loading import LoadedModel
 from lmpatch.model.spec import linear_dims
 from lmpatch.patch import Patch
 from lmpatch.request import EditRequest
-
-log = logging.getLogger(__name__)
 
 __all__ = ["MendEditor", "MendHparams", "apply_mend", "train_mend"]
 
@@ -84,8 +80,7 @@ class MendHparams:
             raise InvalidRequestError("MEND rank, steps and batch_size must be positive.")
 
     def training(self) -> TrainingConfig:
-        return TrainingConfig(steps=self.steps, batch_size=self.batch_size, lr=self.lr, c_edit=self.c_edit,
-                              c_loc=self.c_loc, seed=self.seed)
+        return TrainingConfig(steps=self.steps, batch_size=self.batch_size, lr=self.lr, seed=self.seed)
 
 
 class MendEditor(nn.Module):
@@ -128,23 +123,10 @@ def new_editor(model: LoadedModel, hp: MendHparams) -> MendEditor:
         return MendEditor(params, shapes, hp.rank, hp.edit_lr)
 
 
-def _settings(hp: MendHparams) -> dict:
-    return {f.name: getattr(hp, f.name) for f in fields(hp)}
-
-
-def load_editor(model: LoadedModel, hp: MendHparams) -> tuple[MendEditor, dict]:
-    """The trained editor for this model and settings, or the error that says how to get one."""
-    hp.check()
-    return load_trained(METHOD, model, _settings(hp), lambda: new_editor(model, hp), "about an hour")
-
-
 def apply_mend(model: LoadedModel, requests: Sequence[EditRequest], hp: MendHparams) -> Patch:
     """All ``requests`` in one MEND call: their transformed gradients summed into one patch."""
-    requests = list(requests)
-    if not requests:
-        raise InvalidRequestError("MEND needs at least one edit request.")
-    editor, manifest = load_editor(model, hp)
-    return patch_from_editor(model, editor, requests, METHOD, hp, manifest)
+    hp.check()
+    return edit_with_trained(METHOD, model, requests, hp, lambda: new_editor(model, hp))
 
 
 def train_mend(model: LoadedModel, hp: MendHparams, show: bool = True) -> dict:
@@ -157,7 +139,7 @@ def train_mend(model: LoadedModel, hp: MendHparams, show: bool = True) -> dict:
     def loss(nll: torch.Tensor, kl: torch.Tensor, _editor: nn.Module):
         return hp.c_edit * nll.mean() + hp.c_loc * kl, {}
 
-    return train_learned(METHOD, model, editor, groups, _settings(hp), loss, hp.training(), show)
+    return train_learned(METHOD, model, editor, groups, hp, loss, hp.training(), show)
 
 
 register(Method(
@@ -165,5 +147,5 @@ register(Method(
     summary="MEND: a trained network turns the edit's fine-tuning gradient into a low-rank weight change",
     hparams=MendHparams, edit=apply_mend, regimes=frozenset({"single", "batch", "sequential"}),
     paper="Mitchell et al., Fast Model Editing at Scale, ICLR 2022",
-    train=train_mend, needs_training=True, training_data=tuple(name for name, *_ in SPLITS),
+    train=train_mend, needs_training=True, training_data=TRAINING_DATA,
 ))
