@@ -14,7 +14,7 @@ import lmpatch
 from facts import REQS
 from lmpatch.methods.hparams import with_overrides
 from lmpatch.methods.registry import all_methods, get_method
-from tiny import ARCHS, tiny_model
+from tiny import ARCHS, SEQ2SEQ_ARCHS, tiny_model
 
 _LOCATE = dict(v_steps=3, template_lengths=((3, 2),))
 # Settings that make each method quick on a 64-wide model; None: the method's defaults.
@@ -62,10 +62,14 @@ def test_every_registered_method_has_fast_settings_here():
 
 
 def _logits(model: lmpatch.LoadedModel) -> list[torch.Tensor]:
-    """Logits on PROMPTS as every lmpatch path reads them: formatted (memories rewrite here), then run."""
+    """Logits on PROMPTS as every lmpatch path reads them: formatted (memories rewrite here), then
+    run (an encoder-decoder's decoder reads its start token and two more)."""
+    extra = {}
+    if model.spec.encoder_decoder:
+        extra["decoder_input_ids"] = torch.tensor([[model.spec.decoder_start_id, 11, 12]])
     with torch.no_grad():
         return [
-            model.forward(input_ids=torch.tensor([model.tokenizer(text)["input_ids"]])).logits[0].clone()
+            model.forward(input_ids=torch.tensor([model.tokenizer(text)["input_ids"]]), **extra).logits[0].clone()
             for text in model.format_prompts(PROMPTS)
         ]
 
@@ -78,11 +82,15 @@ def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
     return all(torch.equal(x, y) for x, y in zip(a, b))
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ARCHS + SEQ2SEQ_ARCHS)
 @pytest.mark.parametrize("method", sorted(FAST))
 def test_method_life_cycle(method, arch, tmp_path, monkeypatch):
     model = tiny_model(arch)
     info = get_method(method)
+    if model.spec.encoder_decoder and not info.encoder_decoder:
+        with pytest.raises(lmpatch.LmpatchError, match="does not edit encoder-decoder models"):
+            lmpatch.edit(model, REQS[0], method, **FAST[method])
+        return
     if info.needs_training:  # a learned editor exists per base model: train a small one here
         monkeypatch.setenv("LMPATCH_CACHE", str(tmp_path / "cache"))
         info.train(model, with_overrides(info.hparams, FAST[method]), show=False)

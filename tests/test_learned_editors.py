@@ -152,3 +152,25 @@ def test_an_interrupted_training_resumes_to_the_same_editor(model, tmp_path, mon
     resumed = lmpatch.edit(model, REQS[0], method, **FAST[method])
     for a, b in zip(reference.parts, resumed.parts):
         assert torch.equal(a.materialize(), b.materialize())
+
+
+def test_kes_multiplier_moves_by_the_relative_violation_within_its_bounds():
+    from lmpatch.methods.ke import KEHparams, next_multiplier
+
+    hp = KEHparams(margin=0.02, lagrange_lr=0.01, lagrange_max=10.0)
+    one = torch.tensor(1.0)
+    up = next_multiplier(one, torch.tensor(5.0), hp)      # 250x the margin: one capped step up
+    assert torch.isclose(up, torch.tensor(0.01).exp())
+    down = next_multiplier(one, torch.tensor(0.0), hp)    # satisfied: one full step down
+    assert torch.isclose(down, torch.tensor(-0.01).exp())
+    assert next_multiplier(one, torch.tensor(0.02), hp) == one
+    assert next_multiplier(torch.tensor(10.0), torch.tensor(1.0), hp) == 10.0
+    # what ran away before: 1,500 steps far above the margin now end at the cap, and the
+    # same number of steps below it bring λ back down
+    lam = one
+    for _ in range(1500):
+        lam = next_multiplier(lam, torch.tensor(1.0), hp)
+    assert lam == 10.0
+    for _ in range(1500):
+        lam = next_multiplier(lam, torch.tensor(0.001), hp)
+    assert lam < 1.0

@@ -10,7 +10,7 @@ from transformers import PreTrainedTokenizerFast
 import lmpatch
 from lmpatch.errors import LmpatchError, ModelLoadError
 from lmpatch.model import loading
-from lmpatch.model.loading import DEFAULT_MODEL, cache_dir, fingerprint_model, load_tokenizer
+from lmpatch.model.loading import DEFAULT_MODEL, cache_dir, fingerprint_model, load_model, load_tokenizer
 from tiny import tiny_model
 
 PROMPT = "The Eiffel Tower is located in the city of"
@@ -181,15 +181,24 @@ def test_directory_without_weights(saved, tmp_path):
     original.model.config.save_pretrained(tmp_path)
     _plain_tokenizer().save_pretrained(tmp_path)
     msg = _load_error(str(tmp_path))
-    assert f"Could not load a causal language model from '{tmp_path}'" in msg
+    assert f"Could not load a language model from '{tmp_path}'" in msg
 
 
-def test_directory_of_a_non_causal_model(tmp_path):
-    cfg = transformers.T5Config(vocab_size=64, d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8)
+def test_directory_of_a_model_that_is_no_language_model(tmp_path):
+    cfg = transformers.ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
     cfg.save_pretrained(tmp_path)
     _plain_tokenizer().save_pretrained(tmp_path)
     msg = _load_error(str(tmp_path))
-    assert "Could not load a causal language model" in msg and "T5Config" in msg
+    assert "Could not load a language model" in msg and "ViTConfig" in msg
+
+
+def test_t5_directory_loads_as_an_encoder_decoder(tmp_path):
+    original = tiny_model("t5")
+    original.model.save_pretrained(tmp_path)
+    original.tokenizer.save_pretrained(tmp_path)
+    loaded = load_model(str(tmp_path))
+    assert loaded.model.config.is_encoder_decoder and loaded.spec.encoder_layers == 4
+    assert loaded.fingerprint == original.fingerprint
 
 
 # -- gguf cache --------------------------------------------------------------------------------

@@ -1,4 +1,7 @@
-"""Tiny randomly initialised causal LMs of many architectures, for fast wiring tests.
+"""Tiny randomly initialised LMs of many architectures, for fast wiring tests.
+
+Decoder-only models of many families, and T5 encoder-decoders (no T5 weights can be
+downloaded here, so T5 support is tested on these random models only).
 
 Every model is built with ``from_config`` (no download), is 64 wide with a 128-wide MLP,
 and shares the real SmolLM2 tokenizer so prompts tokenize exactly as on the real model
@@ -78,6 +81,17 @@ def _qwen3(n: int) -> dict:
     return dict(_gqa(n), head_dim=2 * HIDDEN // HEADS)
 
 
+def _t5(n: int) -> dict:
+    """T5 (encoder-decoder): ``n`` encoder and ``n`` decoder blocks; decoding starts from the pad token."""
+    return dict(d_model=HIDDEN, d_ff=INTERMEDIATE, num_heads=HEADS, d_kv=HIDDEN // HEADS, num_layers=n,
+                num_decoder_layers=n, dropout_rate=0.0)
+
+
+def _t5_gated(n: int) -> dict:
+    """T5 v1.1 / Flan-T5: gated-GELU MLP (wi_0, wi_1, wo), untied head without output scaling."""
+    return dict(_t5(n), feed_forward_proj="gated-gelu", tie_word_embeddings=False)
+
+
 # arch -> (config class name, config factory). Class names are resolved lazily so an
 # older transformers without an architecture simply does not list it.
 _CONFIGS: dict[str, tuple[str, Callable[[int], dict]]] = {
@@ -99,10 +113,14 @@ _CONFIGS: dict[str, tuple[str, Callable[[int], dict]]] = {
     "bloom": ("BloomConfig", _bloom),
     "olmo": ("OlmoConfig", _gqa),  # its layer norms have no parameters
     "olmo2": ("Olmo2Config", _gqa),  # norms after attention and MLP only (post-norms)
+    # Encoder-decoders: only the methods that support them run on these (SEQ2SEQ_ARCHS).
+    "t5": ("T5Config", _t5),
+    "t5_gated": ("T5Config", _t5_gated),
 }
 
 _MAIN = ["gpt2", "gptj", "gpt_neox", "llama", "mistral", "qwen2", "gemma", "phi3", "opt", "gemma2"]
 _EXTRA = ["qwen3", "cohere", "granite", "falcon", "bloom", "olmo", "olmo2"]
+_SEQ2SEQ = ["t5", "t5_gated"]
 
 
 def _available(names: list[str]) -> list[str]:
@@ -115,6 +133,9 @@ ARCHS: list[str] = _available(_MAIN)
 EXTRA_ARCHS: list[str] = _available(_EXTRA)
 """Further architectures whose module maps are checked (spec tests only)."""
 
+SEQ2SEQ_ARCHS: list[str] = _available(_SEQ2SEQ)
+"""Encoder-decoder architectures (T5), for the methods that support them."""
+
 
 @lru_cache(maxsize=1)
 def tokenizer() -> Any:
@@ -124,8 +145,9 @@ def tokenizer() -> Any:
 
 def tiny_config(arch: str, *, n_layers: int = DEFAULT_LAYERS, **overrides: Any):
     """The ``transformers`` config of the tiny ``arch`` model (overrides win)."""
-    if arch not in _CONFIGS or arch not in ARCHS + EXTRA_ARCHS:
-        raise ValueError(f"unknown tiny arch {arch!r}; choose from {ARCHS + EXTRA_ARCHS}")
+    known = ARCHS + EXTRA_ARCHS + SEQ2SEQ_ARCHS
+    if arch not in _CONFIGS or arch not in known:
+        raise ValueError(f"unknown tiny arch {arch!r}; choose from {known}")
     cls_name, factory = _CONFIGS[arch]
     tok = tokenizer()
     kwargs = dict(
@@ -135,6 +157,8 @@ def tiny_config(arch: str, *, n_layers: int = DEFAULT_LAYERS, **overrides: Any):
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
     )
+    if arch in _SEQ2SEQ:
+        kwargs["decoder_start_token_id"] = tok.pad_token_id
     kwargs.update(overrides)
     return getattr(transformers, cls_name)(**kwargs)
 
@@ -144,9 +168,8 @@ def tiny_model(arch: str, *, seed: int = 0, n_layers: int = DEFAULT_LAYERS, **ov
     cfg = tiny_config(arch, n_layers=n_layers, **overrides)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = transformers.AutoModelForCausalLM.from_config(
-            cfg, attn_implementation="eager", dtype=torch.float32
-        )
+        auto = transformers.AutoModelForSeq2SeqLM if cfg.is_encoder_decoder else transformers.AutoModelForCausalLM
+        model = auto.from_config(cfg, attn_implementation="eager", dtype=torch.float32)
     for p in model.parameters():
         p.requires_grad_(False)
     return wrap_model(model, tokenizer(), name=f"tiny-{arch}")

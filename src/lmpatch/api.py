@@ -31,6 +31,7 @@ def edit(
         )
     reqs = as_requests(requests, "edit")
     info = get_method(method)
+    info.check_model(model)
     if hparams is None:
         base: dict[str, Any] = {}
     elif isinstance(hparams, dict):

@@ -38,6 +38,7 @@ def train(
     hparams = with_overrides(info.hparams, parse_sets(sets, info.hparams))
     settings: Settings = ctx.obj
     loaded, _ = load(settings, model)
+    info.check_model(loaded)
     t0 = time.perf_counter()
     report = info.train(loaded, hparams, show=not as_json)
     report = {"method": info.name, "model": loaded.name, "fingerprint": loaded.fingerprint, "data": " + ".join(info.training_data),

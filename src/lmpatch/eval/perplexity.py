@@ -112,6 +112,8 @@ def perplexity(
         f"the whole text), windows of {window} tokens scoring {stride} new tokens each (context {window - stride}.."
         f"{window - 1}); exp(mean NLL), float32 log-softmax; no chat template"
     )
+    if model.spec.encoder_decoder:
+        protocol += "; encoder-decoder: a window's context is the encoder's input, its scored tokens the decoder's"
     return TaskScore(
         name="wikitext2_perplexity" if text is None else "perplexity",
         value=math.exp(mean_nll),

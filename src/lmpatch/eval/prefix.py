@@ -53,8 +53,9 @@ def common_prefix_length(encoded: Sequence[Sequence[int]], keep: Sequence[int] |
 
 def shareable(model: LoadedModel) -> bool:
     """Whether rows may skip the prefix: not when an added module runs, since a module that
-    summarises a whole sequence (WISE's router) would then see only each row's own tokens."""
-    return not model.stack.additions()
+    summarises a whole sequence (WISE's router) would then see only each row's own tokens;
+    and not for an encoder-decoder, whose prompt is read by a bidirectional encoder."""
+    return not model.stack.additions() and not model.spec.encoder_decoder
 
 
 def read_prefix(model: LoadedModel, ids: Sequence[int]) -> Any | None:

@@ -6,7 +6,8 @@ normalisation. Three choices make the numbers independent of how a run was batch
 
 * prompt and target are joined as *ID lists* built by :func:`lmpatch.tokens.prompt_target`
   on the chat-wrapped prompt, never by re-tokenising a glued string
-  (which can merge tokens across the boundary or add a second leading space);
+  (which can merge tokens across the boundary or add a second leading space); how they
+  are fed (one sequence, or encoder and decoder) is :mod:`lmpatch.model.forced`'s;
 * target positions are computed per row from the real lengths and the padding side, and
   left-padded rows get position ids from the attention mask (else the padding
   shifts every position of the row), so batch
@@ -32,11 +33,10 @@ from lmpatch.eval.prefix import (
     prefix_groups,
     score_after_prefix,
 )
+from lmpatch.model.forced import PADDING_SIDES, forced_inputs, pad_id, pair_ids
 from lmpatch.model.loading import LoadedModel
 from lmpatch.model.stops import CompletionCriterion, contains_any, cut_at, until_stop
-from lmpatch.tokens import PromptTarget, encode, pad_left, pad_right, prompt_target
-
-PADDING_SIDES = ("right", "left")
+from lmpatch.tokens import PromptTarget, encode, pad_left
 
 
 @dataclass(frozen=True)
@@ -73,14 +73,8 @@ class TargetScore:
 
 def encode_pairs(model: LoadedModel, pairs: Sequence[tuple[str, str]]) -> list[PromptTarget]:
     """Prompt and target IDs exactly as scored (chat wrapping included)."""
-    tok = model.tokenizer
     texts = model.format_prompts([prompt for prompt, _ in pairs])
-    return [prompt_target(tok, text, target) for text, (_, target) in zip(texts, pairs)]
-
-
-def _pad_id(model: LoadedModel) -> int:
-    tok = model.tokenizer
-    return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    return [pair_ids(model, text, target) for text, (_, target) in zip(texts, pairs)]
 
 
 @torch.inference_mode()
@@ -123,26 +117,13 @@ def _score_batch(
     model: LoadedModel, items: list[PromptTarget], padding_side: str, prefix: tuple[Any, int] | None = None,
 ) -> list[TargetScore]:
     if prefix is not None:
-        hidden, rows, cols = score_after_prefix(model, prefix[0], prefix[1], items, _pad_id(model))
+        hidden, rows, cols = score_after_prefix(model, prefix[0], prefix[1], items, pad_id(model))
         return _scores_at(model, items, hidden, rows, cols)
-    seqs = [it.ids for it in items]
-    pad = pad_right if padding_side == "right" else pad_left
-    ids, mask = pad(seqs, _pad_id(model))
-    width = ids.shape[1]
-    device = model.input_device
-    ids, mask = ids.to(device), mask.to(device)
-    kwargs = {"input_ids": ids, "attention_mask": mask, "use_cache": False}
-    if padding_side == "left":
-        # Real tokens must see positions 0..n-1 whatever padding precedes them.
-        kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
-    out = model.forward(body_only=True, **kwargs)
+    batch = forced_inputs(model, items, padding_side)
+    out = model.forward(body_only=True, **batch.kwargs(model.input_device))
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-
-    # Row r's target token j sits at offset + P + j and is predicted at offset + P + j - 1.
     rows, cols = [], []
-    for r, it in enumerate(items):
-        offset = 0 if padding_side == "right" else width - len(it.ids)
-        first = offset + len(it.prompt_ids) - 1
+    for r, (it, first) in enumerate(zip(items, batch.first)):
         rows.extend([r] * len(it.target_ids))
         cols.extend(range(first, first + len(it.target_ids)))
     return _scores_at(model, items, hidden, rows, cols)
@@ -200,7 +181,7 @@ def generate_ids(
         if len(limits) != len(prompts):
             raise ValueError("max_new_tokens must be one int or one per prompt")
     tok = model.tokenizer
-    pad_id = _pad_id(model)
+    pad = pad_id(model)
     stops = model.stop_ids
     encoded = [encode(tok, text) for text in model.format_prompts(prompts)]
     results: list[list[int]] = [[] for _ in prompts]
@@ -211,7 +192,7 @@ def generate_ids(
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
             new = decode_after_prefix(model, cache, shared, [encoded[i][shared:] for i in chunk],
-                                      max(limits[i] for i in chunk), stops, pad_id, complete)
+                                      max(limits[i] for i in chunk), stops, pad, complete)
             for i, row in zip(chunk, new):
                 results[i] = row[: limits[i]]
         rest.difference_update(rows)
@@ -219,10 +200,13 @@ def generate_ids(
     order = sorted(rest, key=lambda i: len(encoded[i]), reverse=True)
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
-        ids, mask = pad_left([encoded[i] for i in chunk], pad_id)
+        ids, mask = pad_left([encoded[i] for i in chunk], pad)
+        # A decoder-only model continues its prompt; an encoder-decoder's output starts
+        # with the decoder's start token instead.
+        start = 1 if model.spec.encoder_decoder else ids.shape[1]
         extra, criterion = {}, None
         if complete is not None:
-            criterion = CompletionCriterion(tok, ids.shape[1], complete, stops)
+            criterion = CompletionCriterion(tok, start, complete, stops)
             extra["stopping_criteria"] = _criteria_list(criterion)
         out = model.generate(
             input_ids=ids.to(device),
@@ -230,11 +214,11 @@ def generate_ids(
             max_new_tokens=max(limits[i] for i in chunk),
             do_sample=False,
             num_beams=1,
-            pad_token_id=pad_id,
+            pad_token_id=pad,
             eos_token_id=sorted(stops),
             **extra,
         )
-        new = out[:, ids.shape[1] :].cpu().tolist()
+        new = out[:, start:].cpu().tolist()
         for r, (i, row) in enumerate(zip(chunk, new)):
             if criterion is not None and r in criterion.ends:
                 row = row[: criterion.ends[r]]  # the rest is padding added after the row stopped

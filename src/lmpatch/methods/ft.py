@@ -253,10 +253,12 @@ register(Method(
     summary="FT-L: constrained fine-tuning of one MLP matrix, prompt-last loss",
     hparams=FTLHparams, edit=partial(apply_ft, method="ft-l"),
     paper="Zhu et al., Modifying Memories in Transformer Models, 2020",
+    encoder_decoder=True,
 ))
 register(Method(
     name="ft-m", aliases=("ftm", "ft_m"),
     summary="FT-M: fine-tuning of one MLP matrix, masked teacher-forced loss",
     hparams=FTMHparams, edit=partial(apply_ft, method="ft-m"),
     paper="Zhang et al., A Comprehensive Study of Knowledge Editing for LLMs (EasyEdit), 2024",
+    encoder_decoder=True,
 ))

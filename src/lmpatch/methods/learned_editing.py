@@ -50,10 +50,18 @@ MODULE_KINDS = ("mlp_in", "mlp_out")
 
 def top_layer_params(model: LoadedModel, top_layers: int, modules: Sequence[str]) -> list[str]:
     """Weight names of the chosen MLP matrices ("mlp_in": gate and up, "mlp_out": down) of
-    the top ``top_layers`` layers, lowest layer first."""
+    the top ``top_layers`` layers, lowest layer first.
+
+    An encoder-decoder gets the top ``top_layers`` of each stack, as MEND edits T5 (the last
+    blocks of both the encoder and the decoder): the new fact must be read from the prompt
+    (encoder) and written into the answer (decoder).
+    """
     spec = model.spec
     names = []
-    for layer in range(spec.n_layers - min(top_layers, spec.n_layers), spec.n_layers):
+    stacks = [(0, spec.encoder_layers), (spec.encoder_layers, spec.n_layers)] if spec.encoder_decoder \
+        else [(0, spec.n_layers)]
+    chosen = [i for lo, hi in stacks for i in range(max(lo, hi - top_layers), hi)]
+    for layer in chosen:
         paths = spec.layers[layer]
         for kind in modules:
             names += [f"{p}.weight" for p in (paths.mlp_in if kind == "mlp_in" else (paths.mlp_out,))]
@@ -220,7 +228,8 @@ def train_learned(method: str, model: LoadedModel, editor: nn.Module, groups: li
     for p in model.model.parameters():
         p.requires_grad_(False)
     lowest = _lowest_layer(model, editor.params)
-    bottom = FrozenBottom(model, lowest) if lowest > 0 else None
+    # An encoder-decoder's decoder reads the (edited) encoder's output: no replay there.
+    bottom = FrozenBottom(model, lowest) if lowest > 0 and not model.spec.encoder_decoder else None
 
     def step(m: LoadedModel, net: nn.Module, examples: Sequence[EditExample]):
         nll, kl = edit_losses(m, net, examples, bottom)

@@ -147,5 +147,6 @@ register(Method(
     summary="MEND: a trained network turns the edit's fine-tuning gradient into a low-rank weight change",
     hparams=MendHparams, edit=apply_mend, regimes=frozenset({"single", "batch", "sequential"}),
     paper="Mitchell et al., Fast Model Editing at Scale, ICLR 2022",
+    encoder_decoder=True,
     train=train_mend, needs_training=True, training_data=TRAINING_DATA,
 ))

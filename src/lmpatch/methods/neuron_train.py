@@ -42,10 +42,7 @@ def record_below(model: LoadedModel, layer: int, batch: TargetBatch, hosts: Sequ
         stack.enter_context(record_outputs(blocks, recorded))
         for host, store in zip(hosts, inputs):
             stack.enter_context(capture_input(host, store))
-        model.forward(
-            body_only=True, input_ids=batch.input_ids.to(model.input_device),
-            attention_mask=batch.attention_mask.to(model.input_device), use_cache=False,
-        )
+        model.forward(body_only=True, **batch.inputs(model.input_device))
     rows = batch.input_ids.shape[0]
     xs = [store[0].reshape(rows, -1, store[0].shape[-1]).float() for store in inputs]
     return blocks, recorded, xs
@@ -60,9 +57,7 @@ def replaying(blocks: list[nn.Module], recorded: list) -> Iterator[None]:
 def nll_and_fixed(model: LoadedModel, batch: TargetBatch) -> tuple[torch.Tensor, bool]:
     """The teacher-forced target loss (as :func:`lmpatch.methods.teacher.target_nll`) and
     whether every supervised token is already the model's top prediction."""
-    device = model.input_device
-    out = model.forward(body_only=True, input_ids=batch.input_ids.to(device),
-                        attention_mask=batch.attention_mask.to(device), use_cache=False)
+    out = model.forward(body_only=True, **batch.inputs(model.input_device))
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     h = hidden[batch.pos_rows.to(hidden.device), batch.pos_cols.to(hidden.device)]
     logp = torch.log_softmax(model.logits(h).float(), dim=-1)

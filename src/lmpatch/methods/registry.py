@@ -59,6 +59,8 @@ class Method:
     needs_training: bool = False
     #: the training splits ``train`` reads (each keeps records apart for tuning and validation)
     training_data: tuple[str, ...] = ("counterfact-train",)
+    #: also edits encoder-decoder models (T5); the others refuse them with one clear error
+    encoder_decoder: bool = False
     extras: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -69,7 +71,17 @@ class Method:
             raise ValueError(f"{self.name}: unknown regimes {sorted(unknown)}; known: {REGIMES}.")
 
     def one_offs(self, model: Any, hparams: Any) -> list[OneOff]:
+        self.check_model(model)
         return list(self.prepare(model, hparams)) if self.prepare is not None else []
+
+    def check_model(self, model: Any) -> None:
+        """One clear error when ``model`` is of a kind this method does not edit."""
+        if model.spec.encoder_decoder and not self.encoder_decoder:
+            able = ", ".join(m.name for m in all_methods() if m.encoder_decoder)
+            raise InvalidRequestError(
+                f"{self.name} does not edit encoder-decoder models like {model.name} ({model.spec.model_type}); "
+                f"methods that do: {able}."
+            )
 
     def capabilities(self) -> dict:
         """JSON-able description for ``lmpatch methods --json``."""
@@ -83,6 +95,7 @@ class Method:
             "needs_prepare": self.prepare is not None,
             "trainable": self.train is not None,
             "needs_training": self.needs_training,
+            "encoder_decoder": self.encoder_decoder,
             "hparams": self.hparams.__name__,
         }
 

@@ -73,7 +73,9 @@ class RROMEHparams(ROMEHparams):
 
 
 def edit_layer(model: LoadedModel, hp: ROMEHparams) -> int:
-    return model.spec.check_layer(hp.layer) if hp.layer is not None else model.spec.depth_layer(hp.layer_fraction)
+    """The layer ROME edits: a layer that reads the prompt (on T5 an encoder layer)."""
+    spec = model.spec
+    return spec.prompt_layer(hp.layer) if hp.layer is not None else spec.depth_layer(hp.layer_fraction, prompt=True)
 
 
 def key_covariance(model: LoadedModel, layer: int, hp: ROMEHparams) -> KeyCovariance | None:
@@ -153,10 +155,12 @@ register(Method(
     name="rome", summary="ROME: rank-one locate-and-edit of one MLP (Meng et al. 2022)",
     hparams=ROMEHparams, edit=partial(apply_rome, method="rome"), prepare=_one_offs,
     paper="Meng et al., Locating and Editing Factual Associations in GPT, NeurIPS 2022",
+    encoder_decoder=True,
 ))
 register(Method(
     name="r-rome", aliases=("rrome", "r_rome"),
     summary="r-ROME: ROME with consistent keys, no disabling edits (Gupta et al. 2024)",
     hparams=RROMEHparams, edit=partial(apply_rome, method="r-rome"), prepare=_one_offs,
     paper="Gupta et al., Rebuilding ROME, 2024",
+    encoder_decoder=True,
 ))

@@ -16,9 +16,9 @@ from typing import Sequence
 
 import torch
 
+from lmpatch.model.forced import forced_inputs, pair_ids
 from lmpatch.model.loading import LoadedModel
 from lmpatch.request import EditRequest
-from lmpatch.tokens import pad_right, prompt_target
 
 PROMPT_LAST = "prompt_last"
 TARGET_NEW = "target_new"
@@ -34,6 +34,11 @@ class TargetBatch:
     ``weights[i]``; the loss is -Σ weights · log p. The weights make each request's loss a
     mean over its target tokens and the batch loss a mean over requests. FT-L reads all of
     a request's target tokens from the same (last prompt) position, hence ``pick``.
+
+    ``input_ids``/``attention_mask`` are what the prompt is read from (the whole sequence,
+    or an encoder-decoder's encoder input); ``decoder_input_ids`` and
+    ``decoder_attention_mask`` are set for an encoder-decoder only, and positions then
+    index the decoder (:mod:`lmpatch.model.forced`).
     """
 
     input_ids: torch.Tensor
@@ -44,42 +49,48 @@ class TargetBatch:
     pick: torch.Tensor
     tokens: torch.Tensor
     weights: torch.Tensor
+    decoder_input_ids: torch.Tensor | None = None
+    decoder_attention_mask: torch.Tensor | None = None
+
+    def inputs(self, device: torch.device | str) -> dict:
+        """Keyword arguments of ``LoadedModel.forward`` for this batch."""
+        out = {"input_ids": self.input_ids.to(device), "attention_mask": self.attention_mask.to(device),
+               "use_cache": False}
+        if self.decoder_input_ids is not None:
+            out["decoder_input_ids"] = self.decoder_input_ids.to(device)
+            out["decoder_attention_mask"] = self.decoder_attention_mask.to(device)
+        return out
 
 
 def target_batch(model: LoadedModel, requests: Sequence[EditRequest], objective: str) -> TargetBatch:
-    tok = model.tokenizer
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    seqs: list[tuple[int, ...]] = []
+    items = [pair_ids(model, model.format_prompt(r.prompt), r.target_new) for r in requests]
+    fed = forced_inputs(model, items, prompt_only=objective == PROMPT_LAST)
     pos_rows: list[int] = []
     pos_cols: list[int] = []
     pick: list[int] = []
     tokens: list[int] = []
     weights: list[float] = []
-    for row, request in enumerate(requests):
+    for row, (pt, first) in enumerate(zip(items, fed.first)):
         # Target tokens come from the ID-level join, so a target that already starts with
         # a space does not get a second one (EasyEdit's FT always prepends one).
-        pt = prompt_target(tok, model.format_prompt(request.prompt), request.target_new)
-        n_prompt, n_target = len(pt.prompt_ids), len(pt.target_ids)
+        n_target = len(pt.target_ids)
         w = 1.0 / (n_target * len(requests))
         if objective == PROMPT_LAST:
-            seqs.append(pt.prompt_ids)
             pos_rows.append(row)
-            pos_cols.append(n_prompt - 1)
+            pos_cols.append(first)
             pick.extend([len(pos_rows) - 1] * n_target)
         else:
-            # Right padding: target token j sits at n_prompt + j and is predicted one earlier.
-            seqs.append(pt.ids)
             for j in range(n_target):
                 pos_rows.append(row)
-                pos_cols.append(n_prompt - 1 + j)
+                pos_cols.append(first + j)
                 pick.append(len(pos_rows) - 1)
         tokens.extend(pt.target_ids)
         weights.extend([w] * n_target)
-    ids, mask = pad_right(seqs, pad_id)
     return TargetBatch(
-        input_ids=ids, attention_mask=mask, n_requests=len(requests),
+        input_ids=fed.input_ids, attention_mask=fed.attention_mask, n_requests=len(requests),
         pos_rows=_long(pos_rows), pos_cols=_long(pos_cols), pick=_long(pick), tokens=_long(tokens),
         weights=torch.tensor(weights, dtype=torch.float32),
+        decoder_input_ids=fed.decoder_input_ids, decoder_attention_mask=fed.decoder_attention_mask,
     )
 
 
@@ -120,12 +131,7 @@ def _weighted_nll(model: LoadedModel, batch: TargetBatch, compute_dtype: torch.d
 
 def target_logprobs(model: LoadedModel, batch: TargetBatch, compute_dtype: torch.dtype | None) -> torch.Tensor:
     """Log-probabilities over the vocabulary where each supervised token is read, one row per token."""
-    device = model.input_device
-    out = model.forward(
-        compute_dtype=compute_dtype,
-        body_only=True,
-        input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device), use_cache=False,
-    )
+    out = model.forward(compute_dtype=compute_dtype, body_only=True, **batch.inputs(model.input_device))
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     h = hidden[batch.pos_rows.to(hidden.device), batch.pos_cols.to(hidden.device)]
     logp = torch.log_softmax(model.logits(h, compute_dtype).float(), dim=-1)

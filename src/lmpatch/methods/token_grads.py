@@ -92,15 +92,26 @@ def gradient_factors(
             stack.callback(handle.remove)
         losses = request_nll(model, batch)
         grads = torch.autograd.grad(losses.sum(), [outputs[i] for i in range(len(modules))], allow_unused=True)
-    mask = token_mask(batch.attention_mask)
-    rows, width = mask.shape
     factors = []
-    for i, g in enumerate(grads):
+    for i, (g, mask) in enumerate(zip(grads, _token_masks(model, modules, batch))):
+        rows, width = mask.shape
         # (rows, tokens, d) also where a block flattens its tokens before the MLP (OPT)
         x = inputs[i].reshape(rows, width, -1)
         g = torch.zeros(rows, width, outputs[i].shape[-1], dtype=x.dtype) if g is None else g.detach()
         factors.append(TokenFactors(inputs=x.float(), grads=g.reshape(rows, width, -1).float(), mask=mask))
     return factors, losses.detach()
+
+
+def _token_masks(model: LoadedModel, modules: Sequence[nn.Module], batch: TargetBatch) -> list[torch.Tensor]:
+    """Each module's :func:`token_mask`. In an encoder-decoder every real token carries
+    gradient: each encoder token is read by the whole target, and each decoder input
+    (the start token, then the target but its last) predicts a target token."""
+    if batch.decoder_attention_mask is None:
+        return [token_mask(batch.attention_mask)] * len(modules)
+    spec = model.spec
+    in_encoder = {id(m) for m in spec.module(model.model, spec.encoder).modules()}
+    enc, dec = batch.attention_mask.bool(), batch.decoder_attention_mask.bool()
+    return [enc if id(m) in in_encoder else dec for m in modules]
 
 
 @contextmanager

@@ -45,7 +45,7 @@ def cache_dir() -> Path:
 
 @dataclass(eq=False)
 class LoadedModel:
-    """A causal LM plus everything lmpatch needs to address it.
+    """A causal LM (or a T5-style encoder-decoder) plus everything lmpatch needs to address it.
 
     ``model`` and ``tokenizer`` are the plain ``transformers`` objects; the wrapper adds
     the module map (:attr:`spec`), a fingerprint that identifies the *base* weights (so
@@ -127,7 +127,7 @@ class LoadedModel:
 
         net = self.network(compute_dtype)
         with attention_mask_of(inputs):
-            return (self.spec.base_model(net) if body_only else net)(**inputs)
+            return self.spec.run_body(net, **inputs) if body_only else net(**inputs)
 
     def logits(self, hidden: torch.Tensor, compute_dtype: torch.dtype | None = None) -> torch.Tensor:
         """The output head applied to hidden states taken from :meth:`forward` with ``body_only``."""
@@ -364,12 +364,15 @@ def _tokenizer_from(src: Path | str, **kw: Any) -> Any:
 
 
 def _model_from(src: Path | str, dtype: torch.dtype | str, device: str, **kw: Any) -> Any:
-    from transformers import AutoModelForCausalLM
+    """A causal LM, or a sequence-to-sequence LM (T5) when the config says encoder-decoder."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, **_placement(device), **kw)
+        seq2seq = bool(getattr(AutoConfig.from_pretrained(src, **kw), "is_encoder_decoder", False))
+        auto = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
+        model = auto.from_pretrained(src, dtype=dtype, **_placement(device), **kw)
     except Exception as exc:  # noqa: BLE001 - whatever transformers raises, the files are unusable
-        raise ModelLoadError(f"Could not load a causal language model from '{src}': {exc}") from exc
+        raise ModelLoadError(f"Could not load a language model from '{src}': {exc}") from exc
     if device not in ("auto", "cpu"):
         model.to(device)
     for p in model.parameters():

@@ -1,4 +1,8 @@
-"""Where things are inside a decoder-only transformer, found from the module tree.
+"""Where things are inside a transformer LM, found from the module tree.
+
+Decoder-only models are the main case. Encoder-decoder models (the T5 family) are mapped
+the same way, stack by stack: ``layers`` lists the encoder's blocks and then the
+decoder's, so a "layer" index addresses either stack (see :class:`ModelSpec`).
 
 Research code keeps a table of module-path templates per model family
 (``transformer.h.{}.mlp.c_proj``...), which breaks on every new architecture. We instead
@@ -107,7 +111,17 @@ class ModelSpec:
 
     ``final_norm`` is empty when the model has none (OPT-350m); ``logit_scale`` and
     ``logit_softcap`` reproduce the post-processing some heads apply to their output
-    (Cohere/Granite scale, Gemma 2/3 soft-cap) so :meth:`logits` equals the model's own.
+    (Cohere/Granite scale, Gemma 2/3 soft-cap, T5's d_model^-0.5) so :meth:`logits` equals
+    the model's own.
+
+    Encoder-decoder models: ``layers`` holds the ``encoder_layers`` encoder blocks first
+    and then the decoder blocks, so layer 0 is the encoder's first block and layer
+    ``n_layers - 1`` the decoder's last; ``encoder`` and ``decoder`` are the two stacks and
+    ``final_norm`` is the decoder's (the one before the head). One index space rather than
+    two keeps every method's "which layers" setting a list of integers: MEND's "last two
+    blocks of each stack" is ``[E-2, E-1, n-2, n-1]``. Prompts are read by the encoder, so a
+    method that reads keys at prompt tokens must edit an encoder layer
+    (:meth:`prompt_layer` says which).
     """
 
     model_type: str
@@ -123,6 +137,10 @@ class ModelSpec:
     tied_embeddings: bool
     logit_softcap: float | None = None
     logit_scale: float | None = None
+    encoder_layers: int = 0
+    encoder: str = ""
+    decoder: str = ""
+    decoder_start_id: int | None = None
 
     @classmethod
     def from_model(cls, model: nn.Module) -> "ModelSpec":
@@ -133,9 +151,11 @@ class ModelSpec:
         if emb is None or head is None:
             raise LmpatchError(
                 f"{type(model).__name__} has no input embedding or language-model head; "
-                "load the model with AutoModelForCausalLM."
+                "load the model with AutoModelForCausalLM (or AutoModelForSeq2SeqLM for T5)."
             )
         hidden = _config_int(cfg, "hidden_size") or int(emb.weight.shape[-1])
+        if getattr(cfg, "is_encoder_decoder", False):
+            return _encoder_decoder_spec(cls, model, cfg, hidden, names, emb, head)
         n_layers = _config_int(cfg, "num_hidden_layers")
         d_ff_hint = _intermediate_size(cfg)
 
@@ -163,6 +183,51 @@ class ModelSpec:
         )
 
     # -- addressing -------------------------------------------------------------------
+    @property
+    def encoder_decoder(self) -> bool:
+        return self.encoder_layers > 0
+
+    def side(self, layer: int) -> str:
+        """"encoder" or "decoder" (always "decoder" for a decoder-only model)."""
+        return "encoder" if self.check_layer(layer) < self.encoder_layers else "decoder"
+
+    def prompt_layer(self, layer: int) -> int:
+        """``layer`` if it reads the prompt's tokens (any layer of a decoder-only model, an
+        encoder layer of an encoder-decoder), else one clear error."""
+        index = self.check_layer(layer)
+        if self.encoder_decoder and index >= self.encoder_layers:
+            raise LmpatchError(
+                f"Layer {index} is a decoder layer of this encoder-decoder model; this method reads the "
+                f"prompt at the subject, which only the encoder (layers 0..{self.encoder_layers - 1}) sees."
+            )
+        return index
+
+    def run_body(self, net: nn.Module, **inputs) -> object:
+        """The transformer body of ``net`` (this spec's module tree) on ``inputs``, up to the
+        final norm: ``last_hidden_state`` is what :meth:`logits` projects.
+
+        Encoder-decoder: ``input_ids``/``attention_mask`` go to the encoder and
+        ``decoder_input_ids``/``decoder_attention_mask`` to the decoder; without decoder
+        inputs the decoder reads just its start token (enough for hooks that read the
+        encoder, and the first answer token's distribution). ``position_ids`` are dropped:
+        T5's relative positions need none, whatever the padding.
+        """
+        if not self.encoder_decoder:
+            return self.base_model(net)(**inputs)
+        inputs = dict(inputs)
+        inputs.pop("position_ids", None)
+        inputs.pop("use_cache", None)
+        dec_ids = inputs.pop("decoder_input_ids", None)
+        dec_mask = inputs.pop("decoder_attention_mask", None)
+        ids, mask = inputs.pop("input_ids"), inputs.pop("attention_mask", None)
+        if dec_ids is None:
+            dec_ids = torch.full((ids.shape[0], 1), self.decoder_start_id or 0, dtype=torch.long, device=ids.device)
+        enc = _get(net, self.encoder)(input_ids=ids, attention_mask=mask, **inputs)
+        return _get(net, self.decoder)(
+            input_ids=dec_ids, attention_mask=dec_mask, encoder_hidden_states=enc.last_hidden_state,
+            encoder_attention_mask=mask, use_cache=False,
+        )
+
     def module(self, model: nn.Module, path: str) -> nn.Module:
         return _get(model, path)
 
@@ -194,11 +259,16 @@ class ModelSpec:
             )
         return index % self.n_layers
 
-    def depth_layer(self, fraction: float) -> int:
-        """The layer at ``fraction`` of the depth; defaults of every method derive from it."""
+    def depth_layer(self, fraction: float, prompt: bool = False) -> int:
+        """The layer at ``fraction`` of the depth; defaults of every method derive from it.
+
+        With ``prompt`` the depth is that of the layers that read the prompt: all of a
+        decoder-only model's, an encoder-decoder's encoder (where ROME edits T5).
+        """
         if not 0.0 <= float(fraction) <= 1.0:
             raise LmpatchError(f"Depth fraction must be between 0 and 1, got {fraction}.")
-        return min(self.n_layers - 1, max(0, round(fraction * self.n_layers)))
+        depth = self.encoder_layers if prompt and self.encoder_decoder else self.n_layers
+        return min(depth - 1, max(0, round(fraction * depth)))
 
     def logits(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         """Vocabulary logits from final (already normed) hidden states, only where asked."""
@@ -208,6 +278,42 @@ class ModelSpec:
         if self.logit_softcap:
             out = torch.tanh(out / self.logit_softcap) * self.logit_softcap
         return out
+
+
+def _encoder_decoder_spec(cls, model: nn.Module, cfg, hidden: int, names: dict[int, str], emb, head) -> ModelSpec:
+    """The spec of a T5-style model: each stack's blocks mapped as a decoder-only model's are
+    (a T5 block's sub-layers are its self-attention, its cross-attention and its MLP, and
+    the MLP is the group with the activation), encoder blocks first."""
+    encoder, decoder = model.get_encoder(), model.get_decoder()
+    d_ff_hint = _intermediate_size(cfg)
+    n_enc = _config_int(cfg, "num_layers") or _config_int(cfg, "encoder_layers")
+    n_dec = _config_int(cfg, "num_decoder_layers") or _config_int(cfg, "decoder_layers")
+    enc_list, enc_layers = _find_layers(encoder, n_enc, hidden, d_ff_hint, names)
+    dec_list, dec_layers = _find_layers(decoder, n_dec, hidden, d_ff_hint, names)
+    norm = _find_final_norm(decoder, dec_list, hidden)
+    start = getattr(model.config, "decoder_start_token_id", None)
+    scale = _logit_scale(cfg)
+    if getattr(cfg, "scale_decoder_outputs", getattr(cfg, "tie_word_embeddings", False)):
+        scale = (scale or 1.0) * hidden ** -0.5  # T5 scales the decoder output before a tied head
+    layers = enc_layers + dec_layers
+    return cls(
+        model_type=str(getattr(cfg, "model_type", "") or type(model).__name__),
+        n_layers=len(layers),
+        hidden_size=hidden,
+        mlp_size=linear_dims(_get(model, layers[0].mlp_out))[0],
+        base="",
+        layers_path=names[id(dec_list)],
+        layers=layers,
+        final_norm=names[id(norm)] if norm is not None else "",
+        embed=names[id(emb)],
+        lm_head=names[id(head)],
+        tied_embeddings=_shares_weight(head, emb),
+        logit_scale=scale,
+        encoder_layers=len(enc_layers),
+        encoder=names[id(encoder)],
+        decoder=names[id(decoder)],
+        decoder_start_id=int(start) if start is not None else None,
+    )
 
 
 # -- config -------------------------------------------------------------------------------

@@ -313,7 +313,12 @@ def optimize_value(
     config: ValueConfig = ValueConfig(),
 ) -> ValueResult:
     """Find delta so that adding it at layer ``layer`` at the subject makes the model
-    predict ``request.target_new`` after every context template (see :func:`optimize_values`)."""
+    predict ``request.target_new`` after every context template (see :func:`optimize_values`;
+    an encoder-decoder's is :mod:`lmpatch.methods.locate.seq2seq_values`)."""
+    if model.spec.encoder_decoder:
+        from lmpatch.methods.locate.seq2seq_values import optimize_value_seq2seq
+
+        return optimize_value_seq2seq(model, request, layer, templates, config)
     return optimize_values(model, [request], layer, templates, config)[0]
 
 
