@@ -138,3 +138,34 @@ def test_methods_say_whether_they_edit_encoder_decoders(t5):
     assert able == ["ft-l", "ft-m", "ke", "mend", "r-rome", "rome"]
     with pytest.raises(lmpatch.LmpatchError, match="does not edit encoder-decoder models.*methods that do: "):
         lmpatch.edit(t5, REQS[0], "memit")
+
+
+def _seq2seq(config) -> lmpatch.LoadedModel:
+    import transformers
+
+    from tiny import tokenizer
+
+    torch.manual_seed(0)
+    return lmpatch.wrap_model(transformers.AutoModelForSeq2SeqLM.from_config(config), tokenizer())
+
+
+def test_the_head_is_found_by_a_pass_not_by_config_names():
+    """T5 scales the decoder output before its head, mT5 does not (both configs say
+    tie_word_embeddings); BART adds a logits bias lmpatch does not model and is refused."""
+    import transformers
+
+    from tiny import tokenizer
+
+    tok = tokenizer()
+    mt5 = _seq2seq(transformers.MT5Config(vocab_size=len(tok), d_model=64, d_ff=128, num_heads=4, d_kv=16, num_layers=2,
+                                          pad_token_id=tok.pad_token_id, decoder_start_token_id=tok.pad_token_id))
+    assert mt5.spec.logit_scale is None and tiny_model("t5").spec.logit_scale == 64 ** -0.5
+    assert score_targets(mt5, PAIRS[:1])[0].logprobs == pytest.approx(_hf_logprobs(mt5, *PAIRS[0]).tolist(), abs=1e-4)
+    bart = _seq2seq(transformers.BartConfig(
+        vocab_size=len(tok), d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, decoder_start_token_id=tok.eos_token_id))
+    with torch.no_grad():
+        bart.model.final_logits_bias.add_(1.0)
+    with pytest.raises(lmpatch.LmpatchError, match="final_logits_bias"):
+        bart.spec

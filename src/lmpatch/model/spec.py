@@ -292,9 +292,6 @@ def _encoder_decoder_spec(cls, model: nn.Module, cfg, hidden: int, names: dict[i
     dec_list, dec_layers = _find_layers(decoder, n_dec, hidden, d_ff_hint, names)
     norm = _find_final_norm(decoder, dec_list, hidden)
     start = getattr(model.config, "decoder_start_token_id", None)
-    scale = _logit_scale(cfg)
-    if getattr(cfg, "scale_decoder_outputs", getattr(cfg, "tie_word_embeddings", False)):
-        scale = (scale or 1.0) * hidden ** -0.5  # T5 scales the decoder output before a tied head
     layers = enc_layers + dec_layers
     return cls(
         model_type=str(getattr(cfg, "model_type", "") or type(model).__name__),
@@ -308,11 +305,43 @@ def _encoder_decoder_spec(cls, model: nn.Module, cfg, hidden: int, names: dict[i
         embed=names[id(emb)],
         lm_head=names[id(head)],
         tied_embeddings=_shares_weight(head, emb),
-        logit_scale=scale,
+        logit_scale=_decoder_logit_scale(model, encoder, decoder, head, hidden, start),
         encoder_layers=len(enc_layers),
         encoder=names[id(encoder)],
         decoder=names[id(decoder)],
         decoder_start_id=int(start) if start is not None else None,
+    )
+
+
+def _decoder_logit_scale(model: nn.Module, encoder: nn.Module, decoder: nn.Module, head: nn.Module, hidden: int,
+                         start: int | None) -> float | None:
+    """What the model does between its decoder and its head, found by one short pass.
+
+    T5 multiplies the decoder's output by d_model^-0.5 before its tied head, T5 v1.1 and
+    mT5 do not, and the config says so differently in each (``scale_decoder_outputs``,
+    ``tie_word_embeddings`` or nothing). So the model's own logits are compared with the
+    head applied to the decoder's output: equal (no scale), equal after d_model^-0.5
+    (T5), or anything else (BART's ``final_logits_bias``) is one clear error.
+    """
+    first = next(model.parameters(), None)
+    if first is None or first.device.type == "meta":
+        cfg = model.config
+        return hidden ** -0.5 if getattr(cfg, "scale_decoder_outputs", False) else None
+    device = model.get_input_embeddings().weight.device
+    ids = (torch.arange(3, 6, device=device) % model.get_input_embeddings().weight.shape[0])[None]
+    dec = torch.tensor([[start or 0, int(ids[0, 0])]], device=device)
+    with torch.no_grad():
+        enc = encoder(input_ids=ids).last_hidden_state
+        body = decoder(input_ids=dec, encoder_hidden_states=enc).last_hidden_state
+        full = model(input_ids=ids, decoder_input_ids=dec).logits.float()
+        plain = head(body).float()
+    tol = 1e-4 * max(1.0, float(full.abs().max()))
+    for scale in (None, hidden ** -0.5):
+        if torch.allclose(plain * (scale or 1.0), full, atol=tol, rtol=1e-4):
+            return scale
+    raise LmpatchError(
+        f"{type(model).__name__} changes its decoder's output on the way to the vocabulary in a way lmpatch "
+        "does not model (e.g. BART's final_logits_bias); T5-style encoder-decoders are supported."
     )
 
 
