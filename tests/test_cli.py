@@ -227,6 +227,22 @@ def test_train_then_edit_with_a_learned_editor(tiny_dir, tmp_path, cache):
     assert data["method"] == "mend" and len(data["deltas"]) == 9
 
 
+def test_a_t5_directory_is_edited_by_the_methods_that_support_it(tmp_path, cache):
+    t5 = tiny_model("t5")
+    path = tmp_path / "tiny-t5"
+    t5.model.save_pretrained(path)
+    t5.tokenizer.save_pretrained(path)
+    data = parse_json(run("edit", "--model", str(path), *EIFFEL, *FAST_ROME, "--out", str(tmp_path / "t5.lmpatch"),
+                          "--json"))
+    assert data["deltas"][0]["param"].startswith("encoder.block.")  # ROME edits an encoder MLP
+    refused = run("edit", "--model", str(path), *EIFFEL, "--method", "memit")
+    assert refused.exit_code == 2
+    [line] = [line for line in refused.stderr.splitlines() if line.strip()]
+    assert "memit does not edit encoder-decoder models" in line and "rome" in line
+    listed = parse_json(run("methods", "--json"))
+    assert {m["name"] for m in listed if m["encoder_decoder"]} == {"rome", "r-rome", "ft-l", "ft-m", "mend", "ke"}
+
+
 def test_edit_default_file_name_comes_from_subject(tiny_dir, tmp_path, cache, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = run("edit", "--model", str(tiny_dir), *EIFFEL, *FAST_ROME, "--no-show")

@@ -29,10 +29,13 @@ def methods(
         table.add_column("what it does")
         table.add_column("regimes")
         table.add_column("patch holds")
+        table.add_column("T5")
         for info in infos:
             caps = info.capabilities()
-            table.add_row(info.name, info.summary, ", ".join(caps["regimes"]), ", ".join(caps["produces"]))
+            table.add_row(info.name, info.summary, ", ".join(caps["regimes"]), ", ".join(caps["produces"]),
+                          "yes" if caps["encoder_decoder"] else "-")
         out().print(table)
+        out().print("T5: also edits encoder-decoder (T5-style) models; the others edit decoder-only models.")
         out().print("Hyperparameters: [bold]lmpatch methods NAME[/]; override with [bold]--set key=value[/].")
         return
     info = get_method(name)
