@@ -243,6 +243,51 @@ def test_a_t5_directory_is_edited_by_the_methods_that_support_it(tmp_path, cache
     assert {m["name"] for m in listed if m["encoder_decoder"]} == {"rome", "r-rome", "ft-l", "ft-m", "mend", "ke"}
 
 
+def test_generate_applies_patches_in_order_and_prints_json(tiny_dir, tmp_path, cache):
+    out = tmp_path / "eiffel.lmpatch"
+    parse_json(run("edit", "--model", str(tiny_dir), *EIFFEL, *FAST_ROME, "--out", str(out), "--json", "--no-show"))
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "The Eiffel Tower is located in the city of"}\n\n"Mount Fuji is in"\n')
+    plain = parse_json(run("generate", "--model", str(tiny_dir), "--prompts", str(prompts), "--max-new-tokens", "4",
+                           "--json"))
+    patched = parse_json(run("generate", "--model", str(tiny_dir), "--prompts", str(prompts), "--max-new-tokens", "4",
+                             "--patch", str(out), "--json"))
+    assert [g["prompt"] for g in plain["generations"]] == ["The Eiffel Tower is located in the city of",
+                                                            "Mount Fuji is in"]
+    assert patched["patches"] == [Patch.load(out).patch_id] and plain["patches"] == []
+    # the same as the library's greedy decoding on the patched model
+    from lmpatch.eval.scoring import generate as greedy
+
+    model = lmpatch.load_model(str(tiny_dir))
+    with Patch.load(out).applied(model):
+        expected = greedy(model, [g["prompt"] for g in plain["generations"]], max_new_tokens=4)
+    assert [g["text"] for g in patched["generations"]] == expected
+    lines = run("generate", "--model", str(tiny_dir), "--prompt", "Mount Fuji is in", "--prompt", "Hi",
+                "--max-new-tokens", "3")
+    assert lines.exit_code == 0 and len(lines.stdout.strip().splitlines()) == 2
+    assert lines.stdout.startswith("Mount Fuji is in")
+
+
+@pytest.mark.parametrize("args, expected", [
+    ([], "either --prompt"),
+    (["--prompt", "a", "--prompts", "p.jsonl"], "either --prompt"),
+    (["--prompts", "missing.jsonl"], "does not exist"),
+    (["--prompts", "{bad}"], "is not JSON"),
+    (["--prompts", "{nokey}"], 'has no "prompt" string'),
+    (["--prompt", "a", "--patch", "nope.lmpatch"], "does not exist"),
+    (["--prompt", " "], "Prompt 1 is empty"),
+])
+def test_generate_mistakes_are_one_line(tmp_path, monkeypatch, args, expected):
+    monkeypatch.chdir(tmp_path)
+    Path("p.jsonl").write_text('{"prompt": "a"}\n')
+    Path("{bad}").write_text("not json\n")
+    Path("{nokey}").write_text('{"text": "a"}\n')
+    result = run("generate", *args)
+    assert result.exit_code == 2
+    [line] = [line for line in result.stderr.splitlines() if line.strip()]
+    assert expected in line
+
+
 def test_edit_default_file_name_comes_from_subject(tiny_dir, tmp_path, cache, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = run("edit", "--model", str(tiny_dir), *EIFFEL, *FAST_ROME, "--no-show")
