@@ -240,7 +240,7 @@ def test_a_t5_directory_is_edited_by_the_methods_that_support_it(tmp_path, cache
     [line] = [line for line in refused.stderr.splitlines() if line.strip()]
     assert "memit does not edit encoder-decoder models" in line and "rome" in line
     listed = parse_json(run("methods", "--json"))
-    assert {m["name"] for m in listed if m["encoder_decoder"]} == {"rome", "r-rome", "ft-l", "ft-m", "mend", "ke"}
+    assert {m["name"] for m in listed if m["encoder_decoder"]} == {"rome", "r-rome", "ft-l", "ft-m", "ft-ga", "mend", "ke"}
 
 
 def test_generate_applies_patches_in_order_and_prints_json(tiny_dir, tmp_path, cache):

@@ -28,6 +28,7 @@ FAST: dict[str, dict] = {
     "kn": dict(steps=4, max_neurons=5),
     "ft-l": dict(steps=3),
     "ft-m": dict(steps=3),
+    "ft-ga": dict(steps=3),
     "grace": dict(steps=5),
     # the paper's act_ratio: after 5 steps on a random model the edit prompt's Δ without its
     # target sits too close to the recorded one for the 0.98 tuned on SmolLM2
@@ -40,6 +41,7 @@ FAST: dict[str, dict] = {
     "mello": dict(),  # the trained classifier has its own test (test_memory_editors)
     "mend": dict(steps=2, batch_size=2, rank=4),  # trained first, for each tiny model (see below)
     "ke": dict(steps=2, batch_size=2, hidden=4),
+    "depn": dict(steps=2, erase_kn_num=5),
 }
 # (method, arch) pairs a method refuses with one clear error, and why.
 UNSUPPORTED: dict[tuple[str, str], str] = {

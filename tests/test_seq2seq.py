@@ -135,7 +135,7 @@ def test_rome_optimises_its_value_in_the_encoder_and_raises_the_target(t5, tmp_p
 
 def test_methods_say_whether_they_edit_encoder_decoders(t5):
     able = sorted(m.name for m in all_methods() if m.capabilities()["encoder_decoder"])
-    assert able == ["ft-l", "ft-m", "ke", "mend", "r-rome", "rome"]
+    assert able == ["ft-ga", "ft-l", "ft-m", "ke", "mend", "r-rome", "rome"]
     with pytest.raises(lmpatch.LmpatchError, match="does not edit encoder-decoder models.*methods that do: "):
         lmpatch.edit(t5, REQS[0], "memit")
 

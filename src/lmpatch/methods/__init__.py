@@ -20,3 +20,4 @@ from lmpatch.methods import serac  # noqa: F401
 from lmpatch.methods import mello  # noqa: F401
 from lmpatch.methods import mend  # noqa: F401
 from lmpatch.methods import ke  # noqa: F401
+from lmpatch.methods import depn  # noqa: F401

@@ -11,6 +11,9 @@ loss and in the constraint:
   one-token target the two losses coincide; only the constraint then tells them apart.
 * **FT-M** (EasyEdit ``target_new``, the strong baseline of KnowEdit) is teacher-forced
   cross-entropy over the target tokens only, normalised by target length, unconstrained.
+* **FT-GA** (``ascent``), the unlearning baseline: gradient *ascent* on the teacher-forced
+  NLL of each request's ``target_true`` (what is to be forgotten), until its mean NLL
+  exceeds ``stop_loss``.
 
 As every lmpatch method, this computes a :class:`~lmpatch.patch.Patch` and leaves the
 caller's model bit-exactly as it found it: the originals are saved, the model is trained
@@ -34,11 +37,13 @@ from lmpatch.model.loading import LoadedModel
 from lmpatch.patch import Patch, WeightDelta
 from lmpatch.request import EditRequest
 
-__all__ = ["FTHparams", "FTLHparams", "FTMHparams", "apply_ft", "ft_params"]
+__all__ = ["FTGAHparams", "FTHparams", "FTLHparams", "FTMHparams", "apply_ft", "ft_params"]
 
 log = logging.getLogger(__name__)
 
 MODULES = ("mlp_out", "mlp_in", "attn_out")
+ASCENT = "ascent"
+FT_OBJECTIVES = OBJECTIVES + (ASCENT,)
 
 
 @dataclass(frozen=True)
@@ -60,7 +65,7 @@ class FTHparams:
     steps: int = 25                        # passes over all requests (epochs)
     norm_constraint: float | None = 5e-3   # L-inf radius around the original weights; None = off
     stop_loss: float = 1e-2                # stop once a pass's mean loss is below this
-    objective: str = PROMPT_LAST           # or "target_new"
+    objective: str = PROMPT_LAST           # or "target_new", or "ascent" (unlearn target_true)
     batch_size: int = 8
 
 
@@ -91,13 +96,28 @@ class FTMHparams(FTHparams):
     norm_constraint: float | None = None
 
 
+@dataclass(frozen=True)
+class FTGAHparams(FTHparams):
+    """FT-GA: gradient ascent on the answer to forget (``target_true``), the usual unlearning
+    baseline. It stops once the answers' mean NLL exceeds ``stop_loss`` nats per token
+    (here a lower bound, not an upper one): unbounded ascent wrecks the model. Trains the
+    MLP output matrices of the layers at 0.66 of the depth and below it (three layers)."""
+
+    objective: str = ASCENT
+    layers: tuple[int, ...] | None = None
+    lr: float = 1e-4
+    steps: int = 20
+    norm_constraint: float | None = None
+    stop_loss: float = 6.0
+
+
 # --------------------------------------------------------------------------- validation
 
 
 def _check_hparams(hp: FTHparams) -> None:
     """Reject settings that would make training silently do nothing or diverge."""
-    if hp.objective not in OBJECTIVES:
-        raise InvalidRequestError(f"Unknown FT objective {hp.objective!r}; choose one of {', '.join(OBJECTIVES)}.")
+    if hp.objective not in FT_OBJECTIVES:
+        raise InvalidRequestError(f"Unknown FT objective {hp.objective!r}; choose one of {', '.join(FT_OBJECTIVES)}.")
     if not hp.modules:
         raise InvalidRequestError(f"FT needs at least one module to train; choose from {', '.join(MODULES)}.")
     unknown = [m for m in hp.modules if m not in MODULES]
@@ -122,6 +142,9 @@ def _check_hparams(hp: FTHparams) -> None:
 def _layers(model: LoadedModel, hp: FTHparams) -> list[int]:
     spec = model.spec
     try:
+        if hp.layers is None and hp.objective == ASCENT:
+            top = spec.depth_layer(hp.layer_fraction)
+            return list(range(max(0, top - 2), top + 1))
         if hp.layers is None:
             return [spec.depth_layer(hp.layer_fraction)]
         return sorted({spec.check_layer(layer) for layer in hp.layers})
@@ -155,12 +178,14 @@ def ft_params(model: LoadedModel, hp: FTHparams) -> list[str]:
 
 
 def _train(model: LoadedModel, params: list[torch.nn.Parameter], batches: list[TargetBatch], hp: FTHparams) -> list[float]:
-    """Adam on ``params`` in place; returns the mean loss of each pass over the batches.
+    """Adam on ``params`` in place; returns the mean loss (NLL) of each pass over the batches.
 
     The L-inf projection follows every optimiser step (as in ROME's FT+L). The stop test
     uses the pass's mean loss over requests, each batch's loss measured before its own
-    update, as both reference implementations do.
+    update, as both reference implementations do. Gradient ascent (``ascent``) maximises
+    the NLL and stops once it is above ``stop_loss``.
     """
+    ascent = hp.objective == ASCENT
     optimizer = torch.optim.Adam(params, lr=hp.lr)
     bounds = None
     if hp.norm_constraint is not None:
@@ -172,7 +197,7 @@ def _train(model: LoadedModel, params: list[torch.nn.Parameter], batches: list[T
         for batch in batches:
             optimizer.zero_grad(set_to_none=True)
             loss = target_nll(model, batch)
-            loss.backward()
+            (-loss if ascent else loss).backward()
             optimizer.step()
             if bounds is not None:
                 with torch.no_grad():
@@ -182,9 +207,14 @@ def _train(model: LoadedModel, params: list[torch.nn.Parameter], batches: list[T
         history.append(total / sum(b.n_requests for b in batches))
         if not math.isfinite(history[-1]):
             raise LmpatchError(f"FT diverged (loss {history[-1]}); lower the learning rate `lr`.")
-        if history[-1] < hp.stop_loss:
+        if (history[-1] > hp.stop_loss) if ascent else (history[-1] < hp.stop_loss):
             break
     return history
+
+
+def _forget_view(request: EditRequest) -> EditRequest:
+    """The request whose teacher-forced target is the answer to forget."""
+    return EditRequest(prompt=request.prompt, subject=request.subject, target_new=request.target_true)
 
 
 def apply_ft(
@@ -199,7 +229,11 @@ def apply_ft(
     if not requests:
         raise InvalidRequestError("FT needs at least one edit request.")
     names = ft_params(model, hp)
-    method = method or ("ft-l" if hp.objective == PROMPT_LAST else "ft-m")
+    method = method or {PROMPT_LAST: "ft-l", TARGET_NEW: "ft-m", ASCENT: "ft-ga"}[hp.objective]
+    if hp.objective == ASCENT:
+        missing = [r.prompt for r in requests if not r.target_true]
+        if missing:
+            raise InvalidRequestError(f"FT-GA forgets each request's target_true; {missing[0]!r} has none.")
 
     net = model.model
     chosen = [net.get_parameter(n) for n in names]
@@ -216,9 +250,10 @@ def apply_ft(
         # Also under a caller's inference_mode: the batches are built inside, so that the
         # token tensors autograd saves are ordinary tensors.
         with torch.inference_mode(False), torch.enable_grad():
+            read = [_forget_view(r) for r in requests] if hp.objective == ASCENT else requests
             batches = [
-                target_batch(model, requests[i : i + hp.batch_size], hp.objective)
-                for i in range(0, len(requests), hp.batch_size)
+                target_batch(model, read[i : i + hp.batch_size], TARGET_NEW if hp.objective == ASCENT else hp.objective)
+                for i in range(0, len(read), hp.batch_size)
             ]
             history = _train(model, chosen, batches, hp)
         with torch.no_grad():
@@ -260,5 +295,12 @@ register(Method(
     summary="FT-M: fine-tuning of one MLP matrix, masked teacher-forced loss",
     hparams=FTMHparams, edit=partial(apply_ft, method="ft-m"),
     paper="Zhang et al., A Comprehensive Study of Knowledge Editing for LLMs (EasyEdit), 2024",
+    encoder_decoder=True,
+))
+register(Method(
+    name="ft-ga", aliases=("ftga", "ft_ga", "gradient-ascent"),
+    summary="FT-GA: gradient ascent on the answer to forget (target_true), the unlearning baseline",
+    hparams=FTGAHparams, edit=partial(apply_ft, method="ft-ga"),
+    paper="Jang et al., Knowledge Unlearning for Mitigating Privacy Risks in Language Models, ACL 2023",
     encoder_decoder=True,
 ))

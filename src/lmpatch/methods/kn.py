@@ -17,7 +17,6 @@ requests are attributed on the unedited model and their changes summed.
 from __future__ import annotations
 
 import logging
-from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
@@ -25,8 +24,8 @@ import torch
 
 from lmpatch.errors import LmpatchError
 from lmpatch.methods.locate.batch import weight_delta
+from lmpatch.methods.neuron_attribution import neuron_attributions
 from lmpatch.methods.registry import Method, register
-from lmpatch.model.hooks import edit_input, record_outputs, replay_outputs
 from lmpatch.model.loading import LoadedModel
 from lmpatch.patch import Patch
 from lmpatch.request import EditRequest
@@ -62,46 +61,9 @@ class KNHparams:
 
 def attributions(model: LoadedModel, ids: list[int], target: int, layers: Sequence[int], steps: int) -> torch.Tensor:
     """Integrated-gradients attribution of every MLP neuron at the last position of ``ids``
-    for predicting ``target``, (len(layers), d_ff) float32.
-
-    The lower blocks see the same input for every α, so one no-grad pass records every
-    block's output and each layer's pass replays the blocks below it.
-    """
-    spec = model.spec
-    net = model.model
-    dev = model.input_device
-    batch = torch.tensor([ids] * steps, device=dev)
-    alphas = torch.arange(1, steps + 1, device=dev, dtype=torch.float32) / steps
-    blocks = [spec.block(net, i) for i in range(spec.n_layers)]
-    recorded: list = []
-    baselines: dict[int, torch.Tensor] = {}
-
-    def keep_baseline(layer):
-        def fn(x):  # (OPT feeds its MLP flattened tokens: reshape to rows first)
-            baselines[layer] = x.reshape(steps, -1, x.shape[-1])[0, -1].detach().clone()
-            return x
-        return fn
-
-    with torch.no_grad(), ExitStack() as stack:
-        stack.enter_context(record_outputs(blocks, recorded))
-        for layer in layers:
-            stack.enter_context(edit_input(spec.mlp_out(net, layer), keep_baseline(layer)))
-        model.forward(body_only=True, input_ids=batch, use_cache=False)
-    out = torch.zeros(len(layers), spec.mlp_size)
-    for row, layer in enumerate(layers):
-        w = baselines[layer]
-        scaled = (alphas[:, None] * w.float()[None, :]).requires_grad_(True)
-
-        def swap(x, scaled=scaled):
-            x3 = x.reshape(steps, -1, x.shape[-1])
-            return torch.cat([x3[:, :-1], scaled.to(x.dtype)[:, None, :]], dim=1).reshape(x.shape)
-
-        with replay_outputs(blocks[:layer], recorded[:layer]), edit_input(spec.mlp_out(net, layer), swap):
-            hidden = model.forward(body_only=True, input_ids=batch, use_cache=False).last_hidden_state[:, -1]
-            prob = torch.softmax(model.logits(hidden).float(), dim=-1)[:, target]
-            (grad,) = torch.autograd.grad(prob.sum(), scaled)
-        out[row] = (w.float() * grad.mean(0)).detach().cpu()
-    return out
+    for predicting ``target``, (len(layers), d_ff) float32
+    (:func:`lmpatch.methods.neuron_attribution.neuron_attributions` at one position)."""
+    return neuron_attributions(model, ids, [len(ids) - 1], [target], layers, steps)
 
 
 def apply_kn(model: LoadedModel, requests: Sequence[EditRequest], hp: KNHparams, method: str = "kn") -> Patch:
@@ -135,17 +97,32 @@ def apply_kn(model: LoadedModel, requests: Sequence[EditRequest], hp: KNHparams,
                 columns[layer][neuron] = shift.clone() if current is None else current + shift
         infos.append({"neurons": len(chosen), "layers": sorted({layers[r] for r, _ in chosen}),
                       "original_token": original, "max_attribution": float(attr.max())})
+    return Patch(
+        parts=column_deltas(model, columns), method=method, model_fingerprint=model.fingerprint, model_name=model.name,
+        hparams=asdict(hp), requests=list(requests), metrics={"edit": {"requests": infos}},
+    )
+
+
+def column_deltas(model: LoadedModel, columns: dict[int, dict[int, torch.Tensor]]) -> list:
+    """Weight deltas that add ``columns[layer][neuron]`` (a d-vector) to those neurons' output
+    vectors: per layer one low-rank delta, the vectors times one-hot rows."""
     deltas = []
     for layer in sorted(columns):
         neurons = sorted(columns[layer])
         left = torch.stack([columns[layer][i] for i in neurons], dim=1)              # d × k
-        right = torch.zeros(len(neurons), spec.mlp_size)
+        right = torch.zeros(len(neurons), model.spec.mlp_size)
         right[torch.arange(len(neurons)), torch.tensor(neurons)] = 1.0              # k × d_ff
         deltas.append(weight_delta(model, layer, left, right))
-    return Patch(
-        parts=deltas, method=method, model_fingerprint=model.fingerprint, model_name=model.name,
-        hparams=asdict(hp), requests=list(requests), metrics={"edit": {"requests": infos}},
-    )
+    return deltas
+
+
+def erase_columns(model: LoadedModel, neurons: Sequence[tuple[int, int]]) -> list:
+    """Deltas that set the output vectors of the (layer, neuron) pairs to zero (the neurons
+    then contribute nothing, whatever their activation)."""
+    columns: dict[int, dict[int, torch.Tensor]] = {}
+    for layer, neuron in neurons:
+        columns.setdefault(layer, {})[neuron] = -_out_matrix(model, layer)[:, neuron].float().cpu()
+    return column_deltas(model, columns)
 
 
 def _select(attr: torch.Tensor, threshold: float, cap: int) -> list[tuple[int, int]]:

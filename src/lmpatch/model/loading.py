@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import re
-import shutil
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -24,7 +23,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from lmpatch.errors import ModelLoadError
-from lmpatch.fileio import share_like_new_files
+from lmpatch.fileio import atomic_dir
 from lmpatch.progress import quiet_transformers
 
 log = logging.getLogger(__name__)
@@ -468,24 +467,13 @@ def _gguf_float32_copy(gguf_path: Path, cache_name: str | None = None) -> Path:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.is_quantized = False
-    tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
     try:
-        tmp.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
-        share_like_new_files(tmp)  # safetensors writes 0600; the cache may be shared
-        if dest.exists() and not _is_model_dir(dest):  # left over from an older crash
-            shutil.rmtree(dest, ignore_errors=True)
-        try:
-            tmp.rename(dest)
-        except OSError:
-            if not _is_model_dir(dest):  # not a lost race with an equally good copy
-                raise
+        with atomic_dir(dest) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            tok.save_pretrained(tmp)
     except OSError as exc:
         raise ModelLoadError(
             f"Could not write the float32 copy of '{gguf_path.name}' to {dest.parent}: {exc}. "
             "Set LMPATCH_CACHE to a writable directory."
         ) from exc
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return dest
