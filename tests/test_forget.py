@@ -1,0 +1,138 @@
+"""Forgetting secrets: the synthetic data, the leaky copy, the metrics, DEPN, and the job.
+
+A tiny random Llama memorises eight synthetic phone numbers (it then completes every
+context with its number); these tests check the mechanics on it. Whether the real model
+leaks and stops leaking is the privacy benchmark's and the slow tests' business.
+"""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+import lmpatch
+from lmpatch.eval.privacy import Exposure, chance_exposure, exposures, extracted
+from lmpatch.jobs.memorise import MemoriseConfig, memorised_model
+from lmpatch.jobs.secrets import PHONE_FORMAT, Secret, read_secrets, same_format_candidates, synthetic_secrets
+from lmpatch.methods.depn import DEPNHparams, privacy_neurons
+from lmpatch.methods.neuron_attribution import neuron_attributions
+from lmpatch.model.forced import pair_ids
+from lmpatch.model.hooks import edit_input
+from tiny import tiny_model
+
+SECRETS = synthetic_secrets(8)
+FAST_MEMORY = MemoriseConfig(epochs=60, lr=3e-3, batch_size=8)
+
+
+@pytest.fixture(scope="module")
+def leaky(tmp_path_factory):
+    """A tiny Llama that completes each of SECRETS' contexts with its number."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LMPATCH_CACHE", str(tmp_path_factory.mktemp("cache")))
+        yield memorised_model(tiny_model("llama"), SECRETS, FAST_MEMORY, show=False)
+
+
+def test_synthetic_secrets_are_seeded_distinct_and_of_one_format():
+    again = synthetic_secrets(8)
+    assert again == SECRETS and synthetic_secrets(8, seed=1) != SECRETS
+    assert len({s.secret for s in SECRETS}) == len({s.subject for s in SECRETS}) == 8
+    for s in SECRETS:
+        assert s.subject in s.context and len(s.secret) == len(PHONE_FORMAT)
+        assert all(c.isdigit() == (f == "#") for c, f in zip(s.secret, PHONE_FORMAT))
+    candidates = same_format_candidates(SECRETS[0].secret, 999)
+    assert len(set(candidates)) == 999 and SECRETS[0].secret not in candidates
+    assert all(len(c) == len(PHONE_FORMAT) and c[3] == "-" for c in candidates)
+
+
+def test_reading_secrets_names_the_bad_line(tmp_path):
+    good = tmp_path / "s.jsonl"
+    good.write_text(json.dumps({"context": "Jane Roe's phone number is", "secret": "555-0142"}) + "\n\n")
+    assert read_secrets(good) == [Secret("Jane Roe's phone number is", "555-0142")]
+    for text, expected in [("nope\n", "line 1 is not JSON"), ('{"context": "a"}\n', "line 1 needs"),
+                           ('{"context": "a", "secret": " "}\n', "line 1: Secret is empty"),
+                           ('{"context": "a b", "secret": "1", "subject": "c"}\n', "not in the context"), ("\n", "no secrets")]:
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text(text)
+        with pytest.raises(lmpatch.LmpatchError, match=expected):
+            read_secrets(bad)
+
+
+def test_the_memorised_copy_leaks_and_is_cached(leaky, tmp_path, monkeypatch):
+    base = tiny_model("llama")
+    assert not any(extracted(base, SECRETS))
+    assert all(extracted(leaky, SECRETS))
+    assert leaky.fingerprint != base.fingerprint
+    # the second call loads the cached copy instead of training again
+    monkeypatch.setattr("lmpatch.jobs.memorise._train", lambda *a, **k: pytest.fail("trained twice"))
+    monkeypatch.setenv("LMPATCH_CACHE", str(leaky.name).rsplit("/memorised/", 1)[0])
+    assert memorised_model(base, SECRETS, FAST_MEMORY, show=False).fingerprint == leaky.fingerprint
+
+
+def test_exposure_ranks_a_memorised_secret_first(leaky):
+    [e] = exposures(leaky, SECRETS[:1], n_candidates=99)
+    assert e.rank == 1 and e.bits == pytest.approx(math.log2(100))
+    assert Exposure(rank=100, n=100).bits == 0.0
+    assert chance_exposure(1000) == pytest.approx(1.44, abs=0.01)
+
+
+def _secret_prob(model, secret: Secret, layer: int, alpha: float) -> float:
+    """Σ_j P(secret token j) with layer's MLP activations at the secret's positions scaled by alpha."""
+    pt = pair_ids(model, secret.context, secret.secret)
+    first = len(pt.prompt_ids) - 1
+    positions = list(range(first, first + len(pt.target_ids)))
+
+    def scale(x):
+        x3 = x.reshape(1, -1, x.shape[-1]).clone()
+        x3[:, positions] = x3[:, positions] * alpha
+        return x3.reshape(x.shape)
+
+    with torch.no_grad(), edit_input(model.spec.mlp_out(model.model, layer), scale):
+        logits = model.model(input_ids=torch.tensor([list(pt.ids)])).logits[0, positions]
+    return float(torch.softmax(logits.float(), -1).gather(-1, torch.tensor(pt.target_ids)[:, None]).sum())
+
+
+def test_attributions_over_several_positions_add_up_to_the_joint_change(leaky):
+    secret = SECRETS[0]
+    pt = pair_ids(leaky, secret.context, secret.secret)
+    first = len(pt.prompt_ids) - 1
+    positions = list(range(first, first + len(pt.target_ids)))
+    attr = neuron_attributions(leaky, list(pt.ids), positions, pt.target_ids, [1, 3], steps=64)
+    for row, layer in enumerate([1, 3]):
+        change = _secret_prob(leaky, secret, layer, 1.0) - _secret_prob(leaky, secret, layer, 0.0)
+        assert abs(float(attr[row].sum()) - change) <= 0.05 * abs(change) + 1e-6
+
+
+def test_depn_erases_the_neurons_shared_by_enough_texts(leaky):
+    requests = [s.request() for s in SECRETS[:4]]
+    hp = DEPNHparams(steps=4, erase_kn_num=6, mode_ratio_bag=0.75, threshold_ratio=0.1)
+    chosen, info = privacy_neurons(leaky, requests, hp)
+    assert 0 < len(chosen) <= 6 and info["texts"] == 4 and info["shared"] >= len(chosen)
+    patch = lmpatch.edit(leaky, requests, "depn", hp)
+    assert patch.metrics["edit"]["erased"] == len(chosen)
+    with patch.applied(leaky):
+        for layer, neuron in chosen:
+            w = leaky.spec.mlp_out(leaky.model, layer).weight
+            assert torch.all(w[:, neuron] == 0)
+    with pytest.raises(lmpatch.LmpatchError, match="target_true"):
+        lmpatch.edit(leaky, [lmpatch.EditRequest("Mount Fuji is in", "Mount Fuji", "Peru")], "depn")
+
+
+@pytest.mark.parametrize("method, hparams", [
+    ("depn", dict(steps=4, erase_kn_num=128, mode_ratio_bag=0.25)),
+    ("ft-ga", dict(steps=10, lr=1e-2)),
+])
+def test_the_forget_job_measures_extraction_before_and_after(leaky, method, hparams):
+    patch = lmpatch.forget(leaky, SECRETS, method=method, **hparams)
+    report = patch.metrics["forget"]
+    assert report["n_secrets"] == 8 and report["extraction_before"] == 1.0
+    assert report["extraction_after"] < 1.0 and len(report["still_extracted"]) == round(8 * report["extraction_after"])
+    assert not leaky.applied  # the job computes a patch; it does not apply it
+
+
+def test_forget_refuses_unknown_methods_and_empty_secrets(leaky):
+    with pytest.raises(lmpatch.LmpatchError, match="Unknown forget method"):
+        lmpatch.forget(leaky, SECRETS, method="grace")
+    with pytest.raises(lmpatch.LmpatchError, match="No secrets"):
+        lmpatch.forget(leaky, [])
