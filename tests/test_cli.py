@@ -288,6 +288,32 @@ def test_generate_mistakes_are_one_line(tmp_path, monkeypatch, args, expected):
     assert expected in line
 
 
+def test_forget_writes_a_patch_and_reports_extraction(tiny_dir, tmp_path, cache):
+    secrets = tmp_path / "secrets.jsonl"
+    secrets.write_text('{"context": "Jane Roe\'s phone number is", "secret": "555-0142", "subject": "Jane Roe"}\n')
+    out = tmp_path / "f.lmpatch"
+    data = parse_json(run("forget", "--model", str(tiny_dir), "--secrets", str(secrets), "--method", "ft-ga",
+                          "--set", "steps=2", "--out", str(out), "--json"))
+    assert data["n_secrets"] == 1 and data["method"] == "ft-ga" and Path(data["path"]) == out
+    assert 0 <= data["extraction_before"] <= 1 and 0 <= data["extraction_after"] <= 1
+    assert Patch.load(out).patch_id == data["patch_id"]
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--method", "grace", "--context", "a", "--secret", "b"], "Unknown forget method"),
+    ([], "either --secrets"),
+    (["--context", "a"], "go together"),
+    (["--secrets", "missing.jsonl"], "does not exist"),
+    (["--context", "a", "--secret", "b", "--set", "nope=1"], "Unknown hyperparameter"),
+])
+def test_forget_mistakes_are_one_line(args, expected, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = run("forget", *args)
+    assert result.exit_code == 2
+    [line] = [line for line in result.stderr.splitlines() if line.strip()]
+    assert expected in line
+
+
 def test_edit_default_file_name_comes_from_subject(tiny_dir, tmp_path, cache, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = run("edit", "--model", str(tiny_dir), *EIFFEL, *FAST_ROME, "--no-show")
