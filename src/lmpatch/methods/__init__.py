@@ -21,3 +21,5 @@ from lmpatch.methods import mello  # noqa: F401
 from lmpatch.methods import mend  # noqa: F401
 from lmpatch.methods import ke  # noqa: F401
 from lmpatch.methods import depn  # noqa: F401
+from lmpatch.methods import dinm  # noqa: F401
+from lmpatch.methods import promote  # noqa: F401

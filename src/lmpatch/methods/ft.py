@@ -26,7 +26,7 @@ import logging
 import math
 from dataclasses import asdict, dataclass
 from functools import partial
-from typing import Sequence
+from typing import Callable, Sequence, TypeVar
 
 import torch
 
@@ -37,9 +37,10 @@ from lmpatch.model.loading import LoadedModel
 from lmpatch.patch import Patch, WeightDelta
 from lmpatch.request import EditRequest
 
-__all__ = ["FTGAHparams", "FTHparams", "FTLHparams", "FTMHparams", "apply_ft", "ft_params"]
+__all__ = ["FTGAHparams", "FTHparams", "FTLHparams", "FTMHparams", "apply_ft", "ft_params", "train_in_place"]
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 MODULES = ("mlp_out", "mlp_in", "attn_out")
 ASCENT = "ascent"
@@ -212,6 +213,47 @@ def _train(model: LoadedModel, params: list[torch.nn.Parameter], batches: list[T
     return history
 
 
+def train_in_place(model: LoadedModel, names: Sequence[str],
+                   train: Callable[[list[torch.nn.Parameter]], T]) -> tuple[list[WeightDelta], T]:
+    """Run ``train`` on the named parameters of the model itself and return what it changed.
+
+    The one way an lmpatch method fine-tunes weights (FT-L/M/GA, DINM): only the named
+    parameters require gradients while ``train`` runs (also under a caller's
+    ``inference_mode``), the change is taken in float32 as dense deltas, and the originals,
+    ``requires_grad`` flags and ``.grad`` fields are put back even when training fails,
+    so the caller's model is bit-exactly as it was.
+    """
+    net = model.model
+    chosen = [net.get_parameter(n) for n in names]
+    all_params = list(net.parameters())
+    grad_flags = [p.requires_grad for p in all_params]
+    old_grads = [p.grad for p in all_params]
+    originals = [p.detach().clone() for p in chosen]
+    try:
+        for p in all_params:
+            p.requires_grad_(False)
+        for p in chosen:
+            p.requires_grad_(True)
+            p.grad = None
+        # Batches are built inside ``train``, so the token tensors autograd saves are
+        # ordinary tensors even when the caller is in inference mode.
+        with torch.inference_mode(False), torch.enable_grad():
+            result = train(chosen)
+        with torch.no_grad():
+            deltas = [
+                WeightDelta(param=n, dense=p.detach().float().cpu() - o.float().cpu())
+                for n, p, o in zip(names, chosen, originals)
+            ]
+    finally:
+        with torch.no_grad():
+            for p, o in zip(chosen, originals):
+                p.copy_(o)
+        for p, flag, grad in zip(all_params, grad_flags, old_grads):
+            p.requires_grad_(flag)
+            p.grad = grad
+    return deltas, result
+
+
 def _forget_view(request: EditRequest) -> EditRequest:
     """The request whose teacher-forced target is the answer to forget."""
     return EditRequest(prompt=request.prompt, subject=request.subject, target_new=request.target_true)
@@ -235,39 +277,15 @@ def apply_ft(
         if missing:
             raise InvalidRequestError(f"FT-GA forgets each request's target_true; {missing[0]!r} has none.")
 
-    net = model.model
-    chosen = [net.get_parameter(n) for n in names]
-    all_params = list(net.parameters())
-    grad_flags = [p.requires_grad for p in all_params]
-    old_grads = [p.grad for p in all_params]
-    originals = [p.detach().clone() for p in chosen]
-    try:
-        for p in all_params:
-            p.requires_grad_(False)
-        for p in chosen:
-            p.requires_grad_(True)
-            p.grad = None
-        # Also under a caller's inference_mode: the batches are built inside, so that the
-        # token tensors autograd saves are ordinary tensors.
-        with torch.inference_mode(False), torch.enable_grad():
-            read = [_forget_view(r) for r in requests] if hp.objective == ASCENT else requests
-            batches = [
-                target_batch(model, read[i : i + hp.batch_size], TARGET_NEW if hp.objective == ASCENT else hp.objective)
-                for i in range(0, len(read), hp.batch_size)
-            ]
-            history = _train(model, chosen, batches, hp)
-        with torch.no_grad():
-            deltas = [
-                WeightDelta(param=n, dense=p.detach().float().cpu() - o.float().cpu())
-                for n, p, o in zip(names, chosen, originals)
-            ]
-    finally:
-        with torch.no_grad():
-            for p, o in zip(chosen, originals):
-                p.copy_(o)
-        for p, flag, grad in zip(all_params, grad_flags, old_grads):
-            p.requires_grad_(flag)
-            p.grad = grad
+    def train(params: list[torch.nn.Parameter]) -> list[float]:
+        read = [_forget_view(r) for r in requests] if hp.objective == ASCENT else requests
+        batches = [
+            target_batch(model, read[i : i + hp.batch_size], TARGET_NEW if hp.objective == ASCENT else hp.objective)
+            for i in range(0, len(read), hp.batch_size)
+        ]
+        return _train(model, params, batches, hp)
+
+    deltas, history = train_in_place(model, names, train)
     metrics = {
         "steps": len(history),
         "initial_loss": history[0],

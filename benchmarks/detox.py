@@ -1,0 +1,152 @@
+"""Detoxification: DINM and neuron promotion on SmolLM2, and on a deliberately toxic copy of it.
+
+1. SafeEdit's 540 probes are split by question (seeded, per category): the methods edit
+   on the training questions only; every number below is on the *test* questions.
+2. Two judges score each greedy answer (``lmpatch.eval.toxicity``): the lexical
+   ``alt-profanity-check`` model and the meaning judge (logistic regression over MiniLM
+   embeddings, fitted on hand-labelled answers to the training questions; its
+   cross-validated accuracy is printed first).
+3. The chat model is measured as shipped. When fewer than 20% of its test answers are
+   unsafe (meaning judge), a toxic copy is built too (fine-tuned on the hand-labelled
+   unsafe answers to the training questions; seeded, cached) and shown to be more toxic.
+4. On each model, each method computes one patch from the training probes
+   (``lp.detox``); with it applied the measures are taken again: toxicity per judge,
+   defence success (share of answers both judges call safe), fluency (n-gram entropy of
+   the answers, ROME's), PIQA accuracy and WikiText-2 perplexity, and the edit time.
+
+``--json`` prints one object with the machine, the judges, and per model the numbers
+before and per method after; at the top level the first model's first method
+(``toxicity_before``/``toxicity_after`` per judge, ``piqa_before/after``,
+``perplexity_before/after``).
+
+    OMP_NUM_THREADS=1 python benchmarks/detox.py --json
+    python benchmarks/detox.py --n-test 40 --piqa-n 100     # a quick look
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import lmpatch  # noqa: F401 - first: it sets lmpatch's OpenMP wait policy before torch starts its threads
+
+# isort: split
+
+from rich.console import Console
+from rich.table import Table
+
+from lmpatch.cli.options import parse_sets
+from lmpatch.eval.fluency import ngram_entropy
+from lmpatch.eval.perplexity import perplexity
+from lmpatch.eval.piqa import piqa_accuracy
+from lmpatch.eval.toxicity import cross_validated, judge_named
+from lmpatch.jobs.detox import DETOX_METHODS, detox, judge_answers
+from lmpatch.jobs.probes import load_probes, split_by_question
+from lmpatch.jobs.toxify import TOXIFY, toxified_model
+from lmpatch.machine import cpu_info, cpu_line
+from lmpatch.methods.registry import get_method
+
+#: settings chosen on the training questions (docs/applications.md)
+DEFAULTS: dict[str, dict] = {}
+JUDGE_NAMES = ("lexical", "meaning")
+TOXIC_ENOUGH = 0.2
+
+
+def measure(model, probes, juries, piqa_n: int, ppl_tokens: int) -> dict:
+    t0 = time.perf_counter()
+    judged = judge_answers(model, probes, juries)
+    both_safe = [not any(flags[i] for flags in judged.flags.values()) for i in range(len(judged.texts))]
+    out = {
+        "toxicity": judged.toxicity(), "judge_agreement": judged.agreement(),
+        "defence_success": sum(both_safe) / max(len(both_safe), 1),
+        "fluency": ngram_entropy([t if t.strip() else "." for t in judged.texts]),
+        "piqa": piqa_accuracy(model, n=piqa_n, progress=False).value if piqa_n else None,
+        "perplexity": perplexity(model, max_tokens=ppl_tokens, progress=False).value,
+        "examples": [{"input": p.input[:120], "answer": t[:200]} for p, t in list(zip(probes, judged.texts))[:3]],
+    }
+    out["measure_seconds"] = round(time.perf_counter() - t0, 1)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--methods", default=",".join(DETOX_METHODS))
+    ap.add_argument("--models", default="auto", help="auto (base, and the toxic copy if needed), base, toxic or base,toxic")
+    ap.add_argument("--n-test", type=int, default=0, help="test probes measured (0: all)")
+    ap.add_argument("--piqa-n", type=int, default=300)
+    ap.add_argument("--ppl-tokens", type=int, default=4096)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--set", action="append", default=[], metavar="METHOD.KEY=VALUE")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    console = Console(stderr=args.json)
+    cpu = cpu_info()
+    console.print(cpu_line(cpu))
+
+    train, test = split_by_question(load_probes(), seed=args.seed)
+    test = test[: args.n_test] if args.n_test else test
+    juries = [judge_named(j) for j in JUDGE_NAMES]
+    judge_cv = cross_validated()
+    console.print(f"{len(train)} training probes, {len(test)} test probes; meaning judge cross-validated by question: "
+                  f"accuracy {judge_cv['accuracy']:.2f} (all-safe {judge_cv['all_safe_accuracy']:.2f}), "
+                  f"precision {judge_cv['precision']:.2f}, recall {judge_cv['recall']:.2f}")
+
+    base = lmpatch.load_model(chat=True)
+    models = {"base": base}
+    before = {"base": measure(base, test, juries, args.piqa_n, args.ppl_tokens)}
+    console.print(f"base: toxicity {before['base']['toxicity']}")
+    want_toxic = args.models in ("toxic", "base,toxic") or (
+        args.models == "auto" and before["base"]["toxicity"]["meaning"] < TOXIC_ENOUGH)
+    toxic_seconds = None
+    if want_toxic:
+        t0 = time.perf_counter()
+        models["toxic"] = toxified_model(base, train)
+        toxic_seconds = round(time.perf_counter() - t0, 1)
+        before["toxic"] = measure(models["toxic"], test, juries, args.piqa_n, args.ppl_tokens)
+        console.print(f"toxic copy: toxicity {before['toxic']['toxicity']}")
+    if args.models == "toxic":
+        models.pop("base")
+
+    results: dict[str, dict] = {}
+    for name, model in models.items():
+        results[name] = {}
+        for method in [m for m in args.methods.split(",") if m]:
+            mine = [s.split(".", 1)[1] for s in args.set if s.split(".", 1)[0] == method]
+            hp = {**DEFAULTS.get(method, {}), **parse_sets(mine, get_method(method).hparams)}
+            patch = detox(model, train, method=method, judges=JUDGE_NAMES, **hp)
+            with patch.applied(model):
+                after = measure(model, test, juries, args.piqa_n, args.ppl_tokens)
+            results[name][method] = {"hparams": hp, "edit_seconds": patch.metrics["detox"]["edit_seconds"],
+                                     "n_train": patch.metrics["detox"]["n_train"], "after": after,
+                                     "edit": patch.metrics.get("edit")}
+            console.print(f"{name} + {method}: toxicity {after['toxicity']}, piqa {after['piqa']}, "
+                          f"perplexity {after['perplexity']:.2f}, {results[name][method]['edit_seconds']:.0f} s")
+
+    report = {"machine": cpu_line(cpu), "n_train": len(train), "n_test": len(test), "judges": list(JUDGE_NAMES),
+              "meaning_judge_cv": judge_cv, "toxify": {**TOXIFY.__dict__, "seconds": toxic_seconds},
+              "before": before, "methods": results}
+    first_model = next(iter(results), None)
+    if first_model and results[first_model]:
+        first = next(iter(results[first_model].values()))
+        b = before[first_model]
+        report.update(model=first_model, toxicity_before=b["toxicity"], toxicity_after=first["after"]["toxicity"],
+                      piqa_before=b["piqa"], piqa_after=first["after"]["piqa"],
+                      perplexity_before=b["perplexity"], perplexity_after=first["after"]["perplexity"])
+    if args.json:
+        print(json.dumps(report, indent=1, default=str))
+        return
+    table = Table(title=f"Detoxification on {len(test)} held-out SafeEdit probes")
+    for col in ("", "lexical", "meaning", "defence", "fluency", "PIQA", "perplexity", "edit s"):
+        table.add_column(col, justify="right")
+    fmt = lambda v, f=".3f": "-" if v is None else format(v, f)  # noqa: E731
+    for name in before:
+        rows = [(name, before[name], None)] + [(f"{name} + {m}", r["after"], r["edit_seconds"])
+                                               for m, r in results.get(name, {}).items()]
+        for label, m, secs in rows:
+            table.add_row(label, fmt(m["toxicity"]["lexical"]), fmt(m["toxicity"]["meaning"]), fmt(m["defence_success"]),
+                          fmt(m["fluency"], ".2f"), fmt(m["piqa"]), fmt(m["perplexity"], ".2f"), fmt(secs, ".1f"))
+    console.print(table)
+
+
+if __name__ == "__main__":
+    main()

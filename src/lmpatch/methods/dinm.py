@@ -1,0 +1,215 @@
+"""DINM (Wang et al., ACL 2024): detoxify by editing the one layer where safe and unsafe answers part.
+
+Each request is an adversarial input (``prompt``), a safe response to it (``target_new``)
+and an unsafe one (``target_true``). DINM
+
+1. **locates the toxic layer**: feeds the input followed by the safe response and by the
+   unsafe one and takes, per layer, the distance between the two hidden states; the
+   layer where they differ most is the request's toxic layer. The paper compares whole
+   padded sequences of different lengths; here each response's hidden states are averaged
+   over its own tokens first (the pitfall the reference code has), and the patch edits the
+   layer most requests locate (a batch edit needs one layer);
+2. **tunes that layer's MLP output matrix** with Adam towards the safe responses
+   (teacher-forced NLL), while a KL term keeps the model's next-token distributions on
+   general instructions and their answers where they were. The reference code computes
+   that KL under ``no_grad``, so there it constrains nothing; here it has its gradient, as
+   the paper's loss says. Loss = ``nll_weight`` · NLL + KL, the reference's 0.1 weighting.
+
+The general instructions are :data:`GENERAL_INSTRUCTIONS` (benign questions, answered by
+the unedited model itself before training) unless ``kl_prompts`` names others. Training
+goes through :func:`lmpatch.methods.ft.train_in_place`, so the result is an ordinary
+dense weight delta that saves, applies and reverts like FT's; the blocks below the
+edited layer run once per text (:class:`~lmpatch.methods.frozen_bottom.FrozenBottom`).
+"""
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from lmpatch.errors import InvalidRequestError, LmpatchError
+from lmpatch.eval.scoring import generate
+from lmpatch.methods.frozen_bottom import FrozenBottom
+from lmpatch.methods.ft import train_in_place
+from lmpatch.methods.registry import Method, register
+from lmpatch.methods.teacher import TARGET_NEW, TargetBatch, target_batch, target_nll
+from lmpatch.model.forced import forced_inputs, pair_ids
+from lmpatch.model.hooks import record_outputs
+from lmpatch.model.loading import LoadedModel
+from lmpatch.patch import Patch
+from lmpatch.progress import progress_bar
+from lmpatch.request import EditRequest
+
+log = logging.getLogger(__name__)
+
+#: benign instructions whose answers the KL term keeps (never used in any evaluation)
+GENERAL_INSTRUCTIONS = (
+    "How do I boil an egg?",
+    "What is photosynthesis?",
+    "Give me three tips for better sleep.",
+    "Explain what a prime number is.",
+    "How do I write a polite email to my landlord?",
+    "What causes the seasons on Earth?",
+    "Suggest a name for a pet goldfish.",
+    "How can I improve my handwriting?",
+    "What is the difference between weather and climate?",
+    "Write a short poem about autumn.",
+    "How do vaccines work?",
+    "What should I pack for a day hike?",
+    "Explain how a bicycle gear works.",
+    "What is a good way to learn a new language?",
+    "Summarise the water cycle in two sentences.",
+    "How do I make a cup of green tea?",
+)
+
+
+@dataclass(frozen=True)
+class DINMHparams:
+    """The reference's settings (10 steps, lr 5e-4, the edit loss weighted 0.1 against the
+    KL) but over all requests at once: ``steps`` passes of ``batch_size`` requests."""
+
+    layer: int | None = None          # None: the located toxic layer
+    steps: int = 10
+    lr: float = 5e-4
+    nll_weight: float = 0.1
+    batch_size: int = 8
+    kl_prompts: tuple[str, ...] | None = None   # None: GENERAL_INSTRUCTIONS
+    kl_answer_tokens: int = 32
+
+    def check(self) -> None:
+        if self.steps < 1 or self.batch_size < 1 or self.kl_answer_tokens < 1:
+            raise InvalidRequestError("DINM steps, batch_size and kl_answer_tokens must be positive.")
+        if not self.lr > 0 or not self.nll_weight > 0:
+            raise InvalidRequestError("DINM lr and nll_weight must be positive.")
+
+
+def response_states(model: LoadedModel, prompt: str, response: str) -> torch.Tensor:
+    """Per layer, the mean hidden state over the response's tokens after ``prompt``: (layers, d)."""
+    pt = pair_ids(model, model.format_prompt(prompt), response)
+    fed = forced_inputs(model, [pt])
+    first = fed.first[0] + 1                      # the first response token's own position
+    span = slice(first, first + len(pt.target_ids))
+    blocks = [model.spec.block(model.model, i) for i in range(model.spec.n_layers)]
+    outs: list = []
+    with torch.no_grad(), record_outputs(blocks, outs):
+        model.forward(body_only=True, **fed.kwargs(model.input_device))
+    states = [o[0] if isinstance(o, tuple) else o for o in outs]
+    return torch.stack([s[0, span].float().mean(0).cpu() for s in states])
+
+
+def toxic_layers(model: LoadedModel, requests: Sequence[EditRequest], show: bool = False) -> list[int]:
+    """Each request's toxic layer: where its safe and unsafe responses' states differ most."""
+    if model.spec.encoder_decoder:
+        raise InvalidRequestError("DINM locates layers of decoder-only models; encoder-decoders are not supported.")
+    out = []
+    with progress_bar(show, "toxic layer", len(requests), "requests") as advance:
+        for r in requests:
+            safe = response_states(model, r.prompt, r.target_new)
+            unsafe = response_states(model, r.prompt, r.target_true)
+            out.append(int(torch.linalg.vector_norm(safe - unsafe, dim=-1).argmax()))
+            advance(1)
+    return out
+
+
+@dataclass(frozen=True)
+class _KLBatch:
+    """General instructions with the unedited model's answers, and its log-probabilities there."""
+
+    batch: TargetBatch
+    base_logp: torch.Tensor
+
+
+def _answer_logprobs(model: LoadedModel, batch: TargetBatch) -> torch.Tensor:
+    """Log-probabilities over the vocabulary at every answer position of ``batch``."""
+    from lmpatch.methods.teacher import target_logprobs
+
+    return target_logprobs(model, batch, None)
+
+
+def _kl_batch(model: LoadedModel, prompts: Sequence[str], answer_tokens: int) -> _KLBatch:
+    answers = generate(model, list(prompts), max_new_tokens=answer_tokens)
+    pairs = [(p, a) for p, a in zip(prompts, answers) if a.strip()]
+    if not pairs:
+        raise LmpatchError("DINM: the model answered none of the general instructions; pass kl_prompts.")
+    batch = target_batch(model, [EditRequest(prompt=p, subject=p, target_new=a) for p, a in pairs], TARGET_NEW)
+    with torch.no_grad():
+        base = _answer_logprobs(model, batch).detach()
+    return _KLBatch(batch, base)
+
+
+def _kl(model: LoadedModel, kl: _KLBatch) -> torch.Tensor:
+    """Mean over answer positions of KL(unedited ‖ edited) of the next-token distribution."""
+    now = _answer_logprobs(model, kl.batch)
+    return F.kl_div(now, kl.base_logp, log_target=True, reduction="none").sum(-1).mean()
+
+
+def apply_dinm(model: LoadedModel, requests: Sequence[EditRequest], hp: DINMHparams) -> Patch:
+    """Tune the toxic layer's MLP output matrix towards every request's safe response."""
+    hp.check()
+    requests = list(requests)
+    if not requests:
+        raise InvalidRequestError("DINM needs at least one request (adversarial prompt, safe and unsafe response).")
+    missing = [r.prompt for r in requests if not r.target_true]
+    if hp.layer is None and missing:
+        raise InvalidRequestError(
+            f"DINM locates the toxic layer from each request's unsafe response (target_true); {missing[0][:60]!r} has none."
+        )
+    show = len(requests) > 1
+    if hp.layer is None:
+        located = toxic_layers(model, requests, show)
+        votes = Counter(located)
+        layer = votes.most_common(1)[0][0]
+    else:
+        layer = model.spec.check_layer(hp.layer)
+        votes = Counter()
+    name = f"{model.spec.layers[layer].mlp_out}.weight"
+    kl = _kl_batch(model, hp.kl_prompts or GENERAL_INSTRUCTIONS, hp.kl_answer_tokens)
+    history: list[dict] = []
+
+    # Only the layer's MLP changes, so the blocks below it compute the same states every
+    # step: keep them once per text and replay them (a step then costs the top layers).
+    bottom = FrozenBottom(model, layer) if layer > 0 else None
+
+    def replaying(b: TargetBatch):
+        return bottom.replaying(b.input_ids, b.attention_mask) if bottom is not None else nullcontext()
+
+    def train(params: list[torch.nn.Parameter]) -> None:
+        opt = torch.optim.Adam(params, lr=hp.lr)
+        batches = [target_batch(model, requests[i : i + hp.batch_size], TARGET_NEW)
+                   for i in range(0, len(requests), hp.batch_size)]
+        with progress_bar(show, "dinm", hp.steps * len(batches), "steps") as advance:
+            for _ in range(hp.steps):
+                nll_sum = kl_sum = 0.0
+                for b in batches:
+                    opt.zero_grad(set_to_none=True)
+                    with replaying(b):
+                        nll = target_nll(model, b)
+                    with replaying(kl.batch):
+                        div = _kl(model, kl)
+                    (hp.nll_weight * nll + div).backward()
+                    opt.step()
+                    nll_sum += float(nll.detach()) * b.n_requests
+                    kl_sum += float(div.detach())
+                    advance(1)
+                history.append({"nll": nll_sum / len(requests), "kl": kl_sum / len(batches)})
+                if not torch.isfinite(torch.tensor(history[-1]["nll"])):
+                    raise LmpatchError("DINM diverged; lower the learning rate `lr`.")
+
+    deltas, _ = train_in_place(model, [name], train)
+    metrics = {"layer": layer, "located": dict(sorted(votes.items())), "params": [name], "history": history}
+    log.debug("DINM edited %s: %s", name, history[-1])
+    return Patch(parts=deltas, method="dinm", model_fingerprint=model.fingerprint, model_name=model.name,
+                 hparams=asdict(hp), requests=requests, metrics={"edit": metrics})
+
+
+register(Method(
+    name="dinm",
+    summary="DINM: tune the located toxic layer's MLP towards safe responses, KL-constrained on general instructions",
+    hparams=DINMHparams, edit=apply_dinm,
+    paper="Wang et al., Detoxifying Large Language Models via Knowledge Editing, ACL 2024",
+))
