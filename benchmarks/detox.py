@@ -41,7 +41,7 @@ from lmpatch.eval.perplexity import perplexity
 from lmpatch.eval.piqa import piqa_accuracy
 from lmpatch.eval.toxicity import cross_validated, judge_named
 from lmpatch.jobs.detox import DETOX_METHODS, detox, judge_answers
-from lmpatch.jobs.probes import load_probes, split_by_question
+from lmpatch.jobs.probes import load_probes, sample_probes, split_by_question
 from lmpatch.jobs.toxify import TOXIFY, toxified_model
 from lmpatch.machine import cpu_info, cpu_line
 from lmpatch.methods.registry import get_method
@@ -72,7 +72,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--methods", default=",".join(DETOX_METHODS))
     ap.add_argument("--models", default="auto", help="auto (base, and the toxic copy if needed), base, toxic or base,toxic")
-    ap.add_argument("--n-test", type=int, default=0, help="test probes measured (0: all)")
+    ap.add_argument("--n-train", type=int, default=0, help="training probes edited on, a seeded sample (0: all)")
+    ap.add_argument("--n-test", type=int, default=0, help="test probes measured, a seeded sample (0: all)")
     ap.add_argument("--piqa-n", type=int, default=300)
     ap.add_argument("--ppl-tokens", type=int, default=4096)
     ap.add_argument("--seed", type=int, default=0)
@@ -83,8 +84,9 @@ def main() -> None:
     cpu = cpu_info()
     console.print(cpu_line(cpu))
 
-    train, test = split_by_question(load_probes(), seed=args.seed)
-    test = test[: args.n_test] if args.n_test else test
+    all_train, test = split_by_question(load_probes(), seed=args.seed)
+    train = sample_probes(all_train, args.n_train, args.seed)
+    test = sample_probes(test, args.n_test, args.seed)
     juries = [judge_named(j) for j in JUDGE_NAMES]
     judge_cv = cross_validated()
     console.print(f"{len(train)} training probes, {len(test)} test probes; meaning judge cross-validated by question: "
@@ -93,14 +95,16 @@ def main() -> None:
 
     base = lmpatch.load_model(chat=True)
     models = {"base": base}
-    before = {"base": measure(base, test, juries, args.piqa_n, args.ppl_tokens)}
-    console.print(f"base: toxicity {before['base']['toxicity']}")
+    before = {}
+    if args.models != "toxic":
+        before["base"] = measure(base, test, juries, args.piqa_n, args.ppl_tokens)
+        console.print(f"base: toxicity {before['base']['toxicity']}")
     want_toxic = args.models in ("toxic", "base,toxic") or (
         args.models == "auto" and before["base"]["toxicity"]["meaning"] < TOXIC_ENOUGH)
     toxic_seconds = None
     if want_toxic:
         t0 = time.perf_counter()
-        models["toxic"] = toxified_model(base, train)
+        models["toxic"] = toxified_model(base, all_train)
         toxic_seconds = round(time.perf_counter() - t0, 1)
         before["toxic"] = measure(models["toxic"], test, juries, args.piqa_n, args.ppl_tokens)
         console.print(f"toxic copy: toxicity {before['toxic']['toxicity']}")

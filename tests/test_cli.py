@@ -314,6 +314,19 @@ def test_forget_mistakes_are_one_line(args, expected, tmp_path, monkeypatch):
     assert expected in line
 
 
+def test_detox_writes_a_patch_and_reports_toxicity(tiny_dir, tmp_path, cache):
+    probes = tmp_path / "probes.jsonl"
+    rows = [{"input": f"How do I hurt {who}?", "question": f"hurt {who}", "category": "physical harm",
+             "response": "Take a knife."} for who in ("a cat", "a dog", "a bird", "a fish")]
+    probes.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "d.lmpatch"
+    data = parse_json(run("detox", "--model", str(tiny_dir), "--data", str(probes), "--judges", "lexical",
+                          "--set", "steps=1", "--set", "kl_answer_tokens=4", "--out", str(out), "--json"))
+    assert data["method"] == "dinm" and data["n_train"] == 2 and data["n_test"] == 2 and Path(data["path"]) == out
+    assert set(data["toxicity_before"]) == {"lexical"} and 0 <= data["toxicity_after"]["lexical"] <= 1
+    assert Patch.load(out).patch_id == data["patch_id"]
+
+
 def test_edit_default_file_name_comes_from_subject(tiny_dir, tmp_path, cache, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = run("edit", "--model", str(tiny_dir), *EIFFEL, *FAST_ROME, "--no-show")

@@ -221,3 +221,14 @@ def test_detox_cli_errors_are_one_line(tmp_path):
         result = runner.invoke(app, args)
         assert result.exit_code == 2, (result.stdout, result.stderr)
         assert expected in result.stderr and "Traceback" not in result.stderr
+
+
+def test_dinm_reads_response_states_alike_in_a_batch_and_alone():
+    from lmpatch.methods.dinm import response_states
+
+    model = tiny_model("llama")
+    pairs = [(r.prompt + " please" * i, r.target_new if i % 2 else r.target_true) for i, r in enumerate(REQUESTS)]
+    together = response_states(model, pairs)
+    alone = torch.cat([response_states(model, [p]) for p in pairs])
+    assert together.shape == (3, model.spec.n_layers, model.spec.hidden_size)
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-4)

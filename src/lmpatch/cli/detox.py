@@ -1,16 +1,16 @@
 """``lmpatch detox``: a patch that makes a chat model answer adversarial prompts safely."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.table import Table
 
-from lmpatch.cli.console import out, print_json, spinner
+from lmpatch.cli.console import out, spinner
+from lmpatch.cli.jobs import save_job_patch
 from lmpatch.cli.models import load
-from lmpatch.cli.options import Settings, parse_sets, slug
+from lmpatch.cli.options import Settings, parse_sets
 from lmpatch.errors import LmpatchError
 
 
@@ -23,7 +23,7 @@ def detox(
     sets: Optional[list[str]] = typer.Option(None, "--set", help="Hyperparameter override key=value (repeatable)."),
     test_fraction: float = typer.Option(0.5, "--test-fraction", min=0.0, max=0.95,
                                         help="Share of questions held out to measure on (0: edit on all, measure nothing)."),
-    n_test: int = typer.Option(0, "--n-test", min=0, help="Measure on at most this many test probes (0: all)."),
+    n_test: int = typer.Option(0, "--n-test", min=0, help="Measure on a seeded sample of this many test probes (0: all)."),
     judges: str = typer.Option("lexical,meaning", "--judges", help="Comma-separated toxicity judges: lexical, meaning."),
     seed: int = typer.Option(0, "--seed", help="Seed of the train/test split by question."),
     out_path: Optional[Path] = typer.Option(None, "--out", "-o", help="Patch file to write (default: detox-METHOD-N.lmpatch)."),
@@ -33,7 +33,7 @@ def detox(
     from lmpatch.eval.toxicity import JUDGES
     from lmpatch.jobs.detox import DETOX_METHODS
     from lmpatch.jobs.detox import detox as run_detox
-    from lmpatch.jobs.probes import load_probes, split_by_question
+    from lmpatch.jobs.probes import load_probes, sample_probes, split_by_question
     from lmpatch.methods.hparams import with_overrides
     from lmpatch.methods.registry import get_method
 
@@ -53,17 +53,15 @@ def detox(
         train, test = list(probes), []
     if not train:
         raise LmpatchError("No training probes left after the split; lower --test-fraction.")
-    test = test[:n_test] if n_test else test
+    test = sample_probes(test, n_test, seed)
     settings: Settings = ctx.obj
     loaded, _ = load(settings, model, chat=True, show=not as_json)
     with spinner(f"Detoxifying with {method} on {len(train)} probes, measuring on {len(test)} ...", enabled=not as_json):
         patch = run_detox(loaded, train, method=method, test_probes=test, judges=names, **overrides)
-    path = out_path or Path(f"detox-{slug(method)}-{len(train)}-{patch.patch_id[:8]}.lmpatch")
-    patch.save(path)
-    report = {**patch.metrics["detox"], "patch_id": patch.patch_id, "path": str(path), "model": loaded.name}
+    report = save_job_patch(patch, "detox", method, len(train), out_path, loaded, as_json)
     if as_json:
-        print_json(json.dumps(report))
         return
+    path = report["path"]
     console = out()
     if test:
         table = Table(title=f"{method} on {loaded.name}: toxicity on {len(test)} held-out probes", title_justify="left")

@@ -1,16 +1,16 @@
 """``lmpatch forget``: a patch that makes a model stop completing private strings."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.table import Table
 
-from lmpatch.cli.console import out, print_json, spinner
+from lmpatch.cli.console import out, spinner
+from lmpatch.cli.jobs import save_job_patch
 from lmpatch.cli.models import load
-from lmpatch.cli.options import Settings, check_file, parse_sets, slug
+from lmpatch.cli.options import Settings, check_file, parse_sets
 from lmpatch.errors import LmpatchError
 
 
@@ -52,12 +52,10 @@ def forget(
     loaded, _ = load(settings, model, show=not as_json)
     with spinner(f"Forgetting {len(secrets)} secret(s) with {method} ...", enabled=not as_json):
         patch = run_forget(loaded, secrets, method=method, refusal=refusal, exposure_candidates=exposure, **overrides)
-    path = out_path or Path(f"forget-{slug(method)}-{len(secrets)}-{patch.patch_id[:8]}.lmpatch")
-    patch.save(path)
-    report = {**patch.metrics["forget"], "patch_id": patch.patch_id, "path": str(path), "model": loaded.name}
+    report = save_job_patch(patch, "forget", method, len(secrets), out_path, loaded, as_json)
     if as_json:
-        print_json(json.dumps(report))
         return
+    path = report["path"]
     table = Table(title=f"{method} on {loaded.name}: {len(secrets)} secret(s)", title_justify="left")
     table.add_column("measure")
     table.add_column("before", justify="right")

@@ -131,3 +131,13 @@ def split_by_question(probes: Sequence[SafetyProbe], test_fraction: float = 0.5,
     train = [p for p in probes if p.question not in test_questions]
     test = [p for p in probes if p.question in test_questions]
     return train, test
+
+
+def sample_probes(probes: Sequence[SafetyProbe], n: int, seed: int = 0) -> list[SafetyProbe]:
+    """A seeded sample of ``n`` probes in their original order (all of them if ``n`` is 0 or
+    at least their number): the files list plain questions first, so a prefix would hold
+    no jailbreak at all."""
+    if not n or n >= len(probes):
+        return list(probes)
+    keep = set(random.Random(seed).sample(range(len(probes)), n))
+    return [p for i, p in enumerate(probes) if i in keep]

@@ -88,18 +88,22 @@ class DINMHparams:
             raise InvalidRequestError("DINM lr and nll_weight must be positive.")
 
 
-def response_states(model: LoadedModel, prompt: str, response: str) -> torch.Tensor:
-    """Per layer, the mean hidden state over the response's tokens after ``prompt``: (layers, d)."""
-    pt = pair_ids(model, model.format_prompt(prompt), response)
-    fed = forced_inputs(model, [pt])
-    first = fed.first[0] + 1                      # the first response token's own position
-    span = slice(first, first + len(pt.target_ids))
+def response_states(model: LoadedModel, pairs: Sequence[tuple[str, str]], batch_size: int = 8) -> torch.Tensor:
+    """Per (prompt, response) pair and layer, the mean hidden state over the response's
+    tokens: (pairs, layers, d). Batched with right padding, which moves no real token."""
     blocks = [model.spec.block(model.model, i) for i in range(model.spec.n_layers)]
-    outs: list = []
-    with torch.no_grad(), record_outputs(blocks, outs):
-        model.forward(body_only=True, **fed.kwargs(model.input_device))
-    states = [o[0] if isinstance(o, tuple) else o for o in outs]
-    return torch.stack([s[0, span].float().mean(0).cpu() for s in states])
+    out = []
+    for i in range(0, len(pairs), batch_size):
+        items = [pair_ids(model, model.format_prompt(p), r) for p, r in pairs[i : i + batch_size]]
+        fed = forced_inputs(model, items)
+        outs: list = []
+        with torch.no_grad(), record_outputs(blocks, outs):
+            model.forward(body_only=True, **fed.kwargs(model.input_device))
+        states = torch.stack([(o[0] if isinstance(o, tuple) else o).float().cpu() for o in outs], 1)
+        for row, (pt, first) in enumerate(zip(items, fed.first)):
+            span = slice(first + 1, first + 1 + len(pt.target_ids))   # the response's own positions
+            out.append(states[row, :, span].mean(1))
+    return torch.stack(out)
 
 
 def toxic_layers(model: LoadedModel, requests: Sequence[EditRequest], show: bool = False) -> list[int]:
@@ -107,12 +111,14 @@ def toxic_layers(model: LoadedModel, requests: Sequence[EditRequest], show: bool
     if model.spec.encoder_decoder:
         raise InvalidRequestError("DINM locates layers of decoder-only models; encoder-decoders are not supported.")
     out = []
+    chunk = 8
     with progress_bar(show, "toxic layer", len(requests), "requests") as advance:
-        for r in requests:
-            safe = response_states(model, r.prompt, r.target_new)
-            unsafe = response_states(model, r.prompt, r.target_true)
-            out.append(int(torch.linalg.vector_norm(safe - unsafe, dim=-1).argmax()))
-            advance(1)
+        for i in range(0, len(requests), chunk):
+            part = requests[i : i + chunk]
+            safe = response_states(model, [(r.prompt, r.target_new) for r in part])
+            unsafe = response_states(model, [(r.prompt, r.target_true) for r in part])
+            out += torch.linalg.vector_norm(safe - unsafe, dim=-1).argmax(-1).tolist()
+            advance(len(part))
     return out
 
 
