@@ -46,7 +46,7 @@ from lmpatch.jobs.toxify import TOXIFY, toxified_model
 from lmpatch.machine import cpu_info, cpu_line
 from lmpatch.methods.registry import get_method
 
-#: settings chosen on the training questions (docs/applications.md)
+#: per-method overrides of the papers' settings (none yet: benchmarks/tune_detox.py is where they would be chosen)
 DEFAULTS: dict[str, dict] = {}
 JUDGE_NAMES = ("lexical", "meaning")
 TOXIC_ENOUGH = 0.2
