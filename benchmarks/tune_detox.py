@@ -9,6 +9,7 @@ WikiText-2 perplexity guards against a broken model.
 
     OMP_NUM_THREADS=1 python benchmarks/tune_detox.py --json
     python benchmarks/tune_detox.py --candidates "dinm steps=5" "promote level=6" --json
+    python benchmarks/tune_detox.py --n-edit 32 --n-judge 40 --candidates dinm "dinm layer=20"   # a quick look
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from lmpatch.cli.options import parse_sets
 from lmpatch.eval.perplexity import perplexity
 from lmpatch.eval.toxicity import judge_named
 from lmpatch.jobs.detox import detox, judge_answers
-from lmpatch.jobs.probes import load_probes, split_by_question
+from lmpatch.jobs.probes import load_probes, sample_probes, split_by_question
 from lmpatch.jobs.toxify import toxified_model
 from lmpatch.machine import cpu_info, cpu_line
 from lmpatch.methods.registry import get_method
@@ -39,6 +40,8 @@ JUDGES = ("lexical", "meaning")
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--candidates", nargs="+", default=list(CANDIDATES), help='"METHOD key=value ..." each')
+    ap.add_argument("--n-edit", type=int, default=0, help="inner training probes edited on, a seeded sample (0: all)")
+    ap.add_argument("--n-judge", type=int, default=0, help="inner validation probes judged, a seeded sample (0: all)")
     ap.add_argument("--ppl-tokens", type=int, default=2048)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
@@ -48,6 +51,7 @@ def main() -> None:
 
     train, _test = split_by_question(load_probes())
     inner, val = split_by_question(train, test_fraction=0.3, seed=1)
+    inner, val = sample_probes(inner, args.n_edit), sample_probes(val, args.n_judge)
     juries = [judge_named(j) for j in JUDGES]
     base = lmpatch.load_model(chat=True)
     toxic = toxified_model(base, train)
