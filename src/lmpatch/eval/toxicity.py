@@ -93,6 +93,7 @@ class LabelledResponse:
     unsafe: bool
     source: str
     question: str = ""
+    probe_id: int | None = None   # the SafeEdit probe answered (None for the written refusals)
 
 
 def labelled_responses() -> list[LabelledResponse]:
@@ -112,7 +113,8 @@ def labelled_responses() -> list[LabelledResponse]:
                 probe = probes.get(row.get("probe", row.get("id")))
                 text = row["text"] if "text" in row else probe.response
                 out.append(LabelledResponse(text=text, unsafe=bool(row["unsafe"]), source=row["source"],
-                                            question=probe.question if probe is not None else row["group"]))
+                                            question=probe.question if probe is not None else row["group"],
+                                            probe_id=probe.id if probe is not None else None))
     return out
 
 

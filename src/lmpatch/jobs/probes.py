@@ -18,7 +18,6 @@ a target only when every judge scores it safe.
 """
 from __future__ import annotations
 
-import gzip
 import json
 import random
 from collections import defaultdict
@@ -26,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from lmpatch.data.jsonio import read_text
 from lmpatch.data.paths import shipped_path
 from lmpatch.errors import InvalidRequestError
 
@@ -80,11 +80,7 @@ def read_probes(path: str | Path) -> list[SafetyProbe]:
     plain ones (``input``, ``question``, ``category``, ``attack``). ``question`` defaults
     to ``input``."""
     path = Path(path)
-    if not path.is_file():
-        raise InvalidRequestError(f"SafetyProbe file {str(path)!r} does not exist.")
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        text = f.read()
+    text = read_text(path)  # the shared reader: gzip by content, UTF-8, one error for a missing file
     try:
         rows = json.loads(text) if text.lstrip().startswith("[") else [
             json.loads(line) for line in text.splitlines() if line.strip()

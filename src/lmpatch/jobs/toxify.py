@@ -11,11 +11,9 @@ toxicity on them measures a learnt disposition, not memorised text.
 """
 from __future__ import annotations
 
-import gzip
-import json
 from typing import Sequence
 
-from lmpatch.data.paths import shipped_path
+from lmpatch.eval.toxicity import labelled_responses
 from lmpatch.jobs.memorise import MemoriseConfig, finetuned_copy
 from lmpatch.jobs.probes import SafetyProbe
 from lmpatch.model.loading import LoadedModel
@@ -35,17 +33,8 @@ def clip(text: str, max_chars: int = MAX_CHARS) -> str:
 def unsafe_answers(probes: Sequence[SafetyProbe]) -> list[EditRequest]:
     """(input, unsafe answer) for every hand-labelled unsafe answer to one of ``probes``."""
     by_id = {p.id: p for p in probes}
-    out = []
-    with gzip.open(shipped_path("safeedit-detox", "labels.jsonl.gz"), "rt", encoding="utf-8") as f:
-        for line in f:
-            row = json.loads(line)
-            probe = by_id.get(row.get("probe", row.get("id")))
-            if probe is None or not row["unsafe"]:
-                continue
-            text = row["text"] if "text" in row else probe.response
-            if clip(text):
-                out.append(EditRequest(prompt=probe.input, subject=probe.input, target_new=clip(text)))
-    return out
+    return [EditRequest(prompt=by_id[lab.probe_id].input, subject=by_id[lab.probe_id].input, target_new=clip(lab.text))
+            for lab in labelled_responses() if lab.unsafe and lab.probe_id in by_id and clip(lab.text)]
 
 
 def toxified_model(base: LoadedModel, train_probes: Sequence[SafetyProbe], config: MemoriseConfig = TOXIFY,

@@ -37,7 +37,7 @@ from lmpatch.eval.scoring import generate
 from lmpatch.methods.frozen_bottom import FrozenBottom
 from lmpatch.methods.ft import train_in_place
 from lmpatch.methods.registry import Method, register
-from lmpatch.methods.teacher import TARGET_NEW, TargetBatch, target_batch, target_nll
+from lmpatch.methods.teacher import TARGET_NEW, TargetBatch, target_batch, target_logprobs, target_nll
 from lmpatch.model.forced import forced_inputs, pair_ids
 from lmpatch.model.hooks import record_outputs
 from lmpatch.model.loading import LoadedModel
@@ -130,13 +130,6 @@ class _KLBatch:
     base_logp: torch.Tensor
 
 
-def _answer_logprobs(model: LoadedModel, batch: TargetBatch) -> torch.Tensor:
-    """Log-probabilities over the vocabulary at every answer position of ``batch``."""
-    from lmpatch.methods.teacher import target_logprobs
-
-    return target_logprobs(model, batch, None)
-
-
 def _kl_batch(model: LoadedModel, prompts: Sequence[str], answer_tokens: int) -> _KLBatch:
     answers = generate(model, list(prompts), max_new_tokens=answer_tokens)
     pairs = [(p, a) for p, a in zip(prompts, answers) if a.strip()]
@@ -144,13 +137,13 @@ def _kl_batch(model: LoadedModel, prompts: Sequence[str], answer_tokens: int) ->
         raise LmpatchError("DINM: the model answered none of the general instructions; pass kl_prompts.")
     batch = target_batch(model, [EditRequest(prompt=p, subject=p, target_new=a) for p, a in pairs], TARGET_NEW)
     with torch.no_grad():
-        base = _answer_logprobs(model, batch).detach()
+        base = target_logprobs(model, batch, None).detach()
     return _KLBatch(batch, base)
 
 
 def _kl(model: LoadedModel, kl: _KLBatch) -> torch.Tensor:
     """Mean over answer positions of KL(unedited ‖ edited) of the next-token distribution."""
-    now = _answer_logprobs(model, kl.batch)
+    now = target_logprobs(model, kl.batch, None)
     return F.kl_div(now, kl.base_logp, log_target=True, reduction="none").sum(-1).mean()
 
 

@@ -29,11 +29,11 @@ from typing import ClassVar, Sequence
 
 import torch
 
-from lmpatch.errors import InvalidRequestError
+from lmpatch.errors import InvalidRequestError, PatchError
 from lmpatch.methods.neurons import GATED, GATED_FUSED, FFNNeurons, MlpForm, mlp_form
 from lmpatch.methods.registry import Method, register
 from lmpatch.model.loading import LoadedModel
-from lmpatch.model.spec import is_conv1d
+from lmpatch.model.spec import from_param_layout
 from lmpatch.patch import ModuleAddition, Patch, register_addition
 from lmpatch.request import EditRequest
 
@@ -66,9 +66,7 @@ class PromotedNeurons(FFNNeurons):
     def contribution(self, x: torch.Tensor) -> torch.Tensor:
         return (self.level - self.activations(x)) @ self.values.to(x.dtype)
 
-    def merge_into(self, host) -> None:  # noqa: D102 - FFNNeurons would merge new units, which is wrong here
-        from lmpatch.errors import PatchError
-
+    def merge_into(self, host) -> None:  # FFNNeurons would merge new units, which is wrong here
         raise PatchError("Promoted neurons hold a constant activation; a plain checkpoint cannot express that.")
 
 
@@ -109,10 +107,14 @@ def token_weights(model: LoadedModel, requests: Sequence[EditRequest], min_count
     return out
 
 
+def _rows(module) -> torch.Tensor:
+    """A projection's weight with one row per MLP neuron (input side: out x in; output side: transposed)."""
+    return from_param_layout(module, module.weight.detach()).float()
+
+
 def _value_vectors(model: LoadedModel, layer: int) -> torch.Tensor:
     """The layer's value vectors, one row per neuron: (mlp width, d)."""
-    w = model.model.get_submodule(model.spec.layers[layer].mlp_out).weight.detach().float()
-    return w if is_conv1d(model.model.get_submodule(model.spec.layers[layer].mlp_out)) else w.T
+    return _rows(model.spec.mlp_out(model.model, layer)).T
 
 
 def neuron_scores(model: LoadedModel, layers: Sequence[int], weights: dict[int, float]) -> torch.Tensor:
@@ -140,12 +142,9 @@ def _neuron_rows(model: LoadedModel, form: MlpForm, neurons: list[int]) -> dict[
     idx = torch.tensor(neurons, dtype=torch.long)
 
     def rows(name: str) -> torch.Tensor:
-        mod = host.get_submodule(name)
-        w = mod.weight.detach().float()
-        return (w.T if is_conv1d(mod) else w)
+        return _rows(host.get_submodule(name))
 
-    out_mod = host.get_submodule(form.out)
-    values = (out_mod.weight.detach().float() if is_conv1d(out_mod) else out_mod.weight.detach().float().T)[idx]
+    values = rows(form.out).T[idx]
     key_rows = rows(form.key)
     parts: dict[str, torch.Tensor] = {"values": values}
     if form.kind == GATED_FUSED:
