@@ -514,3 +514,29 @@ def test_prepare_computes_every_memit_layer_once(tiny_dir, cache):
     assert any("key statistics for layers 0, 1" in d for d in done)
     assert not any("key statistics" in d for d in prepare(model, memit, hp, show=False))
     assert len(list((cache / "stats").rglob("*.safetensors"))) >= 2
+
+
+def test_cli_debias_writes_a_patch(tiny_dir, tmp_path, cache):
+    prompts = tmp_path / "prompts.jsonl"
+    rows = [("The surgeon laughed because", "The surgeon"), ("The nurse said that", "The nurse")] * 2
+    prompts.write_text("".join(json.dumps({"prompt": p, "subject": s}) + "\n" for p, s in rows))
+    out = tmp_path / "b.lmpatch"
+    result = run("debias", "--model", str(tiny_dir), "--data", str(prompts), "--measure", "none",
+                 "--set", "layers=(1,)", "--set", "mom2_adjustment=false", "--set", "v_steps=2",
+                 "--set", "nullspace_dimension=2", "--out", str(out), "--json")
+    data = parse_json(result)
+    assert data["method"] == "dama" and data["n_prompts"] == 4 and Patch.load(out).patch_id == data["patch_id"]
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--method", "rome"], "Unknown debias method"),
+    (["--measure", "train"], "Unknown --measure"),
+    (["--data", "missing.jsonl"], "does not exist"),
+    (["--set", "nope=1"], "Unknown hyperparameter"),
+])
+def test_cli_debias_mistakes_are_one_line(args, expected, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = run("debias", *args)
+    assert result.exit_code == 2
+    [line] = [line for line in result.stderr.splitlines() if line.strip()]
+    assert expected in line

@@ -44,6 +44,8 @@ FAST: dict[str, dict] = {
     "depn": dict(steps=2, erase_kn_num=5),
     "dinm": dict(steps=2, kl_answer_tokens=4, kl_prompts=("Say hello.", "Name a colour.")),
     "promote": dict(n_neurons=3, level=5.0, min_count=1),
+    "dama": dict(_LOCATE, mom2_adjustment=False, nullspace_dimension=2),
+    "lsdm": dict(_LOCATE, mom2_adjustment=False, mom2_update_weight=1.0, n_layers=1, trace_samples=1),
 }
 # (method, arch) pairs a method refuses with one clear error, and why.
 UNSUPPORTED: dict[tuple[str, str], str] = {

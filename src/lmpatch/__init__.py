@@ -11,6 +11,7 @@ __version__ = "0.1.0"
 from lmpatch.api import edit  # noqa: E402
 from lmpatch.errors import LmpatchError  # noqa: E402
 from lmpatch.eval import evaluate  # noqa: E402
+from lmpatch.jobs.debias import debias  # noqa: E402
 from lmpatch.jobs.detox import detox  # noqa: E402
 from lmpatch.jobs.forget import forget  # noqa: E402
 from lmpatch.jobs.secrets import Secret  # noqa: E402
@@ -20,5 +21,5 @@ from lmpatch.request import EditRequest, Probe  # noqa: E402
 
 __all__ = [
     "EditRequest", "LmpatchError", "LoadedModel", "ModelSpec", "Patch", "Probe", "Secret", "WeightDelta",
-    "compose", "detox", "edit", "evaluate", "forget", "load_model", "wrap_model", "__version__",
+    "compose", "debias", "detox", "edit", "evaluate", "forget", "load_model", "wrap_model", "__version__",
 ]

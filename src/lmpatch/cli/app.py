@@ -10,7 +10,7 @@ from __future__ import annotations
 import typer
 from typer.core import TyperGroup
 
-from lmpatch.cli import demo, detox, edit, evaluate, forget, generate, listing, patches, report, stats, train
+from lmpatch.cli import debias, demo, detox, edit, evaluate, forget, generate, listing, patches, report, stats, train
 from lmpatch.cli.console import error_line, setup_logging
 from lmpatch.cli.options import Settings
 from lmpatch.errors import LmpatchError
@@ -59,6 +59,7 @@ app.command("eval")(evaluate.evaluate)
 app.command("generate")(generate.generate)
 app.command("forget")(forget.forget)
 app.command("detox")(detox.detox)
+app.command("debias")(debias.debias)
 app.command("stats")(stats.stats)
 app.command("train")(train.train)
 app.command("inspect")(patches.inspect)

@@ -23,3 +23,5 @@ from lmpatch.methods import ke  # noqa: F401
 from lmpatch.methods import depn  # noqa: F401
 from lmpatch.methods import dinm  # noqa: F401
 from lmpatch.methods import promote  # noqa: F401
+from lmpatch.methods import dama  # noqa: F401
+from lmpatch.methods import lsdm  # noqa: F401

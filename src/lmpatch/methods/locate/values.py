@@ -112,33 +112,44 @@ def build_rows(model: LoadedModel, request: EditRequest, templates: list[str], k
 
 
 def build_group_rows(
-    model: LoadedModel, requests: Sequence[EditRequest], templates: list[str], kl_prompts
+    model: LoadedModel, requests: Sequence[EditRequest], templates: list[str], kl_prompts,
+    alternatives: Sequence[Sequence[str]] | None = None,
 ) -> _Rows:
     """Each request under every template (its rewrite rows), then its KL prompts; all
-    requests of a group share one padded batch so one pass serves them all."""
+    requests of a group share one padded batch so one pass serves them all.
+
+    ``alternatives[i]``, when given, replaces request i's one target by several whose
+    mean NLL is the loss: each template then gets one row per alternative (the first
+    alternative's rows are the request's rewrite rows). Two alternatives that compete
+    for the same position, such as " he" and " she", are jointly most likely at equal
+    probability, which is how LSDM asks for a balanced continuation.
+    """
     tok = model.tokenizer
     prefixes: list[list[int]] = []
     suffixes: list[list[int]] = []
     owner, rows_t, pos_t, tok_t, w_t, kl_rows, rewrite = [], [], [], [], [], [], []
     for index, request in enumerate(requests):
         mine = []
+        targets = tuple(alternatives[index]) if alternatives is not None else (request.target_new,)
         for template in templates:
-            row = len(prefixes)
             text = model.format_prompt(template.format(request.prompt))
             ctx = encode(tok, text)
-            tgt = target_ids(tok, text, request.target_new, ctx)
             start = text.find(request.prompt)
             s = subject_last_index(tok, text, request.subject, start=max(start, 0))
-            full = ctx + tgt
-            prefixes.append(full[:s])
-            suffixes.append(full[s:-1])
-            owner.append(index)
-            mine.append(row)
-            for j, t in enumerate(tgt):
-                rows_t.append(row)
-                pos_t.append(len(ctx) - 1 + j - s)
-                tok_t.append(t)
-                w_t.append(1.0 / (len(tgt) * len(templates)))
+            for k, target in enumerate(targets):
+                row = len(prefixes)
+                tgt = target_ids(tok, text, target, ctx)
+                full = ctx + tgt
+                prefixes.append(full[:s])
+                suffixes.append(full[s:-1])
+                owner.append(index)
+                if k == 0:
+                    mine.append(row)
+                for j, t in enumerate(tgt):
+                    rows_t.append(row)
+                    pos_t.append(len(ctx) - 1 + j - s)
+                    tok_t.append(t)
+                    w_t.append(1.0 / (len(tgt) * len(templates) * len(targets)))
         rewrite.append(mine)
         for kp in kl_prompts:
             text = model.format_prompt(kp.format(request.subject))
@@ -328,6 +339,7 @@ def optimize_values(
     layer: int,
     templates: list[str],
     config: ValueConfig = ValueConfig(),
+    alternatives: Sequence[Sequence[str]] | None = None,
 ) -> list[ValueResult]:
     """One delta per request, optimised together: delta_i is added at layer ``layer`` at the
     subject's last token of request i's rows only, to the MLP output for
@@ -346,7 +358,7 @@ def optimize_values(
     if not requests:
         return []
     spec = model.spec
-    rows = build_group_rows(model, requests, templates, config.kl_prompts)
+    rows = build_group_rows(model, requests, templates, config.kl_prompts, alternatives)
     n_req = rows.n_requests
     keys, v_init = edit_point_state(model, rows, layer, config.target)
     v_norm = v_init.norm(dim=-1)                                   # (requests, points)
