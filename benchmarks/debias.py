@@ -33,7 +33,7 @@ from lmpatch.eval.gender_bias import bias_scores
 from lmpatch.eval.perplexity import perplexity
 from lmpatch.eval.piqa import piqa_accuracy
 from lmpatch.eval.winobias import winobias_scores
-from lmpatch.jobs.debias import DEBIAS_METHODS, debias, training_prompts
+from lmpatch.jobs.debias import DEBIAS_METHODS, DEFAULT_PROMPTS, debias, training_prompts
 from lmpatch.machine import cpu_info, cpu_line
 from lmpatch.methods.registry import get_method
 
@@ -56,7 +56,8 @@ def measure(model, split: str, piqa_n: int, ppl_tokens: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--methods", default=",".join(DEBIAS_METHODS))
-    ap.add_argument("--n-prompts", type=int, default=256, help="training prompts edited on, a seeded sample (0: all)")
+    ap.add_argument("--n-prompts", type=int, default=None,
+                    help="training prompts edited on, a seeded sample (default: each method's, see jobs.debias; 0: all)")
     ap.add_argument("--split", default="test", choices=("test", "dev"), help="WinoBias split (dev for tuning)")
     ap.add_argument("--piqa-n", type=int, default=500)
     ap.add_argument("--ppl-tokens", type=int, default=8192)
@@ -69,7 +70,6 @@ def main() -> None:
     console.print(cpu_line(cpu))
 
     model = lmpatch.load_model()
-    prompts = training_prompts(args.n_prompts, args.seed)
     before = measure(model, args.split, args.piqa_n, args.ppl_tokens)
     console.print(f"before: WinoBias gap {before['winobias']['gap']:.3f}, accuracy {before['winobias']['accuracy']:.3f}, "
                   f"a_s {before['lm_bias']['slope_s']:.3f}, PIQA {before['piqa']}, perplexity {before['perplexity']:.2f}")
@@ -77,18 +77,19 @@ def main() -> None:
     for method in [m for m in args.methods.split(",") if m]:
         mine = [s.split(".", 1)[1] for s in args.set if s.split(".", 1)[0] == method]
         hp = {**DEFAULTS.get(method, {}), **parse_sets(mine, get_method(method).hparams)}
-        patch = debias(model, prompts, method=method, measure=None, **hp)
+        n = DEFAULT_PROMPTS[method] if args.n_prompts is None else args.n_prompts
+        patch = debias(model, training_prompts(n, args.seed), method=method, measure=None, **hp)
         with patch.applied(model):
             after = measure(model, args.split, args.piqa_n, args.ppl_tokens)
         edit = patch.metrics.get("edit", {})
-        results[method] = {"hparams": hp, "edit_seconds": patch.metrics["debias"]["edit_seconds"], "after": after,
+        results[method] = {"hparams": hp, "n_prompts": n, "edit_seconds": patch.metrics["debias"]["edit_seconds"], "after": after,
                            "edit": {k: v for k, v in edit.items() if k != "layers"},
                            "layers": [entry.get("layer") for entry in edit.get("layers", [])]}
         console.print(f"+ {method}: WinoBias gap {after['winobias']['gap']:.3f}, accuracy {after['winobias']['accuracy']:.3f}, "
                       f"a_s {after['lm_bias']['slope_s']:.3f}, PIQA {after['piqa']}, perplexity {after['perplexity']:.2f}, "
                       f"{results[method]['edit_seconds']:.0f} s")
 
-    report = {"machine": cpu_line(cpu), "n_prompts": len(prompts), "winobias_split": args.split,
+    report = {"machine": cpu_line(cpu), "winobias_split": args.split,
               "before": before, "methods": results}
     if results:
         first = next(iter(results.values()))["after"]
@@ -102,7 +103,7 @@ def main() -> None:
     if args.json:
         print(json.dumps(report, indent=1, default=str))
         return
-    table = Table(title=f"Debiasing SmolLM2 on {len(prompts)} DAMA training prompts; WinoBias {args.split}")
+    table = Table(title=f"Debiasing SmolLM2 with DAMA's training prompts; WinoBias {args.split}")
     for col in ("", "WB acc", "WB pro", "WB anti", "WB gap", "a_s", "a_f", "PIQA", "perplexity", "edit s"):
         table.add_column(col, justify="right")
     fmt = lambda v, f=".3f": "-" if v is None else format(v, f)  # noqa: E731

@@ -522,7 +522,7 @@ def test_cli_debias_writes_a_patch(tiny_dir, tmp_path, cache):
     prompts.write_text("".join(json.dumps({"prompt": p, "subject": s}) + "\n" for p, s in rows))
     out = tmp_path / "b.lmpatch"
     result = run("debias", "--model", str(tiny_dir), "--data", str(prompts), "--measure", "none",
-                 "--set", "layers=(1,)", "--set", "mom2_adjustment=false", "--set", "v_steps=2",
+                 "--set", "layers=1", "--set", "mom2_adjustment=false", "--set", "v_steps=2",
                  "--set", "nullspace_dimension=2", "--out", str(out), "--json")
     data = parse_json(result)
     assert data["method"] == "dama" and data["n_prompts"] == 4 and Patch.load(out).patch_id == data["patch_id"]

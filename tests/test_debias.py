@@ -149,6 +149,20 @@ def test_dama_removes_its_directions_from_the_layer_output():
         assert torch.allclose(after @ after.T @ q, torch.zeros_like(q), atol=1e-4)
 
 
+def test_dama_mixed_update_reads_the_same_keys_as_the_value_optimisation():
+    from lmpatch.methods.dama import last_token_keys, last_token_requests
+
+    model = tiny_model("llama")
+    templates = context_templates(model, TemplateConfig(lengths=((3, 2),)))
+    keys = last_token_keys(model, REQUESTS[:2], 2, templates)
+    values = optimize_values(model, last_token_requests(REQUESTS[:2], ("he",)), 2, templates,
+                             ValueConfig(steps=1, compute_dtype="float32"))
+    assert torch.allclose(keys.float(), torch.stack([v.key_mean for v in values]).float(), atol=1e-4)
+    patch = lmpatch.edit(model, REQUESTS * 2, "dama", update="mixed", layers=(1, 2), nullspace_dimension=2,
+                         mom2_adjustment=False, v_steps=2, template_lengths=((3, 1),))
+    assert [e["directions"] for e in patch.metrics["edit"]["layers"]] == [2, 2]
+
+
 def test_lsdm_locates_lower_layers_and_reports_its_trace():
     model = tiny_model("llama")
     patch = lmpatch.edit(model, REQUESTS, "lsdm", n_layers=2, trace_samples=1, mom2_adjustment=False,
@@ -165,6 +179,7 @@ def test_lsdm_locates_lower_layers_and_reports_its_trace():
 @pytest.mark.parametrize("method, bad, expected", [
     ("dama", dict(contrast=("he",)), "two words"),
     ("dama", dict(nullspace_dimension=0), "nullspace_dimension"),
+    ("dama", dict(update="once"), "Unknown update"),
     ("lsdm", dict(n_layers=0), "n_layers"),
 ])
 def test_method_mistakes_are_one_clear_error(method, bad, expected):
@@ -191,3 +206,28 @@ def test_debias_job_returns_a_patch_and_leaves_the_model():
     with pytest.raises(lmpatch.LmpatchError, match="'prompt' and 'subject'"):
         debias_requests([{"prompt": "The nurse said that"}])
     assert len(training_prompts(10, seed=3)) == 10 and training_prompts(10, 3) == training_prompts(10, 3)
+
+
+# ----------------------------------------------------------------------------- the real model
+
+
+@pytest.mark.slow
+@pytest.mark.model
+def test_lsdm_halves_smollm2s_winobias_gap(real_model):
+    """LSDM on 64 of DAMA's training prompts (the layers its trace finds on SmolLM2, 0-2,
+    given so the trace's minute is not spent here) halves the pro - anti gap on WinoBias
+    *test*, keeps coreference accuracy and costs at most 5% perplexity. Measured in
+    docs/applications.md: gap 0.071 -> about 0.035 there."""
+    from lmpatch.eval.perplexity import perplexity
+    from lmpatch.eval.winobias import winobias_scores
+
+    before = winobias_scores(real_model, "test")
+    ppl_before = perplexity(real_model, max_tokens=4096, progress=False).value
+    patch = lmpatch.debias(real_model, method="lsdm", n_prompts=64, measure=None, layers=(0, 1, 2))
+    with patch.applied(real_model):
+        after = winobias_scores(real_model, "test")
+        ppl_after = perplexity(real_model, max_tokens=4096, progress=False).value
+    assert before["gap"] > 0.05                      # there is a bias to remove
+    assert after["gap"] <= before["gap"] / 2
+    assert after["accuracy"] >= before["accuracy"] - 0.03
+    assert ppl_after <= ppl_before * 1.05

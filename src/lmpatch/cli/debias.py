@@ -21,7 +21,8 @@ def debias(
     method: str = typer.Option("dama", "--method", help="dama (default) or lsdm."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Hub id, model dir or .gguf (default: embedded SmolLM2)."),
     sets: Optional[list[str]] = typer.Option(None, "--set", help="Hyperparameter override key=value (repeatable)."),
-    n_prompts: int = typer.Option(256, "--n-prompts", min=0, help="Seeded sample of the shipped prompts (0: all 2,409)."),
+    n_prompts: Optional[int] = typer.Option(None, "--n-prompts", min=0,
+                                            help="Seeded sample of the shipped prompts (default: dama 128, lsdm 64; 0: all 2,409)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the prompt sample."),
     measure: str = typer.Option("test", "--measure", help="WinoBias split to score on before and after: test, dev or none."),
     out_path: Optional[Path] = typer.Option(None, "--out", "-o", help="Patch file to write (default: debias-METHOD-N.lmpatch)."),
@@ -30,7 +31,7 @@ def debias(
     """Edit the model so pronouns stop following profession stereotypes; measure WinoBias and DAMA's score."""
     from lmpatch.data.jsonio import read_records
     from lmpatch.eval.winobias import SPLITS
-    from lmpatch.jobs.debias import DEBIAS_METHODS, debias_requests, training_prompts
+    from lmpatch.jobs.debias import DEBIAS_METHODS, DEFAULT_PROMPTS, debias_requests, training_prompts
     from lmpatch.jobs.debias import debias as run_debias
     from lmpatch.methods.hparams import with_overrides
     from lmpatch.methods.registry import get_method
@@ -43,7 +44,7 @@ def debias(
     overrides = parse_sets(sets, info.hparams)
     with_overrides(info.hparams, overrides)  # bad names/values fail before loading a model
     if data == "dama-train":
-        requests = debias_requests(training_prompts(n_prompts, seed))
+        requests = debias_requests(training_prompts(DEFAULT_PROMPTS[method] if n_prompts is None else n_prompts, seed))
     else:
         requests = debias_requests(read_records(check_file(Path(data), "Debias prompts file")))
         if not requests:

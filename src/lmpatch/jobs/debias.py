@@ -31,6 +31,8 @@ from lmpatch.request import EditRequest
 
 #: the methods ``debias`` offers, the default first
 DEBIAS_METHODS = ("dama", "lsdm")
+#: training prompts each method edits on by default (chosen on WinoBias dev, docs/applications.md)
+DEFAULT_PROMPTS = {"dama": 128, "lsdm": 64}
 #: the methods read only prompt and subject; an EditRequest still needs a target
 PLACEHOLDER_TARGET = "they"
 
@@ -68,7 +70,7 @@ def debias(
     model: LoadedModel,
     prompts: Sequence[BiasPrompt | dict | EditRequest] | None = None,
     method: str = "dama",
-    n_prompts: int = 256,
+    n_prompts: int | None = None,
     seed: int = 0,
     measure: str | None = "test",
     stage: Callable[[str], AbstractContextManager] | None = None,
@@ -76,7 +78,8 @@ def debias(
 ) -> Patch:
     """A patch that weakens the profession-to-pronoun stereotype of ``model``.
 
-    ``prompts`` default to a seeded sample of ``n_prompts`` of DAMA's training prompts.
+    ``prompts`` default to a seeded sample of ``n_prompts`` of DAMA's training prompts
+    (None: the method's :data:`DEFAULT_PROMPTS`; 0: all 2,409).
     ``measure`` is the WinoBias split to score on before and after (``"test"``, ``"dev"``
     for tuning, or None to skip); ``hparams`` override the method's defaults. The
     caller's model is left as it was. ``stage(message)``, when given, wraps each
@@ -88,6 +91,8 @@ def debias(
         raise InvalidRequestError(f"Unknown debias method {method!r}; choose one of {', '.join(DEBIAS_METHODS)}.")
     if measure is not None and measure not in WINOBIAS_SPLITS:
         raise InvalidRequestError(f"Unknown WinoBias split {measure!r}; choose one of {', '.join(WINOBIAS_SPLITS)}, or none.")
+    if n_prompts is None:
+        n_prompts = DEFAULT_PROMPTS[method]
     if n_prompts < 0:
         raise InvalidRequestError(f"n_prompts must be >= 0, got {n_prompts}.")
     requests = debias_requests(training_prompts(n_prompts, seed) if prompts is None else prompts)

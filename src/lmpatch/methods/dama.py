@@ -11,7 +11,9 @@ the ``nullspace_dimension`` output directions along which the layer's outputs co
 with gender; the layer's output projection is then followed by the projection that
 removes them, ``W <- (I - P) W``. Layers are edited bottom-up, each one's contrasts
 computed on the model with the layers below already projected (DAMA's "iterative"
-update).
+update), or, with ``update="mixed"`` (also DAMA's), the contrasts are optimised once in
+the residual stream after the top layer and only the keys are read again per layer: one
+value optimisation instead of one per layer.
 
 Each layer's change is ``-Q Qᵀ W`` for an orthonormal basis Q of the removed
 directions: a rank-``nullspace_dimension`` weight delta, so the patch reverts exactly.
@@ -24,14 +26,14 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Sequence
 
 import numpy as np
 import torch
 
 from lmpatch.errors import InvalidRequestError, LmpatchError
-from lmpatch.methods.locate.batch import weight_delta
+from lmpatch.methods.locate.batch import key_rows, read_state, weight_delta
 from lmpatch.methods.locate.hparams import LocateHparams
 from lmpatch.methods.locate.prepare import locate_one_offs
 from lmpatch.methods.locate.solve import KeyCovariance, layer_covariances
@@ -50,6 +52,7 @@ log = logging.getLogger(__name__)
 # (λ·C0 + UᵀU)⁻¹ weighs the corpus statistics against the prompts' own keys, so λ is
 # kept in proportion to the number of prompts.
 DAMA_LAMBDA, DAMA_PROMPTS = 20_000.0, 2_409
+UPDATES = ("iterative", "mixed")
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,9 @@ class DAMAHparams(LocateHparams):
     template_lengths: tuple[tuple[int, int], ...] = ((5, 2),)
     group_size: int = 32             # prompts whose two values are optimised in one batch
     pls_max_iter: int = 500
+    update: str = "iterative"        # DAMA's "iterative" (contrasts at each layer's MLP output,
+                                     # recomputed after the layers below) or "mixed" (contrasts
+                                     # once, in the residual stream after the top layer)
 
 
 def dama_layers(model: LoadedModel, hp: DAMAHparams) -> list[int]:
@@ -106,14 +112,17 @@ def last_token_requests(requests: Sequence[EditRequest], contrast: Sequence[str]
 
 def contrasts(
     model: LoadedModel, requests: Sequence[EditRequest], layer: int, templates: list[str], hp: DAMAHparams,
+    target: str = "mlp_out",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys (n × d_ff, template mean) and contrasts ``v_he - v_she`` (n × d) at ``layer``."""
+    """Keys (n × d_ff, template mean) and contrasts ``v_he - v_she`` (n × d) at ``layer``'s
+    MLP output (``target="mlp_out"``) or block output (``"block"``)."""
     pairs = last_token_requests(requests, hp.contrast)
     keys, values = [], []
     step = 2 * hp.group_size
+    config = replace(hp.value_config(), target=target)
     with progress_bar(len(requests) > hp.group_size, f"DAMA values, layer {layer}", len(requests), "prompts") as advance:
         for start in range(0, len(pairs), step):
-            results = optimize_values(model, pairs[start : start + step], layer, templates, hp.value_config())
+            results = optimize_values(model, pairs[start : start + step], layer, templates, config)
             if len(results) != len(pairs[start : start + step]):
                 raise LmpatchError("The value optimisation returned fewer values than asked for.")
             for he, she in zip(results[0::2], results[1::2]):
@@ -121,6 +130,15 @@ def contrasts(
                 values.append((he.delta - she.delta).double().cpu())
             advance(len(results) // 2)
     return torch.stack(keys), torch.stack(values)
+
+
+def last_token_keys(model: LoadedModel, requests: Sequence[EditRequest], layer: int, templates: list[str]) -> torch.Tensor:
+    """n × d_ff: the inputs of ``layer``'s MLP output projection at each prompt's last
+    token, averaged over the templates (DAMA's ``compute_us``), on the model as it is now."""
+    rows = key_rows(model, last_token_requests(requests, ("he",)), templates)
+    uniform = torch.full((len(templates),), 1.0 / len(templates), dtype=torch.float64)
+    keys, _ = read_state(model, rows, uniform, layer, layer, target="mlp_out")
+    return keys.cpu()
 
 
 def whiten(keys: torch.Tensor, covariance: KeyCovariance | None, weight: float) -> torch.Tensor:
@@ -163,6 +181,8 @@ def apply_dama(model: LoadedModel, requests: Sequence[EditRequest], hp: DAMAHpar
         raise InvalidRequestError(f"contrast must be two words, such as ('he', 'she'); got {hp.contrast!r}.")
     if hp.nullspace_dimension is not None and hp.nullspace_dimension < 1:
         raise InvalidRequestError(f"nullspace_dimension must be >= 1, got {hp.nullspace_dimension!r}.")
+    if hp.update not in UPDATES:
+        raise InvalidRequestError(f"Unknown update {hp.update!r}; choose one of {', '.join(UPDATES)}.")
     layers = dama_layers(model, hp)
     k = hp.nullspace_dimension or max(1, model.spec.hidden_size // 4)
     templates = context_templates(model, hp.template_config())
@@ -170,10 +190,15 @@ def apply_dama(model: LoadedModel, requests: Sequence[EditRequest], hp: DAMAHpar
     covariances = _covariances(model, layers, hp)
     parts: list[Patch] = []
     infos = []
+    if hp.update == "mixed":
+        _, contrast = contrasts(model, requests, layers[-1], templates, hp, target="block")
     try:
         for layer in layers:
             t0 = time.perf_counter()
-            keys, contrast = contrasts(model, requests, layer, templates, hp)
+            if hp.update == "iterative":
+                keys, contrast = contrasts(model, requests, layer, templates, hp)
+            else:
+                keys = last_token_keys(model, requests, layer, templates)
             u = whiten(keys, covariances[layer], weight)
             module = model.spec.mlp_out(model.model, layer)
             w = from_param_layout(module, module.weight.detach()).double().cpu()
