@@ -521,7 +521,7 @@ def test_cli_debias_writes_a_patch(tiny_dir, tmp_path, cache):
     rows = [("The surgeon laughed because", "The surgeon"), ("The nurse said that", "The nurse")] * 2
     prompts.write_text("".join(json.dumps({"prompt": p, "subject": s}) + "\n" for p, s in rows))
     out = tmp_path / "b.lmpatch"
-    result = run("debias", "--model", str(tiny_dir), "--data", str(prompts), "--measure", "none",
+    result = run("debias", "--model", str(tiny_dir), "--data", str(prompts), "--measure", "none", "--method", "dama",
                  "--set", "layers=1", "--set", "mom2_adjustment=false", "--set", "v_steps=2",
                  "--set", "nullspace_dimension=2", "--out", str(out), "--json")
     data = parse_json(result)

@@ -18,7 +18,7 @@ def debias(
     ctx: typer.Context,
     data: str = typer.Option("dama-train", "--data",
                              help='Prompts: "dama-train" (shipped) or a JSON/JSONL file of {"prompt", "subject"} records.'),
-    method: str = typer.Option("dama", "--method", help="dama (default) or lsdm."),
+    method: str = typer.Option("lsdm", "--method", help="lsdm (default) or dama."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Hub id, model dir or .gguf (default: embedded SmolLM2)."),
     sets: Optional[list[str]] = typer.Option(None, "--set", help="Hyperparameter override key=value (repeatable)."),
     n_prompts: Optional[int] = typer.Option(None, "--n-prompts", min=0,

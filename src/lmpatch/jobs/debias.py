@@ -4,9 +4,11 @@ The job edits on prompts that stop where a pronoun about a profession comes next
 2,409 training prompts, or the user's own ``{"prompt", "subject"}`` records) with one
 of two methods:
 
-* ``dama`` - the he/she contrast projected out of upper MLP outputs (the default);
 * ``lsdm`` - the layers that carry a profession's gender located by causal tracing,
-  then a least-squares edit that makes "he" and "she" equally likely there.
+  then a least-squares edit that makes "he" and "she" equally likely there (the
+  default: on SmolLM2 it halves WinoBias' gap, docs/applications.md);
+* ``dama`` - the he/she contrast projected out of upper MLP outputs (the paper's
+  settings; on SmolLM2 it costs coreference accuracy and barely narrows the gap).
 
 With ``measure`` it scores the model before and after, on WinoBias (coreference
 accuracy on pro- and anti-stereotypical sentences and their gap) and on DAMA's
@@ -30,7 +32,7 @@ from lmpatch.patch import Patch
 from lmpatch.request import EditRequest
 
 #: the methods ``debias`` offers, the default first
-DEBIAS_METHODS = ("dama", "lsdm")
+DEBIAS_METHODS = ("lsdm", "dama")
 #: training prompts each method edits on by default (chosen on WinoBias dev, docs/applications.md)
 DEFAULT_PROMPTS = {"dama": 128, "lsdm": 64}
 #: the methods read only prompt and subject; an EditRequest still needs a target
@@ -69,7 +71,7 @@ def bias_report(model: LoadedModel, winobias_split: str = "test") -> dict:
 def debias(
     model: LoadedModel,
     prompts: Sequence[BiasPrompt | dict | EditRequest] | None = None,
-    method: str = "dama",
+    method: str = "lsdm",
     n_prompts: int | None = None,
     seed: int = 0,
     measure: str | None = "test",
