@@ -39,6 +39,7 @@ from lmpatch.methods.locate.prepare import locate_one_offs
 from lmpatch.methods.locate.solve import KeyCovariance, layer_covariances
 from lmpatch.methods.locate.templates import context_templates
 from lmpatch.methods.locate.values import optimize_values
+from lmpatch.methods.memit import edit_layers
 from lmpatch.methods.registry import Method, register
 from lmpatch.model.loading import LoadedModel
 from lmpatch.model.spec import from_param_layout
@@ -93,15 +94,8 @@ class DAMAHparams(LocateHparams):
 
 
 def dama_layers(model: LoadedModel, hp: DAMAHparams) -> list[int]:
-    if hp.layers is not None:
-        layers = sorted({model.spec.check_layer(layer) for layer in hp.layers})
-        if not layers:
-            raise LmpatchError("DAMA needs at least one layer; give layers=(...) or leave it unset.")
-        return layers
-    lo, hi = hp.layer_range
-    if not 0.0 <= lo <= hi <= 1.0:
-        raise LmpatchError(f"layer_range must be two fractions 0 <= lo <= hi <= 1, got {hp.layer_range!r}.")
-    return list(range(model.spec.depth_layer(lo), model.spec.depth_layer(hi) + 1))
+    """``hp.layers`` as given, or ``hp.layer_range`` of the depth (MEMIT's rule)."""
+    return edit_layers(model, hp)
 
 
 def last_token_requests(requests: Sequence[EditRequest], contrast: Sequence[str]) -> list[EditRequest]:
@@ -172,10 +166,8 @@ def gender_directions(outputs: np.ndarray, contrast: np.ndarray, k: int, max_ite
     return u[:, keep]
 
 
-def projection_delta(model: LoadedModel, layer: int, basis: torch.Tensor) -> WeightDelta:
+def projection_delta(model: LoadedModel, layer: int, basis: torch.Tensor, w: torch.Tensor) -> WeightDelta:
     """``-Q Qᵀ W`` for layer ``layer``'s MLP output projection W (math layout d × d_ff)."""
-    module = model.spec.mlp_out(model.model, layer)
-    w = from_param_layout(module, module.weight.detach()).double().cpu()
     q = basis.double()
     return weight_delta(model, layer, -q, q.T @ w)
 
@@ -214,7 +206,7 @@ def apply_dama(model: LoadedModel, requests: Sequence[EditRequest], hp: DAMAHpar
             module = model.spec.mlp_out(model.model, layer)
             w = from_param_layout(module, module.weight.detach()).double().cpu()
             basis = gender_directions((u @ w.T).numpy(), contrast.numpy(), k, hp.pls_max_iter)
-            delta = projection_delta(model, layer, torch.from_numpy(basis))
+            delta = projection_delta(model, layer, torch.from_numpy(basis), w)
             part = Patch(parts=[delta], method="dama", model_fingerprint=model.fingerprint, model_name=model.name)
             part.apply(model)
             parts.append(part)

@@ -88,7 +88,7 @@ def edit_layers(model: LoadedModel, hp: MEMITHparams) -> list[int]:
     if hp.layers is not None:
         layers = sorted({model.spec.check_layer(layer) for layer in hp.layers})
         if not layers:
-            raise LmpatchError("MEMIT needs at least one layer to edit; give layers=(...) or leave it unset.")
+            raise LmpatchError("Give at least one layer to edit: layers=(...), or leave it unset.")
         return layers
     lo, hi = hp.layer_range
     if not 0.0 <= lo <= hi <= 1.0:
