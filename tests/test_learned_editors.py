@@ -174,3 +174,42 @@ def test_kes_multiplier_moves_by_the_relative_violation_within_its_bounds():
     for _ in range(1500):
         lam = next_multiplier(lam, torch.tensor(0.001), hp)
     assert lam < 1.0
+
+
+def test_batched_edit_losses_score_every_prompt_under_the_sum_of_all_edits(model):
+    """``together``: every row sees the summed change of all the step's edits, which is
+    what applying the batched edit's weight change gives."""
+    from lmpatch.methods.learned_editing import _per_row
+
+    module = _top_modules(model)[-1]
+    d_out, d_in = module.weight.shape
+    g = torch.Generator().manual_seed(1)
+    u, d = torch.randn(2, 3, d_in, generator=g) * 0.1, torch.randn(2, 3, d_out, generator=g) * 0.1
+    batch = target_batch(model, REQS[:2], TARGET_NEW)
+    with row_deltas([module], _per_row([(u, d)], torch.arange(2), together=True)):
+        both = request_nll(model, batch)
+    original = module.weight.detach().clone()
+    with torch.no_grad():
+        module.weight += d[0].T @ u[0] + d[1].T @ u[1]
+    summed = request_nll(model, batch)
+    with torch.no_grad():
+        module.weight.copy_(original)
+    assert torch.allclose(both, summed, atol=1e-5)
+
+
+def test_a_field_added_after_shipping_keys_the_artefact_only_when_changed():
+    from lmpatch.methods.learned_editing import training_settings
+    from lmpatch.methods.mend import MendHparams
+
+    assert "batched" not in training_settings(MendHparams())  # the shipped editor's key is unchanged
+    assert training_settings(MendHparams(batched=True))["batched"] is True
+
+
+def test_mend_trains_on_batched_edits_and_validates_both_ways(model, tmp_path, monkeypatch):
+    monkeypatch.setitem(FAST, "mend", {**FAST["mend"], "batched": True})
+    report = _train(model, tmp_path, monkeypatch)
+    last = report["validation"][-1]
+    assert {"efficacy", "batch_efficacy", "batch_locality"} <= set(last)
+    lmpatch.edit(model, REQS[:3], "mend", **FAST["mend"])  # found under its own key
+    with pytest.raises(lmpatch.LmpatchError, match="lmpatch train mend"):
+        lmpatch.edit(model, REQS[0], "mend", **{**FAST["mend"], "batched": False})

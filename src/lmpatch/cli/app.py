@@ -10,7 +10,21 @@ from __future__ import annotations
 import typer
 from typer.core import TyperGroup
 
-from lmpatch.cli import debias, demo, detox, edit, evaluate, forget, generate, listing, patches, report, stats, train
+from lmpatch.cli import (
+    debias,
+    demo,
+    detox,
+    edit,
+    evaluate,
+    forget,
+    generate,
+    listing,
+    patches,
+    report,
+    serve,
+    stats,
+    train,
+)
 from lmpatch.cli.console import error_line, setup_logging
 from lmpatch.cli.options import Settings
 from lmpatch.errors import LmpatchError
@@ -67,6 +81,7 @@ app.command("merge")(patches.merge)
 app.command("methods")(listing.methods)
 app.command("datasets")(listing.datasets)
 app.command("report")(report.report)
+app.command("serve")(serve.serve)
 
 
 def main() -> None:

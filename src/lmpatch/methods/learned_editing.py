@@ -77,15 +77,35 @@ def _lowest_layer(model: LoadedModel, params: Sequence[str]) -> int:
     return min(i for i, b in enumerate(blocks) for p in params if p.startswith(b))
 
 
-def _per_row(changes, rows: torch.Tensor):
-    return [(u[rows], d[rows]) for u, d in changes]
+def _per_row(changes, rows: torch.Tensor, together: bool = False):
+    """The changes each of ``rows`` sees: its own edit's, or (``together``) every edit's
+    summed, as one batched edit applies them (the token factors of all edits concatenated)."""
+    if not together:
+        return [(u[rows], d[rows]) for u, d in changes]
+    n = len(rows)
+    return [(u.reshape(1, -1, u.shape[-1]).expand(n, -1, -1), d.reshape(1, -1, d.shape[-1]).expand(n, -1, -1))
+            for u, d in changes]
+
+
+def training_settings(hparams: Any) -> dict:
+    """The settings that key a trained artefact: every field, except a field added after
+    artefacts were shipped while it keeps the value those were trained with (declared in
+    the field's metadata as ``key_unless``), so that older artefacts still load."""
+    from dataclasses import fields
+
+    out = asdict(hparams)
+    for f in fields(hparams):
+        if "key_unless" in f.metadata and out[f.name] == f.metadata["key_unless"]:
+            del out[f.name]
+    return out
 
 
 class _Passes:
     """The forward passes of one training or validation batch, over the frozen bottom."""
 
-    def __init__(self, model: LoadedModel, editor: nn.Module, bottom: FrozenBottom | None) -> None:
-        self.model, self.editor, self.bottom = model, editor, bottom
+    def __init__(self, model: LoadedModel, editor: nn.Module, bottom: FrozenBottom | None,
+                 together: bool = False) -> None:
+        self.model, self.editor, self.bottom, self.together = model, editor, bottom, together
         self.modules = edit_modules(model, editor.params)
 
     def _replay(self, batch):
@@ -103,7 +123,7 @@ class _Passes:
         n = len(examples)
         batch = target_batch(self.model, [e.request for e in examples] + [e.paraphrase_request for e in examples],
                              TARGET_NEW)
-        with self._replay(batch), row_deltas(self.modules, _per_row(changes, torch.arange(2 * n) % n)):
+        with self._replay(batch), row_deltas(self.modules, _per_row(changes, torch.arange(2 * n) % n, self.together)):
             return fn(self.model, batch)
 
     def locality(self, examples: Sequence[EditExample], changes):
@@ -113,17 +133,17 @@ class _Passes:
         with self._replay(batch):
             with torch.no_grad():
                 pre = target_logprobs(self.model, batch, None)
-            with row_deltas(self.modules, changes):
+            with row_deltas(self.modules, _per_row(changes, torch.arange(len(examples)), self.together)):
                 post = target_logprobs(self.model, batch, None)
         return pre, post, batch.pos_rows[batch.pick]
 
 
 def edit_losses(model: LoadedModel, editor: nn.Module, examples: Sequence[EditExample],
-                bottom: FrozenBottom | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each example edited alone from the unedited model: the new target's NLL on the edit
-    prompts then the paraphrases (2n,), and the mean KL(unedited || edited) over the
-    locality answers' tokens."""
-    passes = _Passes(model, editor, bottom)
+                bottom: FrozenBottom | None = None, together: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The examples edited from the unedited model, each alone or (``together``) all as one
+    batched edit: the new target's NLL on the edit prompts then the paraphrases (2n,), and
+    the mean KL(unedited || edited) over the locality answers' tokens."""
+    passes = _Passes(model, editor, bottom, together)
     with torch.inference_mode(False), torch.enable_grad():
         changes = passes.edit(examples, update_norm=editor.training)
         nll = passes.asked(examples, changes, request_nll)
@@ -134,12 +154,13 @@ def edit_losses(model: LoadedModel, editor: nn.Module, examples: Sequence[EditEx
 
 @torch.no_grad()
 def validate_editor(model: LoadedModel, editor: nn.Module, examples: Sequence[EditExample],
-                    bottom: FrozenBottom | None = None, batch: int = 16) -> dict:
-    """Teacher-forced success on held-apart edits, each made alone: every target token the
-    argmax on the edit prompt (efficacy) and on the paraphrase (paraphrase), and the
-    locality answer's argmax tokens unchanged (locality)."""
+                    bottom: FrozenBottom | None = None, batch: int = 16, together: bool = False) -> dict:
+    """Teacher-forced success on held-apart edits, each made alone (or ``together``, in
+    batched edits of ``batch``): every target token the argmax on the edit prompt
+    (efficacy) and on the paraphrase (paraphrase), and the locality answer's argmax
+    tokens unchanged (locality)."""
     hits: dict[str, list[bool]] = {"efficacy": [], "paraphrase": [], "locality": []}
-    passes = _Passes(model, editor, bottom)
+    passes = _Passes(model, editor, bottom, together)
     for start in range(0, len(examples), batch):
         chunk = examples[start : start + batch]
         n = len(chunk)
@@ -153,6 +174,16 @@ def validate_editor(model: LoadedModel, editor: nn.Module, examples: Sequence[Ed
             same[r] = same[r] and s
         hits["locality"] += same
     return {k: sum(v) / max(len(v), 1) for k, v in hits.items()}
+
+
+def _validate(model: LoadedModel, editor: nn.Module, examples: Sequence[EditExample], bottom: FrozenBottom | None,
+              together: bool, batch: int) -> dict:
+    """Single-edit scores, plus batched-edit ones (``batch_efficacy`` ...) for an editor
+    trained on batched edits."""
+    scores = validate_editor(model, editor, examples, bottom)
+    if together:
+        scores |= {f"batch_{k}": v for k, v in validate_editor(model, editor, examples, bottom, batch, True).items()}
+    return scores
 
 
 # --------------------------------------------------------------------------- editing
@@ -191,7 +222,7 @@ def patch_from_editor(model: LoadedModel, editor: nn.Module, requests: Sequence[
 def load_trained(method: str, model: LoadedModel, hparams: Any, build: Callable[[], nn.Module]) -> tuple[nn.Module, dict]:
     """The trained editor for this model and hyperparameters (all of them key the
     artefact), or the error that says how to get one."""
-    saved = load_artefact(artefact_dir(method, artefact_key(method, model.fingerprint, asdict(hparams))))
+    saved = load_artefact(artefact_dir(method, artefact_key(method, model.fingerprint, training_settings(hparams))))
     if saved is None:
         raise LmpatchError(
             f"{method.upper()} has not been trained for {model.name} with these settings; run "
@@ -216,13 +247,15 @@ def edit_with_trained(method: str, model: LoadedModel, requests: Sequence[EditRe
 
 def train_learned(method: str, model: LoadedModel, editor: nn.Module, groups: list[dict], hparams: Any,
                   loss: Callable[[torch.Tensor, torch.Tensor, nn.Module], tuple[torch.Tensor, dict]],
-                  config: TrainingConfig, show: bool) -> dict:
+                  config: TrainingConfig, show: bool, together: bool = False) -> dict:
     """Train ``editor`` with the shared loop and save it where editing finds it.
 
     ``loss(nll, kl, editor)`` combines the edit losses (:func:`edit_losses`) into the
-    method's objective and returns it with numbers for the log.
+    method's objective and returns it with numbers for the log. ``together`` trains on
+    batched edits (each step's examples summed into one edit, as the paper trains MEND
+    for batched editing); validation then scores single edits and batched ones.
     """
-    settings = asdict(hparams)
+    settings = training_settings(hparams)
     key = artefact_key(method, model.fingerprint, settings)
     folder = cache_dir() / method / key
     for p in model.model.parameters():
@@ -232,14 +265,14 @@ def train_learned(method: str, model: LoadedModel, editor: nn.Module, groups: li
     bottom = FrozenBottom(model, lowest) if lowest > 0 and not model.spec.encoder_decoder else None
 
     def step(m: LoadedModel, net: nn.Module, examples: Sequence[EditExample]):
-        nll, kl = edit_losses(m, net, examples, bottom)
+        nll, kl = edit_losses(m, net, examples, bottom, together)
         total, numbers = loss(nll, kl, net)
         n, nll, kl = len(examples), nll.detach(), kl.detach()
         return total, {"edit_nll": float(nll[:n].mean()), "para_nll": float(nll[n:].mean()), "kl": float(kl),
                        **numbers}
 
     report = train_editor(model, editor, groups, step_loss=step,
-                          validate=lambda m, net, ex: validate_editor(m, net, ex, bottom),
+                          validate=lambda m, net, ex: _validate(m, net, ex, bottom, together, config.batch_size),
                           config=config, folder=folder, show=show)
     manifest = {"method": method, "key": key, "model": model.name, "fingerprint": model.fingerprint,
                 "settings": settings, "params": editor.params, "trained_seconds": report["train_seconds"],

@@ -21,7 +21,7 @@ Editing with an untrained one is an error that names the command to run.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -69,6 +69,10 @@ class MendHparams:
     c_edit: float = 0.1            # the paper's edit weight; locality weighs 50 times as much: at
     c_loc: float = 5.0             # c_loc = 1 the neighbourhood score fell to 0.37 (docs/learned-editors.md)
     seed: int = 0
+    #: train on batched edits: each step's ``batch_size`` edits summed into one change, every
+    #: prompt scored under the sum (the paper's training for batched editing). Keys the
+    #: artefact only when True, so editors trained before the field existed still load.
+    batched: bool = field(default=False, metadata={"key_unless": False})
 
     def check(self) -> None:
         if self.top_layers < 1:
@@ -139,7 +143,7 @@ def train_mend(model: LoadedModel, hp: MendHparams, show: bool = True) -> dict:
     def loss(nll: torch.Tensor, kl: torch.Tensor, _editor: nn.Module):
         return hp.c_edit * nll.mean() + hp.c_loc * kl, {}
 
-    return train_learned(METHOD, model, editor, groups, hp, loss, hp.training(), show)
+    return train_learned(METHOD, model, editor, groups, hp, loss, hp.training(), show, together=hp.batched)
 
 
 register(Method(

@@ -171,6 +171,23 @@ class LoadedModel:
             for text in texts
         ]
 
+    def format_messages(self, messages: Sequence[dict]) -> str:
+        """A chat (``[{"role": ..., "content": ...}, ...]``) as the text the model sees, ready
+        for the assistant's turn: the last user message rewritten by the applied retrieval
+        memories (as :meth:`format_prompts` rewrites a prompt), then the chat template."""
+        from lmpatch.model.context import memories_active
+
+        self._check_chat_template()
+        msgs = [dict(m) for m in messages]
+        users = [i for i, m in enumerate(msgs) if m.get("role") == "user"]
+        if users and memories_active():
+            last = msgs[users[-1]]
+            text = [str(last.get("content", ""))]
+            for group in self.stack.memories():
+                text = group.runtime.rewrite([str(last.get("content", ""))], text)
+            last["content"] = text[0]
+        return self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+
     def _check_chat_template(self) -> None:
         if not getattr(self.tokenizer, "chat_template", None):
             raise ModelLoadError(f"Model '{self.name}' has no chat template; run without --chat.")

@@ -33,7 +33,7 @@ from lmpatch.patch.jsonable import canonical_json, json_dict
 from lmpatch.patch.parts import PART_KINDS, ModuleAddition, RetrievalMemory, WeightDelta
 from lmpatch.request import EditRequest
 
-__all__ = ["Patch", "compose"]
+__all__ = ["Patch", "compose", "write_merged"]
 
 log = logging.getLogger(__name__)
 
@@ -280,38 +280,50 @@ class Patch:
         directory that is not an earlier merge, so a base checkpoint cannot be
         overwritten by accident.
         """
-        stack = self._check_model(model)
-        out = Path(out_dir).expanduser()
-        if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MERGE_MANIFEST).is_file())):
-            raise PatchError(f"'{out}' already exists and is not an empty directory; merge into a new directory.")
-        we_applied = not self.is_applied(model)
+        self._check_model(model)
         if not self.mergeable:
             raise _unmergeable(self)
-        for entry in stack:
-            if not entry.patch.mergeable:
-                raise _unmergeable(entry.patch, note=" (it is applied to the model too)")
+        we_applied = not self.is_applied(model)
         if we_applied:
             self.apply(model)
         try:
-            out.mkdir(parents=True, exist_ok=True)
-            net = _with_additions_merged(model)
-            net.save_pretrained(out)
-            model.tokenizer.save_pretrained(out)
-            record = {
-                "patch": self.summary(),
-                "applied_patch_ids": stack.ids(),
-                "base_model": model.name,
-                "base_fingerprint": model.fingerprint,
-                "merged_at": _now(),
-            }
-            atomic_write_json(out / MERGE_MANIFEST, record)
-            share_like_new_files(out)  # save_pretrained writes its safetensors files 0600
-        except OSError as exc:
-            raise PatchError(f"Could not write the merged checkpoint to '{out}': {exc.strerror or exc}.") from exc
+            return write_merged(model, out_dir, {"patch": self.summary()})
         finally:
             if we_applied:
                 self.revert(model)
-        return out
+
+
+def write_merged(model: Any, out_dir: str | os.PathLike, record: dict | None = None) -> Path:
+    """Write ``model`` as it is now (base + every applied patch) as a plain Hugging Face
+    checkpoint, with ``lmpatch-merge.json`` listing the patches (plus ``record``).
+
+    The one writer behind :meth:`Patch.merge` and the service's snapshots. Refuses an
+    applied patch a plain checkpoint cannot express, and a non-empty directory that is
+    not an earlier merge.
+    """
+    stack = _stack_of(model)
+    out = Path(out_dir).expanduser()
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MERGE_MANIFEST).is_file())):
+        raise PatchError(f"'{out}' already exists and is not an empty directory; merge into a new directory.")
+    for entry in stack:
+        if not entry.patch.mergeable:
+            raise _unmergeable(entry.patch, note=" (it is applied to the model too)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        net = _with_additions_merged(model)
+        net.save_pretrained(out)
+        model.tokenizer.save_pretrained(out)
+        atomic_write_json(out / MERGE_MANIFEST, {
+            **(record or {}),
+            "applied_patch_ids": stack.ids(),
+            "base_model": model.name,
+            "base_fingerprint": model.fingerprint,
+            "merged_at": _now(),
+        })
+        share_like_new_files(out)  # save_pretrained writes its safetensors files 0600
+    except OSError as exc:
+        raise PatchError(f"Could not write the merged checkpoint to '{out}': {exc.strerror or exc}.") from exc
+    return out
 
 
 def _unmergeable(patch: Patch, note: str = "") -> PatchError:

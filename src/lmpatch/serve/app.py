@@ -1,0 +1,348 @@
+"""The HTTP face of a :class:`~lmpatch.serve.service.Service` (a FastAPI app).
+
+Routes: OpenAI-compatible generation (``/v1/completions``, ``/v1/chat/completions``,
+``/v1/models``), the edit ledger (``/v1/edits``: make, list, inspect, revert, download
+a patch), patch uploads (``/v1/patches``), snapshots (``/v1/snapshots``) and the web
+page (``/``). Every answer carries ``X-Lmpatch-Generation``: the ledger generation the
+model was at when the answer was produced.
+
+Every mistake a client can make gets a JSON error ``{"error": {"message", "type",
+"code"}}`` with a 4xx status (OpenAI's shape), and the server stays up.
+"""
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from concurrent.futures import TimeoutError as FutureTimeout
+from pathlib import Path
+from typing import Any, Callable
+
+from fastapi import Depends, FastAPI, Header, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from lmpatch.errors import LmpatchError
+from lmpatch.serve.generation import Completion, Sampling
+from lmpatch.serve.schemas import ChatBody, CompletionBody, EditBody, SnapshotBody
+from lmpatch.serve.service import Service
+from lmpatch.serve.worker import Job
+
+__all__ = ["create_app"]
+
+GENERATION_HEADER = "X-Lmpatch-Generation"
+STATIC = Path(__file__).resolve().parent / "static"
+
+
+class ApiError(HTTPException):
+    def __init__(self, status: int, message: str, code: str) -> None:
+        super().__init__(status, message)
+        self.code = code
+
+
+def _error(status: int, message: str, code: str, headers: dict | None = None) -> JSONResponse:
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return JSONResponse({"error": {"message": message, "type": kind, "code": code}}, status, headers=headers)
+
+
+class _BodyLimit:
+    """ASGI middleware: refuse bodies over the limit (413) whether or not they declare a length."""
+
+    def __init__(self, app, json_limit: int, upload_limit: int) -> None:
+        self.app, self.json_limit, self.upload_limit = app, json_limit, upload_limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit = self.upload_limit if scope["path"] == "/v1/patches" else self.json_limit
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        too_big = _error(413, f"Request body over {limit} bytes.", "body_too_large")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            return await too_big(scope, receive, send)
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise ApiError(413, f"Request body over {limit} bytes.", "body_too_large")
+            return message
+
+        return await self.app(scope, counted, send)
+
+
+def create_app(service: Service) -> FastAPI:
+    """The app for ``service`` (``uvicorn.run(create_app(service))``)."""
+    app = FastAPI(title="lmpatch", version=_version(),
+                  description="Serve a language model and edit what it knows while it runs.")
+    app.state.service = service
+    cfg = service.config
+
+    # ----------------------------------------------------------------- errors
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_req: Request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
+        return _error(422, f"{where or 'body'}: {first.get('msg', 'invalid request')}", "invalid_body")
+
+    @app.exception_handler(HTTPException)
+    async def _http(_req: Request, exc: HTTPException):
+        code = getattr(exc, "code", None) or {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "error")
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status_code == 401 else None
+        return _error(exc.status_code, str(exc.detail), code, headers)
+
+    @app.exception_handler(LmpatchError)
+    async def _user(_req: Request, exc: LmpatchError):
+        return _error(400, str(exc), "invalid_request")
+
+    app.add_middleware(_BodyLimit, json_limit=cfg.max_body_bytes, upload_limit=cfg.max_upload_bytes)
+
+    # ----------------------------------------------------------------- auth
+
+    def _check(authorization: str | None) -> str:
+        if not authorization or not authorization.startswith("Bearer "):
+            raise ApiError(401, "Missing bearer token: send 'Authorization: Bearer <token>'.", "unauthorized")
+        import secrets
+
+        if not secrets.compare_digest(authorization[7:].strip().encode(), service.token.encode()):
+            raise ApiError(401, "Wrong bearer token.", "unauthorized")
+        return "token"
+
+    def writer(authorization: str | None = Header(None)) -> str:
+        return _check(authorization)
+
+    def reader(authorization: str | None = Header(None)) -> None:
+        if cfg.protect_reads:
+            _check(authorization)
+
+    def _gen_header() -> dict:
+        return {GENERATION_HEADER: str(service.state.generation)}
+
+    # ----------------------------------------------------------------- generation
+
+    @app.get("/v1/models", dependencies=[Depends(reader)])
+    def models():
+        m = service.model
+        card = {"id": m.name, "object": "model", "created": 0, "owned_by": "lmpatch",
+                "generation": service.state.generation, "base_fingerprint": m.fingerprint,
+                "state_fingerprint": service.ledger.state_fingerprint, "edits": len(service.ledger.live())}
+        return JSONResponse({"object": "list", "data": [card]}, headers=_gen_header())
+
+    def _run(build: Callable, sampling: Sampling, stream: bool, shape: Callable[[Completion, str, str | None], dict],
+             kind: str) -> Response:
+        try:
+            job = Completion.start(service.state, build, sampling)
+        except TimeoutError as exc:
+            raise ApiError(503, f"The model is busy: {exc}; try again.", "busy") from exc
+        except LmpatchError as exc:
+            raise ApiError(400, str(exc), "invalid_request") from exc
+        headers = {GENERATION_HEADER: str(job.generation)}
+        rid = f"{kind}-{uuid.uuid4().hex[:24]}"
+        if not stream:
+            text = job.text()
+            body = shape(job, text, job.finish_reason) | {"id": rid, "created": int(time.time()),
+                                                          "model": service.model.name}
+            body["usage"] = _usage(job)
+            body["lmpatch_generation"] = job.generation
+            return JSONResponse(body, headers=headers)
+
+        def events():
+            try:
+                for piece in job.pieces():
+                    chunk = shape(job, piece, None) | {"id": rid, "created": int(time.time()),
+                                                       "model": service.model.name}
+                    yield f"data: {json.dumps(chunk)}\n\n"
+                last = shape(job, "", job.finish_reason) | {"id": rid, "created": int(time.time()),
+                                                            "model": service.model.name,
+                                                            "usage": _usage(job),
+                                                            "lmpatch_generation": job.generation}
+                yield f"data: {json.dumps(last)}\n\n"
+                yield "data: [DONE]\n\n"
+            finally:
+                job.cancel()
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
+
+    @app.post("/v1/completions", dependencies=[Depends(reader)])
+    def completions(body: CompletionBody):
+        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        if len(prompts) != 1:
+            raise ApiError(400, f"Send one prompt per request (got {len(prompts)}).", "one_prompt")
+        prompt = prompts[0]
+        sampling = Sampling(body.max_tokens, body.temperature, body.top_p, body.stops(), body.seed)
+
+        def shape(_job, text, finish):
+            return {"object": "text_completion",
+                    "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}]}
+
+        return _run(lambda m: m.format_prompts([prompt])[0], sampling, body.stream, shape, "cmpl")
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(reader)])
+    def chat_completions(body: ChatBody):
+        messages = [m.model_dump() for m in body.messages]
+        sampling = Sampling(body.max_completion_tokens or body.max_tokens, body.temperature, body.top_p,
+                            body.stops(), body.seed)
+        stream = body.stream
+
+        def shape(_job, text, finish):
+            if stream:
+                return {"object": "chat.completion.chunk",
+                        "choices": [{"index": 0, "delta": {"content": text} if text else {}, "finish_reason": finish}]}
+            return {"object": "chat.completion",
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                                 "finish_reason": finish}]}
+
+        return _run(lambda m: m.format_messages(messages), sampling, stream, shape, "chatcmpl")
+
+    # ----------------------------------------------------------------- the ledger
+
+    def _record(edit_id: str):
+        rec = service.ledger.get(edit_id)
+        if rec is None:
+            raise ApiError(404, f"No edit {edit_id!r} in the ledger.", "edit_not_found")
+        return rec
+
+    def _edit_answer(rec, status: int) -> JSONResponse:
+        body = rec.public() | {"status_url": f"/v1/edits/{rec.id}"}
+        if rec.status in ("committed", "reverted", "reverting") and rec.patch_file:
+            body["patch_url"] = f"/v1/edits/{rec.id}/patch"
+        return JSONResponse(body, status, headers=_gen_header())
+
+    @app.post("/v1/edits", status_code=202)
+    def make_edit(body: EditBody, actor: str = Depends(writer),
+                  idempotency_key: str | None = Header(None, max_length=200)):
+        from lmpatch.methods.hparams import with_overrides
+        from lmpatch.methods.registry import get_method
+        from lmpatch.request import EditRequest
+
+        info = get_method(body.method)
+        info.check_model(service.model)
+        with_overrides(info.hparams, body.hparams)  # a typo is refused now, not in the background
+        items = body.requests if isinstance(body.requests, list) else [body.requests]
+        if not items:
+            raise ApiError(422, "requests: give at least one edit request.", "invalid_body")
+        requests = [EditRequest.from_dict(r).to_dict() for r in items]
+        if body.expected_generation is not None and body.expected_generation != service.ledger.generation:
+            raise ApiError(409, f"The ledger is at generation {service.ledger.generation}, not "
+                                f"{body.expected_generation}; read the state again.", "stale_generation")
+        rec, created = service.ledger.add(actor=body.actor or actor, kind="edit", method=info.name,
+                                          hparams=body.hparams, requests=requests, idempotency_key=idempotency_key)
+        if created:
+            service.worker.submit(Job(kind="edit", edit_id=rec.id))
+        return _edit_answer(rec, 202 if created else 200)
+
+    @app.get("/v1/edits", dependencies=[Depends(reader)])
+    def list_edits(limit: int = Query(50, ge=1, le=500), before: float | None = Query(None),
+                   status: str | None = Query(None, max_length=20)):
+        page = service.ledger.page(limit, before, status)
+        nxt = f"/v1/edits?limit={limit}&before={page[-1].created!r}" if len(page) == limit else None
+        return JSONResponse({"object": "list", "data": [r.public() for r in page], "next": nxt,
+                             "generation": service.state.generation}, headers=_gen_header())
+
+    @app.get("/v1/edits/{edit_id}", dependencies=[Depends(reader)])
+    def get_edit(edit_id: str):
+        return _edit_answer(_record(edit_id), 200)
+
+    @app.delete("/v1/edits/{edit_id}")
+    def revert_edit(edit_id: str, _actor: str = Depends(writer), wait: float = Query(60.0, ge=0, le=600)):
+        rec = _record(edit_id)
+        if rec.status == "queued" and service.ledger.cancel(edit_id):
+            return _edit_answer(_record(edit_id), 200)
+        if rec.status != "reverting" and not service.ledger.mark_reverting(edit_id):
+            rec = _record(edit_id)
+            raise ApiError(409, f"Edit {edit_id} is {rec.status}; only a committed edit can be reverted.",
+                           "not_revertible")
+        done = service.worker.submit(Job(kind="revert", edit_id=edit_id))
+        try:
+            done.result(timeout=wait)
+        except FutureTimeout:
+            return _edit_answer(_record(edit_id), 202)
+        return _edit_answer(_record(edit_id), 200)
+
+    @app.get("/v1/edits/{edit_id}/patch", dependencies=[Depends(reader)])
+    def download_patch(edit_id: str):
+        rec = _record(edit_id)
+        if not rec.patch_file or not Path(rec.patch_file).is_file() or rec.status not in (
+                "committed", "reverting", "reverted"):
+            raise ApiError(404, f"Edit {edit_id} has no patch ({rec.status}).", "no_patch")
+        return FileResponse(rec.patch_file, media_type="application/octet-stream",
+                            filename=f"{edit_id}.lmpatch", headers=_gen_header())
+
+    @app.post("/v1/patches", status_code=202)
+    async def upload_patch(request: Request, actor: str = Depends(writer),
+                           idempotency_key: str | None = Header(None, max_length=200)):
+        from lmpatch.fileio import atomic_path
+        from lmpatch.patch import Patch
+        from lmpatch.serve.worker import file_sha256
+
+        data = await request.body()
+        if not data:
+            raise ApiError(422, "Send the .lmpatch file as the request body.", "invalid_body")
+        folder = service.ledger.folder / "patches"
+        path = folder / f"upload-{uuid.uuid4().hex[:16]}.lmpatch"
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(data)
+        try:
+            patch = Patch.load(path)
+            if patch.model_fingerprint != service.model.fingerprint:
+                raise ApiError(422, f"The patch was made for model '{patch.model_name}' (fingerprint "
+                                    f"{patch.model_fingerprint}), not the served '{service.model.name}' "
+                                    f"({service.model.fingerprint}).", "wrong_model")
+        except (LmpatchError, ApiError) as exc:
+            path.unlink(missing_ok=True)
+            if isinstance(exc, ApiError):
+                raise
+            raise ApiError(422, f"Not a readable patch: {exc}", "invalid_patch") from exc
+        rec, created = service.ledger.add(
+            actor=actor, kind="upload", method=patch.method, hparams=patch.hparams,
+            requests=[r.to_dict() for r in patch.requests], idempotency_key=idempotency_key,
+            patch=(patch.patch_id, str(path), file_sha256(path)))
+        if created:
+            service.worker.submit(Job(kind="edit", edit_id=rec.id))
+        else:
+            path.unlink(missing_ok=True)
+        return _edit_answer(rec, 202 if created else 200)
+
+    @app.post("/v1/snapshots", status_code=201)
+    def snapshot(body: SnapshotBody | None = None, _actor: str = Depends(writer)):
+        from lmpatch.patch.patch import write_merged
+
+        def write(twin):
+            name = (body.name if body and body.name else None) or f"gen-{service.ledger.generation}"
+            out = service.ledger.folder / "snapshots" / name
+            if out.exists():
+                raise ApiError(409, f"Snapshot {name!r} already exists.", "snapshot_exists")
+            write_merged(twin, out, {"generation": service.ledger.generation,
+                                     "state_fingerprint": service.ledger.state_fingerprint})
+            return {"object": "snapshot", "name": name, "path": str(out), "generation": service.ledger.generation,
+                    "state_fingerprint": service.ledger.state_fingerprint}
+
+        result = service.worker.submit(Job(kind="call", fn=write)).result()
+        return JSONResponse(result, 201, headers=_gen_header())
+
+    # ----------------------------------------------------------------- the page
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def page():
+        return HTMLResponse((STATIC / "index.html").read_text(encoding="utf-8"))
+
+    @app.get("/health")
+    def health():
+        return {"status": "ok", "generation": service.state.generation, "model": service.model.name}
+
+    return app
+
+
+def _usage(job: Completion) -> dict[str, Any]:
+    return {"prompt_tokens": job.prompt_tokens, "completion_tokens": job.completion_tokens,
+            "total_tokens": job.prompt_tokens + job.completion_tokens}
+
+
+def _version() -> str:
+    from lmpatch import __version__
+
+    return __version__

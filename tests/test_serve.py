@@ -1,0 +1,265 @@
+"""The live-edit service on a tiny model: ledger, revert-any, restart, auth, bad input, streaming.
+
+The real-model scenario (Paris -> Rome -> restart -> revert) is in test_serve_scenario.py.
+"""
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+import lmpatch
+from facts import REQS
+from lmpatch.serve.app import GENERATION_HEADER, create_app
+from lmpatch.serve.ledger import LedgerMismatchError
+from lmpatch.serve.service import Service, ServiceConfig
+from tiny import tiny_model
+
+TOKEN = "t0ken"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+ROME = dict(layer=1, v_steps=3, template_lengths=((3, 2),), mom2_adjustment=False)
+
+
+def _service(tmp_path, **kw) -> Service:
+    return Service(tiny_model("llama"), ServiceConfig(ledger=tmp_path / "ledger", token=TOKEN, **kw))
+
+
+@pytest.fixture()
+def client(tmp_path):
+    service = _service(tmp_path)
+    with TestClient(create_app(service)) as c:
+        c.service = service
+        yield c
+    service.close()
+
+
+def _edit(client, request, method="rome", hparams=ROME, **extra) -> dict:
+    r = client.post("/v1/edits", json={"requests": request.to_dict(), "method": method, "hparams": hparams, **extra},
+                    headers=AUTH)
+    assert r.status_code == 202, r.text
+    return _wait(client, r.json()["id"])
+
+
+def _wait(client, edit_id, until=("committed", "failed", "reverted", "cancelled")) -> dict:
+    for _ in range(600):
+        rec = client.get(f"/v1/edits/{edit_id}").json()
+        if rec["status"] in until:
+            return rec
+        time.sleep(0.05)
+    raise AssertionError(f"edit {edit_id} stuck: {rec}")
+
+
+def _complete(client, prompt="The Eiffel Tower is located in the city of", **kw):
+    r = client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 4, **kw})
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["text"], int(r.headers[GENERATION_HEADER])
+
+
+def _state(model) -> dict:
+    return {k: v.clone() for k, v in model.model.state_dict().items()}
+
+
+def test_greedy_completion_equals_lmpatch_generate(client):
+    text, gen = _complete(client)
+    assert gen == 0
+    from lmpatch.eval.scoring import generate
+
+    assert text == generate(tiny_model("llama"), ["The Eiffel Tower is located in the city of"], max_new_tokens=4)[0]
+
+
+def test_an_edit_commits_swaps_in_and_is_seen_by_the_next_request(client):
+    before, _ = _complete(client)
+    rec = _edit(client, REQS[0])
+    assert rec["status"] == "committed" and rec["generation_committed"] == 1, rec
+    assert {"compute_s", "check_s", "swap_s"} <= set(rec["timings"])
+    assert rec["checks"]["requests"][0]["prompt"] == REQS[0].prompt
+    after, gen = _complete(client)
+    assert gen == 1
+    edited = lmpatch.Patch.load(client.service.ledger.get(rec["id"]).patch_file)
+    model = tiny_model("llama")
+    with edited.applied(model):
+        from lmpatch.eval.scoring import generate
+
+        assert after == generate(model, [REQS[0].prompt], max_new_tokens=4)[0]
+    assert client.get("/v1/models").json()["data"][0]["edits"] == 1
+
+
+def test_reverting_the_middle_of_three_edits_on_one_layer_is_bit_identical_to_first_plus_third(client):
+    ids = [_edit(client, r)["id"] for r in REQS]
+    r = client.delete(f"/v1/edits/{ids[1]}", headers=AUTH)
+    assert r.status_code == 200 and r.json()["status"] == "reverted", r.text
+    assert int(r.headers[GENERATION_HEADER]) == 4
+    reference = tiny_model("llama")
+    for i in (0, 2):
+        lmpatch.Patch.load(client.service.ledger.get(ids[i]).patch_file).apply(reference)
+    served, twin = _state(client.service.model), _state(client.service.state.twin)
+    for name, value in _state(reference).items():
+        assert torch.equal(served[name], value), name
+        assert torch.equal(twin[name], value), name
+    assert [e["id"] for e in client.get("/v1/edits?status=committed").json()["data"]] == [ids[2], ids[0]]
+
+
+def test_a_restart_rebuilds_the_state_from_the_ledger_and_checks_it(tmp_path):
+    service = _service(tmp_path)
+    with TestClient(create_app(service)) as c:
+        first = _edit(c, REQS[0])
+        second = _edit(c, REQS[1])
+        c.delete(f"/v1/edits/{first['id']}", headers=AUTH)
+        expected = _state(service.model)
+        gen = service.state.generation
+    service.close()
+
+    again = _service(tmp_path)
+    assert again.state.generation == gen == 3
+    assert all(torch.equal(_state(again.model)[k], v) for k, v in expected.items())
+    again.close()
+
+    # a committed patch file that changed on disk is refused at start
+    path = tmp_path / "ledger" / "patches" / f"{second['id']}.lmpatch"
+    path.write_bytes(path.read_bytes()[:-1] + b" ")
+    with pytest.raises(LedgerMismatchError, match="differs from the one committed"):
+        _service(tmp_path)
+
+
+def test_a_ledger_of_another_model_is_refused(tmp_path):
+    _service(tmp_path).close()
+    with pytest.raises(LedgerMismatchError, match="was made for model"):
+        Service(tiny_model("gpt2"), ServiceConfig(ledger=tmp_path / "ledger", token=TOKEN))
+
+
+def test_writes_need_the_token_and_reads_can_be_protected(client, tmp_path):
+    body = {"requests": REQS[0].to_dict(), "hparams": ROME}
+    assert client.post("/v1/edits", json=body).status_code == 401
+    r = client.post("/v1/edits", json=body, headers={"Authorization": "Bearer wrong"})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"
+    assert client.delete("/v1/edits/ed_x").status_code == 401
+    assert client.post("/v1/snapshots", json={}).status_code == 401
+    assert client.get("/v1/edits").status_code == 200
+
+    guarded = _service(tmp_path / "guarded", protect_reads=True)
+    with TestClient(create_app(guarded)) as c:
+        assert c.get("/v1/edits").status_code == 401
+        assert c.post("/v1/completions", json={"prompt": "Hi"}).status_code == 401
+        assert c.get("/v1/edits", headers=AUTH).status_code == 200
+    guarded.close()
+
+
+@pytest.mark.parametrize("body, code, needle", [
+    ({"requests": {"prompt": "Paris is", "subject": "Rome", "target_new": "x"}}, 400, "does not occur"),
+    ({"requests": {"prompt": "Paris is"}}, 400, "missing"),
+    ({"requests": [], "method": "rome"}, 422, "at least one"),
+    ({"requests": REQS[0].to_dict(), "method": "nope"}, 400, "Unknown method"),
+    ({"requests": REQS[0].to_dict(), "hparams": {"layerz": 1}}, 400, "layerz"),
+    ({"requests": REQS[0].to_dict(), "expected_generation": 7}, 409, "generation 0"),
+    ({"requests": REQS[0].to_dict(), "surprise": 1}, 422, "surprise"),
+    ("not json", 422, ""),
+])
+def test_bad_edit_requests_get_one_json_error(client, body, code, needle):
+    kw = {"json": body} if not isinstance(body, str) else {"content": body, "headers": {**AUTH, "Content-Type": "application/json"}}
+    r = client.post("/v1/edits", **({"headers": AUTH} | kw))
+    assert r.status_code == code, r.text
+    assert needle in r.json()["error"]["message"]
+    assert client.get("/health").json()["status"] == "ok"
+
+
+def test_bad_generation_requests_and_unknown_edits(client):
+    assert client.post("/v1/completions", json={"prompt": ["a", "b"]}).status_code == 400
+    assert client.post("/v1/completions", json={"prompt": "a", "max_tokens": 0}).status_code == 422
+    assert client.post("/v1/completions", json={"prompt": "a", "n": 2}).status_code == 422
+    assert client.post("/v1/completions", json={}).status_code == 422
+    assert client.post("/v1/chat/completions", json={"messages": []}).status_code == 422
+    assert client.post("/v1/chat/completions", json={"messages": [{"role": "robot", "content": "Hi"}]}).status_code == 422
+    assert client.get("/v1/edits/ed_nope").status_code == 404
+    assert client.delete("/v1/edits/ed_nope", headers=AUTH).status_code == 404
+    assert client.get("/v1/edits/ed_nope/patch").status_code == 404
+    big = client.post("/v1/completions", content=b"{" + b" " * (2 << 20) + b"}",
+                      headers={"Content-Type": "application/json"})
+    assert big.status_code == 413
+    assert client.get("/nowhere").status_code == 404
+
+
+def test_chat_uses_the_chat_template(client):
+    from lmpatch.eval.scoring import generate
+
+    r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 5})
+    assert r.status_code == 200, r.text
+    message = r.json()["choices"][0]["message"]
+    model = tiny_model("llama")
+    chat = lmpatch.wrap_model(model.model, model.tokenizer, chat=True)
+    assert message == {"role": "assistant", "content": generate(chat, ["Hi"], max_new_tokens=5)[0]}
+
+
+def test_streaming_sends_the_same_text_as_one_answer(client):
+    whole, _ = _complete(client, max_tokens=6)
+    r = client.post("/v1/completions", json={"prompt": "The Eiffel Tower is located in the city of", "max_tokens": 6,
+                                             "stream": True})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    events = [line[6:] for line in r.text.split("\n\n") if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == whole
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("length", "stop")
+
+
+def test_stop_strings_cut_the_answer(client):
+    whole, _ = _complete(client, max_tokens=8)
+    if len(whole.strip()) < 3:
+        pytest.skip("the tiny model's answer is too short to cut")
+    stop = whole.strip()[1:3]
+    text, _ = _complete(client, max_tokens=8, stop=[stop])
+    assert stop not in text and whole.startswith(text)
+
+
+def test_idempotency_key_and_revert_rules(client):
+    body = {"requests": REQS[0].to_dict(), "hparams": ROME}
+    headers = {**AUTH, "Idempotency-Key": "k1"}
+    first = client.post("/v1/edits", json=body, headers=headers)
+    again = client.post("/v1/edits", json=body, headers=headers)
+    assert first.status_code == 202 and again.status_code == 200 and first.json()["id"] == again.json()["id"]
+    rec = _wait(client, first.json()["id"])
+    assert len(client.get("/v1/edits").json()["data"]) == 1
+    assert client.delete(f"/v1/edits/{rec['id']}", headers=AUTH).status_code == 200
+    r = client.delete(f"/v1/edits/{rec['id']}", headers=AUTH)
+    assert r.status_code == 409 and "reverted" in r.json()["error"]["message"]
+
+
+def test_patches_download_and_upload_and_a_foreign_patch_is_refused(client, tmp_path):
+    rec = _edit(client, REQS[0])
+    data = client.get(f"/v1/edits/{rec['id']}/patch").content
+    client.delete(f"/v1/edits/{rec['id']}", headers=AUTH)
+    up = client.post("/v1/patches", content=data, headers=AUTH)
+    assert up.status_code == 202, up.text
+    done = _wait(client, up.json()["id"])
+    assert done["status"] == "committed" and done["kind"] == "upload" and done["patch_id"] == rec["patch_id"]
+    foreign = lmpatch.edit(tiny_model("gpt2"), REQS[0], "ft-m", steps=2)
+    foreign.save(tmp_path / "f.lmpatch")
+    r = client.post("/v1/patches", content=(tmp_path / "f.lmpatch").read_bytes(), headers=AUTH)
+    assert r.status_code == 422 and "made for model" in r.json()["error"]["message"]
+    r = client.post("/v1/patches", content=b"garbage", headers=AUTH)
+    assert r.status_code == 422
+
+
+def test_a_failed_edit_is_recorded_and_the_service_goes_on(client):
+    bad = _edit(client, REQS[0], hparams={**ROME, "layer": 99})
+    assert bad["status"] == "failed" and bad["error"]
+    assert client.get("/v1/models").json()["data"][0]["generation"] == 0
+    assert _edit(client, REQS[0])["status"] == "committed"
+
+
+def test_a_snapshot_is_a_checkpoint_of_the_current_state(client):
+    _edit(client, REQS[0])
+    r = client.post("/v1/snapshots", json={"name": "snap"}, headers=AUTH)
+    assert r.status_code == 201, r.text
+    loaded = lmpatch.load_model(r.json()["path"])
+    served = _state(client.service.model)
+    assert all(torch.equal(v, served[k]) for k, v in loaded.model.state_dict().items())
+    assert client.post("/v1/snapshots", json={"name": "snap"}, headers=AUTH).status_code == 409
+    assert client.post("/v1/snapshots", json={"name": "../x"}, headers=AUTH).status_code == 422
+
+
+def test_the_page_is_served(client):
+    r = client.get("/")
+    assert r.status_code == 200 and "<title>lmpatch</title>" in r.text
