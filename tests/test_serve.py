@@ -263,3 +263,9 @@ def test_a_snapshot_is_a_checkpoint_of_the_current_state(client):
 def test_the_page_is_served(client):
     r = client.get("/")
     assert r.status_code == 200 and "<title>lmpatch</title>" in r.text
+
+
+def test_every_response_says_the_generation(client):
+    for r in (client.get("/health"), client.get("/v1/edits/ed_nope"), client.get("/"),
+              client.post("/v1/edits", json={})):
+        assert r.headers[GENERATION_HEADER] == "0", r

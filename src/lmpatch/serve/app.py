@@ -74,6 +74,29 @@ class _BodyLimit:
         return await self.app(scope, counted, send)
 
 
+class _GenerationHeader:
+    """ASGI middleware: every response says the ledger generation (a generation route sets
+    the one its answer was produced under; any other gets the current one)."""
+
+    def __init__(self, app, current: Callable[[], int]) -> None:
+        self.app, self.current = app, current
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        name = GENERATION_HEADER.lower().encode()
+
+        async def stamped(message):
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers") or [])
+                if not any(k.lower() == name for k, _ in headers):
+                    headers.append((name, str(self.current()).encode()))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        return await self.app(scope, receive, stamped)
+
+
 def create_app(service: Service) -> FastAPI:
     """The app for ``service`` (``uvicorn.run(create_app(service))``)."""
     app = FastAPI(title="lmpatch", version=_version(),
@@ -100,6 +123,7 @@ def create_app(service: Service) -> FastAPI:
         return _error(400, str(exc), "invalid_request")
 
     app.add_middleware(_BodyLimit, json_limit=cfg.max_body_bytes, upload_limit=cfg.max_upload_bytes)
+    app.add_middleware(_GenerationHeader, current=lambda: service.state.generation)
 
     # ----------------------------------------------------------------- auth
 
@@ -143,7 +167,10 @@ def create_app(service: Service) -> FastAPI:
         headers = {GENERATION_HEADER: str(job.generation)}
         rid = f"{kind}-{uuid.uuid4().hex[:24]}"
         if not stream:
-            text = job.text()
+            try:
+                text = job.text()
+            except LmpatchError as exc:
+                raise ApiError(400, str(exc), "invalid_request") from exc
             body = shape(job, text, job.finish_reason) | {"id": rid, "created": int(time.time()),
                                                           "model": service.model.name}
             body["usage"] = _usage(job)
@@ -162,6 +189,8 @@ def create_app(service: Service) -> FastAPI:
                                                             "lmpatch_generation": job.generation}
                 yield f"data: {json.dumps(last)}\n\n"
                 yield "data: [DONE]\n\n"
+            except LmpatchError as exc:  # the headers are gone: the error is the stream's last event
+                yield f"data: {json.dumps({'error': {'message': str(exc), 'type': 'invalid_request_error', 'code': 'invalid_request'}})}\n\n"
             finally:
                 job.cancel()
 
@@ -272,7 +301,8 @@ def create_app(service: Service) -> FastAPI:
         return FileResponse(rec.patch_file, media_type="application/octet-stream",
                             filename=f"{edit_id}.lmpatch", headers=_gen_header())
 
-    @app.post("/v1/patches", status_code=202)
+    @app.post("/v1/patches", status_code=202, openapi_extra={"requestBody": {
+        "required": True, "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}})
     async def upload_patch(request: Request, actor: str = Depends(writer),
                            idempotency_key: str | None = Header(None, max_length=200)):
         from lmpatch.fileio import atomic_path
@@ -311,11 +341,12 @@ def create_app(service: Service) -> FastAPI:
     def snapshot(body: SnapshotBody | None = None, _actor: str = Depends(writer)):
         from lmpatch.patch.patch import write_merged
 
+        name = (body.name if body and body.name else None) or f"gen-{service.ledger.generation}"
+        out = service.ledger.folder / "snapshots" / name
+        if out.exists():
+            raise ApiError(409, f"Snapshot {name!r} already exists.", "snapshot_exists")
+
         def write(twin):
-            name = (body.name if body and body.name else None) or f"gen-{service.ledger.generation}"
-            out = service.ledger.folder / "snapshots" / name
-            if out.exists():
-                raise ApiError(409, f"Snapshot {name!r} already exists.", "snapshot_exists")
             write_merged(twin, out, {"generation": service.ledger.generation,
                                      "state_fingerprint": service.ledger.state_fingerprint})
             return {"object": "snapshot", "name": name, "path": str(out), "generation": service.ledger.generation,

@@ -20,18 +20,21 @@ from typing import Callable, Iterator
 
 import torch
 
+from lmpatch.errors import LmpatchError
 from lmpatch.model.loading import LoadedModel
 from lmpatch.tokens import encode
 
 __all__ = ["Completion", "Sampling"]
 
+#: below this a temperature is greedy decoding (smaller ones overflow the softmax into NaN)
+MIN_TEMPERATURE = 1e-3
 #: seconds a request may wait for the model (behind other requests and swaps) before it is refused
 WAIT_LIMIT = 300.0
 
 
 @dataclass(frozen=True)
 class Sampling:
-    """How to decode: greedy when ``temperature`` is 0 (the default)."""
+    """How to decode: greedy when ``temperature`` is 0 (the default) or below ``MIN_TEMPERATURE``."""
 
     max_tokens: int = 16
     temperature: float = 0.0
@@ -108,7 +111,10 @@ class Completion:
                     return
                 self.generation, self._model = generation, model
                 ids = encode(model.tokenizer, build_prompt(model))
+                if not ids:
+                    raise LmpatchError("The prompt is empty: give the text the answer should continue.")
                 self.prompt_tokens = len(ids)
+                _check_length(model, len(ids), self.sampling.max_tokens)
                 self._ready.set()
                 self._decode(model, ids)
         except BaseException as exc:  # a bad prompt (no chat template ...) or a failed decode
@@ -124,7 +130,7 @@ class Completion:
 
         s = self.sampling
         extra: dict = {"do_sample": False}
-        if s.temperature > 0:
+        if s.temperature >= MIN_TEMPERATURE:
             extra = {"do_sample": True, "temperature": s.temperature, "top_p": s.top_p, "top_k": 0}
             if s.seed is not None:
                 torch.manual_seed(s.seed)
@@ -180,6 +186,16 @@ class Completion:
 
     def text(self) -> str:
         return "".join(self.pieces())
+
+
+def _check_length(model: LoadedModel, prompt_tokens: int, max_tokens: int) -> None:
+    """Refuse a request the model cannot hold (prompt + answer beyond its positions)."""
+    cfg = model.model.config
+    limit = next((getattr(cfg, k) for k in ("max_position_embeddings", "n_positions", "seq_length")
+                  if isinstance(getattr(cfg, k, None), int)), None)
+    if limit is not None and prompt_tokens + max_tokens > limit:
+        raise LmpatchError(f"The prompt ({prompt_tokens} tokens) plus max_tokens ({max_tokens}) exceeds the "
+                           f"model's {limit} positions; shorten the prompt or lower max_tokens.")
 
 
 def _first_stop(text: str, stops: tuple[str, ...]) -> int | None:
