@@ -30,9 +30,8 @@ def schema(tmp_path_factory):
 
 @pytest.mark.parametrize("mode", ["positive", "negative"])
 def test_no_request_breaks_the_server(schema, mode):
-    from schemathesis import GenerationMode
-
     from hypothesis.errors import Unsatisfiable
+    from schemathesis import GenerationMode
 
     failures, nothing_to_break = [], []
     for result in schema.get_all_operations():
