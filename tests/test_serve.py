@@ -269,3 +269,40 @@ def test_every_response_says_the_generation(client):
     for r in (client.get("/health"), client.get("/v1/edits/ed_nope"), client.get("/"),
               client.post("/v1/edits", json={})):
         assert r.headers[GENERATION_HEADER] == "0", r
+
+
+def test_a_swap_waits_for_the_request_in_flight_and_goes_before_later_ones():
+    import threading
+
+    from lmpatch.serve.state import FairLock
+
+    lock, order = FairLock(), []
+
+    def hold(name, delay, work):
+        time.sleep(delay)
+        with lock.hold():
+            time.sleep(work)
+            order.append(name)
+
+    threads = [threading.Thread(target=hold, args=a) for a in (("request 1", 0, 0.3), ("swap", 0.1, 0),
+                                                                ("request 2", 0.2, 0))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert order == ["request 1", "swap", "request 2"]
+
+
+def test_requests_are_served_while_an_edit_is_computed(client):
+    r = client.post("/v1/edits", json={"requests": REQS[0].to_dict(), "method": "ft-m", "hparams": {"steps": 400}},
+                    headers=AUTH)
+    edit_id = r.json()["id"]
+    _wait(client, edit_id, until=("running", "committed"))
+    served_while_running = 0
+    while client.get(f"/v1/edits/{edit_id}").json()["status"] == "running":
+        _, gen = _complete(client)
+        assert gen == 0
+        served_while_running += 1
+    assert served_while_running >= 1
+    assert _wait(client, edit_id)["status"] == "committed"
+    assert _complete(client)[1] == 1

@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from playwright.sync_api import sync_playwright  # a test dependency (installed by `make`)
 
 from lmpatch.serve.process import ServerProcess
 
@@ -32,8 +33,7 @@ def _ask(page) -> str:
 
 @pytest.mark.model
 def test_the_page_asks_edits_and_reverts_in_a_real_browser(tmp_path):
-    sync_api = pytest.importorskip("playwright.sync_api")  # a test dependency, installed by `make`
-    with ServerProcess(ledger=tmp_path / "ledger", token=TOKEN) as server, sync_api.sync_playwright() as pw:
+    with ServerProcess(ledger=tmp_path / "ledger", token=TOKEN) as server, sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=_chromium(), args=["--no-sandbox"])
         page = browser.new_page(viewport={"width": 1100, "height": 900})
         page.goto(server.url + "/")

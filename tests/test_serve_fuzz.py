@@ -5,13 +5,12 @@ a bounded number per operation so the test takes about a minute."""
 from __future__ import annotations
 
 import pytest
+import schemathesis  # a test dependency (installed by `make`): missing it fails, never skips
 from hypothesis import HealthCheck, given, settings
 
 from lmpatch.serve.app import create_app
 from lmpatch.serve.service import Service, ServiceConfig
 from tiny import tiny_model
-
-schemathesis = pytest.importorskip("schemathesis")  # a test dependency, installed by `make`
 
 TOKEN = "fuzz-token"
 EXAMPLES = 25  # per operation and mode
