@@ -306,3 +306,20 @@ def test_requests_are_served_while_an_edit_is_computed(client):
     assert served_while_running >= 1
     assert _wait(client, edit_id)["status"] == "committed"
     assert _complete(client)[1] == 1
+
+
+def test_the_official_openai_client_reads_every_answer(client):
+    """OpenAI-compatible, checked with OpenAI's own client (plain, streamed, chat)."""
+    import openai  # a test dependency, installed by `make`
+    api = openai.OpenAI(base_url=str(client.base_url) + "/v1", api_key=TOKEN, http_client=client)
+    whole, _ = _complete(client, max_tokens=5)
+    done = api.completions.create(model="any", prompt="The Eiffel Tower is located in the city of", max_tokens=5)
+    assert done.choices[0].text == whole and done.usage.completion_tokens >= 1
+    streamed = api.completions.create(model="any", prompt="The Eiffel Tower is located in the city of", max_tokens=5,
+                                      stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == whole
+    chat = api.chat.completions.create(model="any", messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
+    pieces = api.chat.completions.create(model="any", messages=[{"role": "user", "content": "Hi"}], max_tokens=4,
+                                         stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in pieces) == chat.choices[0].message.content
+    assert [m.id for m in api.models.list()] == [client.service.model.name]
