@@ -323,3 +323,41 @@ def test_the_official_openai_client_reads_every_answer(client):
                                          stream=True)
     assert "".join(c.choices[0].delta.content or "" for c in pieces) == chat.choices[0].message.content
     assert [m.id for m in api.models.list()] == [client.service.model.name]
+
+
+def test_concurrent_requests_decode_as_one_batch_each_with_its_own_limits(client):
+    """Requests that queue while the model is busy are decoded together; each row keeps
+    its own max_tokens and stop strings, and (greedy) says what it says alone."""
+    import threading
+
+    from lmpatch.serve.generation import Sampling
+
+    prompts = ["The Eiffel Tower is located in the city of", "Mount Fuji is in", "The capital of Japan is",
+               "My favourite colour is"]
+    limits = [3, 5, 7, 2]
+    alone = [client.service.batcher.submit(lambda m, p=p: p, Sampling(max_tokens=n)).text()
+             for p, n in zip(prompts, limits)]
+    results, batch_sizes = {}, []
+    real_run = client.service.batcher._run
+
+    def counting_run(batch, model, generation):
+        batch_sizes.append(len(batch))
+        return real_run(batch, model, generation)
+
+    client.service.batcher._run = counting_run
+
+    def ask(i):
+        job = client.service.batcher.submit(lambda m: prompts[i], Sampling(max_tokens=limits[i]))
+        results[i] = (job.text(), job.completion_tokens, job.generation)
+
+    with client.service.state.serving():  # the model is busy: the requests queue up
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        time.sleep(0.5)
+    for t in threads:
+        t.join()
+    assert batch_sizes == [4]
+    for i in range(4):
+        text, n, gen = results[i]
+        assert text == alone[i] and n <= limits[i] and gen == 0, (i, text, alone[i])

@@ -159,7 +159,7 @@ def create_app(service: Service) -> FastAPI:
     def _run(build: Callable, sampling: Sampling, stream: bool, shape: Callable[[Completion, str, str | None], dict],
              kind: str) -> Response:
         try:
-            job = Completion.start(service.state, build, sampling)
+            job = service.batcher.submit(build, sampling)
         except TimeoutError as exc:
             raise ApiError(503, f"The model is busy: {exc}; try again.", "busy") from exc
         except LmpatchError as exc:

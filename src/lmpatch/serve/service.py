@@ -16,6 +16,7 @@ from pathlib import Path
 from lmpatch.errors import LmpatchError
 from lmpatch.model.loading import LoadedModel
 from lmpatch.patch import Patch
+from lmpatch.serve.generation import Batcher
 from lmpatch.serve.ledger import Ledger, LedgerMismatchError
 from lmpatch.serve.state import ServedState
 from lmpatch.serve.worker import EditWorker, Job, file_sha256
@@ -64,6 +65,7 @@ class Service:
         self._rebuild()
         self.worker = EditWorker(self.state, self.ledger)
         self.worker.start()
+        self.batcher = Batcher(self.state)
         for rec in self.ledger.interrupted():
             self.worker.submit(Job(kind="edit" if rec.status == "queued" else "revert", edit_id=rec.id))
 
@@ -72,6 +74,7 @@ class Service:
         return self.state.model
 
     def close(self) -> None:
+        self.batcher.stop()
         self.worker.stop()
         self.ledger.close()
 
