@@ -540,3 +540,24 @@ def test_cli_debias_mistakes_are_one_line(args, expected, tmp_path, monkeypatch)
     assert result.exit_code == 2
     [line] = [line for line in result.stderr.splitlines() if line.strip()]
     assert expected in line
+
+
+# --------------------------------------------------------------------------- serve
+
+
+def test_serve_refuses_a_missing_or_empty_token_file_in_one_line(tiny_dir, tmp_path):
+    result = run("serve", "--model", str(tiny_dir), "--token-file", str(tmp_path / "nope"))
+    assert result.exit_code == 2 and "Token file" in result.stderr and "Traceback" not in result.stderr
+    (tmp_path / "empty").write_text("\n")
+    result = run("serve", "--model", str(tiny_dir), "--token-file", str(tmp_path / "empty"))
+    assert result.exit_code == 2 and "is empty" in result.stderr
+
+
+def test_serve_refuses_a_ledger_made_for_another_model_in_one_line(tiny_dir, tmp_path):
+    from lmpatch.serve.ledger import Ledger
+
+    ledger = Ledger(tmp_path / "ledger")
+    ledger.bind_base("0000000000000000", "another-model")
+    ledger.close()
+    result = run("serve", "--model", str(tiny_dir), "--ledger", str(tmp_path / "ledger"), env={"LMPATCH_TOKEN": "x"})
+    assert result.exit_code == 2 and "was made for model 'another-model'" in result.stderr
