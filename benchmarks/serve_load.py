@@ -98,12 +98,13 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=60.0)
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--model", default=None, help="Model for the server (default: embedded SmolLM2).")
+    ap.add_argument("--max-batch", type=int, default=8, help="The server's --max-batch (1: no batching).")
     ap.add_argument("--json", action="store_true", help="Print one JSON object at the end.")
     args = ap.parse_args()
     machine = cpu_line(cpu_info())
     print(machine)
     with tempfile.TemporaryDirectory() as tmp:
-        extra = ("--model", args.model) if args.model else ()
+        extra = (("--model", args.model) if args.model else ()) + ("--max-batch", str(args.max_batch))
         with ServerProcess(ledger=Path(tmp) / "ledger", token=TOKEN, args=extra) as server:
             url = server.url
             stop, rows = threading.Event(), []
@@ -138,7 +139,7 @@ def main() -> None:
     ttft = [r["ttft"] for r in ok if r.get("ttft") is not None]
     result = {
         "machine": machine,
-        "clients": args.clients, "seconds": round(elapsed, 1), "max_tokens": args.max_tokens,
+        "clients": args.clients, "max_batch": args.max_batch, "seconds": round(elapsed, 1), "max_tokens": args.max_tokens,
         "requests": len(rows), "errors": len(rows) - len(ok),
         "latency_p50_s": _pct(latencies, 0.5), "latency_p99_s": _pct(latencies, 0.99),
         "ttft_p50_s": _pct(ttft, 0.5), "ttft_p99_s": _pct(ttft, 0.99),

@@ -31,6 +31,7 @@ def serve(
     protect_reads: bool = typer.Option(False, "--protect-reads", help="Reads need the token too."),
     max_body_mb: float = typer.Option(1.0, "--max-body-mb", min=0.001, help="Largest JSON body accepted."),
     max_upload_mb: float = typer.Option(1024.0, "--max-upload-mb", min=0.001, help="Largest patch upload accepted."),
+    max_batch: int = typer.Option(8, "--max-batch", min=1, max=256, help="Most requests decoded together."),
 ) -> None:
     """Serve the model (OpenAI-compatible) and take edits live, kept in a durable ledger."""
     import uvicorn
@@ -42,7 +43,7 @@ def serve(
     settings: Settings = ctx.obj
     loaded, _ = load(settings, model, chat=False, show=True)
     config = ServiceConfig(ledger=ledger, token=token, protect_reads=protect_reads,
-                           max_body_bytes=int(max_body_mb * 2**20), max_upload_bytes=int(max_upload_mb * 2**20))
+                           max_body_bytes=int(max_body_mb * 2**20), max_upload_bytes=int(max_upload_mb * 2**20), max_batch=max_batch)
     service = Service(loaded, config)
     where = "LMPATCH_TOKEN" if os.environ.get("LMPATCH_TOKEN") and not token_file else (
         str(token_file) if token_file else str(ledger / "token"))

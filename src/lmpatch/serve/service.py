@@ -35,6 +35,7 @@ class ServiceConfig:
     protect_reads: bool = False       # reads need the token too
     max_body_bytes: int = 1 << 20     # JSON bodies
     max_upload_bytes: int = 1 << 30   # patch uploads
+    max_batch: int = 8                # requests decoded together
 
 
 def _token_for(config: ServiceConfig) -> str:
@@ -65,7 +66,7 @@ class Service:
         self._rebuild()
         self.worker = EditWorker(self.state, self.ledger)
         self.worker.start()
-        self.batcher = Batcher(self.state)
+        self.batcher = Batcher(self.state, config.max_batch)
         for rec in self.ledger.interrupted():
             self.worker.submit(Job(kind="edit" if rec.status == "queued" else "revert", edit_id=rec.id))
 
