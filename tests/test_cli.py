@@ -561,3 +561,16 @@ def test_serve_refuses_a_ledger_made_for_another_model_in_one_line(tiny_dir, tmp
     ledger.close()
     result = run("serve", "--model", str(tiny_dir), "--ledger", str(tmp_path / "ledger"), env={"LMPATCH_TOKEN": "x"})
     assert result.exit_code == 2 and "was made for model 'another-model'" in result.stderr
+
+
+def test_serve_refuses_a_busy_port_before_loading_the_model(tmp_path):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = run("serve", "--port", str(port), "--ledger", str(tmp_path / "l"), env={"LMPATCH_TOKEN": "x"})
+    assert result.exit_code == 2 and f"Cannot listen on 127.0.0.1:{port}" in result.stderr
+    result = run("serve", "--host", "no.such.host.invalid", "--ledger", str(tmp_path / "l"))
+    assert result.exit_code == 2 and "Cannot bind to host" in result.stderr

@@ -40,6 +40,7 @@ def serve(
     from lmpatch.serve.service import Service, ServiceConfig
 
     token = _token(token_file)
+    _check_port(host, port)  # before the model loads: a busy port is the commonest mistake
     settings: Settings = ctx.obj
     loaded, _ = load(settings, model, chat=False, show=True)
     config = ServiceConfig(ledger=ledger, token=token, protect_reads=protect_reads,
@@ -64,6 +65,23 @@ def serve(
     finally:
         service.close()
         err().print("lmpatch serve stopped", style="dim")
+
+
+def _check_port(host: str, port: int) -> None:
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise LmpatchError(f"Cannot bind to host {host!r}: {exc.strerror}.") from exc
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise LmpatchError(f"Cannot listen on {host}:{port} ({exc.strerror}); choose another --port "
+                               "(0 picks a free one).") from exc
 
 
 def _token(token_file: Path | None) -> str | None:
