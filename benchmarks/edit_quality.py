@@ -17,7 +17,6 @@ markup tokens (``<start_of_image>`` and the like), which a text continuation nev
 from __future__ import annotations
 
 import argparse
-import platform
 import re
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from rich.table import Table
 import lmpatch
 from lmpatch.data import case_ids, drop_cases, load_dataset
 from lmpatch.eval.runner import run_single
+from lmpatch.machine import cpu_info, cpu_line
 
 KEYS = ("efficacy_score", "paraphrase_score", "neighborhood_score", "reliability", "generalization", "locality")
 METRICS = ("reliability", "generalization", "locality", "counterfact")
@@ -42,17 +42,6 @@ def evaluation_records(data: str, n: int) -> list[lmpatch.EditRequest]:
         return load_dataset(data, n=n)
     held_out = drop_cases(load_dataset("counterfact"), case_ids(load_dataset("counterfact-train")))
     return held_out[:n]
-
-
-def cpu_name() -> str:
-    """The CPU model, so timings from different machines are not compared blindly."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def resolve_model(name: str | None) -> str | Path | None:
@@ -95,7 +84,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     console = Console()
-    console.print(f"CPU: {cpu_name()}  (torch threads: {torch.get_num_threads()})")
+    console.print(cpu_line(cpu_info()))
     model = lmpatch.load_model(resolve_model(args.model))
     requests = evaluation_records(args.data, args.n)
     tag = "" if args.model is None else Path(str(args.model)).stem + "-"

@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from lmpatch.data import load_dataset
+from lmpatch.machine import cpu_info, cpu_line
 
 
 def main() -> None:
@@ -30,6 +31,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=20)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = ap.parse_args()
+    print(cpu_line(cpu_info()))  # every number below was measured on this machine
     if args.threads:
         torch.set_num_threads(args.threads)
     console = Console()

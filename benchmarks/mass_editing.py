@@ -33,6 +33,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from lmpatch.machine import cpu_info, cpu_line
+
 COLUMNS = (
     ("efficacy_score", "efficacy"), ("paraphrase_score", "paraphrase"), ("neighborhood_score", "neighbourhood"),
 )
@@ -94,6 +96,7 @@ def main() -> None:
     ap.add_argument("--score-n", type=int, default=None, help="score an evenly spaced sample of this many edits")
     ap.add_argument("--out", type=Path, default=Path("runs/mass"))
     args = ap.parse_args()
+    print(cpu_line(cpu_info()))  # every number below was measured on this machine
     console = Console()
     methods = args.method or ["memit", "alphaedit"]
     counts = args.n or [10, 100, 1000]

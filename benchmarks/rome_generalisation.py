@@ -24,6 +24,7 @@ import torch
 import lmpatch
 from lmpatch.data import load_dataset
 from lmpatch.eval.runner import run_single
+from lmpatch.machine import cpu_info, cpu_line
 
 METRICS = ("reliability", "generalization", "locality", "counterfact")
 
@@ -83,6 +84,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("runs/rome-generalisation"))
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
+    print(cpu_line(cpu_info()))  # every number below was measured on this machine
     torch.set_num_threads(args.threads)
     import lmpatch.methods.rome  # noqa: F401  (for the default clamp)
 

@@ -39,6 +39,7 @@ import lmpatch
 from lmpatch.data import case_ids, drop_cases, load_dataset
 from lmpatch.eval.runner import run_independent
 from lmpatch.eval.tasks import TaskConfig, build_tasks
+from lmpatch.machine import cpu_info, cpu_line
 from lmpatch.methods.registry import method_names
 from lmpatch.report import write_report
 
@@ -64,6 +65,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("runs/survey"))
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
+    print(cpu_line(cpu_info()))  # every number below was measured on this machine
     logging.basicConfig(level=logging.WARNING)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -19,6 +19,7 @@ import torch
 import lmpatch
 from lmpatch.data import case_ids, load_dataset
 from lmpatch.eval.metrics import evaluate_request, summarize
+from lmpatch.machine import cpu_info, cpu_line
 
 METRICS = ("reliability", "generalization", "locality", "counterfact")
 
@@ -61,6 +62,7 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], help="fixed name=value")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
+    print(cpu_line(cpu_info()))  # every number below was measured on this machine
     torch.set_num_threads(args.threads)
     model = lmpatch.load_model()
     requests = tuning_records()[args.offset : args.offset + args.n]

@@ -21,6 +21,8 @@ import subprocess
 import sys
 import time
 
+from lmpatch.machine import cpu_info, cpu_line
+
 
 def shard(args) -> None:
     """Worker: optimise (or find cached) the targets of every ``workers``-th fact."""
@@ -63,6 +65,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--shard", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    print(cpu_line(cpu_info()))  # every number below was measured on this machine
     if args.workers < 1:
         ap.error("--workers must be at least 1")
     if args.shard is not None:

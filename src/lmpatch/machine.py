@@ -32,19 +32,21 @@ def cpu_info() -> dict[str, Any]:
     except OSError:
         pass
     name = name or platform.processor() or platform.machine()
-    capability = None
+    capability = version = None
     try:
         import torch
 
+        version = torch.__version__
         capability = torch.backends.cpu.get_cpu_capability()
         threads = torch.get_num_threads()
     except (ImportError, AttributeError):
         threads = None
     return {"model": name, "isa": [f for f in ISA_FLAGS if f in flags], "torch_capability": capability,
-            "cores": os.cpu_count(), "torch_threads": threads}
+            "cores": os.cpu_count(), "torch_threads": threads, "torch": version}
 
 
 def cpu_line(cpu: dict[str, Any]) -> str:
     isa = " ".join(cpu.get("isa") or []) or "unknown"
     return (f"{cpu.get('model')} ({cpu.get('cores')} cores; ISA: {isa}; torch kernels: "
-            f"{cpu.get('torch_capability') or '?'}; torch threads: {cpu.get('torch_threads')})")
+            f"{cpu.get('torch_capability') or '?'}; torch threads: {cpu.get('torch_threads')}; "
+            f"torch {cpu.get('torch') or '?'})")
