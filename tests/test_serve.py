@@ -360,3 +360,15 @@ def test_concurrent_requests_decode_as_one_batch_each_with_its_own_limits(client
     for i in range(4):
         text, n, gen = results[i]
         assert text == alone[i] and n <= limits[i] and gen == 0, (i, text, alone[i])
+
+
+def test_deleting_a_queued_edit_cancels_it_and_it_is_never_computed(client):
+    slow = client.post("/v1/edits", json={"requests": REQS[0].to_dict(), "method": "ft-m", "hparams": {"steps": 300}},
+                       headers=AUTH).json()
+    queued = client.post("/v1/edits", json={"requests": REQS[1].to_dict(), "hparams": ROME}, headers=AUTH).json()
+    r = client.delete(f"/v1/edits/{queued['id']}", headers=AUTH)
+    assert r.status_code == 200 and r.json()["status"] == "cancelled"
+    assert _wait(client, slow["id"])["status"] == "committed"
+    time.sleep(0.2)
+    assert client.get(f"/v1/edits/{queued['id']}").json()["status"] == "cancelled"
+    assert client.get("/v1/models").json()["data"][0]["generation"] == 1

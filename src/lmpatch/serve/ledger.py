@@ -233,6 +233,13 @@ class Ledger:
                              (time.time(), edit_id))
             return cur.rowcount == 1
 
+    def start(self, edit_id: str, progress: str) -> bool:
+        """queued -> running; False if the edit is no longer queued (cancelled meanwhile)."""
+        with self._tx() as db:
+            cur = db.execute("UPDATE edits SET status = 'running', started = ?, progress = ? "
+                             "WHERE id = ? AND status = 'queued'", (time.time(), progress, edit_id))
+            return cur.rowcount == 1
+
     def mark_reverting(self, edit_id: str) -> bool:
         with self._tx() as db:
             cur = db.execute("UPDATE edits SET status = 'reverting' WHERE id = ? AND status = 'committed'", (edit_id,))

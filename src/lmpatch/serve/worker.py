@@ -94,7 +94,6 @@ class EditWorker:
         self.state, self.ledger = state, ledger
         self.jobs: queue.Queue[Job | None] = queue.Queue()
         self.thread = threading.Thread(target=self._loop, name="lmpatch-editor", daemon=True)
-        self.current: str | None = None
 
     def start(self) -> None:
         self.thread.start()
@@ -120,18 +119,14 @@ class EditWorker:
                 if not isinstance(exc, LmpatchError):
                     log.exception("Service job %s %s failed", job.kind, job.edit_id)
                 job.done.set_exception(exc)
-            finally:
-                self.current = None
 
     # ----------------------------------------------------------------- jobs
 
     def _edit(self, edit_id: str) -> EditRecord:
         rec = self.ledger.get(edit_id)
-        if rec is None or rec.status != "queued":  # cancelled meanwhile, or done before a restart
-            return rec
-        self.current = edit_id
         t0 = time.time()
-        self.ledger.update(edit_id, status="running", started=t0, progress=f"computing ({rec.method})")
+        if rec is None or not self.ledger.start(edit_id, f"computing ({rec.method})"):
+            return self.ledger.get(edit_id)  # cancelled meanwhile, or done before a restart
         twin = self.state.twin
         try:
             requests = [EditRequest.from_dict(r) for r in rec.requests]
@@ -192,7 +187,6 @@ class EditWorker:
         rec = self.ledger.get(edit_id)
         if rec is None or rec.status != "reverting":
             return rec
-        self.current = edit_id
         fingerprint = self.state.remove_twin(rec.patch_id)
         try:
             gen = self.ledger.revert(edit_id, state_fingerprint=fingerprint)
