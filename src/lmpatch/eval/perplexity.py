@@ -88,7 +88,7 @@ def perplexity(
     float32 values, so keep it small on CPU (1 is as fast as larger batches there).
     """
     stride = window - 1 if stride is None else stride
-    limit = _model_context(model)
+    limit = model.context_length
     if limit is not None and window > limit:
         raise InvalidRequestError(
             f"window {window} exceeds the model's context of {limit} tokens; pass window<={limit}."
@@ -145,13 +145,3 @@ def _token_ids(model: LoadedModel, text: str) -> list[int]:
     # verbose=False: the "sequence longer than the model maximum" warning is expected here;
     # the windows, not the tokenizer, bound what the model sees.
     return list(model.tokenizer(text, add_special_tokens=True, verbose=False)["input_ids"])
-
-
-def _model_context(model: LoadedModel) -> int | None:
-    cfg = model.model.config
-    for key in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
-        value = getattr(cfg, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-

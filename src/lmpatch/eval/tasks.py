@@ -55,12 +55,12 @@ def build_tasks(names: tuple[str, ...] | list[str], config: TaskConfig = TaskCon
 
             tasks[name] = Task("piqa", "piqa_length_normalised_loglik_accuracy", piqa)
         elif name == "perplexity":
-            from lmpatch.eval.perplexity import DEFAULT_WINDOW, _model_context, perplexity
+            from lmpatch.eval.perplexity import DEFAULT_WINDOW, perplexity
 
             def ppl(model: LoadedModel) -> float:
                 # A model with a shorter context than the default window (small test models)
                 # is scored with windows of its full context instead of being refused.
-                window = min(DEFAULT_WINDOW, _model_context(model) or DEFAULT_WINDOW)
+                window = min(DEFAULT_WINDOW, model.context_length or DEFAULT_WINDOW)
                 return perplexity(model, max_tokens=config.perplexity_tokens, window=window, progress=False).value
 
             tasks[name] = Task("perplexity", "wikitext2_test_perplexity", ppl, higher_is_better=False)

@@ -93,6 +93,18 @@ class LoadedModel:
         return self.model.get_input_embeddings().weight.device
 
     @property
+    def context_length(self) -> int | None:
+        """How many positions the model reads (None when its config does not say): what
+        perplexity windows, statistics sequences and served requests must fit in."""
+        cfg = self.model.config
+        cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+        for key in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
+            value = getattr(cfg, key, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        return None
+
+    @property
     def applied(self) -> list:
         """The applied patches, oldest first (:class:`lmpatch.patch.StackEntry` records)."""
         return self.stack.entries

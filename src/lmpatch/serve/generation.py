@@ -269,9 +269,7 @@ def _decode(model: LoadedModel, ids: list[list[int]], s: Sampling, max_new: int,
 
 def _check_length(model: LoadedModel, prompt_tokens: int, max_tokens: int) -> None:
     """Refuse a request the model cannot hold (prompt + answer beyond its positions)."""
-    cfg = model.model.config
-    limit = next((getattr(cfg, k) for k in ("max_position_embeddings", "n_positions", "seq_length")
-                  if isinstance(getattr(cfg, k, None), int)), None)
+    limit = model.context_length
     if limit is not None and prompt_tokens + max_tokens > limit:
         raise LmpatchError(f"The prompt ({prompt_tokens} tokens) plus max_tokens ({max_tokens}) exceeds the "
                            f"model's {limit} positions; shorten the prompt or lower max_tokens.")

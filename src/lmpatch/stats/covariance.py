@@ -341,10 +341,8 @@ def _spd_inverse(moment: SecondMoment, ridge: float) -> torch.Tensor:
 
 
 def _check_seq_len(model: LoadedModel, config: StatsConfig) -> None:
-    cfg = model.model.config
-    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-    limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
-    if limit and config.seq_len > int(limit):
+    limit = model.context_length
+    if limit and config.seq_len > limit:
         raise LmpatchError(f"seq_len={config.seq_len} exceeds this model's context of {limit} tokens; lower it.")
 
 
