@@ -372,3 +372,14 @@ def test_deleting_a_queued_edit_cancels_it_and_it_is_never_computed(client):
     time.sleep(0.2)
     assert client.get(f"/v1/edits/{queued['id']}").json()["status"] == "cancelled"
     assert client.get("/v1/models").json()["data"][0]["generation"] == 1
+
+
+def test_chat_messages_are_rewritten_by_memories_like_prompts():
+    """A retrieval memory sees the chat's last user message as it sees a prompt."""
+    model = tiny_model("llama")
+    chat = lmpatch.wrap_model(model.model, model.tokenizer, chat=True)
+    patch = lmpatch.edit(chat, REQS[0], "memprompt")
+    with patch.applied(chat):
+        prompt = chat.format_prompts([REQS[0].prompt])[0]
+        messages = chat.format_messages([{"role": "user", "content": REQS[0].prompt}])
+    assert messages == prompt and REQS[0].target_new in messages

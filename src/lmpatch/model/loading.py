@@ -167,38 +167,34 @@ class LoadedModel:
         alone. Inside :func:`lmpatch.model.context.memories_paused` (while an edit is
         computed) memories are skipped. Retrieval is batched over ``prompts``.
         """
+        texts = self._rewritten(prompts)
+        if not self.chat:
+            return texts
+        return [self._chat_text([{"role": "user", "content": text}]) for text in texts]
+
+    def format_messages(self, messages: Sequence[dict]) -> str:
+        """A chat (``[{"role": ..., "content": ...}, ...]``) as the text the model sees, ready
+        for the assistant's turn: the last user message rewritten by the applied retrieval
+        memories (as :meth:`format_prompts` rewrites a prompt), then the chat template."""
+        msgs = [dict(m) for m in messages]
+        users = [m for m in msgs if m.get("role") == "user"]
+        if users:
+            users[-1]["content"] = self._rewritten([str(users[-1].get("content", ""))])[0]
+        return self._chat_text(msgs)
+
+    def _rewritten(self, prompts: Sequence[str]) -> list[str]:
+        """``prompts`` as the applied retrieval memories rewrite them (unless paused)."""
         from lmpatch.model.context import memories_active
 
         texts = list(prompts)
         if memories_active():
             for group in self.stack.memories():
                 texts = group.runtime.rewrite(list(prompts), texts)
-        if not self.chat:
-            return texts
-        self._check_chat_template()
-        return [
-            self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
-            )
-            for text in texts
-        ]
+        return texts
 
-    def format_messages(self, messages: Sequence[dict]) -> str:
-        """A chat (``[{"role": ..., "content": ...}, ...]``) as the text the model sees, ready
-        for the assistant's turn: the last user message rewritten by the applied retrieval
-        memories (as :meth:`format_prompts` rewrites a prompt), then the chat template."""
-        from lmpatch.model.context import memories_active
-
+    def _chat_text(self, messages: list[dict]) -> str:
         self._check_chat_template()
-        msgs = [dict(m) for m in messages]
-        users = [i for i, m in enumerate(msgs) if m.get("role") == "user"]
-        if users and memories_active():
-            last = msgs[users[-1]]
-            text = [str(last.get("content", ""))]
-            for group in self.stack.memories():
-                text = group.runtime.rewrite([str(last.get("content", ""))], text)
-            last["content"] = text[0]
-        return self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
     def _check_chat_template(self) -> None:
         if not getattr(self.tokenizer, "chat_template", None):
