@@ -383,3 +383,17 @@ def test_chat_messages_are_rewritten_by_memories_like_prompts():
         prompt = chat.format_prompts([REQS[0].prompt])[0]
         messages = chat.format_messages([{"role": "user", "content": REQS[0].prompt}])
     assert messages == prompt and REQS[0].target_new in messages
+
+
+def test_the_quick_check_answers_the_edit_and_its_locality_probes(client):
+    from dataclasses import replace
+
+    probe = {"prompt": "The capital of Japan is", "answer": "Tokyo"}
+    request = replace(REQS[0], locality=(probe, {"prompt": "Mount Fuji is in", "answer": "Japan"}))
+    checks = _edit(client, request)["checks"]
+    [row] = checks["requests"]
+    assert row["prompt"] == REQS[0].prompt and isinstance(row["hit"], bool)
+    assert [p["prompt"] for p in row["locality"]] == [probe["prompt"], "Mount Fuji is in"]
+    for p in row["locality"]:
+        assert p["unchanged"] == (p["before"] == p["after"]) and p["before"]
+    assert checks["locality"] == sum(p["unchanged"] for p in row["locality"]) / 2

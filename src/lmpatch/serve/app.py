@@ -12,6 +12,7 @@ Every mistake a client can make gets a JSON error ``{"error": {"message", "type"
 from __future__ import annotations
 
 import json
+import secrets
 import time
 import uuid
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -130,8 +131,6 @@ def create_app(service: Service) -> FastAPI:
     def _check(authorization: str | None) -> str:
         if not authorization or not authorization.startswith("Bearer "):
             raise ApiError(401, "Missing bearer token: send 'Authorization: Bearer <token>'.", "unauthorized")
-        import secrets
-
         if not secrets.compare_digest(authorization[7:].strip().encode(), service.token.encode()):
             raise ApiError(401, "Wrong bearer token.", "unauthorized")
         return "token"
@@ -143,9 +142,6 @@ def create_app(service: Service) -> FastAPI:
         if cfg.protect_reads:
             _check(authorization)
 
-    def _gen_header() -> dict:
-        return {GENERATION_HEADER: str(service.state.generation)}
-
     # ----------------------------------------------------------------- generation
 
     @app.get("/v1/models", dependencies=[Depends(reader)])
@@ -154,7 +150,7 @@ def create_app(service: Service) -> FastAPI:
         card = {"id": m.name, "object": "model", "created": 0, "owned_by": "lmpatch",
                 "generation": service.state.generation, "base_fingerprint": m.fingerprint,
                 "state_fingerprint": service.ledger.state_fingerprint, "edits": len(service.ledger.live())}
-        return JSONResponse({"object": "list", "data": [card]}, headers=_gen_header())
+        return JSONResponse({"object": "list", "data": [card]})
 
     def _run(build: Callable, sampling: Sampling, stream: bool, shape: Callable[[Completion, str, str | None], dict],
              kind: str) -> Response:
@@ -239,7 +235,7 @@ def create_app(service: Service) -> FastAPI:
         body = rec.public() | {"status_url": f"/v1/edits/{rec.id}"}
         if rec.status in ("committed", "reverted", "reverting") and rec.patch_file:
             body["patch_url"] = f"/v1/edits/{rec.id}/patch"
-        return JSONResponse(body, status, headers=_gen_header())
+        return JSONResponse(body, status)
 
     @app.post("/v1/edits", status_code=202)
     def make_edit(body: EditBody, actor: str = Depends(writer),
@@ -270,7 +266,7 @@ def create_app(service: Service) -> FastAPI:
         page = service.ledger.page(limit, before, status)
         nxt = f"/v1/edits?limit={limit}&before={page[-1].created!r}" if len(page) == limit else None
         return JSONResponse({"object": "list", "data": [r.public() for r in page], "next": nxt,
-                             "generation": service.state.generation}, headers=_gen_header())
+                             "generation": service.state.generation})
 
     @app.get("/v1/edits/{edit_id}", dependencies=[Depends(reader)])
     def get_edit(edit_id: str):
@@ -299,7 +295,7 @@ def create_app(service: Service) -> FastAPI:
                 "committed", "reverting", "reverted"):
             raise ApiError(404, f"Edit {edit_id} has no patch ({rec.status}).", "no_patch")
         return FileResponse(rec.patch_file, media_type="application/octet-stream",
-                            filename=f"{edit_id}.lmpatch", headers=_gen_header())
+                            filename=f"{edit_id}.lmpatch")
 
     @app.post("/v1/patches", status_code=202, openapi_extra={"requestBody": {
         "required": True, "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}})
@@ -353,7 +349,7 @@ def create_app(service: Service) -> FastAPI:
                     "state_fingerprint": service.ledger.state_fingerprint}
 
         result = service.worker.submit(Job(kind="call", fn=write)).result()
-        return JSONResponse(result, 201, headers=_gen_header())
+        return JSONResponse(result, 201)
 
     # ----------------------------------------------------------------- the page
 

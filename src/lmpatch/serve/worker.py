@@ -34,7 +34,7 @@ from lmpatch.request import EditRequest
 from lmpatch.serve.ledger import EditRecord, Ledger
 from lmpatch.serve.state import ServedState
 
-__all__ = ["EditWorker", "Job", "file_sha256", "quick_check"]
+__all__ = ["EditWorker", "Job", "answers", "file_sha256", "quick_check"]
 
 log = logging.getLogger(__name__)
 
@@ -60,27 +60,38 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _answer(model, prompt: str, like: str) -> str:
+def answers(model, asked: list[tuple[str, str]]) -> list[str]:
+    """Greedy answers to (prompt, expected answer) pairs in one batched call, each as
+    long as its expected answer plus two tokens."""
     from lmpatch.eval.scoring import generate
     from lmpatch.tokens import encode
 
-    n = len(encode(model.tokenizer, " " + like.strip(), special=False)) + 2
-    return generate(model, [prompt], max_new_tokens=n)[0].strip()
+    if not asked:
+        return []
+    limits = [len(encode(model.tokenizer, " " + like.strip(), special=False)) + 2 for _, like in asked]
+    return [a.strip() for a in generate(model, [p for p, _ in asked], max_new_tokens=limits)]
 
 
-def quick_check(model, patch: Patch, before: dict[str, str]) -> dict:
+def locality_probes(requests: list[EditRequest]) -> list[tuple[str, str]]:
+    """The (prompt, answer) locality probes the quick check reads, of the first requests."""
+    return [(p.prompt, p.answer) for r in requests[:CHECK_REQUESTS] for p in r.locality]
+
+
+def quick_check(model, patch: Patch, before: list[str]) -> dict:
     """What the edit did on the model that now holds it: each edited prompt's answer
     (``hit`` when it starts with the new target) and each locality probe's answer with
-    whether it is unchanged from ``before`` (answers taken before the edit)."""
+    whether it is unchanged from ``before`` (the probes' answers taken before the edit,
+    in :func:`locality_probes` order). One generation call for all of it."""
+    requests = list(patch.requests[:CHECK_REQUESTS])
+    probes = locality_probes(requests)
+    said = answers(model, [(r.prompt, r.target_new) for r in requests] + probes)
+    edited, after = said[: len(requests)], iter(zip(probes, before, said[len(requests):]))
     out = []
-    for r in patch.requests[:CHECK_REQUESTS]:
-        answer = _answer(model, r.prompt, r.target_new)
-        probes = [{"prompt": p.prompt, "before": before.get(p.prompt, ""), "after": _answer(model, p.prompt, p.answer)}
-                  for p in r.locality]
-        for p in probes:
-            p["unchanged"] = p["before"] == p["after"]
+    for r, answer in zip(requests, edited):
+        checked = [{"prompt": prompt, "before": was, "after": now, "unchanged": was == now}
+                   for (prompt, _), was, now in (next(after) for _ in r.locality)]
         out.append({"prompt": r.prompt, "target_new": r.target_new, "answer": answer,
-                    "hit": answer.startswith(r.target_new.strip()), "locality": probes})
+                    "hit": answer.startswith(r.target_new.strip()), "locality": checked})
     hits = [x["hit"] for x in out]
     kept = [p["unchanged"] for x in out for p in x["locality"]]
     return {"requests": out, "efficacy": sum(hits) / len(hits) if hits else None,
@@ -130,8 +141,7 @@ class EditWorker:
         twin = self.state.twin
         try:
             requests = [EditRequest.from_dict(r) for r in rec.requests]
-            before = {p.prompt: _answer(twin, p.prompt, p.answer)
-                      for r in requests[:CHECK_REQUESTS] for p in r.locality}
+            before = answers(twin, locality_probes(requests))
             t1 = time.time()
             if rec.kind == "upload":
                 patch = Patch.load(rec.patch_file)
