@@ -397,3 +397,18 @@ def test_the_quick_check_answers_the_edit_and_its_locality_probes(client):
     for p in row["locality"]:
         assert p["unchanged"] == (p["before"] == p["after"]) and p["before"]
     assert checks["locality"] == sum(p["unchanged"] for p in row["locality"]) / 2
+
+
+def test_without_a_token_one_is_made_kept_owner_only_and_reused(tmp_path):
+    import stat
+
+    config = ServiceConfig(ledger=tmp_path / "ledger")
+    first = Service(tiny_model("llama"), config)
+    token = first.token
+    first.close()
+    path = tmp_path / "ledger" / "token"
+    assert path.read_text().strip() == token and len(token) >= 24
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    again = Service(tiny_model("llama"), config)
+    assert again.token == token
+    again.close()

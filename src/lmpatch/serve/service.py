@@ -9,6 +9,7 @@ short (an edit being computed, a revert half done) is then queued again.
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,16 +40,20 @@ class ServiceConfig:
 
 
 def _token_for(config: ServiceConfig) -> str:
+    """The configured token, else the one kept in ``LEDGER/token``, else a new one written
+    there readable by its owner only from the first byte (never world-readable, even briefly)."""
     if config.token:
         return config.token
     path = config.ledger / "token"
-    if path.is_file():
-        return path.read_text().strip()
-    from lmpatch.fileio import atomic_write_text
-
+    kept = path.read_text().strip() if path.is_file() else ""
+    if kept:
+        return kept
     token = secrets.token_urlsafe(24)
-    atomic_write_text(path, token + "\n")
-    path.chmod(0o600)
+    tmp = path.with_name(f".token.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    os.replace(tmp, path)
     return token
 
 
