@@ -93,11 +93,6 @@ class DAMAHparams(LocateHparams):
                                      # once, in the residual stream after the top layer)
 
 
-def dama_layers(model: LoadedModel, hp: DAMAHparams) -> list[int]:
-    """``hp.layers`` as given, or ``hp.layer_range`` of the depth (MEMIT's rule)."""
-    return edit_layers(model, hp)
-
-
 def last_token_requests(requests: Sequence[EditRequest], contrast: Sequence[str]) -> list[EditRequest]:
     """Per request, one request per contrast word whose 'subject' is the whole filled
     prompt, so the value is optimised at the prompt's last token (DAMA's ``fact_token``
@@ -180,7 +175,7 @@ def apply_dama(model: LoadedModel, requests: Sequence[EditRequest], hp: DAMAHpar
         raise InvalidRequestError(f"nullspace_dimension must be >= 1, got {hp.nullspace_dimension!r}.")
     if hp.update not in UPDATES:
         raise InvalidRequestError(f"Unknown update {hp.update!r}; choose one of {', '.join(UPDATES)}.")
-    layers = dama_layers(model, hp)
+    layers = edit_layers(model, hp)
     k = hp.nullspace_dimension or max(1, model.spec.hidden_size // 4)
     if len(requests) > 1 and k >= len(requests) - 1:
         # PLS centres the n outputs, which then span n - 1 directions: k >= n - 1
@@ -236,7 +231,7 @@ def _covariances(model: LoadedModel, layers: list[int], hp: DAMAHparams) -> dict
 
 
 def _one_offs(model: LoadedModel, hp: DAMAHparams):
-    return locate_one_offs(model, hp, dama_layers(model, hp))
+    return locate_one_offs(model, hp, edit_layers(model, hp))
 
 
 register(Method(
