@@ -116,12 +116,14 @@ def _detached(out):
 @contextmanager
 def record_outputs(modules: list[nn.Module], store: list) -> Iterator[list]:
     """Append each module's whole (detached) output to ``store``, in call order, so that
-    :func:`replay_outputs` can stand in for the modules later."""
+    :func:`replay_outputs` can stand in for the modules later. The hooks run before any
+    other forward hook of the module, so what is recorded is the module's own output,
+    not one an :func:`edit_output` hook has already changed."""
 
     def hook(_mod, _args, out):
         store.append(_detached(out))
 
-    handles = [m.register_forward_hook(hook) for m in modules]
+    handles = [m.register_forward_hook(hook, prepend=True) for m in modules]
     try:
         yield store
     finally:

@@ -21,8 +21,10 @@ from lmpatch.methods.locate.values import ValueConfig
 class LocateHparams:
     """Value optimisation (``v_*``, clamp, KL, stop rules), templates and statistics."""
 
-    v_lr: float = 0.5
-    v_steps: int = 25
+    v_optimizer: str = "adam"         # "adam" (the papers) or "lbfgs" (locate.delta_steps)
+    v_lr: float = 0.5                 # Adam's learning rate
+    v_first_step: float = 1.0         # L-BFGS's first step, in units of ||v_init||
+    v_steps: int = 25                 # passes (forward + backward) at most
     v_weight_decay: float = 1e-3
     clamp_norm_factor: float = 4.0
     kl_factor: float = 0.0625
@@ -44,6 +46,7 @@ class LocateHparams:
             lr=self.v_lr, steps=self.v_steps, weight_decay=self.v_weight_decay,
             clamp_norm_factor=self.clamp_norm_factor, kl_factor=self.kl_factor, stop_loss=self.stop_loss,
             stop_prob=self.stop_prob, compute_dtype=self.compute_dtype, target=self.value_target,
+            optimizer=self.v_optimizer, first_step=self.v_first_step,
         )
 
     def template_config(self) -> TemplateConfig:

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from lmpatch.errors import LmpatchError
+from lmpatch.methods.locate.delta_steps import make_stepper
 from lmpatch.methods.locate.keys import read_at
 from lmpatch.model.forced import forced_inputs, pair_ids
 from lmpatch.model.hooks import edit_output
@@ -73,13 +74,13 @@ def optimize_value_seq2seq(model: LoadedModel, request: EditRequest, layer: int,
     at_dev = at.to(device)
     row_index = torch.arange(len(items), device=device)
 
-    delta = torch.zeros(spec.hidden_size, device=device, requires_grad=True)
-    opt = torch.optim.Adam([delta], lr=config.lr)
+    stepper = make_stepper(config, (1, 1, spec.hidden_size), v_norm.reshape(1, 1).to(device), device)
+    box: dict[str, torch.Tensor] = {}
 
     def add_delta(y: torch.Tensor) -> torch.Tensor:
         y3 = y.reshape(len(items), -1, y.shape[-1])
         bump = torch.zeros_like(y3)
-        bump[row_index, at_dev] = delta.to(y.dtype)
+        bump[row_index, at_dev] = box["delta"][0, 0].to(y.dtype)
         return (y3 + bump).reshape(y.shape)
 
     losses: list[float] = []
@@ -87,6 +88,8 @@ def optimize_value_seq2seq(model: LoadedModel, request: EditRequest, layer: int,
     prob = 0.0
     with edit_output(module, add_delta), torch.inference_mode(False), torch.enable_grad():
         for step in range(config.steps):
+            trial = box["delta"] = stepper.trial()
+            delta = trial[0, 0]
             out = model.forward(body_only=True, **inputs)
             logp = torch.log_softmax(model.logits(out.last_hidden_state[read_rows, read_cols]).float(), dim=-1)
             picked = logp[: len(rows)].gather(1, tokens_t[:, None])[:, 0]
@@ -99,15 +102,12 @@ def optimize_value_seq2seq(model: LoadedModel, request: EditRequest, layer: int,
             losses.append(float(loss.detach()))
             prob = float((picked.detach().exp() * weights_t).sum())
             if loss.item() < config.stop_loss or step == config.steps - 1:
+                best = stepper.best(0, trial, losses[-1])[0]
                 break
-            opt.zero_grad()
+            stepper.zero_grad()
             loss.backward()
-            opt.step()
-            with torch.no_grad():
-                limit = config.clamp_norm_factor * v_norm
-                if delta.norm() > limit:
-                    delta.mul_(limit / delta.norm())
+            stepper.observe(trial, loss.detach().reshape(1))
     return ValueResult(
-        delta=delta.detach().clone(), v_init=v_init, key_prompt=keys[0].clone(), key_mean=keys[:n_rewrite].mean(0),
+        delta=best.clone(), v_init=v_init, key_prompt=keys[0].clone(), key_mean=keys[:n_rewrite].mean(0),
         steps=len(losses), losses=losses, target_prob=prob,
     )

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from lmpatch.errors import LmpatchError
+from lmpatch.methods.locate.delta_steps import STEPPERS, make_stepper
 from lmpatch.methods.locate.keys import read_at
 from lmpatch.model.compat import output_cache, with_cache
 from lmpatch.model.hooks import edit_output, record_outputs, replay_outputs
@@ -61,12 +62,21 @@ class ValueConfig:
     target: str = "mlp_out"          # where delta is added: "mlp_out" (ROME's v*), "block"
                                      # (the residual stream after the block: MEMIT's z) or
                                      # "attn_mlp" (attention and MLP outputs, one delta each: PMET)
+    optimizer: str = "adam"          # "adam" (the papers; ``lr`` is its rate) or "lbfgs"
+                                     # (locate.delta_steps: the same optimum in fewer passes)
+    first_step: float = 1.0          # lbfgs: length of the first step, in units of ||v_init||
 
     def __post_init__(self) -> None:
         if self.target not in VALUE_TARGETS:
             raise LmpatchError(
                 f"Unknown value target {self.target!r}; choose one of {', '.join(VALUE_TARGETS)}."
             )
+        if self.optimizer not in STEPPERS:
+            raise LmpatchError(
+                f"Unknown value optimizer {self.optimizer!r}; choose one of {', '.join(STEPPERS)}."
+            )
+        if not self.first_step > 0:
+            raise LmpatchError(f"v_first_step must be > 0 (a fraction of ||v_init||), got {self.first_step!r}.")
 
 
 @dataclass
@@ -130,6 +140,7 @@ def build_group_rows(
     owner, rows_t, pos_t, tok_t, w_t, kl_rows, rewrite = [], [], [], [], [], [], []
     for index, request in enumerate(requests):
         mine = []
+        first_row = len(prefixes)
         targets = tuple(alternatives[index]) if alternatives is not None else (request.target_new,)
         for template in templates:
             text = model.format_prompt(template.format(request.prompt))
@@ -155,6 +166,14 @@ def build_group_rows(
             text = model.format_prompt(kp.format(request.subject))
             ids = encode(tok, text)
             s = subject_last_index(tok, text, request.subject)
+            # When the prompt starts with the subject (80% of CounterFact), the bare
+            # template row already holds this exact prefix and token: read the KL term
+            # there instead of paying for a row that repeats it.
+            same = next((r for r in range(first_row, len(prefixes))
+                         if prefixes[r] == ids[:s] and suffixes[r][:1] == ids[s : s + 1]), None)
+            if same is not None:
+                kl_rows.append(same)
+                continue
             kl_rows.append(len(prefixes))
             owner.append(index)
             prefixes.append(ids[:s])
@@ -365,24 +384,27 @@ def optimize_values(
 
     dtype = resolve_compute_dtype(config.compute_dtype, model.model)
     net = model.network(dtype)
-    # Blocks below ``layer`` are replayed; block ``layer`` itself always runs, because the
-    # delta is added through hooks on its output (or its MLP's, its attention's) at every step.
-    runner = SuffixRunner(model, dtype, rows, frozen_below=layer)
+    # Blocks below ``layer`` are replayed. So is block ``layer`` when the delta is added to
+    # its output (MEMIT's z): the hook adds it to the replayed output. Where the delta goes
+    # inside the block (its MLP's or attention's output), the block runs at every step.
+    frozen = layer + 1 if config.target == "block" else layer
+    runner = SuffixRunner(model, dtype, rows, frozen_below=frozen)
     points = edit_points(spec, net, layer, config.target)
     dev = runner.device
     v_norm = v_norm.to(dev)
     state = _Active.start(rows, dev)
 
-    delta = torch.zeros(n_req, len(points), spec.hidden_size, device=dev, dtype=torch.float32, requires_grad=True)
-    opt = torch.optim.Adam([delta], lr=config.lr)
+    shape = (n_req, len(points), spec.hidden_size)
+    stepper = make_stepper(config, shape, v_norm, dev)
     results: list[ValueResult | None] = [None] * n_req
     history: list[list[float]] = [[] for _ in range(n_req)]
+    box: dict[str, torch.Tensor] = {}
 
     def adder(point: int):
         def add_delta(y: torch.Tensor) -> torch.Tensor:
             # Some architectures (OPT) run their MLP on flattened (batch*seq, d) tokens.
             y3 = y.reshape(state.n_rows, -1, y.shape[-1])
-            bumped = y3[:, :1] + delta[state.row_slot, point].to(y.dtype)[:, None, :]
+            bumped = y3[:, :1] + box["delta"][state.row_slot, point].to(y.dtype)[:, None, :]
             return torch.cat([bumped, y3[:, 1:]], dim=1).reshape(y.shape)
 
         return add_delta
@@ -392,6 +414,7 @@ def optimize_values(
         for point, module in enumerate(points):
             hooks.enter_context(edit_output(module, adder(point)))
         for step in range(config.steps):
+            delta = box["delta"] = stepper.trial()
             h = runner.hidden()
             all_logp = torch.log_softmax(model.logits(h[state.read_rows, state.read_pos], dtype).float(), dim=-1)
             n_tgt = state.tgt_slot.numel()
@@ -411,28 +434,23 @@ def optimize_values(
             for slot, request in enumerate(state.active.tolist()):
                 history[request].append(float(loss[slot].detach()))
                 if done[slot]:
+                    best = stepper.best(slot, delta, float(loss[slot].detach()))
                     results[request] = ValueResult(
-                        delta=delta[slot, -1].detach().float().clone(), v_init=v_init[request, -1],
+                        delta=best[-1].float().clone(), v_init=v_init[request, -1],
                         key_prompt=keys[request, 0].clone(), key_mean=keys[request].mean(0),
                         steps=step + 1, losses=history[request], target_prob=float(probs[slot]),
                     )
             if bool(done.all()):
                 break
-            opt.zero_grad()
+            stepper.zero_grad()
             loss.sum().backward()  # finished requests take this step too, then leave the batch
-            opt.step()
-            with torch.no_grad():
-                limit = config.clamp_norm_factor * v_norm[state.active]   # (active, points)
-                norms = delta.norm(dim=-1)
-                over = norms > limit
-                if bool(over.any()):
-                    delta[over] *= (limit[over] / norms[over])[:, None]
+            stepper.observe(delta, loss.detach())
             if bool(done.any()):
                 keep = ~done
                 kl_init = kl_init[keep[state.kl_slot]]
                 runner.select(keep[state.row_slot])
                 state = state.keep(keep, rows, dev)
-                delta, opt = _keep_optimizer(delta, opt, keep, config.lr)
+                stepper.keep(keep)
 
     runner.cache = None
     return [r for r in results if r is not None]
@@ -461,7 +479,7 @@ class _Active:
 
     active: torch.Tensor      # request index of each slot of ``delta``
     row_slot: torch.Tensor    # (rows,) slot of each row's request
-    is_rewrite: torch.Tensor  # (rows,) template row (not a KL row)
+    is_rewrite: torch.Tensor  # (rows,) a row with target tokens (not a KL-only row)
     tgt_row: torch.Tensor     # (targets,) row of each supervised token, in current row numbering
     tgt_slot: torch.Tensor
     tgt_pos: torch.Tensor
@@ -493,14 +511,14 @@ class _Active:
         new_index[row_ids] = torch.arange(row_ids.numel())
         tgt_keep = new_index[rows.tgt_rows] >= 0
         tgt_row = new_index[rows.tgt_rows[tgt_keep]]
-        is_kl = torch.zeros(rows.owner.numel(), dtype=torch.bool)
-        is_kl[rows.kl_rows] = True
+        has_target = torch.zeros(rows.owner.numel(), dtype=torch.bool)
+        has_target[rows.tgt_rows] = True        # a template row may also carry a KL read
         kl_orig = rows.kl_rows[new_index[rows.kl_rows] >= 0]
         kl_row = new_index[kl_orig]
         row_slot = slot_of[rows.owner[row_ids]]
         tgt_pos = rows.tgt_pos[tgt_keep]
         return cls(
-            active=active, row_slot=row_slot.to(dev), is_rewrite=(~is_kl[row_ids]).to(dev),
+            active=active, row_slot=row_slot.to(dev), is_rewrite=has_target[row_ids].to(dev),
             tgt_row=tgt_row.to(dev), tgt_slot=row_slot[tgt_row].to(dev), tgt_pos=tgt_pos.to(dev),
             tgt_tok=rows.tgt_tok[tgt_keep].to(dev), tgt_w=rows.tgt_weight[tgt_keep].to(dev),
             kl_slot=row_slot[kl_row].to(dev),
@@ -508,17 +526,3 @@ class _Active:
             read_pos=torch.cat([tgt_pos, torch.zeros_like(kl_row)]).to(dev),
             kl_per_request=max(1, rows.kl_rows.numel() // max(1, rows.n_requests)), row_ids=row_ids,
         )
-
-
-def _keep_optimizer(delta: torch.Tensor, opt: torch.optim.Adam, keep: torch.Tensor, lr: float):
-    """A smaller ``delta`` (the kept rows) and an Adam whose moments are those rows' moments."""
-    new = delta.detach()[keep].clone().requires_grad_(True)
-    new_opt = torch.optim.Adam([new], lr=lr)
-    old = opt.state.get(delta)
-    if old:
-        new_opt.state[new] = {
-            "step": old["step"].clone(),
-            "exp_avg": old["exp_avg"][keep].clone(),
-            "exp_avg_sq": old["exp_avg_sq"][keep].clone(),
-        }
-    return new, new_opt
