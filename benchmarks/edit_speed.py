@@ -3,13 +3,19 @@
 One-off costs (statistics, context templates) are paid and reported first, so the
 per-edit numbers are what a user sees once the caches are warm.
 
-    python benchmarks/edit_speed.py --method rome --n 20
+    python benchmarks/edit_speed.py --method rome --n 50
+    python benchmarks/edit_speed.py --method rome --n 50 --isa avx2   # as on an AVX2-only CPU
+
+``--isa avx2`` restarts the script with ATen, MKL and oneDNN held to AVX2 kernels
+(``lmpatch.machine.AVX2_ONLY``), so an AVX-512 or AMX machine times what a float32-only
+AVX2 machine runs; the first line printed says which limits were in force.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import statistics
+import sys
 import time
 
 import lmpatch  # first: it sets lmpatch's OpenMP wait policy before torch starts its threads
@@ -20,8 +26,9 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from lmpatch.cli.options import parse_sets
 from lmpatch.data import load_dataset
-from lmpatch.machine import cpu_info, cpu_line
+from lmpatch.machine import AVX2_ONLY, cpu_info, cpu_line
 
 
 def main() -> None:
@@ -30,7 +37,13 @@ def main() -> None:
     ap.add_argument("--data", default="counterfact")
     ap.add_argument("--n", type=int, default=20)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--set", action="append", default=[], help="hyperparameter name=value (repeatable)")
+    ap.add_argument("--isa", choices=("native", "avx2"), default="native",
+                    help="avx2: time with every CPU library held to AVX2 (an AVX2-only machine)")
     args = ap.parse_args()
+    if args.isa == "avx2" and any(os.environ.get(k) != v for k, v in AVX2_ONLY.items()):
+        # the limits only act if set before torch starts: run again in a fresh interpreter
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **AVX2_ONLY})
     print(cpu_line(cpu_info()))  # every number below was measured on this machine
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -41,18 +54,19 @@ def main() -> None:
     # lmpatch makes idle OpenMP threads sleep (PASSIVE) so a busy neighbour process cannot
     # slow it 25x; waking them costs ~20% of an edit on an otherwise idle machine.
     console.print(f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}")
+    hparams = parse_sets(args.set)
     requests = load_dataset(args.data, n=args.n)
     table = Table(title=f"Edit time on {model.name}, {len(requests)} {args.data} records")
     for col in ("method", "warm-up (one-off)", "median s", "p90 s", "min s", "max s", "mean steps"):
         table.add_column(col)
     for method in args.method or ["rome"]:
         t0 = time.perf_counter()
-        lmpatch.edit(model, requests[0], method)  # pays statistics + templates once
+        lmpatch.edit(model, requests[0], method, **hparams)  # pays statistics + templates once
         warm = time.perf_counter() - t0
         times, steps = [], []
         for req in requests:
             t0 = time.perf_counter()
-            patch = lmpatch.edit(model, req, method)
+            patch = lmpatch.edit(model, req, method, **hparams)
             times.append(time.perf_counter() - t0)
             steps.append((patch.metrics.get("edit") or {}).get("steps", float("nan")))
         times.sort()

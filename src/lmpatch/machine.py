@@ -11,12 +11,18 @@ import platform
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ISA_FLAGS", "cpu_info", "cpu_line"]
+__all__ = ["AVX2_ONLY", "ISA_FLAGS", "cpu_info", "cpu_line"]
 
 ISA_FLAGS = (
     "sse4_2", "avx", "avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
     "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8", "asimd", "sve",
 )
+
+
+#: Environment that keeps every CPU library torch uses to AVX2 and float32-speed kernels:
+#: ATen's own kernels, MKL's GEMMs and oneDNN's. Set before torch is imported, it makes an
+#: AVX-512/AMX machine time what an AVX2-only one (an older AMD EPYC) runs.
+AVX2_ONLY = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 
 
 def cpu_info() -> dict[str, Any]:
@@ -41,12 +47,18 @@ def cpu_info() -> dict[str, Any]:
         threads = torch.get_num_threads()
     except (ImportError, AttributeError):
         threads = None
+    limits = {k: os.environ[k] for k in AVX2_ONLY if k in os.environ}
     return {"model": name, "isa": [f for f in ISA_FLAGS if f in flags], "torch_capability": capability,
-            "cores": os.cpu_count(), "torch_threads": threads, "torch": version}
+            "cores": os.cpu_count(), "torch_threads": threads, "torch": version, "isa_limits": limits}
 
 
 def cpu_line(cpu: dict[str, Any]) -> str:
     isa = " ".join(cpu.get("isa") or []) or "unknown"
     return (f"{cpu.get('model')} ({cpu.get('cores')} cores; ISA: {isa}; torch kernels: "
             f"{cpu.get('torch_capability') or '?'}; torch threads: {cpu.get('torch_threads')}; "
-            f"torch {cpu.get('torch') or '?'})")
+            f"torch {cpu.get('torch') or '?'}{_limits(cpu)})")
+
+
+def _limits(cpu: dict[str, Any]) -> str:
+    limits = cpu.get("isa_limits") or {}
+    return "; limited by " + " ".join(f"{k}={v}" for k, v in sorted(limits.items())) if limits else ""
