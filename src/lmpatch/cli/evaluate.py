@@ -1,6 +1,8 @@
-"""``lmpatch eval``: edit and score many requests in the single, batch or sequential regime."""
+"""``lmpatch eval``: edit and score many requests in the single, batch or sequential regime,
+in this process or on local / Ray workers (:mod:`lmpatch.eval.parallel`)."""
 from __future__ import annotations
 
+import gc
 import json
 from pathlib import Path
 from typing import Optional
@@ -12,6 +14,7 @@ from lmpatch.cli.console import notice, out, print_json
 from lmpatch.cli.models import load
 from lmpatch.cli.options import Settings, default_run_dir, parse_sets
 from lmpatch.cli.warmup import prepare
+from lmpatch.machine import peak_rss_mb
 
 MODES = ("single", "batch", "sequential")
 PROTOCOL_CHOICES = ("teacher_forced", "probability", "generation")
@@ -49,15 +52,28 @@ def evaluate(
                                           "evenly spaced requests (all n are edited); for runs of thousands, "
                                           "where scoring would cost more than editing."),
     out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (default runs/<method>-<data>-<time>)."),
-    resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue the run already in --out."),
+    resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue the run already in --out (whichever "
+                                "backend made it)."),
+    backend: str = typer.Option("serial", "--backend", help="Where the edits run: serial (this process), local "
+                                "(--workers processes on this machine) or ray (--workers Ray actors; pip install "
+                                "'lmpatch\\[ray]'). Each worker loads the model once; the run directory is a serial "
+                                "run's. single and batch modes only."),
+    workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Worker processes or actors for --backend "
+                                          "local/ray (default 2); each uses its share of this machine's cores."),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster to join (e.g. auto or "
+                                          "ray://head:10001); default: a private local Ray instance."),
+    gpus_per_worker: int = typer.Option(0, "--gpus-per-worker", min=0, help="GPUs given to each worker (local or "
+                                        "ray); with --device auto a model spans its worker's GPUs."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON object on stdout."),
 ) -> None:
     """Edit many requests in the single, batch or sequential regime and report every metric
-    pre and post, each with its protocol."""
+    pre and post, each with its protocol. Single and batch runs can be spread over worker
+    processes (--backend local) or Ray actors (--backend ray) with the same results."""
     from lmpatch.api import edit as compute_edit
     from lmpatch.data import load_dataset
     from lmpatch.errors import LmpatchError
-    from lmpatch.eval.runner import run_independent
+    from lmpatch.eval.parallel import BackendConfig
+    from lmpatch.eval.runner import ModelIdentity, run_independent
     from lmpatch.eval.sequential import run_sequential
     from lmpatch.eval.tasks import TaskConfig, build_tasks
     from lmpatch.methods.hparams import with_overrides
@@ -77,7 +93,10 @@ def evaluate(
     marks = _parse_counts(checkpoints)
     from lmpatch.data.mquake import looks_like_mquake
 
-    if data == "mquake" or looks_like_mquake(data):
+    multihop = data == "mquake" or looks_like_mquake(data)
+    where = BackendConfig(backend, workers, address, gpus_per_worker)
+    where.check("multihop" if multihop else mode, settings.device)
+    if multihop:
         _multihop(settings, info, hparams, n, offset, model, chat, out_dir, as_json, data)
         return
     requests = load_dataset(data, n=n, offset=offset)
@@ -96,8 +115,17 @@ def evaluate(
     try:
         if mode == "sequential":
             summary = run_sequential(loaded, requests, edit_fn, run_dir, batch_size=size, checkpoints=marks, **common)
-        else:
+        elif where.name == "serial":
             summary = run_independent(loaded, requests, edit_fn, run_dir, batch_size=size, **common)
+        else:
+            # The model loaded here did the one-off work (cached on disk for the workers) and
+            # names the weights every worker must load; the workers load their own, so this
+            # process lets its copy go instead of holding it while they run.
+            identity = ModelIdentity.of(loaded)
+            del loaded
+            _release_memory()
+            summary = _sharded(where, settings, identity, model, chat, info.name, hparams, requests, run_dir, size,
+                               task_names, TaskConfig(piqa_n=piqa_n, perplexity_tokens=ppl_tokens), common)
     except KeyboardInterrupt:
         notice(f"Interrupted. Finished work is kept in {run_dir}; rerun with --out {run_dir} to resume.")
         raise
@@ -112,6 +140,37 @@ def evaluate(
     _print_summary(summary)
     notice(f"Records: {Path(run_dir) / 'records.jsonl'}; summary: {Path(run_dir) / 'summary.json'}; "
            f"render with `lmpatch report {run_dir}`")
+
+
+def _release_memory() -> None:
+    """Give back the memory of a dropped model, including what torch's CUDA allocator keeps
+    cached, which would otherwise stay reserved on GPUs the workers are about to use."""
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _sharded(where, settings, identity, model, chat, method, hparams, requests, run_dir, size, task_names,
+             task_config, common) -> dict:
+    """An independent run on local or Ray workers; this process only plans and writes."""
+    from lmpatch.eval.parallel import WorkerSpec, make_backend
+    from lmpatch.eval.runner import run_updates
+
+    # Workers may start in another directory (Ray's): a local model path is passed absolute.
+    source = model
+    if model and Path(model).expanduser().exists():
+        source = str(Path(model).expanduser().resolve())
+    spec = WorkerSpec(model=source, method=method, hparams=hparams, requests=tuple(requests),
+                      fingerprint=identity.fingerprint, device=settings.device, chat=chat,
+                      metrics=tuple(common["metrics"]), task_names=task_names, task_config=task_config,
+                      env=WorkerSpec.forwarded_env())
+    backend = make_backend(where, spec)
+    target = f" on the Ray cluster at {where.address}" if where.address else ""
+    notice(f"Running on {backend.workers} {where.name} worker(s){target}; each loads the model once.")
+    common = {k: v for k, v in common.items() if k != "metrics"}
+    return run_updates(backend, requests, run_dir, identity=identity, batch_size=size, **common)
 
 
 def _multihop(settings, info, hparams, n, offset, model, chat, out_dir, as_json, data="mquake") -> None:
@@ -199,15 +258,6 @@ def _parse_counts(text: str | None) -> list[int] | None:
     if any(c < 1 for c in counts):
         raise LmpatchError("--checkpoints must be positive edit counts.")
     return counts
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far (what a user must provision)."""
-    import resource
-    import sys
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
 
 
 def _fmt(value) -> str:

@@ -7,17 +7,20 @@ requests are appended to ``records.jsonl`` and flushed at once, so a crash or Ct
 loses at most the update in flight and a rerun picks up where the last one stopped.
 The ``sequential`` regime, where updates accumulate, is :mod:`lmpatch.eval.sequential`.
 
-The loop is a plain function of its arguments (no module-level state, no singletons),
-so shards of a sweep can later run as independent Ray tasks with their own ``out_dir``.
+One update is :class:`UpdateRunner`'s job, and :func:`run_updates` is the loop around it
+that owns the run directory; the two meet through a backend
+(:mod:`lmpatch.eval.parallel`), so the same updates run in this process, in local worker
+processes or on Ray actors and leave the same files.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Literal, Sequence
 
 import torch
 
@@ -47,6 +50,9 @@ from lmpatch.fileio import atomic_write_json
 from lmpatch.model.loading import LoadedModel
 from lmpatch.progress import run_progress
 from lmpatch.request import EditRequest
+
+if TYPE_CHECKING:
+    from lmpatch.eval.parallel import Backend
 
 log = logging.getLogger(__name__)
 
@@ -166,64 +172,232 @@ def run_independent(
     ``score_n`` scores only that many evenly spaced requests (:func:`scored_indices`);
     the others are still edited and get a record without scores.
     Returns the summary also written to ``out_dir/summary.json``.
+
+    This is :func:`run_updates` on this process's ``model``; the same run sharded over
+    worker processes is :mod:`lmpatch.eval.parallel`.
+    """
+    from lmpatch.eval.parallel import SerialBackend
+
+    worker = UpdateRunner(model, requests, edit_fn, metrics=metrics, eval_batch_size=eval_batch_size, tasks=tasks)
+    return run_updates(SerialBackend(worker), requests, out_dir, identity=ModelIdentity.of(model),
+                       batch_size=batch_size, resume=resume, progress=progress, method=method, tasks=tasks,
+                       task_updates=task_updates, score_n=score_n)
+
+
+# --------------------------------------------------------------------------- one update
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """What a summary says about the model: its name and the fingerprint of its base weights.
+
+    Kept apart from the model so the process that writes a sharded run's files need not
+    hold a model at all."""
+
+    name: str
+    fingerprint: str
+
+    @classmethod
+    def of(cls, model: LoadedModel) -> "ModelIdentity":
+        return cls(name=model.name, fingerprint=model.fingerprint)
+
+
+@dataclass(frozen=True)
+class UpdateJob:
+    """One unit of work of an independent run, small enough to send to another process.
+
+    ``indices`` are positions in the run's request list, edited together as update
+    ``update`` (one request each in the single regime); ``scored`` are those of them to
+    score pre and post. ``measure_tasks`` also measures the whole-model tasks with the
+    update applied. A job with ``kind == "tasks_before"`` (and no indices) measures the
+    tasks on the unedited model instead.
+    """
+
+    update: int
+    indices: tuple[int, ...] = ()
+    scored: tuple[int, ...] = ()
+    batched: bool = False
+    measure_tasks: bool = False
+    kind: Literal["update", "tasks_before"] = "update"
+
+
+@dataclass(frozen=True)
+class UpdateResult:
+    """What a job produced: the records of its requests (in request order) and task scores, if measured."""
+
+    job: UpdateJob
+    records: list[dict] = field(default_factory=list)
+    tasks: dict[str, float] | None = None
+
+
+class UpdateRunner:
+    """Runs the jobs of an independent run on one model: edit, prove the model unchanged,
+    score pre/post, measure tasks, prove it unchanged again.
+
+    The one implementation of an update, whichever backend runs it: the serial loop calls
+    it in this process, and every worker process or Ray actor holds one of its own (see
+    :mod:`lmpatch.eval.parallel`). Each job starts from the model as it was when the
+    runner was made, which is what lets independent updates run anywhere, in any order.
+    """
+
+    def __init__(
+        self,
+        model: LoadedModel,
+        requests: Sequence[EditRequest],
+        edit_fn: EditFn,
+        *,
+        metrics: Iterable[str] = DEFAULT_METRICS,
+        eval_batch_size: int = 16,
+        tasks: Tasks | None = None,
+    ) -> None:
+        self.model = model
+        self.requests = list(requests)
+        self.edit_fn = edit_fn
+        self.groups = resolve_metrics(metrics)
+        self.eval_batch_size = eval_batch_size
+        self.tasks = tasks
+        self.keys = unique_keys(self.requests)
+        self.baseline = ModelState.of(model.model)
+        self.applied = len(getattr(model, "applied", None) or ())
+
+    def run(self, job: UpdateJob) -> UpdateResult:
+        model = self.model
+        if job.kind == "tasks_before":
+            return UpdateResult(job, tasks=measure_tasks(model, self.tasks) if self.tasks else {})
+        reqs = [self.requests[i] for i in job.indices]
+        t0 = time.perf_counter()
+        patch = self.edit_fn(model, reqs if job.batched else reqs[0])
+        seconds = time.perf_counter() - t0
+        if not hasattr(patch, "applied"):
+            raise LmpatchError(f"edit_fn returned {type(patch).__name__}, not a patch with apply/revert.")
+        first, last = self.keys[job.indices[0]], self.keys[job.indices[-1]]
+        where = first if len(job.indices) == 1 else f"{first!r}..{last!r}"
+        check_restored(model, self.baseline, f"computing edit {where!r}", self.applied)
+        to_score = [i for i in job.indices if i in job.scored]
+        scores = dict(zip(to_score, evaluate_records(model, [self.requests[i] for i in to_score], patch,
+                                                     metrics=self.groups, batch_size=self.eval_batch_size))) if to_score else {}
+        task_scores = None
+        if self.tasks and job.measure_tasks:
+            with patch.applied(model):
+                task_scores = measure_tasks(model, self.tasks)
+        check_restored(model, self.baseline, f"evaluating edit {where!r}", self.applied)
+        records = []
+        for i in job.indices:
+            v = scores.get(i, {})
+            records.append({
+                "case_id": self.requests[i].case_id,
+                "index": i,
+                "update": job.update,
+                "method": getattr(patch, "method", None),
+                "edit_seconds": seconds,
+                "edit_parts": edit_parts(patch),
+                "update_size": len(job.indices),
+                **{k: x for k, x in v.items() if k != "case_id"},
+            })
+        return UpdateResult(job, records, task_scores)
+
+
+# --------------------------------------------------------------------------- the driver
+
+
+def plan_updates(
+    requests: Sequence[EditRequest],
+    done: set,
+    *,
+    batch_size: int,
+    score_n: int | None,
+    measure_first: int,
+) -> tuple[list[UpdateJob], int]:
+    """The updates still to run (those with a request missing from ``done``), in order, and
+    how many updates the run has in all. The first ``measure_first`` of them also measure tasks."""
+    keys = unique_keys(requests)
+    scored = set(scored_indices(len(requests), score_n))
+    units = [tuple(range(i, min(i + batch_size, len(requests)))) for i in range(0, len(requests), batch_size)]
+    jobs = []
+    for unit in units:
+        if all(keys[i] in done for i in unit):
+            continue
+        jobs.append(UpdateJob(update=unit[0] // batch_size, indices=unit,
+                              scored=tuple(i for i in unit if i in scored), batched=batch_size > 1,
+                              measure_tasks=len(jobs) < measure_first))
+    return jobs, len(units)
+
+
+def run_updates(
+    backend: "Backend",
+    requests: Sequence[EditRequest],
+    out_dir: Path | str,
+    *,
+    identity: ModelIdentity,
+    batch_size: int = 1,
+    resume: bool = True,
+    progress: bool = True,
+    method: str | None = None,
+    tasks: Tasks | None = None,
+    task_updates: int = 3,
+    score_n: int | None = None,
+) -> dict:
+    """Run an independent (single or batch) regime on ``backend`` and write its run directory.
+
+    This process is the only writer, whichever backend computes: it decides what is left
+    to do from ``records.jsonl`` (resume), hands the jobs out, appends each result as it
+    comes back (fsynced; results that arrive early wait for the ones before them, so the
+    file stays in request order) and writes ``tasks.json`` and ``summary.json``
+    atomically. A serial run and a sharded one therefore leave the same directory, and
+    either can resume the other. ``tasks`` (built on the workers' side too) only give
+    their names and protocols here. Arguments are those of :func:`run_independent`.
     """
     if batch_size < 1:
         raise LmpatchError(f"batch_size must be at least 1, got {batch_size}.")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    groups = resolve_metrics(metrics)
     regime = "single" if batch_size == 1 else "batch"
     records_path = out / RECORDS_FILE
     if not resume and records_path.exists():
         records_path.unlink()
     keys = unique_keys(requests)
-    scored = set(scored_indices(len(requests), score_n))
     done = {key_of(r) for r in read_records(records_path)}
-    units = [list(range(i, min(i + batch_size, len(requests)))) for i in range(0, len(requests), batch_size)]
-    pending = [u for u in units if not all(keys[i] in done for i in u)]
-    if len(pending) < len(units):
-        log.info("Resuming: %d of %d updates already done in %s", len(units) - len(pending), len(units), out)
-
-    baseline = ModelState.of(model.model)
-    applied = len(getattr(model, "applied", None) or ())
     task_state = _load_task_state(out, tasks, resume)
+    measured = len(task_state.get("after", [])) if tasks else 0
+    jobs, total = plan_updates(requests, done, batch_size=batch_size, score_n=score_n,
+                               measure_first=max(0, task_updates - measured) if tasks else 0)
+    if len(jobs) < total:
+        log.info("Resuming: %d of %d updates already done in %s", total - len(jobs), total, out)
+    before = [UpdateJob(update=-1, kind="tasks_before")] if tasks and "before" not in task_state else []
+
     label = "single edits" if regime == "single" else f"batches of {batch_size}"
+    if backend.workers > 1:
+        label += f" ({backend.workers} {backend.name} workers)"
+    position = {job.update: k for k, job in enumerate(jobs)}
+    waiting: dict[int, UpdateResult] = {}
+    written = 0
     with run_progress(progress) as bar, open_for_append(records_path) as fh:
-        if tasks and "before" not in task_state:
-            task_state["before"] = measure_tasks(model, tasks)
-            atomic_write_json(out / TASKS_FILE, task_state)
-        task = bar.add_task(label, total=len(units), completed=len(units) - len(pending))
-        for unit in pending:
-            reqs = [requests[i] for i in unit]
-            t0 = time.perf_counter()
-            patch = edit_fn(model, reqs[0] if batch_size == 1 else reqs)
-            seconds = time.perf_counter() - t0
-            if not hasattr(patch, "applied"):
-                raise LmpatchError(f"edit_fn returned {type(patch).__name__}, not a patch with apply/revert.")
-            where = keys[unit[0]] if len(unit) == 1 else f"{keys[unit[0]]!r}..{keys[unit[-1]]!r}"
-            check_restored(model, baseline, f"computing edit {where!r}", applied)
-            to_score = [i for i in unit if i in scored]
-            scores = dict(zip(to_score, evaluate_records(model, [requests[i] for i in to_score], patch,
-                                                         metrics=groups, batch_size=eval_batch_size))) if to_score else {}
-            after = task_state.setdefault("after", [])
-            if tasks and len(after) < task_updates:
-                with patch.applied(model):
-                    after.append(measure_tasks(model, tasks))
-                atomic_write_json(out / TASKS_FILE, task_state)
-            check_restored(model, baseline, f"evaluating edit {where!r}", applied)
-            for i in unit:
-                v = scores.get(i, {})
-                append_record(fh, {
-                    "case_id": requests[i].case_id,
-                    "index": i,
-                    "update": unit[0] // batch_size,
-                    "method": getattr(patch, "method", None),
-                    "edit_seconds": seconds,
-                    "edit_parts": edit_parts(patch),
-                    "update_size": len(unit),
-                    **{k: x for k, x in v.items() if k != "case_id"},
-                })
-            bar.advance(task)
+        task = bar.add_task(label, total=total, completed=total - len(jobs))
+
+        def write_ready(flush_all: bool = False) -> None:
+            nonlocal written
+            for k in sorted(waiting):
+                if k != written and not flush_all:
+                    break
+                for record in waiting.pop(k).records:
+                    append_record(fh, record)
+                written = k + 1
+
+        try:
+            with contextlib.closing(backend.run(before + jobs)) as results:
+                for result in results:
+                    if result.tasks is not None and tasks:
+                        if result.job.kind == "tasks_before":
+                            task_state["before"] = result.tasks
+                        else:
+                            task_state.setdefault("after", []).append(result.tasks)
+                        atomic_write_json(out / TASKS_FILE, task_state)
+                    if result.job.kind == "update":
+                        waiting[position[result.job.update]] = result
+                        write_ready()
+                        bar.advance(task)
+        finally:
+            write_ready(flush_all=True)  # finished work is never lost, even out of order
 
     wanted = set(keys)
     latest: dict[Any, dict] = {}
@@ -242,8 +416,8 @@ def run_independent(
         parts.setdefault(r.get("update", key_of(r)), r.get("edit_parts") or {})
     summary = {
         "method": method or (methods[0] if methods else None),
-        "model": model.name,
-        "fingerprint": model.fingerprint,
+        "model": identity.name,
+        "fingerprint": identity.fingerprint,
         "regime": regime,
         "batch_size": batch_size,
         "n": len(records),
@@ -254,10 +428,11 @@ def run_independent(
         "protocols": {**stats["protocols"], **task_protocols(tasks)},
         "edit_seconds": timing(list(per_update.values())),
         "edit_parts": parts_total(list(parts.values())),
+        "backend": backend.name,
+        "workers": backend.workers,
     }
     atomic_write_json(out / SUMMARY_FILE, summary)
     return summary
-
 
 
 def _load_task_state(out: Path, tasks: Tasks | None, resume: bool) -> dict:
