@@ -11,7 +11,7 @@ import platform
 from pathlib import Path
 from typing import Any
 
-__all__ = ["AVX2_ONLY", "ISA_FLAGS", "cpu_info", "cpu_line"]
+__all__ = ["AVX2_ONLY", "ISA_FLAGS", "cpu_info", "cpu_line", "peak_rss_mb"]
 
 ISA_FLAGS = (
     "sse4_2", "avx", "avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
@@ -62,3 +62,12 @@ def cpu_line(cpu: dict[str, Any]) -> str:
 def _limits(cpu: dict[str, Any]) -> str:
     limits = cpu.get("isa_limits") or {}
     return "; limited by " + " ".join(f"{k}={v}" for k, v in sorted(limits.items())) if limits else ""
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (what a user must provision)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024

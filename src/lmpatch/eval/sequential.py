@@ -43,6 +43,7 @@ from lmpatch.eval.records import (
 from lmpatch.eval.runner import EditFn, ModelState, _load_task_state, check_restored, unique_keys
 from lmpatch.eval.tasks import Tasks, measure_tasks, task_metrics, task_protocols
 from lmpatch.fileio import atomic_write_json
+from lmpatch.machine import peak_rss_mb
 from lmpatch.model.loading import LoadedModel
 from lmpatch.progress import run_progress
 from lmpatch.request import EditRequest
@@ -147,6 +148,8 @@ def run_sequential(
                         if hi == n:
                             final_scores = scores
                         point["edits"] = hi
+                        point["edit_seconds"] = round(sum(u["seconds"] for u in updates_log), 2)
+                        point["peak_rss_mb"] = peak_rss_mb()
                         append_record(cfh, point)
                         curve.append(point)
                         measured.add(hi)
