@@ -6,7 +6,7 @@ per-edit numbers are what a user sees once the caches are warm.
     python benchmarks/edit_speed.py --method rome --n 50
     python benchmarks/edit_speed.py --method rome --n 50 --isa avx2   # as on an AVX2-only CPU
 
-``--isa avx2`` restarts the script with ATen, MKL and oneDNN held to AVX2 kernels
+``--isa avx2`` restarts the script with torch's kernels held to AVX2
 (``lmpatch.machine.AVX2_ONLY``), so an AVX-512 or AMX machine times what a float32-only
 AVX2 machine runs; the first line printed says which limits were in force.
 """
@@ -39,7 +39,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--set", action="append", default=[], help="hyperparameter name=value (repeatable)")
     ap.add_argument("--isa", choices=("native", "avx2"), default="native",
-                    help="avx2: time with every CPU library held to AVX2 (an AVX2-only machine)")
+                    help="avx2: time with torch's kernels held to AVX2 (an AVX2-only machine)")
     args = ap.parse_args()
     if args.isa == "avx2" and any(os.environ.get(k) != v for k, v in AVX2_ONLY.items()):
         # the limits only act if set before torch starts: run again in a fresh interpreter

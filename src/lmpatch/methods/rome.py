@@ -51,6 +51,12 @@ class ROMEHparams(LocateHparams):
     price is ~23 instead of ~10 steps per edit. Neither float32 instead of the bfloat16
     compute copy (0.90) nor dropping C0 (0.98, as with it) changed paraphrase.
 
+    ``v_optimizer`` "lbfgs" (docs/speed.md): the same loss, stop rule and clamp, minimised
+    by L-BFGS in δ space instead of Adam at a fixed rate: 14.0 instead of 22.9 passes on 50
+    ``counterfact-train`` records (30-79) with efficacy 1.00 (Adam 0.98), paraphrase 0.95
+    (0.97) and neighbourhood 0.604 (0.612; unedited 0.670). ``v_optimizer="adam"`` is the
+    paper's optimiser.
+
     Kept from the earlier tuning: ``v_weight_decay`` 1e-3 (EasyEdit's LLaMA value; the
     repo's 0.5 on ‖δ‖/‖v_init‖² dominates the loss for SmolLM2's value norms) and 5
     context prefixes plus the bare prompt instead of 20 + 1 (a quarter of the tokens per
@@ -60,6 +66,7 @@ class ROMEHparams(LocateHparams):
     defaults.
     """
 
+    v_optimizer: str = "lbfgs"        # same stop rule as the paper's Adam, ~40% fewer passes (below)
     layer: int | None = None          # None: ``layer_fraction`` of the depth
     layer_fraction: float = 0.17      # ROME: GPT-J 5/28, LLaMA-7B 5/32 -> SmolLM2 5/30
     consistent_keys: bool = False     # True = r-ROME
