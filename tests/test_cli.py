@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 import lmpatch
 from lmpatch.cli import app
 from lmpatch.patch import Patch, WeightDelta
-from tiny import tiny_model
+from tiny import save_tiny, tiny_model
 
 # No statistics (C0) and two optimisation steps: ROME's wiring in about a second.
 FAST_ROME = ["--set", "mom2_adjustment=false", "--set", "v_steps=2"]
@@ -38,11 +38,7 @@ def parse_json(result) -> dict:
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory) -> Path:
     """A tiny random Llama with the SmolLM2 tokenizer, saved as a local model directory."""
-    path = tmp_path_factory.mktemp("tiny-llama")
-    m = tiny_model("llama")
-    m.model.save_pretrained(path)
-    m.tokenizer.save_pretrained(path)
-    return path
+    return save_tiny(tmp_path_factory.mktemp("tiny-llama"))
 
 
 @pytest.fixture

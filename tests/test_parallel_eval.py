@@ -34,7 +34,7 @@ from lmpatch.eval.parallel import (
 )
 from lmpatch.eval.records import read_records
 from lmpatch.eval.runner import ModelIdentity, UpdateJob, run_independent, run_updates
-from tiny import tiny_model
+from tiny import save_tiny
 
 N = 4
 FAST_ROME = ["--set", "mom2_adjustment=false", "--set", "v_steps=2"]
@@ -73,11 +73,7 @@ def torch_threads(n: int):
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("tiny-llama")
-    m = tiny_model("llama")
-    m.model.save_pretrained(path)
-    m.tokenizer.save_pretrained(path)
-    return path
+    return save_tiny(tmp_path_factory.mktemp("tiny-llama"))
 
 
 @pytest.fixture(scope="module")

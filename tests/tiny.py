@@ -173,3 +173,12 @@ def tiny_model(arch: str, *, seed: int = 0, n_layers: int = DEFAULT_LAYERS, **ov
     for p in model.parameters():
         p.requires_grad_(False)
     return wrap_model(model, tokenizer(), name=f"tiny-{arch}")
+
+
+def save_tiny(path, arch: str = "llama"):
+    """A tiny random ``arch`` model with the SmolLM2 tokenizer, saved as a local model
+    directory at ``path`` (what the CLI and worker processes load by path)."""
+    m = tiny_model(arch)
+    m.model.save_pretrained(path)
+    m.tokenizer.save_pretrained(path)
+    return path
