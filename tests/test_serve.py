@@ -300,8 +300,8 @@ def test_requests_are_served_while_an_edit_is_computed(client):
     served_while_running = 0
     while client.get(f"/v1/edits/{edit_id}").json()["status"] == "running":
         _, gen = _complete(client)
-        assert gen == 0
-        served_while_running += 1
+        assert gen in (0, 1)  # the edit may commit between the status read and this answer
+        served_while_running += gen == 0
     assert served_while_running >= 1
     assert _wait(client, edit_id)["status"] == "committed"
     assert _complete(client)[1] == 1

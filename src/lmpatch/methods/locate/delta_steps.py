@@ -84,6 +84,7 @@ class _Track:
     g: torch.Tensor | None = None          # its gradient
     p: torch.Tensor | None = None          # search direction from x
     t: float = 1.0                         # step length along p of the pending trial
+    moved: bool = False                    # some step from δ = 0 has been accepted
     s: list[torch.Tensor] = field(default_factory=list)
     y: list[torch.Tensor] = field(default_factory=list)
 
@@ -140,7 +141,7 @@ class LbfgsSteps:
                 track.s.append(s)
                 track.y.append(y)
                 del track.s[: -self.memory], track.y[: -self.memory]
-            track.x, track.f, track.g = z, f, g
+            track.x, track.f, track.g, track.moved = z, f, g, True
             track.p, track.t = self._direction(i, track), 1.0
         elif track.t > 0.5 ** self.MAX_HALVINGS:
             track.t *= 0.5
@@ -173,9 +174,11 @@ class LbfgsSteps:
         return -r
 
     def best(self, slot: int, trial: torch.Tensor, loss: float) -> torch.Tensor:
-        """The trial point, unless the last accepted point had a lower loss."""
+        """The trial point, unless an accepted point after the start (δ = 0) had a lower
+        loss. Never δ = 0 itself: an edit that changes nothing would fail silently, where
+        a trial that missed its line search still moves towards the target."""
         track = self.tracks[slot]
-        if track.x is not None and track.f < loss:
+        if track.moved and track.f < loss:
             return track.x.reshape(self.shape[1:])
         return trial[slot].detach()
 
