@@ -25,3 +25,4 @@ from lmpatch.methods import dinm  # noqa: F401
 from lmpatch.methods import promote  # noqa: F401
 from lmpatch.methods import dama  # noqa: F401
 from lmpatch.methods import lsdm  # noqa: F401
+from lmpatch.methods import ultraedit  # noqa: F401

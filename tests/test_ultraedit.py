@@ -1,0 +1,209 @@
+"""UltraEdit: registered; the update is the paper's closed form (normalised gradient step,
+ridge solve from the raw keys); an edit lowers the new target's loss; the patch applies,
+reverts and reloads exactly; the lifelong statistics travel in the patches, so a second
+batch normalises with the statistics of both batches, also after a reload; bad settings
+are one clear error; and the shared life cycle passes on every tiny architecture."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lmpatch
+import test_conformance as conformance
+from facts import REQS
+from lmpatch.methods.registry import get_method, method_names
+from lmpatch.methods.teacher import TARGET_NEW, request_nll, target_batch
+from lmpatch.methods.ultraedit import (
+    STATS_KEY,
+    Moments,
+    UltraEditHparams,
+    edit_params,
+    running_statistics,
+    token_features,
+    warmup_file,
+    warmup_statistics,
+)
+from tiny import ARCHS, SEQ2SEQ_ARCHS, tiny_model
+
+#: Quick on a 64-wide model: a small warm-up, and a step small enough for a first-order
+#: (loss-lowering) change of its tiny weights.
+FAST = dict(warmup=8, lr=1e-3)
+
+MORE = [
+    lmpatch.EditRequest(prompt="The capital of Japan is", subject="Japan", target_new="Lima", target_true="Tokyo"),
+    lmpatch.EditRequest(prompt="Water boils at a temperature of", subject="Water", target_new="forty degrees"),
+]
+
+
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LMPATCH_CACHE", str(tmp_path / "cache"))
+
+
+def _state(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.model.state_dict().items()}
+
+
+def _nll(model, requests) -> torch.Tensor:
+    with torch.no_grad():
+        return request_nll(model, target_batch(model, list(requests), TARGET_NEW))
+
+
+def test_registered_and_listed():
+    assert "ultraedit" in method_names()
+    info = get_method("UltraEdit")
+    assert info.name == "ultraedit" and get_method("ultra-edit") is info
+    assert info.regimes == {"single", "batch", "sequential"} and info.produces == {"weight_deltas"}
+    assert not info.encoder_decoder and info.prepare is not None
+    assert info.capabilities()["hparams"] == "UltraEditHparams"
+
+
+def test_moments_merge_exactly_and_in_any_order():
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randn(50, 7, generator=g, dtype=torch.float64) * 3 + 1
+    whole = Moments.of(rows)
+    parts = [Moments.of(rows[:5]), Moments.of(rows[5:31]), Moments.of(rows[31:])]
+    for merged in (parts[0].merged(parts[1]).merged(parts[2]), parts[2].merged(parts[0]).merged(parts[1])):
+        assert merged.count == 50
+        torch.testing.assert_close(merged.mean, whole.mean, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(merged.m2, whole.m2, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(whole.std(), rows.std(0), rtol=1e-12, atol=1e-12)
+    back = Moments.from_json(whole.to_json())
+    assert back.count == whole.count and torch.equal(back.mean, whole.mean) and torch.equal(back.m2, whole.m2)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_update_is_the_papers_closed_form(arch):
+    """ΔW = Vᵀ K (KᵀK + λI)⁻¹ with v = -lr ‖k̂‖² ĝ, [k̂ ‖ ĝ] normalised by the warm-up
+    merged with this batch; GPT-2's Conv1D stores it transposed."""
+    model = tiny_model(arch)
+    hp = UltraEditHparams(**FAST, ridge=0.5)
+    patch = lmpatch.edit(model, REQS, "ultraedit", hp)
+    params = edit_params(model, hp)
+    assert [d.param for d in patch.deltas] == params
+    warm = warmup_statistics(model, params, hp)
+    features, _ = token_features(model, REQS, params)
+    (key,) = warm  # one group: every edited matrix has the same shape
+    rows = torch.cat([torch.cat(features[p], 1) for p in params])
+    stats = warm[key].merged(Moments.of(rows))
+    assert patch.metrics["edit"]["statistics_count"] == {key: stats.count}
+    for param, delta in zip(params, patch.deltas):
+        keys, grads = features[param]
+        d_in = keys.shape[1]
+        z = (torch.cat([keys, grads], 1) - stats.mean) / (stats.std() + torch.finfo(torch.float32).eps)
+        values = -hp.lr * (z[:, :d_in] ** 2).sum(-1, keepdim=True) * z[:, d_in:]
+        eye = torch.eye(d_in, dtype=torch.float64)
+        expected = (torch.linalg.solve(keys.T @ keys + hp.ridge * eye, keys.T @ values)).T    # d_out × d_in
+        got = delta.materialize(torch.float64)
+        got = got.T if arch == "gpt2" else got
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6 * float(expected.abs().max()))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2"])
+def test_edit_lowers_the_new_targets_loss_and_reverts_bit_exactly(arch, tmp_path):
+    model = tiny_model(arch)
+    state = _state(model)
+    before = _nll(model, REQS)
+    patch = lmpatch.edit(model, REQS, "ultraedit", **FAST)
+    assert not model.applied and all(torch.equal(v, state[k]) for k, v in _state(model).items())
+    with patch.applied(model):
+        after = _nll(model, REQS)
+    assert bool((after < before).all()), (before, after)
+    after_revert = _state(model)
+    assert all(torch.equal(after_revert[k], state[k]) for k in state)
+    loaded = lmpatch.Patch.load(patch.save(tmp_path / "u.lmpatch"))
+    assert loaded.patch_id == patch.patch_id and loaded.metrics[STATS_KEY] == patch.metrics[STATS_KEY]
+    with loaded.applied(model):
+        assert torch.equal(_nll(model, REQS), after)
+
+
+def test_sequential_batches_carry_the_lifelong_statistics(tmp_path):
+    """Batch 2, computed with batch 1's patch applied, normalises with warm-up + batch 1 +
+    batch 2; the same from a reloaded batch-1 patch (a resumed run), bit for bit; reverting
+    batch 1 takes its statistics out again."""
+    model = tiny_model("llama")
+    hp = UltraEditHparams(**FAST)
+    params = edit_params(model, hp)
+    first = lmpatch.edit(model, REQS, "ultraedit", hp)
+    (key,) = first.metrics[STATS_KEY]
+    warm = warmup_statistics(model, params, hp)[key]
+    n1 = first.metrics[STATS_KEY][key]["count"]
+    assert first.metrics["edit"]["earlier_count"] == {key: warm.count}
+    assert first.metrics["edit"]["statistics_count"] == {key: warm.count + n1}
+    first.apply(model)
+    second = lmpatch.edit(model, MORE, "ultraedit", hp)
+    n2 = second.metrics[STATS_KEY][key]["count"]
+    assert second.metrics["edit"]["earlier_count"] == {key: warm.count + n1}
+    assert second.metrics["edit"]["statistics_count"] == {key: warm.count + n1 + n2}
+    second.apply(model)
+    both = running_statistics(model, params, hp)[key]      # what a third batch would start from
+    expected = warm.merged(Moments.from_json(first.metrics[STATS_KEY][key])).merged(
+        Moments.from_json(second.metrics[STATS_KEY][key]))
+    assert both.count == warm.count + n1 + n2
+    torch.testing.assert_close(both.mean, expected.mean, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(both.m2, expected.m2, rtol=1e-12, atol=1e-12)
+    # batch 2's contribution is its own rows, measured on the model with batch 1 in it
+    second.revert(model)
+    features, _ = token_features(model, MORE, params)
+    mine = Moments.of(torch.cat([torch.cat(features[p], 1) for p in params]))
+    stored = Moments.from_json(second.metrics[STATS_KEY][key])
+    torch.testing.assert_close(stored.mean, mine.mean, rtol=1e-12, atol=1e-15)
+
+    resumed = tiny_model("llama")
+    lmpatch.Patch.load(first.save(tmp_path / "first.lmpatch")).apply(resumed)
+    again = lmpatch.edit(resumed, MORE, "ultraedit", hp)
+    assert again.patch_id == second.patch_id
+
+    first.revert(model)
+    alone = lmpatch.edit(model, MORE, "ultraedit", hp)
+    assert alone.metrics["edit"]["earlier_count"] == {key: warm.count}
+    assert alone.patch_id != second.patch_id
+
+
+def test_statistics_per_shape_or_per_module():
+    """Gate and up projections share one normaliser by default (same shape, as the paper);
+    with statistics="module" each matrix has its own; other methods' patches add nothing."""
+    model = tiny_model("llama")
+    shared = lmpatch.edit(model, REQS, "ultraedit", **FAST, modules=("mlp_in", "mlp_out"), layers=(2, 3))
+    assert len(shared.deltas) == 6 and sorted(shared.metrics[STATS_KEY]) == ["128x64", "64x128"]
+    assert len(shared.metrics[STATS_KEY]["64x128"]["params"]) == 4
+    own = lmpatch.edit(model, REQS, "ultraedit", **FAST, modules=("mlp_in",), layers=(3,), statistics="module")
+    assert sorted(own.metrics[STATS_KEY]) == sorted(d.param for d in own.deltas)
+    other = lmpatch.edit(model, REQS[:1], "rome", **conformance.FAST["rome"])
+    with other.applied(model):
+        again = lmpatch.edit(model, REQS, "ultraedit", **FAST)
+    assert again.metrics["edit"]["earlier_count"] == lmpatch.edit(model, REQS, "ultraedit", **FAST).metrics["edit"]["earlier_count"]
+
+
+def test_warm_up_is_cached_and_optional():
+    """The warm-up is computed once (a one-off the CLI runs up front) and read back; without
+    it (the paper's cold start) one edit with a one-token target standardises a single row,
+    which writes nothing."""
+    model = tiny_model("llama")
+    hp = UltraEditHparams(**FAST)
+    (one_off,) = get_method("ultraedit").one_offs(model, hp)
+    assert not one_off.done()
+    one_off.run(False)
+    assert one_off.done() and one_off.where == warmup_file(model, edit_params(model, hp), hp)
+    assert lmpatch.edit(model, REQS[0], "ultraedit", **FAST).deltas[0].norm() > 0
+    assert get_method("ultraedit").one_offs(model, UltraEditHparams(warmup=0)) == []
+    cold = lmpatch.edit(model, REQS[0], "ultraedit", **{**FAST, "warmup": 0})
+    assert cold.metrics["edit"]["tokens"] == 1 and cold.deltas[0].norm() == 0.0
+
+
+@pytest.mark.parametrize("bad", [
+    dict(lr=0.0), dict(lr=float("nan")), dict(ridge=-1.0), dict(statistics="layer"), dict(modules=("attn",)),
+    dict(modules=()), dict(warmup=-1), dict(layers=(99,)), dict(layer_range=(0.9, 0.1)),
+])
+def test_bad_settings_are_one_clear_error(bad):
+    model = tiny_model("llama")
+    with pytest.raises(lmpatch.LmpatchError):
+        lmpatch.edit(model, REQS[:1], "ultraedit", **{**FAST, **bad})
+
+
+@pytest.mark.parametrize("arch", ARCHS + SEQ2SEQ_ARCHS[:1])
+def test_life_cycle_on_every_architecture(arch, tmp_path, monkeypatch):
+    """The conformance life cycle (edit, apply, generate, revert bit-exact, save, load, same
+    logits), with this module's fast settings; T5 is refused with the registry's error."""
+    monkeypatch.setitem(conformance.FAST, "ultraedit", FAST)
+    conformance.test_method_life_cycle("ultraedit", arch, tmp_path, monkeypatch)
