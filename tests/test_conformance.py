@@ -33,7 +33,7 @@ FAST: dict[str, dict] = {
     # the paper's act_ratio: after 5 steps on a random model the edit prompt's Δ without its
     # target sits too close to the recorded one for the 0.98 tuned on SmolLM2
     "wise": dict(steps=5, irrelevant=2, swapped=1, pool=8, act_ratio=0.88),
-    "ultraedit": dict(warmup=8),
+    "ultraedit": dict(warmup=8, stats_tokens=600),
     "t-patcher": dict(steps=5, memory_prompts=4),
     "calinet": dict(steps=5, slots=8),
     "ike": dict(k=2, pool_records=50),

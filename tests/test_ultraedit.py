@@ -11,6 +11,8 @@ import torch
 import lmpatch
 import test_conformance as conformance
 from facts import REQS
+from lmpatch.methods.locate.solve import layer_covariances
+from lmpatch.methods.memit import edit_layers
 from lmpatch.methods.registry import get_method, method_names
 from lmpatch.methods.teacher import TARGET_NEW, request_nll, target_batch
 from lmpatch.methods.ultraedit import (
@@ -26,8 +28,9 @@ from lmpatch.methods.ultraedit import (
 from tiny import ARCHS, SEQ2SEQ_ARCHS, tiny_model
 
 #: Quick on a 64-wide model: a small warm-up, and a step small enough for a first-order
-#: (loss-lowering) change of its tiny weights.
-FAST = dict(warmup=8, lr=1e-3)
+#: (loss-lowering) change of its tiny weights; the identity ridge (the paper's), so no key
+#: statistics are needed (covariance=True has its own test and the conformance run).
+FAST = dict(warmup=8, lr=1e-3, covariance=False)
 
 MORE = [
     lmpatch.EditRequest(prompt="The capital of Japan is", subject="Japan", target_new="Lima", target_true="Tokyo"),
@@ -160,6 +163,71 @@ def test_sequential_batches_carry_the_lifelong_statistics(tmp_path):
     assert alone.patch_id != second.patch_id
 
 
+def test_preserve_keeps_later_batches_off_earlier_keys(tmp_path):
+    """With preserve=α the second batch solves ΔW = Vᵀ K (KᵀK + λI + α K_pᵀK_p)⁻¹, K_p the
+    first batch's keys as it solved for them; it moves the first batch's outputs less than
+    the paper's ridge does; a first patch loaded from disk has its keys read again (on the
+    model it is now in, so close to but not the same keys);
+    reverting it stops protecting them."""
+    model = tiny_model("llama")
+    hp = UltraEditHparams(**FAST, preserve=2.0, ridge=0.5)
+    params = edit_params(model, hp)
+    first_keys = {p: k for p, (k, _) in token_features(model, REQS, params)[0].items()}
+    first = lmpatch.edit(model, REQS, "ultraedit", hp)
+    first.apply(model)
+    second = lmpatch.edit(model, MORE, "ultraedit", hp)
+    assert second.metrics["edit"]["preserved_keys"] == first.metrics["edit"]["tokens"]
+    plain = lmpatch.edit(model, MORE, "ultraedit", **{**FAST, "ridge": 0.5, "preserve": 0.0})
+    features, _ = token_features(model, MORE, params)
+    for param, delta, loose in zip(params, second.deltas, plain.deltas):
+        keys = features[param][0]
+        k_p = first_keys[param]
+        written = delta.materialize(torch.float64)
+        # the solve's own values: recover V from the unpreserved (paper's) update of the same batch
+        eye = torch.eye(keys.shape[1], dtype=torch.float64)
+        values = loose.materialize(torch.float64) @ (keys.T @ keys + hp.ridge * eye) @ torch.linalg.pinv(keys)
+        expected = values @ keys @ torch.linalg.inv(keys.T @ keys + hp.ridge * eye + hp.preserve * k_p.T @ k_p)
+        torch.testing.assert_close(written, expected, rtol=1e-3, atol=1e-4 * float(expected.abs().max()))
+        assert (written @ k_p.T).norm() < (loose.materialize(torch.float64) @ k_p.T).norm()
+
+    resumed = tiny_model("llama")
+    lmpatch.Patch.load(first.save(tmp_path / "first.lmpatch")).apply(resumed)
+    again = lmpatch.edit(resumed, MORE, "ultraedit", hp)
+    assert again.metrics["edit"]["preserved_keys"] == first.metrics["edit"]["tokens"]
+    assert not torch.equal(again.deltas[0].materialize(), plain.deltas[0].materialize())
+
+    first.revert(model)
+    alone = lmpatch.edit(model, MORE, "ultraedit", hp)
+    assert alone.metrics["edit"]["preserved_keys"] == 0
+    assert all(torch.equal(a.materialize(), b.materialize()) for a, b in zip(
+        alone.deltas, lmpatch.edit(model, MORE, "ultraedit", **{**FAST, "ridge": 0.5, "preserve": 0.0}).deltas))
+
+
+def test_covariance_weighs_the_ridge_by_the_keys_of_ordinary_text():
+    """covariance=True solves ΔW = Vᵀ K (KᵀK + λC0)⁻¹ with MEMIT's C0 of each edited layer,
+    computed by the method's one-off; without it the same batch gets λI."""
+    model = tiny_model("llama")
+    hp = UltraEditHparams(**{**FAST, "covariance": True}, stats_tokens=600, ridge=0.5, preserve=0.0)
+    jobs = get_method("ultraedit").one_offs(model, hp)
+    assert len(jobs) == 2 and not jobs[0].done()
+    jobs[0].run(False)
+    assert jobs[0].done()
+    patch = lmpatch.edit(model, REQS, "ultraedit", hp)
+    plain = lmpatch.edit(model, REQS, "ultraedit", **{**FAST, "ridge": 0.5, "preserve": 0.0})
+    params = edit_params(model, hp)
+    covs = layer_covariances(model, edit_layers(model, hp), hp.stats_config())
+    features, _ = token_features(model, REQS, params)
+    for param, layer, delta, loose in zip(params, edit_layers(model, hp), patch.deltas, plain.deltas):
+        keys = features[param][0]
+        eye = torch.eye(keys.shape[1], dtype=torch.float64)
+        values = loose.materialize(torch.float64) @ (keys.T @ keys + hp.ridge * eye) @ torch.linalg.pinv(keys)
+        c0 = covs[layer].matrix.double()
+        expected = values @ keys @ torch.linalg.inv(keys.T @ keys + hp.ridge * c0)
+        torch.testing.assert_close(delta.materialize(torch.float64), expected, rtol=1e-3,
+                                   atol=1e-4 * float(expected.abs().max()))
+        assert not torch.allclose(delta.materialize(torch.float64), loose.materialize(torch.float64))
+
+
 def test_statistics_per_shape_or_per_module():
     """Gate and up projections share one normaliser by default (same shape, as the paper);
     with statistics="module" each matrix has its own; other methods' patches add nothing."""
@@ -186,14 +254,15 @@ def test_warm_up_is_cached_and_optional():
     one_off.run(False)
     assert one_off.done() and one_off.where == warmup_file(model, edit_params(model, hp), hp)
     assert lmpatch.edit(model, REQS[0], "ultraedit", **FAST).deltas[0].norm() > 0
-    assert get_method("ultraedit").one_offs(model, UltraEditHparams(warmup=0)) == []
+    assert get_method("ultraedit").one_offs(model, UltraEditHparams(warmup=0, covariance=False)) == []
     cold = lmpatch.edit(model, REQS[0], "ultraedit", **{**FAST, "warmup": 0})
     assert cold.metrics["edit"]["tokens"] == 1 and cold.deltas[0].norm() == 0.0
 
 
 @pytest.mark.parametrize("bad", [
     dict(lr=0.0), dict(lr=float("nan")), dict(ridge=-1.0), dict(statistics="layer"), dict(modules=("attn",)),
-    dict(modules=()), dict(warmup=-1), dict(layers=(99,)), dict(layer_range=(0.9, 0.1)),
+    dict(modules=()), dict(warmup=-1), dict(preserve=-1.0), dict(preserve=float("inf")),
+    dict(covariance=True, modules=("mlp_in",)), dict(covariance=True, stats_tokens=0), dict(layers=(99,)), dict(layer_range=(0.9, 0.1)),
 ])
 def test_bad_settings_are_one_clear_error(bad):
     model = tiny_model("llama")

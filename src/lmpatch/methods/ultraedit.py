@@ -81,7 +81,7 @@ import torch
 from lmpatch.errors import InvalidRequestError
 from lmpatch.fileio import atomic_write_json
 from lmpatch.methods.learned_editing import MODULE_KINDS, edit_modules
-from lmpatch.methods.locate.solve import batch_update
+from lmpatch.methods.locate.solve import KeyCovariance, batch_update, layer_covariances
 from lmpatch.methods.memit import edit_layers
 from lmpatch.methods.registry import Method, OneOff, register
 from lmpatch.methods.teacher import TARGET_NEW, target_batch
@@ -120,15 +120,33 @@ class UltraEditHparams:
     * ``ridge``: λ of step 4 (the paper's 1, on the raw keys).
     * ``statistics``: "shape" (the paper: one normaliser per matrix shape) or "module".
     * ``warmup``: training edits whose features seed the statistics (0: the paper's empty start).
+    * ``preserve``: weight α of the earlier edits' keys in the ridge (0: the paper). With
+      α > 0 step 4 solves ΔW = Vᵀ K (KᵀK + λI + α K_pᵀK_p)⁻¹, K_p the keys of every
+      UltraEdit edit already in the weights, so a new batch moves their outputs less
+      (AlphaEdit's and RLEdit's remedy for lifelong forgetting; see ``docs/ultraedit.md``).
+    * ``covariance``: the ridge weighs ΔW by the key covariance C0 of ordinary text (MEMIT's
+      statistics, ``lmpatch stats``) instead of the identity, λ C0 in place of λ I, so the
+      update moves the outputs of ordinary text's keys least. Down projections only;
+      ``stats_corpus`` / ``stats_tokens`` say what C0 is estimated from.
     """
 
     modules: tuple[str, ...] = ("mlp_out",)
     layers: tuple[int, ...] | None = None
     layer_range: tuple[float, float] = (0.8, 0.93)
-    lr: float = 1e-4
-    ridge: float = 1.0
+    lr: float = 1e-3
+    ridge: float = 100.0
     statistics: str = "shape"
     warmup: int = 100
+    preserve: float = 1.0
+    covariance: bool = True
+    stats_corpus: str = "wikitext-2-raw"
+    stats_tokens: int = 100_000
+
+    def stats_config(self):
+        """Where C0 comes from (``covariance``): the same statistics MEMIT reads."""
+        from lmpatch.stats import StatsConfig
+
+        return StatsConfig(corpus=self.stats_corpus, n_tokens=self.stats_tokens)
 
     def check(self) -> None:
         """One clear error for settings that cannot run."""
@@ -149,6 +167,15 @@ class UltraEditHparams:
             )
         if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
             raise InvalidRequestError(f"UltraEdit warmup must be a whole number >= 0, got {self.warmup!r}.")
+        if self.covariance and self.modules != ("mlp_out",):
+            raise InvalidRequestError(
+                "UltraEdit covariance=True needs modules=('mlp_out',): key statistics exist for the "
+                "MLP's down projection only."
+            )
+        if self.covariance:
+            self.stats_config()  # a bad corpus size is one clear error before anything runs
+        if not (isinstance(self.preserve, (int, float)) and math.isfinite(self.preserve) and self.preserve >= 0):
+            raise InvalidRequestError(f"UltraEdit preserve must be a finite number >= 0, got {self.preserve!r}.")
 
 
 # --------------------------------------------------------------------------- running statistics
@@ -334,17 +361,82 @@ def warmup_statistics(model: LoadedModel, params: Sequence[str], hp: UltraEditHp
 
 
 def ultraedit_one_offs(model: LoadedModel, hp: UltraEditHparams) -> list[OneOff]:
-    """The warm-up statistics, when ``hp.warmup`` asks for them."""
+    """The key statistics and the warm-up statistics, when ``hp`` asks for them."""
     hp.check()
-    if not hp.warmup:
-        return []
     params = edit_params(model, hp)
-    return [OneOff(
+    jobs = []
+    if hp.covariance:
+        from lmpatch.methods.locate.prepare import covariance_one_off
+
+        jobs.append(covariance_one_off(model, edit_layers(model, hp), hp.stats_config()))
+    if not hp.warmup:
+        return jobs
+    return [*jobs, OneOff(
         what=f"UltraEdit warm-up statistics from {hp.warmup} counterfact-train edits",
         where=warmup_file(model, params, hp),
         done=lambda: warmup_file(model, params, hp).is_file(),
         run=lambda show: warmup_statistics(model, params, hp),
     )]
+
+
+# --------------------------------------------------------------------------- earlier edits' keys
+
+#: Where the running K_pᵀK_p of each matrix is remembered on the model (``model.stack.solves``).
+GRAM_MEMO = "ultraedit-earlier-keys"
+
+
+def earlier_key_grams(model: LoadedModel, params: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Per matrix, K_pᵀK_p (float64) over the token keys of every UltraEdit patch applied to
+    ``model``, for ``preserve``.
+
+    The keys are those each patch solved for, remembered on the model by patch id when it
+    was computed with ``preserve`` > 0 (as AlphaEdit's). A patch applied from disk, or
+    computed without ``preserve``, has its keys read once from its requests on the current
+    model (close to, not exactly, the keys it was solved for) and remembered from then on.
+    The sum is kept on the model with the ids it covers, so a sequential run adds one
+    batch's product per edit instead of all of them again.
+    """
+    entries = [e for e in model.applied if e.method == METHOD]
+    missing = [e for e in entries if not all(p in model.stack.edit_keys.get(e.patch_id, {}) for p in params)]
+    for entry in missing:
+        features, _ = token_features(model, entry.requests, params)
+        known = model.stack.edit_keys.setdefault(entry.patch_id, {})
+        for p in params:
+            known[p] = features[p][0].float()
+    ids = tuple(e.patch_id for e in entries)
+    out: dict[str, torch.Tensor] = {}
+    for p in params:
+        memo = model.stack.solves.get((GRAM_MEMO, p))
+        if memo is not None and memo[0] == ids[: len(memo[0])]:
+            done, gram = memo
+        else:
+            done, gram = (), None
+        for pid in ids[len(done):]:
+            k = model.stack.edit_keys[pid][p].double()
+            gram = k.T @ k if gram is None else gram + k.T @ k
+        if gram is not None:
+            model.stack.solves[(GRAM_MEMO, p)] = (ids, gram)
+            out[p] = gram
+    return out
+
+
+def _ridge_matrix(base: KeyCovariance | None, gram: torch.Tensor | None, hp: UltraEditHparams) -> KeyCovariance | None:
+    """A of the solve's λA: the identity (None) or C0, plus (α/λ) K_pᵀK_p for ``preserve``,
+    so that λA = λI (or λC0) + α K_pᵀK_p. C0 alone is passed on as it is (its factor is cached)."""
+    if gram is None or not hp.preserve:
+        return base
+    matrix = (base.matrix.double() if base is not None
+              else torch.eye(gram.shape[0], dtype=torch.float64, device=gram.device))
+    return KeyCovariance(matrix + (hp.preserve / hp.ridge) * gram.to(matrix.device))
+
+
+def key_covariances(model: LoadedModel, params: Sequence[str], hp: UltraEditHparams) -> dict[str, KeyCovariance]:
+    """C0 of each edited down projection's keys, when ``hp.covariance`` asks for it."""
+    if not hp.covariance:
+        return {}
+    layers = edit_layers(model, hp)
+    covs = layer_covariances(model, layers, hp.stats_config())
+    return {param: covs[layer] for param, layer in zip(params, layers)}
 
 
 # --------------------------------------------------------------------------- the edit
@@ -365,6 +457,8 @@ def apply_ultraedit(model: LoadedModel, requests: Sequence[EditRequest], hp: Ult
     params = edit_params(model, hp)
     groups = _groups(model, params, hp.statistics)
     earlier = running_statistics(model, params, hp)
+    grams = earlier_key_grams(model, params) if hp.preserve else {}
+    covs = key_covariances(model, params, hp)
     t0 = time.perf_counter()
     features, losses = token_features(model, requests, params)
     t1 = time.perf_counter()
@@ -379,7 +473,9 @@ def apply_ultraedit(model: LoadedModel, requests: Sequence[EditRequest], hp: Ult
             normed = stats[group.key].normalise(torch.cat([keys, grads], dim=1))
             k_hat, g_hat = normed[:, :d_in], normed[:, d_in:]
             values = -hp.lr * (k_hat * k_hat).sum(-1, keepdim=True) * g_hat        # tokens × d_out
-            left, right = batch_update(keys, values, None, hp.ridge)                # ΔW = Vᵀ K (KᵀK + λI)⁻¹
+            # ΔW = Vᵀ K (KᵀK + λI + α K_pᵀK_p)⁻¹ (α = 0: the paper's ridge; λC0 for I with covariance)
+            ridge = _ridge_matrix(covs.get(param), grams.get(param), hp)
+            left, right = batch_update(keys, values, ridge, hp.ridge)
             deltas.append(_weight_delta(model, param, left, right))
             layers.append(_info(param, keys, values, left, right))
     info = {
@@ -387,6 +483,8 @@ def apply_ultraedit(model: LoadedModel, requests: Sequence[EditRequest], hp: Ult
         "pre_edit_nll": round(float(losses.mean()), 4),
         "statistics_count": {key: m.count for key, m in stats.items()},
         "earlier_count": {key: m.count for key, m in earlier.items()},
+        "preserved_keys": sum(int(model.stack.edit_keys[e.patch_id][params[0]].shape[0])
+                              for e in model.applied if e.method == METHOD) if grams else 0,
         "gradient_seconds": round(t1 - t0, 4),
         "solve_seconds": round(time.perf_counter() - t1, 4),
         "layers": layers,
@@ -395,8 +493,11 @@ def apply_ultraedit(model: LoadedModel, requests: Sequence[EditRequest], hp: Ult
         "edit": info,
         STATS_KEY: {g.key: {"params": list(g.params), **mine[g.key].to_json()} for g in groups},
     }
-    return Patch(parts=deltas, method=METHOD, model_fingerprint=model.fingerprint, model_name=model.name,
-                 hparams=asdict(hp), requests=list(requests), metrics=metrics)
+    patch = Patch(parts=deltas, method=METHOD, model_fingerprint=model.fingerprint, model_name=model.name,
+                  hparams=asdict(hp), requests=list(requests), metrics=metrics)
+    if hp.preserve:
+        model.stack.edit_keys[patch.patch_id] = {p: features[p][0].float() for p in params}
+    return patch
 
 
 def _info(param: str, keys: torch.Tensor, values: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> dict:
