@@ -59,6 +59,12 @@ again (after its edit a fact's gradient is much smaller than when it was written
   short and long targets differs: the normaliser removes any common scale.
 * The variance merge is exact; the reference adds n·Var(x) (unbiased) where the merge
   of squared deviations has (n-1)·Var(x), which inflates σ by a few percent.
+* ``preserve`` (default 1): the ridge also holds the keys of every UltraEdit edit already in
+  the weights (α K_pᵀK_p), so a batch moves earlier edits' outputs less. Without it the
+  later batches overwrite the earlier ones: 0.78 of 2,000 training edits kept, 0.89-0.94 with it.
+* ``covariance`` (default on): λC0, MEMIT's key covariance of ordinary text, in place of
+  λI, so the update avoids the directions text uses: at the same efficacy, perplexity
+  rises about half as much.
 * ``statistics="shape"`` (default) keeps the reference's sharing of one normaliser by
   all edited matrices of the same shape; ``"module"`` gives each matrix its own.
 
