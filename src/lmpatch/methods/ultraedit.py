@@ -63,8 +63,8 @@ again (after its edit a fact's gradient is much smaller than when it was written
   the weights (α K_pᵀK_p), so a batch moves earlier edits' outputs less. Without it the
   later batches overwrite the earlier ones: 0.78 of 2,000 training edits kept, 0.89-0.94 with it.
 * ``covariance`` (default on): λC0, MEMIT's key covariance of ordinary text, in place of
-  λI, so the update avoids the directions text uses: at the same efficacy, perplexity
-  rises about half as much.
+  λI, so the update avoids the directions text uses: 2,000 training edits kept 0.915 for
+  +26% perplexity, where the identity gave 0.81 for +22% or 0.94 for more than +50%.
 * ``statistics="shape"`` (default) keeps the reference's sharing of one normaliser by
   all edited matrices of the same shape; ``"module"`` gives each matrix its own.
 
