@@ -22,6 +22,7 @@ from lmpatch.methods.ultraedit import (
     edit_params,
     running_statistics,
     token_features,
+    token_keys,
     warmup_file,
     warmup_statistics,
 )
@@ -152,6 +153,9 @@ def test_sequential_batches_carry_the_lifelong_statistics(tmp_path):
     stored = Moments.from_json(second.metrics[STATS_KEY][key])
     torch.testing.assert_close(stored.mean, mine.mean, rtol=1e-12, atol=1e-15)
 
+    # the forward-only key read a reloaded patch gets is the same keys as the gradient pass's
+    for p, k in token_keys(model, MORE, params).items():
+        torch.testing.assert_close(k, features[p][0], rtol=1e-6, atol=1e-7)
     resumed = tiny_model("llama")
     lmpatch.Patch.load(first.save(tmp_path / "first.lmpatch")).apply(resumed)
     again = lmpatch.edit(resumed, MORE, "ultraedit", hp)
@@ -190,6 +194,9 @@ def test_preserve_keeps_later_batches_off_earlier_keys(tmp_path):
         torch.testing.assert_close(written, expected, rtol=1e-3, atol=1e-4 * float(expected.abs().max()))
         assert (written @ k_p.T).norm() < (loose.materialize(torch.float64) @ k_p.T).norm()
 
+    # the forward-only key read a reloaded patch gets is the same keys as the gradient pass's
+    for p, k in token_keys(model, MORE, params).items():
+        torch.testing.assert_close(k, features[p][0], rtol=1e-6, atol=1e-7)
     resumed = tiny_model("llama")
     lmpatch.Patch.load(first.save(tmp_path / "first.lmpatch")).apply(resumed)
     again = lmpatch.edit(resumed, MORE, "ultraedit", hp)

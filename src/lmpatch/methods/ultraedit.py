@@ -78,6 +78,7 @@ import json
 import logging
 import math
 import time
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -90,8 +91,9 @@ from lmpatch.methods.learned_editing import MODULE_KINDS, edit_modules
 from lmpatch.methods.locate.solve import KeyCovariance, batch_update, layer_covariances
 from lmpatch.methods.memit import edit_layers
 from lmpatch.methods.registry import Method, OneOff, register
-from lmpatch.methods.teacher import TARGET_NEW, target_batch
+from lmpatch.methods.teacher import TARGET_NEW, request_nll, target_batch
 from lmpatch.methods.token_grads import gradient_factors
+from lmpatch.model.hooks import capture_input
 from lmpatch.model.loading import LoadedModel, cache_dir
 from lmpatch.model.spec import factors_to_param_layout, linear_dims
 from lmpatch.patch import Patch, WeightDelta, dense_is_smaller
@@ -319,6 +321,18 @@ def token_features(
     return out, losses
 
 
+def token_keys(model: LoadedModel, requests: Sequence[EditRequest], params: Sequence[str]) -> dict[str, torch.Tensor]:
+    """The keys of :func:`token_features` alone (float64), from a forward pass: what
+    ``preserve`` needs of a patch whose keys were not remembered, with no backward pass."""
+    batch = target_batch(model, list(requests), TARGET_NEW)
+    stores: dict[str, list] = {p: [] for p in params}
+    with ExitStack() as stack, torch.no_grad():
+        for p, module in zip(params, edit_modules(model, params)):
+            stack.enter_context(capture_input(module, stores[p]))
+        request_nll(model, batch)
+    return {p: stores[p][0][batch.pos_rows, batch.pos_cols].double() for p in params}
+
+
 # --------------------------------------------------------------------------- warm-up
 
 
@@ -405,10 +419,8 @@ def earlier_key_grams(model: LoadedModel, params: Sequence[str]) -> dict[str, to
     entries = [e for e in model.applied if e.method == METHOD]
     missing = [e for e in entries if not all(p in model.stack.edit_keys.get(e.patch_id, {}) for p in params)]
     for entry in missing:
-        features, _ = token_features(model, entry.requests, params)
-        known = model.stack.edit_keys.setdefault(entry.patch_id, {})
-        for p in params:
-            known[p] = features[p][0].float()
+        keys = token_keys(model, entry.requests, params)
+        model.stack.edit_keys.setdefault(entry.patch_id, {}).update({p: k.float() for p, k in keys.items()})
     ids = tuple(e.patch_id for e in entries)
     out: dict[str, torch.Tensor] = {}
     for p in params:
