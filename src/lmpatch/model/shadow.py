@@ -68,7 +68,15 @@ def _stamp(p: torch.Tensor) -> tuple[int, int]:
 
 def cpu_has_fast_bf16() -> bool:
     """True when this CPU multiplies bfloat16 in hardware (AMX tiles or AVX512-BF16);
-    elsewhere bfloat16 is emulated and slower than float32."""
+    elsewhere bfloat16 is emulated and slower than float32.
+
+    The hardware probes read the CPU's flags, so they would still answer yes when torch's
+    kernels are held below AVX-512 (``ATEN_CPU_CAPABILITY=avx2``, how an AVX-512 machine
+    times an AVX2-only one): that hold must mean float32, as on the machine it stands for.
+    """
+    capability = getattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")()
+    if capability in ("DEFAULT", "AVX2"):
+        return False
     for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
         fn = getattr(torch.cpu, probe, None)
         if fn is not None and fn():
