@@ -9,6 +9,7 @@ import torch
 
 import lmpatch
 from lmpatch.eval.scoring import score_targets
+from lmpatch.methods.locate import values
 from lmpatch.methods.locate.solve import KeyCovariance, rank_one_update
 from lmpatch.methods.locate.values import SuffixRunner, ValueConfig, build_rows, optimize_value, optimize_values
 from lmpatch.methods.rome import ROMEHparams
@@ -24,15 +25,23 @@ TEMPLATES = ["{}", "Because of this, the. {}", "You can find. {}"]
 FAST = dict(mom2_adjustment=False, v_steps=3, template_lengths=((3, 2),))
 
 
+@pytest.mark.parametrize("overhead", [values.RUN_OVERHEAD_TOKENS, 0])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_suffix_on_prefix_cache_equals_full_forward(arch):
+def test_suffix_on_prefix_cache_equals_full_forward(arch, overhead, monkeypatch):
     """Running only the suffix on the cached prefix must give the same hidden states as
     running each whole (unpadded) sequence: this is what makes the optimisation fast.
     The second call replays the blocks below the edit layer instead of running them,
-    and must still agree."""
+    and must still agree. With no cost per run the prefixes are read one length at a time
+    and their keys/values padded back, which must change nothing either."""
+    monkeypatch.setattr(values, "RUN_OVERHEAD_TOKENS", overhead)
     model = tiny_model(arch)
     rows = build_rows(model, REQ, TEMPLATES, ("{} is a",))
+    runs = []
+    real_run = model.forward
+    monkeypatch.setattr(model, "forward", lambda **kw: runs.append(kw["input_ids"].shape) or real_run(**kw))
     runner = SuffixRunner(model, torch.float32, rows, frozen_below=1)
+    lengths = set(rows.prefix_mask.sum(-1).tolist())
+    assert len(runs) == (1 if overhead else len(lengths))
     block = model.spec.module(model.model, model.spec.layers[0].block)
     seen = []
     handle = block.register_forward_hook(lambda _m, _a, out: seen.append(out))
@@ -166,3 +175,24 @@ def test_requests_optimised_together_follow_their_paths_alone(arch):
         torch.testing.assert_close(b.delta, a.delta, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(b.key_mean, a.key_mean)
         torch.testing.assert_close(b.v_init, a.v_init)
+
+
+def test_length_buckets_are_the_cheapest_split():
+    """Every row lands in exactly one run, and no split into contiguous runs of the rows
+    sorted by length (brute force over all of them) costs less."""
+    import itertools
+    import random
+
+    rng = random.Random(0)
+    for _ in range(40):
+        lengths = [rng.randint(0, 30) for _ in range(rng.randint(1, 8))]
+        overhead = rng.choice([0, 5, 64])
+        runs = values.length_buckets(lengths, overhead)
+        assert sorted(i for run in runs for i in run) == list(range(len(lengths)))
+        cost = sum(overhead + len(run) * max(lengths[i] for i in run) for run in runs)
+        ordered = sorted(lengths)
+        n = len(ordered)
+        for cuts in itertools.product([False, True], repeat=n - 1):
+            bounds = [0] + [i + 1 for i, c in enumerate(cuts) if c] + [n]
+            other = sum(overhead + (b - a) * ordered[b - 1] for a, b in zip(bounds, bounds[1:]))
+            assert cost <= other + 1e-9

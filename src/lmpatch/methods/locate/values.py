@@ -219,14 +219,41 @@ class SuffixRunner:
         self.positions = rows.positions.to(self.device)
         self.suffix_ids = rows.suffix_ids.to(self.device)
         if self.prefix_len:
+            self.prefix_kv = self._prefix_cache(rows.prefix_ids, rows.prefix_mask)
+
+    def _prefix_cache(self, ids: torch.Tensor, mask: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Attention keys/values of every row's prefix, left-padded to the longest.
+
+        Why in buckets: a group's prefixes range from a bare prompt's few tokens to a
+        ten-token context plus the prompt, so about half of the padded batch is padding
+        (measured on MEMIT groups of 16 facts: 46-56% real tokens). Rows of similar length
+        run together (:func:`length_buckets`) and their keys/values are padded back on the
+        left; padded positions are masked, so their zeros are never read. A real token's
+        position id counts real tokens only, so it is the same in a bucket as in the full
+        batch.
+        """
+        width = ids.shape[1]
+        lengths = mask.sum(-1).tolist()
+        merged: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        for bucket in length_buckets(lengths, RUN_OVERHEAD_TOKENS):
+            span = max(lengths[i] for i in bucket)
+            if span == 0:
+                continue  # rows without a prefix: their (masked) slots stay zero
+            idx = torch.tensor(bucket, device=self.device)
+            sub_mask = mask[bucket, width - span:].to(self.device)
             with torch.no_grad():
                 out = self.run(
-                    input_ids=rows.prefix_ids.to(self.device),
-                    attention_mask=rows.prefix_mask.to(self.device),
-                    position_ids=(rows.prefix_mask.cumsum(-1) - 1).clamp(min=0).to(self.device),
-                    use_cache=True,
+                    input_ids=ids[bucket, width - span:].to(self.device), attention_mask=sub_mask,
+                    position_ids=(sub_mask.cumsum(-1) - 1).clamp(min=0), use_cache=True,
                 )
-            self.prefix_kv = _cache_tensors(output_cache(out))
+            kv = _cache_tensors(output_cache(out))
+            if merged is None:
+                merged = [(k.new_zeros((len(lengths), *k.shape[1:2], width, *k.shape[3:])),
+                           v.new_zeros((len(lengths), *v.shape[1:2], width, *v.shape[3:]))) for k, v in kv]
+            for (k_all, v_all), (k, v) in zip(merged, kv):
+                k_all[idx, :, width - span:] = k
+                v_all[idx, :, width - span:] = v
+        return merged or []
 
     def select(self, keep: torch.Tensor) -> None:
         """Keep only the rows where ``keep`` is true (requests that finished early leave the
@@ -324,6 +351,37 @@ def _take_rows(out, idx: torch.Tensor):
         taken = [_take_rows(x, idx) for x in out]
         return type(out)(*taken) if hasattr(out, "_fields") else type(out)(taken)
     return out
+
+
+#: What one extra forward costs beyond its tokens, in tokens: a run over a handful of rows
+#: is bound by reading the weights (25 SmolLM2 blocks: 52 ms at 7 tokens, 77 ms at 42, in
+#: float32 on two Zen 4 cores), so splitting a batch only pays where it saves this much padding.
+RUN_OVERHEAD_TOKENS = 64
+
+
+def length_buckets(lengths: Sequence[int], overhead: int = RUN_OVERHEAD_TOKENS) -> list[list[int]]:
+    """Row indices split into runs of similar length, minimising the padded tokens
+    (rows x longest row of the run) plus ``overhead`` tokens per run.
+
+    Exact by dynamic programming over the rows sorted by length: an optimal split of a
+    sorted list is into contiguous runs, since swapping a shorter row into a run of
+    longer ones never reduces that run's padded width.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    n = len(order)
+    best = [0.0] + [float("inf")] * n       # best[j]: cost of the first j sorted rows
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        longest = lengths[order[j - 1]]
+        for i in range(j):
+            cost = best[i] + overhead + (j - i) * longest
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    runs, j = [], n
+    while j > 0:
+        runs.append(order[cut[j]:j])
+        j = cut[j]
+    return runs[::-1]
 
 
 def _cache_tensors(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
