@@ -248,12 +248,13 @@ class SuffixRunner:
                 )
             kv = _cache_tensors(output_cache(out))
             if merged is None:
-                merged = [(k.new_zeros((len(lengths), *k.shape[1:2], width, *k.shape[3:])),
-                           v.new_zeros((len(lengths), *v.shape[1:2], width, *v.shape[3:]))) for k, v in kv]
+                merged = [(k.new_zeros((len(lengths), k.shape[1], width, *k.shape[3:])),
+                           v.new_zeros((len(lengths), v.shape[1], width, *v.shape[3:]))) for k, v in kv]
             for (k_all, v_all), (k, v) in zip(merged, kv):
                 k_all[idx, :, width - span:] = k
                 v_all[idx, :, width - span:] = v
-        return merged or []
+        assert merged is not None, "called only when some row has a prefix"
+        return merged
 
     def select(self, keep: torch.Tensor) -> None:
         """Keep only the rows where ``keep`` is true (requests that finished early leave the
