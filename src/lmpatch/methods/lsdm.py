@@ -72,6 +72,7 @@ class LSDMHparams(MEMITHparams):
     stop_prob: float | None = None
     cache_targets: bool = False
     compute_dtype: str = "float32"
+    template_lengths: tuple[tuple[int, int], ...] = ((10, 2),)  # measured so (docs/applications.md)
 
     value_target: ClassVar[str] = "block"
 

@@ -52,10 +52,14 @@ class MEMITHparams(LocateHparams):
       stream's norm, ~139 at SmolLM2's layer 8, so ‖δ‖ ≤ ~104) and 25 steps. ``stop_prob``
       0.9 is near the paper's stop at loss < 0.05: each layer writes only part of its share,
       so the target should be firmly reached at the top.
-    * Three templates (bare prompt plus two 10-token prefixes) instead of the paper's six:
-      on 100 ``counterfact-train`` facts in one batch, the same efficacy (1.0), paraphrase
-      (0.93) and neighbourhood (0.72) scores in 46 s instead of 78 s. ``stop_prob`` 0.7 and
-      groups of 32 facts changed nothing or were slower.
+    * Two templates (the bare prompt and one 10-token prefix) instead of the paper's six.
+      Every pass of the target optimisation runs each fact once per template, so in float32
+      its cost follows the template count. On 200 ``counterfact-train`` facts in one batch
+      (torch held to AVX2, float32): two templates gave efficacy 0.995-1.0, paraphrase
+      0.91-0.92 and neighbourhood 0.675-0.685 over three prefix seeds, in 94-99 s of edit
+      time; three (the default until 2026-12-05) gave 1.0 / 0.925 / 0.67 in 128 s. Earlier,
+      on 100 facts, three had matched six (1.0 / 0.93 / 0.72) in 46 s instead of 78 s.
+      ``stop_prob`` 0.7 and groups of 32 facts changed nothing or were slower.
     * ``cache_targets``: optimised targets are kept on disk keyed by the model state, the
       settings and the fact (:mod:`~lmpatch.methods.locate.target_cache`), so MEMIT,
       AlphaEdit and EMMET (the same target optimisation) and reruns on the same facts
@@ -69,7 +73,7 @@ class MEMITHparams(LocateHparams):
     v_steps: int = 25
     clamp_norm_factor: float = 0.75
     stop_prob: float | None = 0.9
-    template_lengths: tuple[tuple[int, int], ...] = ((10, 2),)
+    template_lengths: tuple[tuple[int, int], ...] = ((10, 1),)
     solve_form: str = "auto"                      # "push_through" | "direct" | "auto" (push-through if n < d_ff)
     z_group_size: int = 16                        # facts whose targets are optimised in one batch
     cache_targets: bool = True                    # reuse optimised targets (see locate.target_cache)

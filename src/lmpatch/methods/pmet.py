@@ -28,7 +28,7 @@ from lmpatch.request import EditRequest
 @dataclass(frozen=True)
 class PMETHparams(MEMITHparams):
     """MEMIT's SmolLM2 settings (layers 4-8, λ rescaled by d_ff, lr 2, weight decay 1e-3,
-    early stop at p ≥ 0.9, three templates) with PMET's clamp for LLaMA (EasyEdit:
+    early stop at p ≥ 0.9, two templates) with PMET's clamp for LLaMA (EasyEdit:
     1.0, applied to each vector against its own unedited value: the attention and the MLP
     output of the top layer). The paper's GPT-J clamp is 0.75 and its KL factor 1.0;
     EasyEdit's LLaMA-2 settings keep MEMIT's 0.0625, as here.
