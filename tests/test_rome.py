@@ -61,6 +61,27 @@ def test_suffix_on_prefix_cache_equals_full_forward(arch, overhead, monkeypatch)
     assert "forward" not in vars(block)  # the replay left the block's own forward in place
 
 
+@pytest.mark.parametrize("target", values.VALUE_TARGETS)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_edit_point_read_on_the_prefix_cache_equals_the_separate_read(arch, target):
+    """Keys and unedited values read by running only the subject's last token on the
+    prefix cache are those of the separate full read (what a float32 optimisation uses),
+    for two requests, one of which has a KL row of its own."""
+    model = tiny_model(arch)
+    other = lmpatch.EditRequest(prompt="In Rome, the Colosseum is in", subject="the Colosseum", target_new="Paris")
+    rows = values.build_group_rows(model, [REQ, other], TEMPLATES, ("{} is a",))
+    assert rows.owner.numel() > rows.rewrite_rows.numel()  # a KL row is in the batch
+    layer = 1
+    frozen = layer + 1 if target == "block" else layer
+    runner = SuffixRunner(model, torch.float32, rows, frozen_below=frozen)
+    keys, v_init = runner.edit_point_state(model, layer, target)
+    ref_keys, ref_values = values.edit_point_state(model, rows, layer, target)
+    assert keys.shape == ref_keys.shape and v_init.shape == ref_values.shape
+    torch.testing.assert_close(keys, ref_keys, atol=2e-4, rtol=1e-3)
+    torch.testing.assert_close(v_init, ref_values, atol=2e-4, rtol=1e-3)
+    assert runner.cache is None and runner.replay is None  # the optimisation starts clean
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_rome_runs_and_reverts_on_every_architecture(arch):
     model = tiny_model(arch)

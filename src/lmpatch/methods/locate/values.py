@@ -256,6 +256,34 @@ class SuffixRunner:
         assert merged is not None, "called only when some row has a prefix"
         return merged
 
+    def edit_point_state(self, model: LoadedModel, layer: int, target: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """:func:`edit_point_state` read on top of the prefix cache: only each row's first
+        suffix token (the subject's last) runs, up to block ``layer``.
+
+        Why: the separate read runs every prefix again, up to the edit layer (0.41 s of a
+        MEMIT group of 16 facts in float32), although the prefix cache already holds what
+        those tokens leave for the next one. Only valid when this runner computes with the
+        model itself (``model.network(dtype) is model.model``): the keys and the unedited
+        value must come from the real weights in their own precision.
+        """
+        spec = model.spec
+        net = model.model
+        rows = self.rows
+        width = self.prefix_len + 1
+        self.reset()
+        inputs = dict(input_ids=self.suffix_ids[:, :1], attention_mask=self.mask[:, :width],
+                      position_ids=self.positions[:, :1], use_cache=self.cache is not None,
+                      **with_cache(self.base, self.cache))
+        last = torch.zeros(self.suffix_ids.shape[0], dtype=torch.long)
+        keys, outs = read_at(model, last, spec.mlp_out(net, layer), edit_points(spec, net, layer, target),
+                             spec.block(net, layer), **inputs)
+        self.cache = None
+        index = rows.rewrite_rows.reshape(-1)
+        keys = keys[index.to(keys.device)].reshape(rows.n_requests, rows.n_rewrite, -1)
+        bare = rows.rewrite_rows[:, 0]
+        values = torch.stack([out[bare.to(out.device)] for out in outs], dim=1)
+        return keys, values
+
     def select(self, keep: torch.Tensor) -> None:
         """Keep only the rows where ``keep`` is true (requests that finished early leave the
         batch); the prefix cache and the replayed lower blocks are cut to match."""
@@ -438,9 +466,6 @@ def optimize_values(
     spec = model.spec
     rows = build_group_rows(model, requests, templates, config.kl_prompts, alternatives)
     n_req = rows.n_requests
-    keys, v_init = edit_point_state(model, rows, layer, config.target)
-    v_norm = v_init.norm(dim=-1)                                   # (requests, points)
-
     dtype = resolve_compute_dtype(config.compute_dtype, model.model)
     net = model.network(dtype)
     # Blocks below ``layer`` are replayed. So is block ``layer`` when the delta is added to
@@ -448,6 +473,11 @@ def optimize_values(
     # inside the block (its MLP's or attention's output), the block runs at every step.
     frozen = layer + 1 if config.target == "block" else layer
     runner = SuffixRunner(model, dtype, rows, frozen_below=frozen)
+    if net is model.model:
+        keys, v_init = runner.edit_point_state(model, layer, config.target)
+    else:  # a low-precision copy computes: the keys come from the real model
+        keys, v_init = edit_point_state(model, rows, layer, config.target)
+    v_norm = v_init.norm(dim=-1)                                   # (requests, points)
     points = edit_points(spec, net, layer, config.target)
     dev = runner.device
     v_norm = v_norm.to(dev)
