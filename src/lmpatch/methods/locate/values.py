@@ -13,7 +13,8 @@ it is where lmpatch is fast by construction:
 * The passes run in a low-precision copy of the model when the hardware multiplies
   bfloat16 fast (:mod:`lmpatch.model.shadow`); the keys and the unedited value the weight
   update is solved from come from one short float32 pass of the real model up to the
-  edit layer, so the update itself loses no precision.
+  edit layer, so the update itself loses no precision. When the passes run on the real
+  model anyway, that read runs only the subject's last token on the prefix cache.
 
 Where the vector is added is the one thing the methods disagree on: ROME adds it to one
 layer's MLP output (``target="mlp_out"``); MEMIT and its descendants add it to the
