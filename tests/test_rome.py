@@ -80,6 +80,9 @@ def test_edit_point_read_on_the_prefix_cache_equals_the_separate_read(arch, targ
     torch.testing.assert_close(keys, ref_keys, atol=2e-4, rtol=1e-3)
     torch.testing.assert_close(v_init, ref_values, atol=2e-4, rtol=1e-3)
     assert runner.cache is None and runner.replay is None  # the optimisation starts clean
+    low = SuffixRunner(model, torch.bfloat16, rows, frozen_below=frozen)  # a compute copy: the separate read
+    for got, want in zip(low.edit_point_state(model, layer, target), (ref_keys, ref_values)):
+        assert torch.equal(got, want)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

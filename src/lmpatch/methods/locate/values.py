@@ -206,7 +206,7 @@ class SuffixRunner:
 
     def __init__(self, model: LoadedModel, dtype: torch.dtype, rows: _Rows, frozen_below: int = 0):
         spec = model.spec
-        net = model.network(dtype)
+        net = self.net = model.network(dtype)
         self.run = partial(model.forward, compute_dtype=dtype, body_only=True)
         self.rows = rows
         self.frozen = [spec.module(net, spec.layers[i].block) for i in range(frozen_below)]
@@ -258,32 +258,27 @@ class SuffixRunner:
         return merged
 
     def edit_point_state(self, model: LoadedModel, layer: int, target: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """:func:`edit_point_state` read on top of the prefix cache: only each row's first
-        suffix token (the subject's last) runs, up to block ``layer``.
+        """:func:`edit_point_state`, read on top of the prefix cache when this runner computes
+        with the model itself: only each row's first suffix token (the subject's last) runs,
+        up to block ``layer``.
 
         Why: the separate read runs every prefix again, up to the edit layer (0.41 s of a
         MEMIT group of 16 facts in float32), although the prefix cache already holds what
-        those tokens leave for the next one. Only valid when this runner computes with the
-        model itself (``model.network(dtype) is model.model``): the keys and the unedited
-        value must come from the real weights in their own precision.
+        those tokens leave for the next one. A low-precision compute copy cannot stand in:
+        the keys and the unedited value must come from the real weights in their own
+        precision, so then the separate read runs.
         """
-        spec = model.spec
-        net = model.model
-        rows = self.rows
-        width = self.prefix_len + 1
+        if self.net is not model.model:
+            return edit_point_state(model, self.rows, layer, target)
         self.reset()
-        inputs = dict(input_ids=self.suffix_ids[:, :1], attention_mask=self.mask[:, :width],
+        inputs = dict(input_ids=self.suffix_ids[:, :1], attention_mask=self.mask[:, :self.prefix_len + 1],
                       position_ids=self.positions[:, :1], use_cache=self.cache is not None,
                       **with_cache(self.base, self.cache))
         last = torch.zeros(self.suffix_ids.shape[0], dtype=torch.long)
-        keys, outs = read_at(model, last, spec.mlp_out(net, layer), edit_points(spec, net, layer, target),
-                             spec.block(net, layer), **inputs)
-        self.cache = None
-        index = rows.rewrite_rows.reshape(-1)
-        keys = keys[index.to(keys.device)].reshape(rows.n_requests, rows.n_rewrite, -1)
-        bare = rows.rewrite_rows[:, 0]
-        values = torch.stack([out[bare.to(out.device)] for out in outs], dim=1)
-        return keys, values
+        try:
+            return _read_edit_point(model, self.rows, layer, target, last, self.rows.rewrite_rows, inputs)
+        finally:
+            self.cache = None
 
     def select(self, keep: torch.Tensor) -> None:
         """Keep only the rows where ``keep`` is true (requests that finished early leave the
@@ -361,16 +356,23 @@ def edit_point_state(model: LoadedModel, rows: _Rows, layer: int, target: str) -
     d); from the real model, in one pass that stops after block ``layer``."""
     inputs = _edit_point_inputs(rows, model.device)
     n, width = inputs["input_ids"].shape
-    spec = model.spec
-    points = edit_points(spec, model.model, layer, target)
     last = torch.full((n,), width - 1, dtype=torch.long)  # rows end at the subject's last token
-    keys, outs = read_at(model, last, spec.mlp_out(model.model, layer), points, spec.block(model.model, layer), **inputs)
+    in_order = torch.arange(n).reshape(rows.n_requests, rows.n_rewrite)
+    return _read_edit_point(model, rows, layer, target, last, in_order, inputs)
 
-    def per_request(x: torch.Tensor) -> torch.Tensor:
-        return x.reshape(rows.n_requests, rows.n_rewrite, -1)
 
-    values = torch.stack([per_request(out)[:, 0] for out in outs], dim=1)
-    return per_request(keys), values
+def _read_edit_point(
+    model: LoadedModel, rows: _Rows, layer: int, target: str, last: torch.Tensor, row_of: torch.Tensor, inputs: dict,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The one read behind both forms of :func:`edit_point_state`: ``inputs`` run on the real
+    model up to block ``layer``, read at ``last``; ``row_of`` (requests, templates) says
+    which input row is each request's template row."""
+    spec, net = model.spec, model.model
+    keys, outs = read_at(model, last, spec.mlp_out(net, layer), edit_points(spec, net, layer, target),
+                         spec.block(net, layer), **inputs)
+    keys = keys[row_of.reshape(-1).to(keys.device)].reshape(rows.n_requests, rows.n_rewrite, -1)
+    values = torch.stack([out[row_of[:, 0].to(out.device)] for out in outs], dim=1)
+    return keys, values
 
 
 def _take_rows(out, idx: torch.Tensor):
@@ -474,10 +476,7 @@ def optimize_values(
     # inside the block (its MLP's or attention's output), the block runs at every step.
     frozen = layer + 1 if config.target == "block" else layer
     runner = SuffixRunner(model, dtype, rows, frozen_below=frozen)
-    if net is model.model:
-        keys, v_init = runner.edit_point_state(model, layer, config.target)
-    else:  # a low-precision copy computes: the keys come from the real model
-        keys, v_init = edit_point_state(model, rows, layer, config.target)
+    keys, v_init = runner.edit_point_state(model, layer, config.target)
     v_norm = v_init.norm(dim=-1)                                   # (requests, points)
     points = edit_points(spec, net, layer, config.target)
     dev = runner.device
