@@ -213,3 +213,17 @@ def test_mend_trains_on_batched_edits_and_validates_both_ways(model, tmp_path, m
     lmpatch.edit(model, REQS[:3], "mend", **FAST["mend"])  # found under its own key
     with pytest.raises(lmpatch.LmpatchError, match="lmpatch train mend"):
         lmpatch.edit(model, REQS[0], "mend", **{**FAST["mend"], "batched": False})
+
+
+def test_mend_edits_exactly_the_layers_asked_for_and_names_a_bad_one(model, tmp_path, monkeypatch):
+    from lmpatch.methods.learned_editing import training_settings
+    from lmpatch.methods.mend import MendHparams
+
+    assert "layers" not in training_settings(MendHparams())  # the shipped editor's key is unchanged
+    monkeypatch.setitem(FAST, "mend", {**FAST["mend"], "layers": (0,)})
+    _train(model, tmp_path, monkeypatch)
+    patch = lmpatch.edit(model, REQS[0], "mend", **FAST["mend"])
+    spec = model.spec
+    assert {d.param for d in patch.parts} == {f"{p}.weight" for p in (*spec.layers[0].mlp_in, spec.layers[0].mlp_out)}
+    with pytest.raises(lmpatch.LmpatchError, match="layers must be indices"):
+        lmpatch.edit(model, REQS[0], "mend", **{**FAST["mend"], "layers": (spec.n_layers,)})

@@ -48,9 +48,11 @@ __all__ = [
 MODULE_KINDS = ("mlp_in", "mlp_out")
 
 
-def top_layer_params(model: LoadedModel, top_layers: int, modules: Sequence[str]) -> list[str]:
+def top_layer_params(model: LoadedModel, top_layers: int, modules: Sequence[str],
+                     layers: Sequence[int] = ()) -> list[str]:
     """Weight names of the chosen MLP matrices ("mlp_in": gate and up, "mlp_out": down) of
-    the top ``top_layers`` layers, lowest layer first.
+    the top ``top_layers`` layers, lowest layer first; or, when ``layers`` is given, of
+    exactly those layers (decoder-only models).
 
     An encoder-decoder gets the top ``top_layers`` of each stack, as MEND edits T5 (the last
     blocks of both the encoder and the decoder): the new fact must be read from the prompt
@@ -58,9 +60,18 @@ def top_layer_params(model: LoadedModel, top_layers: int, modules: Sequence[str]
     """
     spec = model.spec
     names = []
-    stacks = [(0, spec.encoder_layers), (spec.encoder_layers, spec.n_layers)] if spec.encoder_decoder \
-        else [(0, spec.n_layers)]
-    chosen = [i for lo, hi in stacks for i in range(max(lo, hi - top_layers), hi)]
+    if layers:
+        bad = [i for i in layers if not 0 <= i < spec.n_layers]
+        if bad or spec.encoder_decoder:
+            raise InvalidRequestError(
+                f"layers must be indices of this decoder-only model's {spec.n_layers} layers; got {list(layers)}"
+                + (" (encoder-decoders take top_layers)." if spec.encoder_decoder else ".")
+            )
+        chosen = sorted(set(layers))
+    else:
+        stacks = [(0, spec.encoder_layers), (spec.encoder_layers, spec.n_layers)] if spec.encoder_decoder \
+            else [(0, spec.n_layers)]
+        chosen = [i for lo, hi in stacks for i in range(max(lo, hi - top_layers), hi)]
     for layer in chosen:
         paths = spec.layers[layer]
         for kind in modules:
@@ -221,7 +232,9 @@ def patch_from_editor(model: LoadedModel, editor: nn.Module, requests: Sequence[
 
 def load_trained(method: str, model: LoadedModel, hparams: Any, build: Callable[[], nn.Module]) -> tuple[nn.Module, dict]:
     """The trained editor for this model and hyperparameters (all of them key the
-    artefact), or the error that says how to get one."""
+    artefact), or the error that says how to get one. The editor is built first, so a
+    setting that does not fit this model is named before a missing artefact is."""
+    editor = build()
     saved = load_artefact(artefact_dir(method, artefact_key(method, model.fingerprint, training_settings(hparams))))
     if saved is None:
         raise LmpatchError(
@@ -230,7 +243,6 @@ def load_trained(method: str, model: LoadedModel, hparams: Any, build: Callable[
             "settings needs no training)."
         )
     state, manifest = saved
-    editor = build()
     editor.load_state_dict({k: v.float() for k, v in state.items()})
     return editor.eval().requires_grad_(False), manifest
 

@@ -73,6 +73,9 @@ class MendHparams:
     #: prompt scored under the sum (the paper's training for batched editing). Keys the
     #: artefact only when True, so editors trained before the field existed still load.
     batched: bool = field(default=False, metadata={"key_unless": False})
+    #: edit exactly these layers instead of the top ``top_layers`` (decoder-only models);
+    #: empty keeps the top layers and the artefacts trained before the field existed.
+    layers: tuple[int, ...] = field(default=(), metadata={"key_unless": ()})
 
     def check(self) -> None:
         if self.top_layers < 1:
@@ -117,7 +120,7 @@ class MendEditor(nn.Module):
 
 
 def new_editor(model: LoadedModel, hp: MendHparams) -> MendEditor:
-    params = top_layer_params(model, hp.top_layers, hp.modules)
+    params = top_layer_params(model, hp.top_layers, hp.modules, hp.layers)
     shapes = []
     for m in edit_modules(model, params):
         d_in, d_out = linear_dims(m)
