@@ -54,7 +54,9 @@ class MendHparams:
     """Which matrices MEND edits, its network, and how it is trained.
 
     ``top_layers`` counts from the top (3: the paper's LLaMA setting, layers 27-29 of
-    SmolLM2); ``modules`` are "mlp_in" (gate and up) and "mlp_out" (down). The training
+    SmolLM2), or ``layers`` names them (lower layers start from a more specific gradient
+    but had not closed the neighbourhood gap when tried: docs/learned-editors.md);
+    ``modules`` are "mlp_in" (gate and up) and "mlp_out" (down). The training
     fields key the trained artefact together with the architecture fields.
     """
 
