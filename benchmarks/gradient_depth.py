@@ -28,39 +28,37 @@ from rich.console import Console
 from rich.table import Table
 
 from lmpatch.data import load_dataset
-from lmpatch.methods.learned_editing import edit_modules, top_layer_params
-from lmpatch.methods.teacher import TARGET_NEW, request_nll, target_batch
-from lmpatch.methods.token_grads import TokenFactors, gradient_factors, row_deltas
-from lmpatch.request import EditRequest
+from lmpatch.eval.metrics import measure, request_values
+from lmpatch.methods.learned_editing import edit_modules, layer_params, weight_deltas
+from lmpatch.methods.token_grads import TokenFactors, gradient_factors
+from lmpatch.patch import Patch
 
 LAYER_SETS = ((27, 28, 29), (20, 21, 22), (12, 13, 14), (6, 7, 8))
+COUNTERFACT = frozenset({"counterfact"})
 
 
-def new_wins(model, modules, record, prompts: list[str], factors: list[TokenFactors] | None, step: float) -> list[bool]:
-    """For each prompt, whether the new target's mean NLL is below the true one's, with the
-    gradient step ``step`` applied (no edit when ``factors`` is None)."""
-    changes = [] if factors is None else [
-        (f.inputs * f.mask.unsqueeze(-1), -step * f.grads * f.mask.unsqueeze(-1)) for f in factors
-    ]
-    n = len(prompts)
-    changes = [(u.expand(n, -1, -1), d.expand(n, -1, -1)) for u, d in changes]
-    nll = {}
-    for which in ("target_new", "target_true"):
-        reqs = [EditRequest(prompt=p, subject=p, target_new=getattr(record, which)) for p in prompts]
-        with torch.no_grad(), row_deltas(modules if changes else [], changes):
-            nll[which] = request_nll(model, target_batch(model, reqs, TARGET_NEW))
-    return (nll["target_new"] < nll["target_true"]).tolist()
+def scores_at(model, params, modules, record, factors: list[TokenFactors], step: float, unedited) -> dict:
+    """The evaluation's CounterFact values (efficacy, paraphrase_score, neighborhood_score)
+    with the gradient step ΔW = -step ∇W applied as a patch."""
+    changes = [(f.inputs, -step * f.grads) for f in factors]
+    patch = Patch(parts=weight_deltas(params, modules, changes, factors), method="gradient-step",
+                  model_fingerprint=model.fingerprint, model_name=model.name, requests=[record])
+    with patch.applied(model):
+        edited = measure(model, [record], COUNTERFACT)[0]
+    return request_values(record, edited, unedited, COUNTERFACT)
 
 
-def smallest_winning_step(model, modules, record, factors, lo: float = -30.0, hi: float = 10.0, rounds: int = 12):
-    """Bisection on log2(step) for the smallest step whose edit wins on the edit prompt."""
+def smallest_winning_step(model, params, modules, record, factors, unedited, lo=-30.0, hi=10.0, rounds=12):
+    """Bisection on log2(step) for the smallest step that wins the edit prompt; its scores."""
+    best = None
     for _ in range(rounds):
         mid = (lo + hi) / 2
-        if new_wins(model, modules, record, [record.prompt], factors, 2.0 ** mid)[0]:
-            hi = mid
+        values = scores_at(model, params, modules, record, factors, 2.0 ** mid, unedited)
+        if values["efficacy"]:
+            hi, best = mid, values
         else:
             lo = mid
-    return 2.0 ** hi
+    return 2.0 ** hi, best or scores_at(model, params, modules, record, factors, 2.0 ** hi, unedited)
 
 
 def main() -> None:
@@ -75,27 +73,25 @@ def main() -> None:
     for p in model.model.parameters():
         p.requires_grad_(False)
     records = [r for r in load_dataset("counterfact-train", n=args.n, offset=args.offset) if r.rephrase and r.locality]
+    unedited = measure(model, records, COUNTERFACT)  # once: no layer set changes the unedited model
+    base = [request_values(r, u, u, COUNTERFACT)["neighborhood_score"] for r, u in zip(records, unedited)]
     table = Table(title=f"one gradient step per edit, the smallest that wins on the edit prompt ({len(records)} records)")
     for col in ("layers", "efficacy", "paraphrase", "neighbourhood", "unedited nbhd", "median step"):
         table.add_column(col, justify="right")
     for layers in LAYER_SETS:
-        modules = edit_modules(model, top_layer_params(model, len(layers), ("mlp_in", "mlp_out"), layers))
-        eff = para = nbhd = base = 0.0
+        params = layer_params(model, layers, ("mlp_in", "mlp_out"))
+        modules = edit_modules(model, params)
+        totals = {"efficacy": 0.0, "paraphrase_score": 0.0, "neighborhood_score": 0.0}
         steps = []
-        for r in records:
-            prompts = [r.prompt, r.rephrase[0], *[probe.prompt for probe in r.locality]]
-            before = new_wins(model, modules, r, prompts[2:], None, 0.0)
-            base += sum(not w for w in before) / len(before)
+        for r, u in zip(records, unedited):
             factors, _ = gradient_factors(model, modules, [r])
-            step = smallest_winning_step(model, modules, r, factors)
-            won = new_wins(model, modules, r, prompts, factors, step)
+            step, values = smallest_winning_step(model, params, modules, r, factors, u)
             steps.append(step)
-            eff += won[0]
-            para += won[1]
-            nbhd += sum(not w for w in won[2:]) / len(won[2:])
+            for k in totals:
+                totals[k] += float(values[k])
         n = len(records)
-        table.add_row("-".join(map(str, (layers[0], layers[-1]))), f"{eff / n:.2f}", f"{para / n:.2f}",
-                      f"{nbhd / n:.2f}", f"{base / n:.2f}", f"{sorted(steps)[n // 2]:.3g}")
+        table.add_row(f"{layers[0]}-{layers[-1]}", *[f"{totals[k] / n:.2f}" for k in totals],
+                      f"{sum(base) / n:.2f}", f"{sorted(steps)[n // 2]:.3g}")
         console.print(f"layers {layers} done")
     console.print(table)
 

@@ -41,42 +41,48 @@ from lmpatch.patch import Patch, WeightDelta
 from lmpatch.request import EditRequest
 
 __all__ = [
-    "edit_losses", "edit_modules", "edit_with_trained", "load_trained", "patch_from_editor", "top_layer_params", "train_learned",
-    "validate_editor",
+    "edit_layers", "edit_losses", "edit_modules", "edit_with_trained", "layer_params", "load_trained", "patch_from_editor",
+    "top_layer_params", "train_learned", "validate_editor", "weight_deltas",
 ]
 
 MODULE_KINDS = ("mlp_in", "mlp_out")
 
 
-def top_layer_params(model: LoadedModel, top_layers: int, modules: Sequence[str],
-                     layers: Sequence[int] = ()) -> list[str]:
-    """Weight names of the chosen MLP matrices ("mlp_in": gate and up, "mlp_out": down) of
-    the top ``top_layers`` layers, lowest layer first; or, when ``layers`` is given, of
-    exactly those layers (decoder-only models).
+def edit_layers(model: LoadedModel, top_layers: int, layers: Sequence[int] = ()) -> list[int]:
+    """The layers an editor edits, lowest first: exactly ``layers`` when given (decoder-only
+    models), else the top ``top_layers``.
 
     An encoder-decoder gets the top ``top_layers`` of each stack, as MEND edits T5 (the last
     blocks of both the encoder and the decoder): the new fact must be read from the prompt
     (encoder) and written into the answer (decoder).
     """
     spec = model.spec
-    names = []
     if layers:
-        bad = [i for i in layers if not 0 <= i < spec.n_layers]
-        if bad or spec.encoder_decoder:
+        if spec.encoder_decoder or any(not 0 <= i < spec.n_layers for i in layers):
             raise InvalidRequestError(
                 f"layers must be indices of this decoder-only model's {spec.n_layers} layers; got {list(layers)}"
                 + (" (encoder-decoders take top_layers)." if spec.encoder_decoder else ".")
             )
-        chosen = sorted(set(layers))
-    else:
-        stacks = [(0, spec.encoder_layers), (spec.encoder_layers, spec.n_layers)] if spec.encoder_decoder \
-            else [(0, spec.n_layers)]
-        chosen = [i for lo, hi in stacks for i in range(max(lo, hi - top_layers), hi)]
-    for layer in chosen:
-        paths = spec.layers[layer]
+        return sorted(set(layers))
+    stacks = [(0, spec.encoder_layers), (spec.encoder_layers, spec.n_layers)] if spec.encoder_decoder \
+        else [(0, spec.n_layers)]
+    return [i for lo, hi in stacks for i in range(max(lo, hi - top_layers), hi)]
+
+
+def layer_params(model: LoadedModel, layers: Sequence[int], modules: Sequence[str]) -> list[str]:
+    """Weight names of the chosen MLP matrices ("mlp_in": gate and up, "mlp_out": down) of
+    ``layers``, in that order."""
+    names = []
+    for layer in layers:
+        paths = model.spec.layers[layer]
         for kind in modules:
             names += [f"{p}.weight" for p in (paths.mlp_in if kind == "mlp_in" else (paths.mlp_out,))]
     return names
+
+
+def top_layer_params(model: LoadedModel, top_layers: int, modules: Sequence[str]) -> list[str]:
+    """:func:`layer_params` of the top ``top_layers`` layers (of each stack)."""
+    return layer_params(model, edit_layers(model, top_layers), modules)
 
 
 def edit_modules(model: LoadedModel, params: Sequence[str]) -> list[nn.Module]:
@@ -207,24 +213,32 @@ def patch_from_editor(model: LoadedModel, editor: nn.Module, requests: Sequence[
     t0 = time.perf_counter()
     modules = edit_modules(model, editor.params)
     factors, losses = gradient_factors(model, modules, requests)
-    deltas = []
     with torch.no_grad():
-        for name, module, (u, d), f in zip(editor.params, modules, editor.changes(requests, factors, False), factors):
-            keep = f.mask.reshape(-1)
-            extra = u.shape[1] - f.mask.shape[1]  # rows an editor adds after the tokens (KE's bias term)
-            if extra:
-                keep = torch.cat([f.mask, torch.ones(f.mask.shape[0], extra, dtype=torch.bool)], 1).reshape(-1)
-            right = u.reshape(-1, u.shape[-1])[keep]          # (k, d_in)
-            left = d.reshape(-1, d.shape[-1])[keep].T          # (d_out, k)
-            left, right = factors_to_param_layout(module, left, right)
-            if left.shape[1] * (left.shape[0] + right.shape[1]) >= left.shape[0] * right.shape[1]:
-                deltas.append(WeightDelta(param=name, dense=left @ right))
-            else:
-                deltas.append(WeightDelta(param=name, left=left, right=right))
+        deltas = weight_deltas(editor.params, modules, editor.changes(requests, factors, False), factors)
     metrics = {"pre_edit_nll": [round(float(x), 4) for x in losses], "edit_seconds": round(time.perf_counter() - t0, 4),
                "editor": {k: manifest.get(k) for k in ("key", "trained_seconds", "validation")}}
     return Patch(parts=deltas, method=method, model_fingerprint=model.fingerprint, model_name=model.name,
                  hparams=asdict(hparams), requests=list(requests), metrics=metrics)
+
+
+def weight_deltas(params: Sequence[str], modules: Sequence[nn.Module], changes, factors) -> list[WeightDelta]:
+    """One weight delta per matrix from its (U, D) change, every request's rows summed:
+    low-rank (rank = the requests' tokens) unless dense is smaller. Rows past the tokens
+    (KE's bias term) are kept; padded tokens are not."""
+    deltas = []
+    for name, module, (u, d), f in zip(params, modules, changes, factors):
+        keep = f.mask.reshape(-1)
+        extra = u.shape[1] - f.mask.shape[1]  # rows an editor adds after the tokens (KE's bias term)
+        if extra:
+            keep = torch.cat([f.mask, torch.ones(f.mask.shape[0], extra, dtype=torch.bool)], 1).reshape(-1)
+        right = u.reshape(-1, u.shape[-1])[keep]          # (k, d_in)
+        left = d.reshape(-1, d.shape[-1])[keep].T          # (d_out, k)
+        left, right = factors_to_param_layout(module, left, right)
+        if left.shape[1] * (left.shape[0] + right.shape[1]) >= left.shape[0] * right.shape[1]:
+            deltas.append(WeightDelta(param=name, dense=left @ right))
+        else:
+            deltas.append(WeightDelta(param=name, left=left, right=right))
+    return deltas
 
 
 # --------------------------------------------------------------------------- artefacts

@@ -31,9 +31,10 @@ from lmpatch.errors import InvalidRequestError
 from lmpatch.methods.editor_training import TRAINING_DATA, TrainingConfig
 from lmpatch.methods.learned_editing import (
     MODULE_KINDS,
+    edit_layers,
     edit_modules,
     edit_with_trained,
-    top_layer_params,
+    layer_params,
     train_learned,
 )
 from lmpatch.methods.mend_net import GradientNet
@@ -122,7 +123,7 @@ class MendEditor(nn.Module):
 
 
 def new_editor(model: LoadedModel, hp: MendHparams) -> MendEditor:
-    params = top_layer_params(model, hp.top_layers, hp.modules, hp.layers)
+    params = layer_params(model, edit_layers(model, hp.top_layers, hp.layers), hp.modules)
     shapes = []
     for m in edit_modules(model, params):
         d_in, d_out = linear_dims(m)
