@@ -29,9 +29,12 @@ from rich.table import Table
 
 from lmpatch.data import load_dataset
 from lmpatch.eval.metrics import measure, request_values
-from lmpatch.methods.learned_editing import edit_modules, layer_params, weight_deltas
+from lmpatch.methods.learned_editing import MODULE_KINDS, edit_modules, layer_params, weight_deltas
+from lmpatch.methods.locate.solve import KeyCovariance, layer_covariances
 from lmpatch.methods.token_grads import TokenFactors, gradient_factors
 from lmpatch.patch import Patch
+from lmpatch.stats.covariance import StatsConfig
+from lmpatch.tokens import subject_last_index
 
 LAYER_SETS = ((27, 28, 29), (20, 21, 22), (12, 13, 14), (6, 7, 8))
 COUNTERFACT = frozenset({"counterfact"})
@@ -46,6 +49,25 @@ def scores_at(model, params, modules, record, factors: list[TokenFactors], step:
     with patch.applied(model):
         edited = measure(model, [record], COUNTERFACT)[0]
     return request_values(record, edited, unedited, COUNTERFACT)
+
+
+def at_subject(model, record, factors: list[TokenFactors]) -> list[TokenFactors]:
+    """The factors with every token but the subject's last masked out (one record per batch)."""
+    text = model.format_prompt(record.prompt)
+    last = subject_last_index(model.tokenizer, text, record.subject, start=max(text.find(record.prompt), 0))
+    keep = torch.zeros_like(factors[0].mask)
+    keep[:, last] = True
+    return [TokenFactors(f.inputs, f.grads, f.mask & keep) for f in factors]
+
+
+def whitened(factors: list[TokenFactors], covariances: list[KeyCovariance]) -> list[TokenFactors]:
+    """Each input x replaced by C0⁻¹x, rescaled to the inputs' norm so the step search keeps its range."""
+    out = []
+    for f, cov in zip(factors, covariances):
+        rows, tokens, d_in = f.inputs.shape
+        x = cov.solve(f.inputs.reshape(-1, d_in).T).T.float().reshape(rows, tokens, d_in)
+        out.append(TokenFactors(x * (f.inputs.norm() / x.norm().clamp_min(1e-30)), f.grads, f.mask))
+    return out
 
 
 def smallest_winning_step(model, params, modules, record, factors, unedited, lo=-30.0, hi=10.0, rounds=12):
@@ -65,7 +87,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=40)
     ap.add_argument("--offset", type=int, default=5100)
+    ap.add_argument("--layers", action="append", help="comma-separated layer set (repeatable)")
+    ap.add_argument("--modules", default="mlp_in,mlp_out", help=f"comma-separated, of {', '.join(MODULE_KINDS)}")
+    ap.add_argument("--positions", choices=("all", "subject"), default="all")
+    ap.add_argument("--whiten", action="store_true", help="inputs through C0⁻¹ (needs --modules mlp_out)")
     args = ap.parse_args()
+    kinds = tuple(args.modules.split(","))
+    if args.whiten and kinds != ("mlp_out",):
+        ap.error("--whiten needs --modules mlp_out: only the down projections' keys have statistics")
+    layer_sets = [tuple(int(x) for x in s.split(",")) for s in args.layers] if args.layers else LAYER_SETS
     console = Console()
     console.print(cpu_line(cpu_info()))
     torch.set_num_threads(1)
@@ -75,16 +105,25 @@ def main() -> None:
     records = [r for r in load_dataset("counterfact-train", n=args.n, offset=args.offset) if r.rephrase and r.locality]
     unedited = measure(model, records, COUNTERFACT)  # once: no layer set changes the unedited model
     base = [request_values(r, u, u, COUNTERFACT)["neighborhood_score"] for r, u in zip(records, unedited)]
-    table = Table(title=f"one gradient step per edit, the smallest that wins on the edit prompt ({len(records)} records)")
+    variant = f"{args.modules}, {args.positions} tokens{', whitened' if args.whiten else ''}"
+    table = Table(title=f"one gradient step per edit, the smallest that wins on the edit prompt "
+                        f"({len(records)} records; {variant})")
     for col in ("layers", "efficacy", "paraphrase", "neighbourhood", "unedited nbhd", "median step"):
         table.add_column(col, justify="right")
-    for layers in LAYER_SETS:
-        params = layer_params(model, layers, ("mlp_in", "mlp_out"))
+    for layers in layer_sets:
+        params = layer_params(model, layers, kinds)
         modules = edit_modules(model, params)
+        if args.whiten:
+            covs = layer_covariances(model, layers, StatsConfig())
+            covariances = [covs[layer] for layer in layers]
         totals = {"efficacy": 0.0, "paraphrase_score": 0.0, "neighborhood_score": 0.0}
         steps = []
         for r, u in zip(records, unedited):
             factors, _ = gradient_factors(model, modules, [r])
+            if args.positions == "subject":
+                factors = at_subject(model, r, factors)
+            if args.whiten:
+                factors = whitened(factors, covariances)
             step, values = smallest_winning_step(model, params, modules, r, factors, u)
             steps.append(step)
             for k in totals:
