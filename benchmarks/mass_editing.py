@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -44,6 +45,26 @@ def lmpatch_cmd() -> list[str]:
     """The ``lmpatch`` console script of this interpreter's environment."""
     script = Path(sys.executable).with_name("lmpatch")
     return [str(script) if script.exists() else "lmpatch"]
+
+
+def run_child(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
+    """``subprocess.run`` whose child stops with this script.
+
+    Ctrl-C reaches the whole process group, but ``kill PID`` (SIGTERM) reaches this script
+    alone: by default it dies at once and the ``lmpatch`` run it started goes on editing,
+    orphaned. Here SIGTERM is passed on to the child, which stops as a killed run does
+    (its finished updates are on disk; the same command resumes it), and this script then
+    fails with the child's exit code.
+    """
+    proc = subprocess.Popen(cmd, **kwargs)
+    previous = signal.signal(signal.SIGTERM, lambda signum, _frame: proc.send_signal(signum))
+    try:
+        stdout, stderr = proc.communicate()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    done = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+    done.check_returncode()
+    return done
 
 
 def warm_statistics(method: str, console: Console) -> None:
@@ -73,7 +94,7 @@ def run(method: str, n: int, args, console: Console) -> dict:
     else:
         cmd += ["--batch-size", str(n)]
     console.print(f"[bold]{name}[/bold]: lmpatch {' '.join(cmd[1:])}")
-    done = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True)
+    done = run_child(cmd, stdout=subprocess.PIPE, text=True)
     summary = json.loads(done.stdout)
     summary["run"] = name
     summary["dir"] = str(out)

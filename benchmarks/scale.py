@@ -21,7 +21,7 @@ import json
 import subprocess
 from pathlib import Path
 
-from mass_editing import fmt, lmpatch_cmd, warm_statistics
+from mass_editing import fmt, lmpatch_cmd, run_child, warm_statistics
 from rich.console import Console
 from rich.table import Table
 
@@ -50,7 +50,7 @@ def run(spec: str, args, console: Console) -> dict:
     for s in sets:
         cmd += ["--set", s]
     console.print(f"[bold]{label}[/bold]: lmpatch {' '.join(cmd[1:])}")
-    done = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True)
+    done = run_child(cmd, stdout=subprocess.PIPE, text=True)
     summary = json.loads(done.stdout)
     summary["run"], summary["dir"] = label, str(out)
     return summary
