@@ -17,6 +17,7 @@ shipped editors, and not an evaluation split).
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 
 import lmpatch  # noqa: F401 - first: it sets lmpatch's OpenMP wait policy before torch starts its threads
 
@@ -71,16 +72,19 @@ def whitened(factors: list[TokenFactors], covariances: list[KeyCovariance]) -> l
 
 
 def smallest_winning_step(model, params, modules, record, factors, unedited, lo=-30.0, hi=10.0, rounds=12):
-    """Bisection on log2(step) for the smallest step that wins the edit prompt; its scores."""
-    best = None
+    """Bisection on log2(step) for the smallest step that wins the edit prompt; its scores.
+
+    The rounds score the edit prompt alone (the record without its paraphrases and
+    neighbours); only the step found is scored on everything.
+    """
+    prompt_only = replace(record, rephrase=(), locality=())
     for _ in range(rounds):
         mid = (lo + hi) / 2
-        values = scores_at(model, params, modules, record, factors, 2.0 ** mid, unedited)
-        if values["efficacy"]:
-            hi, best = mid, values
+        if scores_at(model, params, modules, prompt_only, factors, 2.0 ** mid, unedited)["efficacy"]:
+            hi = mid
         else:
             lo = mid
-    return 2.0 ** hi, best or scores_at(model, params, modules, record, factors, 2.0 ** hi, unedited)
+    return 2.0 ** hi, scores_at(model, params, modules, record, factors, 2.0 ** hi, unedited)
 
 
 def main() -> None:
