@@ -118,8 +118,7 @@ def main() -> None:
         params = layer_params(model, layers, kinds)
         modules = edit_modules(model, params)
         if args.whiten:
-            covs = layer_covariances(model, layers, StatsConfig())
-            covariances = [covs[layer] for layer in layers]
+            covariances = list(layer_covariances(model, layers, StatsConfig()).values())  # in layer order
         totals = {"efficacy": 0.0, "paraphrase_score": 0.0, "neighborhood_score": 0.0}
         steps = []
         for r, u in zip(records, unedited):

@@ -43,13 +43,15 @@ import datetime as dt
 import logging
 import os
 import resource
+import signal
 import statistics
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from rich.console import Console
 from rich.table import Table
@@ -315,6 +317,22 @@ def worker_command(method: str, args: argparse.Namespace) -> list[str]:
     return cmd
 
 
+@contextmanager
+def forwarding_sigterm(proc: subprocess.Popen) -> Iterator[None]:
+    """While inside, a SIGTERM to this script is passed on to ``proc``.
+
+    Ctrl-C reaches the whole process group, but ``kill PID`` reaches this script alone: by
+    default it dies at once and the ``lmpatch`` run it started goes on editing, orphaned.
+    Forwarded, the child stops as a killed run does (its finished updates are on disk; the
+    same command resumes it) and this script sees it exit with an error.
+    """
+    previous = signal.signal(signal.SIGTERM, lambda signum, _frame: proc.send_signal(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def spawn(method: str, args: argparse.Namespace, console: Console) -> dict[str, Any]:
     """Run one method in a child process; record its exit code and peak RSS (from wait4)."""
     cmd = worker_command(method, args)
@@ -322,7 +340,8 @@ def spawn(method: str, args: argparse.Namespace, console: Console) -> dict[str, 
     start = time.perf_counter()
     proc = subprocess.Popen(cmd)
     try:
-        _, status, usage = os.wait4(proc.pid, 0)
+        with forwarding_sigterm(proc):
+            _, status, usage = os.wait4(proc.pid, 0)
     except KeyboardInterrupt:
         proc.wait()
         raise

@@ -25,12 +25,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from lifelong import forwarding_sigterm  # benchmarks/ is on sys.path when this script runs
 from rich.console import Console
 from rich.table import Table
 
@@ -48,20 +48,11 @@ def lmpatch_cmd() -> list[str]:
 
 
 def run_child(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
-    """``subprocess.run`` whose child stops with this script.
-
-    Ctrl-C reaches the whole process group, but ``kill PID`` (SIGTERM) reaches this script
-    alone: by default it dies at once and the ``lmpatch`` run it started goes on editing,
-    orphaned. Here SIGTERM is passed on to the child, which stops as a killed run does
-    (its finished updates are on disk; the same command resumes it), and this script then
-    fails with the child's exit code.
-    """
+    """``subprocess.run(cmd, check=True, ...)`` whose child stops when this script is killed
+    (:func:`lifelong.forwarding_sigterm`)."""
     proc = subprocess.Popen(cmd, **kwargs)
-    previous = signal.signal(signal.SIGTERM, lambda signum, _frame: proc.send_signal(signum))
-    try:
+    with forwarding_sigterm(proc):
         stdout, stderr = proc.communicate()
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     done = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
     done.check_returncode()
     return done
