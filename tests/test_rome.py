@@ -42,7 +42,7 @@ def test_suffix_on_prefix_cache_equals_full_forward(arch, overhead, monkeypatch)
     runner = SuffixRunner(model, torch.float32, rows, frozen_below=1)
     lengths = set(rows.prefix_mask.sum(-1).tolist())
     assert len(runs) == (1 if overhead else len(lengths))
-    block = model.spec.module(model.model, model.spec.layers[0].block)
+    block = model.spec.module(runner.net, model.spec.layers[0].block)  # the module the runner runs
     seen = []
     handle = block.register_forward_hook(lambda _m, _a, out: seen.append(out))
     with torch.no_grad():

@@ -19,13 +19,13 @@ ISA_FLAGS = (
 )
 
 
-#: Environment that holds torch's own (ATen) kernels to AVX2. Set before torch is
-#: imported, it makes an AVX-512/AMX machine time what an AVX2-only one (an older AMD EPYC)
-#: runs: float32 throughout, as there. MKL's and oneDNN's own limits
-#: (MKL_ENABLE_INSTRUCTIONS, ONEDNN_MAX_CPU_ISA) are not set: with them a ROME edit on a
-#: Zen 4 ran several times slower than on a real Zen 3, on one busy core, although a bare
-#: float32 product of the same shape timed the same with and without them.
-AVX2_ONLY = {"ATEN_CPU_CAPABILITY": "avx2"}
+#: Environment that holds torch's own (ATen) kernels and oneDNN's to AVX2. Set before
+#: torch is imported, it makes an AVX-512/AMX machine time what an AVX2-only one (an older
+#: AMD EPYC) runs: float32 throughout, as there. oneDNN computes the packed float32
+#: products of an edit's passes (lmpatch.model.packed), so its limit belongs here too;
+#: MKL's (MKL_ENABLE_INSTRUCTIONS) is not set: a bare float32 product of a pass's shape
+#: timed the same with and without it.
+AVX2_ONLY = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 
 
 def cpu_info() -> dict[str, Any]:

@@ -111,22 +111,30 @@ def resolve_compute_dtype(name: str, model: nn.Module) -> torch.dtype:
 
 
 def compute_model(owner, dtype: torch.dtype) -> nn.Module:
-    """``owner.model`` itself if it already runs in ``dtype``, else its synced copy in ``dtype``.
+    """The module that runs ``owner``'s gradient passes in ``dtype``.
 
-    ``owner`` is a :class:`~lmpatch.model.loading.LoadedModel`; the copy is kept in its
-    patch stack between edits. Added modules (GRACE codebooks, extra neurons) are part of
-    what the model computes, so the copy carries cast copies of them too, re-made
-    whenever the stack's set of added modules changes.
+    ``owner`` is a :class:`~lmpatch.model.loading.LoadedModel`. In a dtype other than the
+    model's own this is a synced low-precision copy; in float32 on a CPU it is, within a
+    memory budget, a copy that shares every parameter and computes its linear layers from
+    weights packed for oneDNN (:mod:`lmpatch.model.packed`); otherwise ``owner.model``
+    itself. The copies are kept in the patch stack between edits. Added modules (GRACE
+    codebooks, extra neurons) are part of what the model computes, so a copy carries
+    copies of them too, re-made whenever the stack's set of added modules changes.
     """
+    from lmpatch.model.packed import packing_wanted
+
     master: nn.Module = owner.model
-    if next(master.parameters()).dtype == dtype:
+    own = next(master.parameters()).dtype
+    packed = packing_wanted(master, dtype)
+    if own == dtype and not packed:
         return master
     stack = owner.stack
-    shadow = stack.shadows.get(dtype)
+    key = ("packed", dtype) if packed else dtype
+    shadow = stack.shadows.get(key)
     if shadow is None:
-        shadow = _build(master, dtype, stack.additions())
-        stack.shadows[dtype] = shadow
-        log.debug("Built a %s compute copy of %s", dtype, owner.name)
+        shadow = _build(master, dtype, stack.additions(), packed=packed)
+        stack.shadows[key] = shadow
+        log.debug("Built a %s%s compute copy of %s", "packed " if packed else "", dtype, owner.name)
     else:
         n = shadow.sync()
         if n:
@@ -137,17 +145,28 @@ def compute_model(owner, dtype: torch.dtype) -> nn.Module:
     return shadow.module
 
 
-def _build(master: nn.Module, dtype: torch.dtype, additions: list) -> Shadow:
+def computes_exactly(owner, net: nn.Module) -> bool:
+    """Whether ``net`` computes what ``owner.model`` computes, in its precision (the model
+    itself or its packed copy, which differs only by float rounding)."""
+    return next(net.parameters()).dtype == next(owner.model.parameters()).dtype
+
+
+def _build(master: nn.Module, dtype: torch.dtype, additions: list, packed: bool = False) -> Shadow:
     """Deep-copy the module tree, casting floating parameters to ``dtype`` as they are met
     (never holding a second full-precision copy) and sharing buffers such as rotary
     frequencies, which must stay in full precision. The master's added-module hooks are
     dropped from the copy (they would run in the master's dtype); ``Shadow.mirror``
-    installs cast copies instead."""
+    installs cast copies instead.
+
+    ``packed``: the copy shares every parameter with the master (nothing to cast or sync)
+    and its linear layers compute from packed weights, re-packed when a weight changes."""
     memo: dict[int, object] = {}
     pairs: list[tuple[nn.Parameter, nn.Parameter]] = []
     with torch.no_grad():
         for p in _unique_params(master):
-            if p.is_floating_point():
+            if packed:
+                c = p
+            elif p.is_floating_point():
                 c = nn.Parameter(p.detach().to(dtype), requires_grad=False)
                 pairs.append((p, c))
             else:
@@ -164,7 +183,11 @@ def _build(master: nn.Module, dtype: torch.dtype, additions: list) -> Shadow:
         host._forward_hooks.pop(installed.handle.id, None)
         host._forward_hooks_with_kwargs.pop(installed.handle.id, None)
     module.eval()
-    if next(master.parameters()).device.type == "cpu" and hasattr(module, "set_attn_implementation"):
+    if packed:
+        from lmpatch.model.packed import pack_linears
+
+        pack_linears(module)
+    elif next(master.parameters()).device.type == "cpu" and hasattr(module, "set_attn_implementation"):
         # PyTorch's fused CPU attention has a very slow bfloat16 backward; the plain
         # implementation is ~5x faster for the short sequences an edit runs.
         try:

@@ -133,8 +133,8 @@ class PatchStack:
         self.lock = threading.RLock()
         #: Bumped whenever added modules come or go, so compute copies know to mirror them.
         self.structure = 0
-        #: dtype -> :class:`lmpatch.model.shadow.Shadow`
-        self.shadows: dict[torch.dtype, Any] = {}
+        #: dtype or ("packed", dtype) -> :class:`lmpatch.model.shadow.Shadow`
+        self.shadows: dict[Any, Any] = {}
         #: see :func:`lmpatch.methods.locate.solve.layer_covariances`
         self.solves: dict[Any, Any] = {}
         #: patch id -> the keys that patch wrote (AlphaEdit keeps later edits off them)

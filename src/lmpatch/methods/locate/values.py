@@ -39,7 +39,7 @@ from lmpatch.methods.locate.keys import read_at
 from lmpatch.model.compat import output_cache, with_cache
 from lmpatch.model.hooks import edit_output, record_outputs, replay_outputs
 from lmpatch.model.loading import LoadedModel
-from lmpatch.model.shadow import resolve_compute_dtype
+from lmpatch.model.shadow import computes_exactly, resolve_compute_dtype
 from lmpatch.request import EditRequest
 from lmpatch.tokens import encode, pad_left, pad_right, subject_last_index, target_ids
 
@@ -266,9 +266,10 @@ class SuffixRunner:
         MEMIT group of 16 facts in float32), although the prefix cache already holds what
         those tokens leave for the next one. A low-precision compute copy cannot stand in:
         the keys and the unedited value must come from the real weights in their own
-        precision, so then the separate read runs.
+        precision, so then the separate read runs. (A packed float32 copy computes what
+        the model computes, up to float rounding, so it may read them.)
         """
-        if self.net is not model.model:
+        if not computes_exactly(model, self.net):
             return edit_point_state(model, self.rows, layer, target)
         self.reset()
         inputs = dict(input_ids=self.suffix_ids[:, :1], attention_mask=self.mask[:, :self.prefix_len + 1],

@@ -1,0 +1,145 @@
+"""Linear layers whose weights are pre-packed for oneDNN, for the gradient passes of an edit.
+
+Why: the value optimisation of ROME and MEMIT runs the frozen model forwards and backwards
+over a few dozen tokens, a dozen times per edit. At that size a float32 product through
+MKL costs nearly the same at 9 tokens as at 36: every call re-packs the weight panel it
+reads, so the cost follows the weight's size, not the work. oneDNN can take the weight
+packed once, in its own blocked layout. Measured on a 2-core AMD EPYC with torch's and
+oneDNN's kernels held to AVX2 (25 SmolLM2 blocks, 18 tokens, weights out of cache): the
+forward products took 30 ms instead of 61 ms, and the output head at five positions
+6 ms instead of 17 ms.
+
+The backward pass needs the input gradient ``g @ W``, a product with the transposed
+weight, so each layer also keeps ``W.T`` packed; without it the backward's plain
+products undo most of the gain. That doubles the weights' memory, so the copy is only
+made when it fits a budget (:func:`packing_wanted`).
+
+Only the layer's *input* receives a gradient: the weights of a compute copy are frozen
+(the edit's own parameter is a separate tensor added by a hook), which is what lets a
+packed, read-only weight stand in. A weight changed in place (a patch applied or
+reverted) is noticed by its version counter and re-packed at the next call.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+#: The packed copies may take at most this share of the machine's memory.
+MEMORY_SHARE = 0.25
+
+
+def packing_available() -> bool:
+    """True when this torch build has oneDNN and its packed-linear operators."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    ops = torch.ops.mkldnn
+    return hasattr(ops, "_reorder_linear_weight") and hasattr(ops, "_linear_pointwise")
+
+
+def packed_bytes(model: nn.Module) -> int:
+    """What the packed copies of ``model``'s float32 linear weights take (two per layer)."""
+    seen: set[int] = set()
+    total = 0
+    for m in model.modules():
+        if _packable(m) and id(m.weight) not in seen:
+            seen.add(id(m.weight))
+            total += 2 * m.weight.numel() * m.weight.element_size()
+    return total
+
+
+def physical_memory() -> int | None:
+    """The machine's memory in bytes, or None where the OS does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def packing_wanted(model: nn.Module, dtype: torch.dtype) -> bool:
+    """Whether the gradient passes of ``model`` in ``dtype`` should run on packed weights:
+    float32 on CPU, oneDNN present, and the packed copies within :data:`MEMORY_SHARE`
+    of the machine's memory (SmolLM2-135M: 1.1 GB)."""
+    first = next(model.parameters())
+    if dtype != torch.float32 or first.dtype != torch.float32 or first.device.type != "cpu":
+        return False
+    if not packing_available():
+        return False
+    ram = physical_memory()
+    return ram is not None and packed_bytes(model) <= MEMORY_SHARE * ram
+
+
+def _packable(m: nn.Module) -> bool:
+    return (type(m) is nn.Linear and m.weight.dtype == torch.float32
+            and m.weight.device.type == "cpu" and m.weight.dim() == 2)
+
+
+class _PackedProduct(torch.autograd.Function):
+    """``x @ W.T`` from the packed ``W``; the input gradient from the packed ``W.T``."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, packed: torch.Tensor, packed_t: torch.Tensor) -> torch.Tensor:
+        ctx.packed_t = packed_t
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, None, "none", [], "")
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        dx = torch.ops.mkldnn._linear_pointwise(grad.contiguous(), ctx.packed_t, None, "none", [], "")
+        return dx, None, None
+
+
+class PackedLinear(nn.Module):
+    """Stands in for an ``nn.Linear`` of a compute copy; reads the same (shared) weight and
+    bias, computes with packed copies of the weight and its transpose."""
+
+    def __init__(self, source: nn.Linear):
+        super().__init__()
+        self.weight = source.weight  # shared with the model: patches change it in place
+        self.bias = source.bias
+        self.in_features, self.out_features = source.in_features, source.out_features
+        self._stamp: tuple[int, int] | None = None
+        self._packed: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def packed(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The packed weight and transpose, re-made when the weight changed since."""
+        w = self.weight
+        stamp = (w._version, w.data_ptr())
+        if self._packed is None or stamp != self._stamp:
+            with torch.no_grad():
+                d = w.detach()
+                reorder = torch.ops.mkldnn._reorder_linear_weight
+                self._packed = (reorder(d), reorder(d.t().contiguous()))
+            self._stamp = stamp
+        return self._packed
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.float32 or self.weight.requires_grad:
+            # only a frozen float32 weight may be read from its packed copy
+            return nn.functional.linear(x, self.weight, self.bias)
+        y = _PackedProduct.apply(x, *self.packed())
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def pack_linears(module: nn.Module) -> int:
+    """Replace every float32 ``nn.Linear`` inside ``module`` by a :class:`PackedLinear` on the
+    same weight (in place; ``module`` must be a copy whose parameters are the model's).
+    Returns how many were replaced."""
+    targets = [(name, m) for name, m in module.named_modules() if name and _packable(m)]
+    for name, m in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = module.get_submodule(parent_name) if parent_name else module
+        replacement = PackedLinear(m)
+        for hooks in ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+                      "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs"):
+            if hasattr(m, hooks):
+                getattr(replacement, hooks).update(getattr(m, hooks))
+        setattr(parent, child, replacement)
+    log.debug("Packed %d linear layers for oneDNN", len(targets))
+    return len(targets)
