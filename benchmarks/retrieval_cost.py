@@ -71,7 +71,7 @@ def main() -> None:
     console = Console()
     console.print(f"CPU: {cpu_line(cpu_info())}", soft_wrap=True)
     console.print(f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '(unset)')}  "
-                  f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}")
+                  f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')} GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT', '(unset)')}")
 
     backends: list[tuple[str, type]] = [("exact (torch)", ExactIndex)]
     if faiss_available():

@@ -1,10 +1,15 @@
 """lmpatch: edit what a language model knows, as patches you can save, apply and revert."""
 import os as _os
 
-# Idle OpenMP threads sleep instead of spinning: on a small CPU shared with any other busy
-# process, spinning threads made every forward pass ~25x slower (measured on 2 cores).
+# Idle OpenMP threads spin briefly, then sleep. Spinning for long (the default policy)
+# made every forward pass ~25x slower on a 2-core CPU shared with any other busy process;
+# sleeping at once (PASSIVE) wakes the threads for each of the thousands of small
+# operations of an edit's passes. A spin of 3,000 rounds (~30 us) between the two was
+# measured on 2 cores: a ROME edit 13% faster alone, 15-40% slower next to a process
+# that keeps one core busy (docs/speed.md). GOMP_SPINCOUNT=0 is the pure sleeping policy.
 # Only takes effect when lmpatch is imported before torch; the environment can override it.
 _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+_os.environ.setdefault("GOMP_SPINCOUNT", "3000")
 
 __version__ = "0.1.0"
 
