@@ -87,13 +87,31 @@ def test_the_packed_copy_follows_patches_and_added_modules():
             torch.testing.assert_close(fast(), before, atol=1e-5, rtol=1e-5)
 
 
-def test_no_packed_copy_beyond_the_memory_budget_or_outside_float32(monkeypatch):
+def test_no_packed_copy_beyond_the_memory_budget_or_in_other_dtypes(monkeypatch):
     model = tiny_model("llama")
-    assert packing_wanted(model.model, torch.float32)
-    assert not packing_wanted(model.model, torch.bfloat16)
+    assert packing_wanted(model.model, torch.float32) and packing_wanted(model.model, torch.bfloat16)
+    assert not packing_wanted(model.model, torch.float16)
     monkeypatch.setattr(packed, "MEMORY_SHARE", 0.0)
     assert not packing_wanted(model.model, torch.float32)
     assert model.network(torch.float32) is model.model
+
+
+def test_the_bfloat16_copy_is_packed_and_follows_patches():
+    """The low-precision copy of CPUs with fast bfloat16 computes from packed bfloat16
+    weights, re-packed when the copy is re-cast after a patch."""
+    model = tiny_model("llama")
+    net = model.network(torch.bfloat16)
+    assert any(isinstance(m, PackedLinear) for m in net.modules())
+    patch = make_patch(model, [(mlp_out(model, 0), "low_rank")])
+    with torch.no_grad():
+        before = model.forward(input_ids=IDS, compute_dtype=torch.bfloat16).logits.float()
+        with patch.applied(model):
+            edited = model.forward(input_ids=IDS, compute_dtype=torch.bfloat16).logits.float()
+            exact = model.forward(input_ids=IDS).logits
+        again = model.forward(input_ids=IDS, compute_dtype=torch.bfloat16).logits.float()
+    assert float((edited - exact).abs().max()) < 0.05 * float(exact.abs().max())
+    assert not torch.allclose(edited, before, atol=1e-2)
+    assert torch.equal(again, before)
 
 
 def test_the_avx2_hold_covers_onednn():

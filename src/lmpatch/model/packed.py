@@ -12,7 +12,9 @@ forward products took 30 ms instead of 61 ms, and the output head at five positi
 The backward pass needs the input gradient ``g @ W``, a product with the transposed
 weight, so each layer also keeps ``W.T`` packed; without it the backward's plain
 products undo most of the gain. That doubles the weights' memory, so the copy is only
-made when it fits a budget (:func:`packing_wanted`).
+made when it fits a budget (:func:`packing_wanted`). The bfloat16 compute copy used on
+CPUs with fast bfloat16 is packed the same way (25 blocks' forward products at 18
+tokens, AVX-512 BF16: 15.4 ms instead of 25.7 ms).
 
 Only the layer's *input* receives a gradient: the weights of a compute copy are frozen
 (the edit's own parameter is a separate tensor added by a hook), which is what lets a
@@ -41,14 +43,18 @@ def packing_available() -> bool:
     return hasattr(ops, "_reorder_linear_weight") and hasattr(ops, "_linear_pointwise")
 
 
-def packed_bytes(model: nn.Module) -> int:
-    """What the packed copies of ``model``'s float32 linear weights take (two per layer)."""
+#: The dtypes whose products oneDNN computes from packed weights here.
+PACKED_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def packed_bytes(model: nn.Module, dtype: torch.dtype) -> int:
+    """What packed ``dtype`` copies of ``model``'s linear weights take (two per layer)."""
     seen: set[int] = set()
     total = 0
     for m in model.modules():
-        if _packable(m) and id(m.weight) not in seen:
+        if type(m) is nn.Linear and id(m.weight) not in seen:
             seen.add(id(m.weight))
-            total += 2 * m.weight.numel() * m.weight.element_size()
+            total += 2 * m.weight.numel() * dtype.itemsize
     return total
 
 
@@ -62,19 +68,19 @@ def physical_memory() -> int | None:
 
 def packing_wanted(model: nn.Module, dtype: torch.dtype) -> bool:
     """Whether the gradient passes of ``model`` in ``dtype`` should run on packed weights:
-    float32 on CPU, oneDNN present, and the packed copies within :data:`MEMORY_SHARE`
-    of the machine's memory (SmolLM2-135M: 1.1 GB)."""
+    float32 or bfloat16 on CPU, oneDNN present, and the packed copies within
+    :data:`MEMORY_SHARE` of the machine's memory (SmolLM2-135M: 1.1 GB in float32)."""
     first = next(model.parameters())
-    if dtype != torch.float32 or first.dtype != torch.float32 or first.device.type != "cpu":
+    if dtype not in PACKED_DTYPES or not first.is_floating_point() or first.device.type != "cpu":
         return False
     if not packing_available():
         return False
     ram = physical_memory()
-    return ram is not None and packed_bytes(model) <= MEMORY_SHARE * ram
+    return ram is not None and packed_bytes(model, dtype) <= MEMORY_SHARE * ram
 
 
 def _packable(m: nn.Module) -> bool:
-    return (type(m) is nn.Linear and m.weight.dtype == torch.float32
+    return (type(m) is nn.Linear and m.weight.dtype in PACKED_DTYPES
             and m.weight.device.type == "cpu" and m.weight.dim() == 2)
 
 
@@ -117,8 +123,8 @@ class PackedLinear(nn.Module):
         return self._packed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype != torch.float32 or self.weight.requires_grad:
-            # only a frozen float32 weight may be read from its packed copy
+        if x.dtype != self.weight.dtype or self.weight.requires_grad:
+            # only a frozen weight may be read from its packed copy, in its own dtype
             return nn.functional.linear(x, self.weight, self.bias)
         y = _PackedProduct.apply(x, *self.packed())
         return y if self.bias is None else y + self.bias
@@ -128,8 +134,9 @@ class PackedLinear(nn.Module):
 
 
 def pack_linears(module: nn.Module) -> int:
-    """Replace every float32 ``nn.Linear`` inside ``module`` by a :class:`PackedLinear` on the
-    same weight (in place; ``module`` must be a copy whose parameters are the model's).
+    """Replace every float32 or bfloat16 ``nn.Linear`` inside ``module`` by a
+    :class:`PackedLinear` on the same weight (in place; ``module`` must be a compute copy,
+    never the model the user holds).
     Returns how many were replaced."""
     targets = [(name, m) for name, m in module.named_modules() if name and _packable(m)]
     for name, m in targets:

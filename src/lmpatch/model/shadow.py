@@ -114,10 +114,10 @@ def compute_model(owner, dtype: torch.dtype) -> nn.Module:
     """The module that runs ``owner``'s gradient passes in ``dtype``.
 
     ``owner`` is a :class:`~lmpatch.model.loading.LoadedModel`. In a dtype other than the
-    model's own this is a synced low-precision copy; in float32 on a CPU it is, within a
-    memory budget, a copy that shares every parameter and computes its linear layers from
-    weights packed for oneDNN (:mod:`lmpatch.model.packed`); otherwise ``owner.model``
-    itself. The copies are kept in the patch stack between edits. Added modules (GRACE
+    model's own this is a synced low-precision copy; in the model's own dtype it is
+    ``owner.model`` itself. On a CPU, within a memory budget, either kind computes its
+    linear layers from weights packed for oneDNN (:mod:`lmpatch.model.packed`); a packed
+    copy in the model's own dtype shares every parameter with it. The copies are kept in the patch stack between edits. Added modules (GRACE
     codebooks, extra neurons) are part of what the model computes, so a copy carries
     copies of them too, re-made whenever the stack's set of added modules changes.
     """
@@ -158,13 +158,15 @@ def _build(master: nn.Module, dtype: torch.dtype, additions: list, packed: bool 
     dropped from the copy (they would run in the master's dtype); ``Shadow.mirror``
     installs cast copies instead.
 
-    ``packed``: the copy shares every parameter with the master (nothing to cast or sync)
-    and its linear layers compute from packed weights, re-packed when a weight changes."""
+    ``packed``: the copy's linear layers compute from packed weights, re-packed when a
+    weight changes (by a patch, or by :meth:`Shadow.sync` in a cast copy). A packed copy
+    in the master's own dtype shares every parameter with it: nothing to cast or sync."""
     memo: dict[int, object] = {}
     pairs: list[tuple[nn.Parameter, nn.Parameter]] = []
     with torch.no_grad():
+        share = next(master.parameters()).dtype == dtype
         for p in _unique_params(master):
-            if packed:
+            if share:
                 c = p
             elif p.is_floating_point():
                 c = nn.Parameter(p.detach().to(dtype), requires_grad=False)
@@ -187,7 +189,8 @@ def _build(master: nn.Module, dtype: torch.dtype, additions: list, packed: bool 
         from lmpatch.model.packed import pack_linears
 
         pack_linears(module)
-    elif next(master.parameters()).device.type == "cpu" and hasattr(module, "set_attn_implementation"):
+    on_cpu = next(master.parameters()).device.type == "cpu"
+    if not share and on_cpu and hasattr(module, "set_attn_implementation"):
         # PyTorch's fused CPU attention has a very slow bfloat16 backward; the plain
         # implementation is ~5x faster for the short sequences an edit runs.
         try:
