@@ -6,7 +6,7 @@ import torch
 
 from lmpatch.machine import AVX2_ONLY
 from lmpatch.model import packed
-from lmpatch.model.packed import PackedLinear, pack_linears, packing_available, packing_wanted
+from lmpatch.model.packed import PackedConv1D, PackedLinear, pack_linears, packing_available, packing_wanted
 from lmpatch.model.shadow import computes_exactly
 from test_patch import make_patch, mlp_out, shift_patch
 from tiny import ARCHS, tiny_model
@@ -30,6 +30,27 @@ def test_packed_linear_gives_the_linear_output_and_input_gradient(bias, shape):
     (got * torch.arange(40.0)).sum().backward()
     torch.testing.assert_close(got, y, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(x.grad, want_grad, atol=1e-5, rtol=1e-5)
+
+
+def test_packed_conv1d_gives_gpt2s_output_and_input_gradient():
+    """GPT-2 stores its projections' weights in x out; the stand-in must read them so."""
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    conv = Conv1D(40, 24).requires_grad_(False)
+    torch.nn.init.normal_(conv.weight)
+    torch.nn.init.normal_(conv.bias)
+    x = torch.randn(2, 7, 24, requires_grad=True)
+    y = conv(x)
+    (y * torch.arange(40.0)).sum().backward()
+    want_grad = x.grad.clone()
+    x.grad = None
+    stand_in = PackedConv1D(conv)
+    got = stand_in(x)
+    (got * torch.arange(40.0)).sum().backward()
+    assert stand_in._packing.pair is not None  # it computed from the packed weights
+    torch.testing.assert_close(got, y, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(x.grad, want_grad, atol=1e-4, rtol=1e-5)
 
 
 def test_a_weight_changed_in_place_is_repacked():
@@ -64,7 +85,7 @@ def test_the_packed_copy_computes_what_the_model_computes(arch):
     model = tiny_model(arch)
     net = model.network(torch.float32)
     assert net is not model.model and computes_exactly(model, net)
-    assert any(isinstance(m, PackedLinear) for m in net.modules()) or arch == "gpt2"  # GPT-2: Conv1D
+    assert any(isinstance(m, (PackedLinear, PackedConv1D)) for m in net.modules())
     params = {id(p) for p in model.model.parameters()}
     assert all(id(p) in params for p in net.parameters())  # shared, not copied
     with torch.no_grad():

@@ -28,6 +28,7 @@ import os
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ def packed_bytes(model: nn.Module, dtype: torch.dtype) -> int:
     seen: set[int] = set()
     total = 0
     for m in model.modules():
-        if type(m) is nn.Linear and id(m.weight) not in seen:
+        if (type(m) is nn.Linear or type(m) is Conv1D) and id(m.weight) not in seen:
             seen.add(id(m.weight))
             total += 2 * m.weight.numel() * dtype.itemsize
     return total
@@ -80,12 +81,17 @@ def packing_wanted(model: nn.Module, dtype: torch.dtype) -> bool:
 
 
 def _packable(m: nn.Module) -> bool:
-    return (type(m) is nn.Linear and m.weight.dtype in PACKED_DTYPES
-            and m.weight.device.type == "cpu" and m.weight.dim() == 2)
+    """An ``nn.Linear`` or GPT-2's ``Conv1D`` (the exact classes, so nothing is packed twice)
+    with a 2-D CPU weight in a dtype oneDNN packs."""
+    if type(m) is not nn.Linear and type(m) is not Conv1D:
+        return False
+    w = m.weight
+    return w.dtype in PACKED_DTYPES and w.device.type == "cpu" and w.dim() == 2
 
 
 class _PackedProduct(torch.autograd.Function):
-    """``x @ W.T`` from the packed ``W``; the input gradient from the packed ``W.T``."""
+    """``x @ Mᵀ`` from the packed math-layout weight ``M`` (out x in); the input gradient
+    ``g @ M`` from the packed ``Mᵀ``."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, packed: torch.Tensor, packed_t: torch.Tensor) -> torch.Tensor:
@@ -98,51 +104,78 @@ class _PackedProduct(torch.autograd.Function):
         return dx, None, None
 
 
-class PackedLinear(nn.Module):
-    """Stands in for an ``nn.Linear`` of a compute copy; reads the same (shared) weight and
-    bias, computes with packed copies of the weight and its transpose."""
+class _Packing:
+    """The packed copies of one stored weight, re-made when the weight changes.
+
+    ``transposed``: the weight is stored in x out (GPT-2's ``Conv1D``) rather than out x in.
+    """
+
+    def __init__(self, transposed: bool):
+        self.transposed = transposed
+        self.stamp: tuple[int, int] | None = None
+        self.pair: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def of(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        stamp = (weight._version, weight.data_ptr())
+        if self.pair is None or stamp != self.stamp:
+            with torch.no_grad():
+                stored = weight.detach()
+                flipped = stored.t().contiguous()
+                math, math_t = (flipped, stored) if self.transposed else (stored, flipped)
+                reorder = torch.ops.mkldnn._reorder_linear_weight
+                self.pair = (reorder(math.contiguous()), reorder(math_t.contiguous()))
+            self.stamp = stamp
+        return self.pair
+
+
+def _packed_forward(module: nn.Module, packing: _Packing, x: torch.Tensor, plain) -> torch.Tensor:
+    w = module.weight
+    if x.dtype != w.dtype or w.requires_grad:
+        # only a frozen weight may be read from its packed copy, in its own dtype
+        return plain(x)
+    y = _PackedProduct.apply(x, *packing.of(w))
+    return y if module.bias is None else y + module.bias
+
+
+class PackedLinear(nn.Linear):
+    """Stands in for an ``nn.Linear`` of a compute copy: reads the same (shared) weight and
+    bias, computes with packed copies of the weight and its transpose. A subclass, so code
+    that asks whether a module is a linear layer and how wide it is gets the same answers."""
 
     def __init__(self, source: nn.Linear):
-        super().__init__()
+        nn.Module.__init__(self)  # not nn.Linear's: it would allocate a weight of its own
         self.weight = source.weight  # shared with the model: patches change it in place
         self.bias = source.bias
         self.in_features, self.out_features = source.in_features, source.out_features
-        self._stamp: tuple[int, int] | None = None
-        self._packed: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    def packed(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The packed weight and transpose, re-made when the weight changed since."""
-        w = self.weight
-        stamp = (w._version, w.data_ptr())
-        if self._packed is None or stamp != self._stamp:
-            with torch.no_grad():
-                d = w.detach()
-                reorder = torch.ops.mkldnn._reorder_linear_weight
-                self._packed = (reorder(d), reorder(d.t().contiguous()))
-            self._stamp = stamp
-        return self._packed
+        self._packing = _Packing(transposed=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype != self.weight.dtype or self.weight.requires_grad:
-            # only a frozen weight may be read from its packed copy, in its own dtype
-            return nn.functional.linear(x, self.weight, self.bias)
-        y = _PackedProduct.apply(x, *self.packed())
-        return y if self.bias is None else y + self.bias
+        return _packed_forward(self, self._packing, x, super().forward)
 
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+class PackedConv1D(Conv1D):
+    """:class:`PackedLinear` for GPT-2's ``Conv1D``, whose weight is stored in x out."""
+
+    def __init__(self, source: Conv1D):
+        nn.Module.__init__(self)
+        self.weight, self.bias, self.nf = source.weight, source.bias, source.nf
+        self.nx = getattr(source, "nx", source.weight.shape[0])
+        self._packing = _Packing(transposed=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _packed_forward(self, self._packing, x, super().forward)
 
 
 def pack_linears(module: nn.Module) -> int:
-    """Replace every float32 or bfloat16 ``nn.Linear`` inside ``module`` by a
-    :class:`PackedLinear` on the same weight (in place; ``module`` must be a compute copy,
-    never the model the user holds).
+    """Replace every float32 or bfloat16 ``nn.Linear`` (and GPT-2 ``Conv1D``) inside
+    ``module`` by a packed stand-in on the same weight (in place; ``module`` must be a
+    compute copy, never the model the user holds).
     Returns how many were replaced."""
     targets = [(name, m) for name, m in module.named_modules() if name and _packable(m)]
     for name, m in targets:
         parent_name, _, child = name.rpartition(".")
         parent = module.get_submodule(parent_name) if parent_name else module
-        replacement = PackedLinear(m)
+        replacement = PackedLinear(m) if type(m) is nn.Linear else PackedConv1D(m)
         for hooks in ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
                       "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs"):
             if hasattr(m, hooks):
