@@ -5,6 +5,8 @@ batch normalises with the statistics of both batches, also after a reload; bad s
 are one clear error; and the shared life cycle passes on every tiny architecture."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -210,6 +212,24 @@ def test_preserve_keeps_later_batches_off_earlier_keys(tmp_path):
         alone.deltas, lmpatch.edit(model, MORE, "ultraedit", **{**FAST, "ridge": 0.5, "preserve": 0.0}).deltas))
 
 
+def test_preserve_scale_batch_weighs_the_earlier_keys_as_one_batch():
+    """preserve_scale="batch": the earlier keys together weigh α times this batch's keys, so
+    the second batch's update is the "sum" update with α·n/n_p in place of α."""
+    model = tiny_model("llama")
+    hp = UltraEditHparams(**FAST, preserve=2.0, ridge=0.5)
+    first = lmpatch.edit(model, REQS, "ultraedit", hp)
+    first.apply(model)
+    batch = lmpatch.edit(model, MORE[1:], "ultraedit", replace(hp, preserve_scale="batch"))
+    info = batch.metrics["edit"]
+    weight = hp.preserve * info["tokens"] / info["preserved_keys"]
+    assert info["preserved_keys"] == first.metrics["edit"]["tokens"] and info["preserve_weight"] == weight
+    assert weight != hp.preserve  # the two batches differ in tokens, so the test tells the modes apart
+    same = lmpatch.edit(model, MORE[1:], "ultraedit", replace(hp, preserve=weight))
+    assert same.metrics["edit"]["preserve_weight"] == weight
+    for a, b in zip(batch.deltas, same.deltas):
+        torch.testing.assert_close(a.materialize(), b.materialize())
+
+
 def test_covariance_weighs_the_ridge_by_the_keys_of_ordinary_text():
     """covariance=True solves ΔW = Vᵀ K (KᵀK + λC0)⁻¹ with MEMIT's C0 of each edited layer,
     computed by the method's one-off; without it the same batch gets λI."""
@@ -268,7 +288,7 @@ def test_warm_up_is_cached_and_optional():
 
 @pytest.mark.parametrize("bad", [
     dict(lr=0.0), dict(lr=float("nan")), dict(ridge=-1.0), dict(statistics="layer"), dict(modules=("attn",)),
-    dict(modules=()), dict(warmup=-1), dict(preserve=-1.0), dict(preserve=float("inf")),
+    dict(modules=()), dict(warmup=-1), dict(preserve=-1.0), dict(preserve=float("inf")), dict(preserve_scale="mean"),
     dict(covariance=True, modules=("mlp_in",)), dict(covariance=True, stats_tokens=0), dict(layers=(99,)), dict(layer_range=(0.9, 0.1)),
 ])
 def test_bad_settings_are_one_clear_error(bad):

@@ -107,6 +107,7 @@ METHOD = "ultraedit"
 #: Where a patch keeps its batch's contribution to the running statistics.
 STATS_KEY = "lifelong_statistics"
 STATISTICS = ("shape", "module")
+PRESERVE_SCALES = ("sum", "batch")
 #: Added to σ before dividing, as in the reference (float32's machine epsilon).
 EPS = float(torch.finfo(torch.float32).eps)
 #: Requests per forward/backward pass of the warm-up.
@@ -132,6 +133,10 @@ class UltraEditHparams:
       α > 0 step 4 solves ΔW = Vᵀ K (KᵀK + λI + α K_pᵀK_p)⁻¹, K_p the keys of every
       UltraEdit edit already in the weights, so a new batch moves their outputs less
       (AlphaEdit's and RLEdit's remedy for lifelong forgetting; see ``docs/ultraedit.md``).
+    * ``preserve_scale``: "sum" (each earlier key weighs α) or "batch" (all earlier keys
+      together weigh α times this batch's: α·(n/n_p)·K_pᵀK_p, n and n_p the two token
+      counts). Under "sum" a new batch's share shrinks as edits accumulate: at 10,000
+      edits the update wrote 0.12 of its pseudo values against 0.84 for the first batch.
     * ``covariance``: the ridge weighs ΔW by the key covariance C0 of ordinary text (MEMIT's
       statistics, ``lmpatch stats``) instead of the identity, λ C0 in place of λ I, so the
       update moves the outputs of ordinary text's keys least. Down projections only;
@@ -146,6 +151,7 @@ class UltraEditHparams:
     statistics: str = "shape"
     warmup: int = 100
     preserve: float = 1.0
+    preserve_scale: str = "sum"
     covariance: bool = True
     stats_corpus: str = "wikitext-2-raw"
     stats_tokens: int = 100_000
@@ -184,6 +190,10 @@ class UltraEditHparams:
             self.stats_config()  # a bad corpus size is one clear error before anything runs
         if not (isinstance(self.preserve, (int, float)) and math.isfinite(self.preserve) and self.preserve >= 0):
             raise InvalidRequestError(f"UltraEdit preserve must be a finite number >= 0, got {self.preserve!r}.")
+        if self.preserve_scale not in PRESERVE_SCALES:
+            raise InvalidRequestError(
+                f"UltraEdit preserve_scale must be one of {', '.join(PRESERVE_SCALES)}; got {self.preserve_scale!r}."
+            )
 
 
 # --------------------------------------------------------------------------- running statistics
@@ -438,14 +448,24 @@ def earlier_key_grams(model: LoadedModel, params: Sequence[str]) -> dict[str, to
     return out
 
 
-def _ridge_matrix(base: KeyCovariance | None, gram: torch.Tensor | None, hp: UltraEditHparams) -> KeyCovariance | None:
-    """A of the solve's λA: the identity (None) or C0, plus (α/λ) K_pᵀK_p for ``preserve``,
-    so that λA = λI (or λC0) + α K_pᵀK_p. C0 alone is passed on as it is (its factor is cached)."""
-    if gram is None or not hp.preserve:
+def _ridge_matrix(base: KeyCovariance | None, gram: torch.Tensor | None, weight: float,
+                  hp: UltraEditHparams) -> KeyCovariance | None:
+    """A of the solve's λA: the identity (None) or C0, plus (w/λ) K_pᵀK_p for ``preserve``,
+    so that λA = λI (or λC0) + w K_pᵀK_p (w: :func:`preserve_weight`). C0 alone is passed
+    on as it is (its factor is cached)."""
+    if gram is None or not weight:
         return base
     matrix = (base.matrix.double() if base is not None
               else torch.eye(gram.shape[0], dtype=torch.float64, device=gram.device))
-    return KeyCovariance(matrix + (hp.preserve / hp.ridge) * gram.to(matrix.device))
+    return KeyCovariance(matrix + (weight / hp.ridge) * gram.to(matrix.device))
+
+
+def preserve_weight(hp: UltraEditHparams, n_tokens: int, n_preserved: int) -> float:
+    """The weight of K_pᵀK_p: α per earlier key ("sum"), or α·n/n_p so that the earlier keys
+    together weigh α times this batch's ("batch")."""
+    if hp.preserve_scale == "batch" and n_preserved:
+        return hp.preserve * n_tokens / n_preserved
+    return hp.preserve
 
 
 def key_covariances(model: LoadedModel, params: Sequence[str], hp: UltraEditHparams) -> dict[str, KeyCovariance]:
@@ -480,6 +500,10 @@ def apply_ultraedit(model: LoadedModel, requests: Sequence[EditRequest], hp: Ult
     t0 = time.perf_counter()
     features, losses = token_features(model, requests, params)
     t1 = time.perf_counter()
+    n_tokens = int(next(iter(features.values()))[0].shape[0])
+    n_preserved = sum(int(model.stack.edit_keys[e.patch_id][params[0]].shape[0])
+                      for e in model.applied if e.method == METHOD) if grams else 0
+    weight = preserve_weight(hp, n_tokens, n_preserved)
     mine = {g.key: _contribution(g, features) for g in groups}
     stats = {g.key: earlier[g.key].merged(mine[g.key]) if g.key in earlier else mine[g.key] for g in groups}
     deltas: list[WeightDelta] = []
@@ -492,17 +516,17 @@ def apply_ultraedit(model: LoadedModel, requests: Sequence[EditRequest], hp: Ult
             k_hat, g_hat = normed[:, :d_in], normed[:, d_in:]
             values = -hp.lr * (k_hat * k_hat).sum(-1, keepdim=True) * g_hat        # tokens × d_out
             # ΔW = Vᵀ K (KᵀK + λI + α K_pᵀK_p)⁻¹ (α = 0: the paper's ridge; λC0 for I with covariance)
-            ridge = _ridge_matrix(covs.get(param), grams.get(param), hp)
+            ridge = _ridge_matrix(covs.get(param), grams.get(param), weight, hp)
             left, right = batch_update(keys, values, ridge, hp.ridge)
             deltas.append(_weight_delta(model, param, left, right))
             layers.append(_info(param, keys, values, left, right))
     info = {
-        "tokens": int(next(iter(features.values()))[0].shape[0]),
+        "tokens": n_tokens,
         "pre_edit_nll": round(float(losses.mean()), 4),
         "statistics_count": {key: m.count for key, m in stats.items()},
         "earlier_count": {key: m.count for key, m in earlier.items()},
-        "preserved_keys": sum(int(model.stack.edit_keys[e.patch_id][params[0]].shape[0])
-                              for e in model.applied if e.method == METHOD) if grams else 0,
+        "preserved_keys": n_preserved,
+        "preserve_weight": weight,
         "gradient_seconds": round(t1 - t0, 4),
         "solve_seconds": round(time.perf_counter() - t1, 4),
         "layers": layers,
