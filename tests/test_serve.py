@@ -412,3 +412,32 @@ def test_without_a_token_one_is_made_kept_owner_only_and_reused(tmp_path):
     again = Service(tiny_model("llama"), config)
     assert again.token == token
     again.close()
+
+
+def test_the_ledger_commits_inside_the_swap_so_no_request_meets_the_old_model():
+    """A client that reads "committed" must be answered by the edited model: the ledger's
+    transaction runs after the serving copy took the patch and before any request runs
+    again; a failed transaction takes the patch off again. A revert commits first, then
+    removes the patch, in the same single hold."""
+    from lmpatch.serve.state import ServedState
+
+    state = ServedState(tiny_model("llama"))
+    patch = lmpatch.edit(state.twin, REQS[0], "rome", **ROME)
+    seen = []
+
+    def commit() -> int:
+        seen.append(patch.patch_id in state.model.stack)
+        return 1
+
+    assert state.swap_in(patch, commit) == 1 and seen == [True] and state.generation == 1
+
+    def failing() -> int:
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        state.swap_out(patch.patch_id, failing)
+    assert patch.patch_id in state.model.stack and state.generation == 1  # nothing changed
+    assert state.swap_out(patch.patch_id, lambda: 2) == 2 and patch.patch_id not in state.model.stack
+    with pytest.raises(RuntimeError):
+        state.swap_in(patch, failing)
+    assert patch.patch_id not in state.model.stack and state.generation == 2

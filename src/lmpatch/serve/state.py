@@ -22,7 +22,7 @@ import hashlib
 import threading
 from collections import deque
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 from lmpatch.model.loading import LoadedModel, fingerprint_model
 from lmpatch.patch import Patch
@@ -101,16 +101,30 @@ class ServedState:
         self.twin.stack.remove(patch_id)
         return state_fingerprint(self.twin)
 
-    def swap_in(self, patch: Patch, generation: int) -> None:
-        """The serving copy catches up with the twin: ``patch`` pushed, between requests."""
+    def swap_in(self, patch: Patch, commit: Callable[[], int]) -> int:
+        """The serving copy catches up with the twin: ``patch`` pushed, then ``commit`` (the
+        ledger's transaction, returning the new generation) run, both between requests.
+
+        Why both under one hold: a client that reads "committed" must be answered by the
+        edited model. Were the ledger committed before the hold, a request could slip in
+        between and be answered by the old one. If ``commit`` fails the patch comes off
+        again, so the serving copy never holds an edit the ledger does not."""
         with self.lock.hold():
             patch.apply(self.model)
-            self.generation = generation
+            try:
+                self.generation = commit()
+            except BaseException:
+                self.model.stack.remove(patch.patch_id)
+                raise
+            return self.generation
 
-    def swap_out(self, patch_id: str, generation: int) -> None:
+    def swap_out(self, patch_id: str, commit: Callable[[], int]) -> int:
+        """:meth:`swap_in`'s reverse, in one hold: ``commit`` first (a failed transaction then
+        leaves the serving copy as it was), then ``patch_id`` removed."""
         with self.lock.hold():
+            self.generation = commit()
             self.model.stack.remove(patch_id)
-            self.generation = generation
+            return self.generation
 
     def rebuild(self, patches: list[Patch], generation: int) -> str:
         """Both copies from the base model plus ``patches`` in order (at start); returns the

@@ -172,16 +172,20 @@ class EditWorker:
                 path = Path(rec.patch_file)
             timings = {"queued_s": round(t0 - rec.created, 3), "compute_s": round(t2 - t1, 3),
                        "check_s": round(t3 - t2, 3)}
-            gen = self.ledger.commit(edit_id, patch_id=patch.patch_id, patch_file=str(path), sha256=file_sha256(path),
-                                     state_fingerprint=fingerprint, timings=timings, checks=checks)
+
+            def commit() -> int:
+                # runs after the serving copy took the patch, before any request sees it
+                timings["swap_s"] = round(time.time() - t4, 3)
+                timings["total_s"] = round(time.time() - rec.created, 3)
+                return self.ledger.commit(edit_id, patch_id=patch.patch_id, patch_file=str(path),
+                                          sha256=file_sha256(path), state_fingerprint=fingerprint,
+                                          timings=timings, checks=checks)
+
+            t4 = time.time()
+            self.state.swap_in(patch, commit)
         except BaseException:
             self.state.remove_twin(patch.patch_id)  # not committed: the twin goes back to the ledger's state
             raise
-        t4 = time.time()
-        self.state.swap_in(patch, gen)
-        timings["swap_s"] = round(time.time() - t4, 3)
-        timings["total_s"] = round(time.time() - rec.created, 3)
-        self.ledger.update(edit_id, timings=timings)
         return self.ledger.get(edit_id)
 
     def _resync_twin(self) -> None:
@@ -199,9 +203,8 @@ class EditWorker:
             return rec
         fingerprint = self.state.remove_twin(rec.patch_id)
         try:
-            gen = self.ledger.revert(edit_id, state_fingerprint=fingerprint)
+            self.state.swap_out(rec.patch_id, lambda: self.ledger.revert(edit_id, state_fingerprint=fingerprint))
         except BaseException:
             self._resync_twin()  # not committed: the twin goes back to the ledger's state
             raise
-        self.state.swap_out(rec.patch_id, gen)
         return self.ledger.get(edit_id)
