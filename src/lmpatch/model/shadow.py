@@ -1,9 +1,9 @@
 """A low-precision copy of a model for the heavy, gradient-carrying passes of an edit.
 
 Why: the value optimisation of ROME/MEMIT is a dozen forward+backward passes of the
-frozen model over ~50 tokens. At that size a float32 matmul on CPU is limited by reading
-the weights; bfloat16 halves the bytes and runs on AMX tiles, ~2x faster per step on the
-machines we target. The edit itself must still be computed and applied in float32
+frozen model over a few dozen tokens. On CPUs with AMX tiles or AVX-512 BF16, bfloat16
+products run there, ~2x faster per step than float32. (Both copies, and the model's own
+float32 passes, multiply by weights packed once: :mod:`lmpatch.model.packed`.) The edit itself must still be computed and applied in float32
 (rank-one updates of relative size 1e-3 are partly lost to bfloat16
 rounding), so the caller's model keeps its weights and this module keeps a *second*,
 bfloat16 copy that is only ever read.
