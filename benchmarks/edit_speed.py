@@ -51,8 +51,8 @@ def main() -> None:
     t0 = time.perf_counter()
     model = lmpatch.load_model()
     console.print(f"model load: {time.perf_counter() - t0:.2f} s  (threads: {torch.get_num_threads()})")
-    # lmpatch makes idle OpenMP threads sleep (PASSIVE) so a busy neighbour process cannot
-    # slow it 25x; waking them costs ~20% of an edit on an otherwise idle machine.
+    # import lmpatch makes idle OpenMP threads spin ~30 us, then sleep (docs/speed.md): the
+    # policy changes edit times by 10-15% either way, so it is printed with them.
     console.print(f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')} GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT', '(unset)')}")
     hparams = parse_sets(args.set)
     requests = load_dataset(args.data, n=args.n)

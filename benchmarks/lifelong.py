@@ -715,8 +715,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose or args.worker else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    os.environ.setdefault("GOMP_SPINCOUNT", "3000")
     if args.worker:
         return worker(args.worker, config_from(args), args.out, method_overrides(args.sets, args.worker))
     console = Console()

@@ -53,7 +53,7 @@ def packed_bytes(model: nn.Module, dtype: torch.dtype) -> int:
     seen: set[int] = set()
     total = 0
     for m in model.modules():
-        if (type(m) is nn.Linear or type(m) is Conv1D) and id(m.weight) not in seen:
+        if _packable(m) and id(m.weight) not in seen:
             seen.add(id(m.weight))
             total += 2 * m.weight.numel() * dtype.itemsize
     return total

@@ -3,10 +3,10 @@
 Why: the value optimisation of ROME/MEMIT is a dozen forward+backward passes of the
 frozen model over a few dozen tokens. On CPUs with AMX tiles or AVX-512 BF16, bfloat16
 products run there, ~2x faster per step than float32. (Both copies, and the model's own
-float32 passes, multiply by weights packed once: :mod:`lmpatch.model.packed`.) The edit itself must still be computed and applied in float32
-(rank-one updates of relative size 1e-3 are partly lost to bfloat16
-rounding), so the caller's model keeps its weights and this module keeps a *second*,
-bfloat16 copy that is only ever read.
+float32 passes, multiply by weights packed once: :mod:`lmpatch.model.packed`.) The edit
+itself must still be computed and applied in float32 (rank-one updates of relative size
+1e-3 are partly lost to bfloat16 rounding), so the caller's model keeps its weights and
+this module keeps a *second*, bfloat16 copy that is only ever read.
 
 The copy lives on the :class:`~lmpatch.model.loading.LoadedModel` it shadows (no global
 cache) and is re-synchronised lazily: each parameter's version counter and storage pointer
@@ -117,28 +117,31 @@ def compute_model(owner, dtype: torch.dtype) -> nn.Module:
     model's own this is a synced low-precision copy; in the model's own dtype it is
     ``owner.model`` itself. On a CPU, within a memory budget, either kind computes its
     linear layers from weights packed for oneDNN (:mod:`lmpatch.model.packed`); a packed
-    copy in the model's own dtype shares every parameter with it. The copies are kept in the patch stack between edits. Added modules (GRACE
-    codebooks, extra neurons) are part of what the model computes, so a copy carries
-    copies of them too, re-made whenever the stack's set of added modules changes.
-    """
-    from lmpatch.model.packed import packing_wanted
+    copy in the model's own dtype shares every parameter with it.
 
+    Which of these serves a dtype is decided at its first call and kept in the patch stack
+    (``None``: the model itself), with the copy: this runs at every pass of an edit, so
+    the memory budget is not weighed again each time. Added modules (GRACE codebooks,
+    extra neurons) are part of what the model computes, so a copy carries copies of them
+    too, re-made whenever the stack's set of added modules changes.
+    """
     master: nn.Module = owner.model
-    own = next(master.parameters()).dtype
-    packed = packing_wanted(master, dtype)
-    if own == dtype and not packed:
-        return master
     stack = owner.stack
-    key = ("packed", dtype) if packed else dtype
-    shadow = stack.shadows.get(key)
+    if dtype not in stack.shadows:
+        from lmpatch.model.packed import packing_wanted
+
+        packed = packing_wanted(master, dtype)
+        if next(master.parameters()).dtype == dtype and not packed:
+            stack.shadows[dtype] = None
+        else:
+            stack.shadows[dtype] = _build(master, dtype, stack.additions(), packed=packed)
+            log.debug("Built a %s%s compute copy of %s", "packed " if packed else "", dtype, owner.name)
+    shadow = stack.shadows[dtype]
     if shadow is None:
-        shadow = _build(master, dtype, stack.additions(), packed=packed)
-        stack.shadows[key] = shadow
-        log.debug("Built a %s%s compute copy of %s", "packed " if packed else "", dtype, owner.name)
-    else:
-        n = shadow.sync()
-        if n:
-            log.debug("Refreshed %d parameters of the %s compute copy", n, dtype)
+        return master
+    n = shadow.sync()
+    if n:
+        log.debug("Refreshed %d parameters of the %s compute copy", n, dtype)
     if shadow.structure != stack.structure:
         shadow.mirror(stack.additions())
         shadow.structure = stack.structure

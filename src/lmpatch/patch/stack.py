@@ -133,8 +133,9 @@ class PatchStack:
         self.lock = threading.RLock()
         #: Bumped whenever added modules come or go, so compute copies know to mirror them.
         self.structure = 0
-        #: dtype or ("packed", dtype) -> :class:`lmpatch.model.shadow.Shadow`
-        self.shadows: dict[Any, Any] = {}
+        #: dtype -> the :class:`lmpatch.model.shadow.Shadow` that computes in it, or None
+        #: where the model itself does (decided once: lmpatch.model.shadow.compute_model)
+        self.shadows: dict[torch.dtype, Any] = {}
         #: see :func:`lmpatch.methods.locate.solve.layer_covariances`
         self.solves: dict[Any, Any] = {}
         #: patch id -> the keys that patch wrote (AlphaEdit keeps later edits off them)
