@@ -1,6 +1,10 @@
 """The packed float32 compute copy: same numbers as the model, follows patches, bounded memory."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -135,6 +139,12 @@ def test_the_bfloat16_copy_is_packed_and_follows_patches():
     assert torch.equal(again, before)
 
 
-def test_the_avx2_hold_covers_onednn():
-    """The packed products run in oneDNN: an AVX2 timing must hold it to AVX2 too."""
+def test_the_avx2_hold_covers_every_kernel_library():
+    """The packed products run in oneDNN and plain float32 products in MKL: an AVX2 timing
+    must hold both to AVX2, besides torch's own kernels (which a child process reports)."""
     assert AVX2_ONLY.get("ONEDNN_MAX_CPU_ISA") == "AVX2"
+    assert AVX2_ONLY.get("MKL_ENABLE_INSTRUCTIONS") == "AVX2"
+    code = "import torch; print(torch.backends.cpu.get_cpu_capability())"
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, **AVX2_ONLY},
+                         capture_output=True, text=True, check=True).stdout.strip()
+    assert out in ("AVX2", "DEFAULT"), out
