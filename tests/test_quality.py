@@ -119,10 +119,12 @@ def test_shipped_mend_quality(real_model, held_out):
     assert z["metrics"]["reliability"] >= 0.75 and z["metrics"]["locality"] >= 0.9
 
 
-# UltraEdit with its defaults, 5 sequential batches of 100 held-out edits: after 1,000 the
-# scale run (docs/ultraedit.md) measured efficacy 0.95 on 100 scored and perplexity +13%;
-# it falls to 0.72 and +57% by 10,000, a known gap this test does not hide (it checks the
-# range the defaults are good for).
+# UltraEdit with its defaults, 5 sequential batches of 100 held-out edits. Measured with
+# the defaults of 2026-12-05 (layers 20-28, lr 5e-4): efficacy 0.91 on these 100 scored
+# edits, perplexity 23.33 -> 24.31 (+4%). The scale run (docs/ultraedit.md) measured 0.90
+# and +9% after 1,000 and 0.73 and +42% by 10,000, a known gap this test does not hide (it
+# checks the range the defaults are good for); 0.88 leaves room for three records to flip
+# between CPUs' float32 kernels.
 def test_ultraedit_sequential_quality(real_model):
     from lmpatch.eval.perplexity import perplexity
 
@@ -144,6 +146,6 @@ def test_ultraedit_sequential_quality(real_model):
             patch.revert(real_model)
     assert len(patches) == 5 and patches[-1].metrics["edit"]["preserved_keys"] > 0
     assert unedited["metrics_pre"]["efficacy_score"] < 0.5  # the edits really change something
-    assert scored["efficacy_score"] >= 0.9, scored
-    assert after <= 1.2 * before, (before, after)
+    assert scored["efficacy_score"] >= 0.88, scored
+    assert after <= 1.1 * before, (before, after)
     assert perplexity(real_model, max_tokens=4096, progress=False).value == before  # reverted exactly

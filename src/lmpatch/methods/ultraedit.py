@@ -145,8 +145,8 @@ class UltraEditHparams:
 
     modules: tuple[str, ...] = ("mlp_out",)
     layers: tuple[int, ...] | None = None
-    layer_range: tuple[float, float] = (0.8, 0.93)
-    lr: float = 1e-3
+    layer_range: tuple[float, float] = (0.67, 0.93)
+    lr: float = 5e-4
     ridge: float = 100.0
     statistics: str = "shape"
     warmup: int = 100
