@@ -21,6 +21,7 @@ from lmpatch.methods.ultraedit import (
     STATS_KEY,
     Moments,
     UltraEditHparams,
+    _still_losing,
     edit_params,
     running_statistics,
     token_features,
@@ -230,6 +231,52 @@ def test_preserve_scale_batch_weighs_the_earlier_keys_as_one_batch():
         torch.testing.assert_close(a.materialize(), b.materialize())
 
 
+def test_turns_re_edit_the_requests_that_still_lose_in_one_patch():
+    """turns=2: the first turn edits every request; applied, the requests that still lose
+    get a second turn computed on top of it (its statistics and preserved keys counting the
+    first's). The call returns one patch equal to the two turns in sequence and leaves the
+    model, its preserved keys and its running K_pᵀK_p as they were."""
+    model = tiny_model("llama")
+    hp = UltraEditHparams(**{**FAST, "lr": 1e-5}, preserve=1.0, ridge=0.5)  # too small a step to win every edit at once
+    earlier = lmpatch.edit(model, MORE[1:], "ultraedit", hp)
+    earlier.apply(model)
+    lmpatch.edit(model, MORE[:1], "ultraedit", hp)  # fills the running K_pᵀK_p memo with `earlier`'s keys
+    before, keys_before = _state(model), dict(model.stack.edit_keys)
+    memo_before = {k: v for k, v in model.stack.solves.items() if k[0] == "ultraedit-earlier-keys"}
+
+    requests = [*REQS, MORE[0]]
+    patch = lmpatch.edit(model, requests, "ultraedit", replace(hp, turns=2))
+    counts = patch.metrics["edit"]["turns"]
+    assert len(counts) == 2 and counts[0] == len(requests) and 0 < counts[1] <= len(requests)
+    assert all(torch.equal(v, before[k]) for k, v in model.model.state_dict().items())
+    assert set(model.stack.edit_keys) == set(keys_before) | {patch.patch_id}
+    for key, (ids, gram) in memo_before.items():
+        assert model.stack.solves[key][0] == ids and torch.equal(model.stack.solves[key][1], gram)
+
+    # the same two turns by hand
+    first = lmpatch.edit(model, requests, "ultraedit", hp)
+    first.apply(model)
+    losing = _still_losing(model, requests)
+    assert len(losing) == counts[1]
+    after_first = _nll(model, losing)
+    second = lmpatch.edit(model, losing, "ultraedit", hp)
+    second.apply(model)
+    by_hand = _state(model)
+    second.revert(model)
+    first.revert(model)
+    patch.apply(model)
+    for k, v in _state(model).items():
+        torch.testing.assert_close(v, by_hand[k], rtol=1e-5, atol=1e-6)
+    assert bool((_nll(model, losing) < after_first).all())  # the second turn moved them further
+    stats = patch.metrics[STATS_KEY]
+    assert all(entry["count"] == first.metrics["edit"]["tokens"] + second.metrics["edit"]["tokens"]
+               for entry in stats.values())
+    n_keys = next(iter(model.stack.edit_keys[patch.patch_id].values())).shape[0]
+    assert n_keys == first.metrics["edit"]["tokens"] + second.metrics["edit"]["tokens"]
+    patch.revert(model)
+    assert all(torch.equal(v, before[k]) for k, v in model.model.state_dict().items())
+
+
 def test_covariance_weighs_the_ridge_by_the_keys_of_ordinary_text():
     """covariance=True solves ΔW = Vᵀ K (KᵀK + λC0)⁻¹ with MEMIT's C0 of each edited layer,
     computed by the method's one-off; without it the same batch gets λI."""
@@ -290,6 +337,7 @@ def test_warm_up_is_cached_and_optional():
     dict(lr=0.0), dict(lr=float("nan")), dict(ridge=-1.0), dict(statistics="layer"), dict(modules=("attn",)),
     dict(modules=()), dict(warmup=-1), dict(preserve=-1.0), dict(preserve=float("inf")), dict(preserve_scale="mean"),
     dict(covariance=True, modules=("mlp_in",)), dict(covariance=True, stats_tokens=0), dict(layers=(99,)), dict(layer_range=(0.9, 0.1)),
+    dict(turns=0), dict(turns=-2),
 ])
 def test_bad_settings_are_one_clear_error(bad):
     model = tiny_model("llama")

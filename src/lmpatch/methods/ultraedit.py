@@ -141,6 +141,12 @@ class UltraEditHparams:
       statistics, ``lmpatch stats``) instead of the identity, λ C0 in place of λ I, so the
       update moves the outputs of ordinary text's keys least. Down projections only;
       ``stats_corpus`` / ``stats_tokens`` say what C0 is estimated from.
+    * ``turns``: at most this many turns per call (1: the paper). Turn k > 1 edits, on top
+      of the turns before it, only the requests whose new target does not yet beat the
+      true one (or, without a true one, is not yet every token's argmax): a late batch in
+      a long stream is written weakly against the keys already preserved, and a second
+      turn writes those edits from where the first left them. The call still returns one
+      patch (the turns' changes summed, their statistics and keys together).
     """
 
     modules: tuple[str, ...] = ("mlp_out",)
@@ -153,6 +159,7 @@ class UltraEditHparams:
     preserve: float = 1.0
     preserve_scale: str = "sum"
     covariance: bool = True
+    turns: int = 1
     stats_corpus: str = "wikitext-2-raw"
     stats_tokens: int = 100_000
 
@@ -190,6 +197,8 @@ class UltraEditHparams:
             self.stats_config()  # a bad corpus size is one clear error before anything runs
         if not (isinstance(self.preserve, (int, float)) and math.isfinite(self.preserve) and self.preserve >= 0):
             raise InvalidRequestError(f"UltraEdit preserve must be a finite number >= 0, got {self.preserve!r}.")
+        if isinstance(self.turns, bool) or not isinstance(self.turns, int) or self.turns < 1:
+            raise InvalidRequestError(f"UltraEdit turns must be a whole number >= 1, got {self.turns!r}.")
         if self.preserve_scale not in PRESERVE_SCALES:
             raise InvalidRequestError(
                 f"UltraEdit preserve_scale must be one of {', '.join(PRESERVE_SCALES)}; got {self.preserve_scale!r}."
@@ -490,8 +499,79 @@ def _weight_delta(model: LoadedModel, param: str, left: torch.Tensor, right: tor
 
 
 def apply_ultraedit(model: LoadedModel, requests: Sequence[EditRequest], hp: UltraEditHparams) -> Patch:
-    """One UltraEdit turn: every request in one update of every edited matrix (see the module docstring)."""
+    """UltraEdit: one turn for every request (see the module docstring), then, up to
+    ``hp.turns``, more turns for the requests that still lose; one patch."""
     hp.check()
+    first = _turn(model, requests, hp)
+    if hp.turns == 1:
+        return first
+    params = edit_params(model, hp)
+    memos = {p: model.stack.solves.get((GRAM_MEMO, p)) for p in params}
+    turns = [first]
+    try:
+        first.apply(model)
+        for _ in range(hp.turns - 1):
+            losing = _still_losing(model, requests)
+            if not losing:
+                break
+            turns.append(_turn(model, losing, hp))
+            turns[-1].apply(model)
+    finally:
+        for patch in reversed(turns):
+            if patch.is_applied(model):
+                patch.revert(model)
+        for p, memo in memos.items():  # the running K_pᵀK_p of the patches in the weights
+            if memo is None:
+                model.stack.solves.pop((GRAM_MEMO, p), None)
+            else:
+                model.stack.solves[(GRAM_MEMO, p)] = memo
+    return _joined(model, requests, hp, params, turns)
+
+
+@torch.no_grad()
+def _still_losing(model: LoadedModel, requests: Sequence[EditRequest]) -> list[EditRequest]:
+    """The requests the model does not yet answer with the new target: its mean NLL not
+    below the true target's, or, without a true target, not every token the argmax."""
+    from dataclasses import replace
+
+    from lmpatch.methods.teacher import request_hits
+
+    paired = [r for r in requests if r.target_true is not None]
+    losing = []
+    if paired:
+        new = request_nll(model, target_batch(model, paired, TARGET_NEW)).tolist()
+        trues = [replace(r, target_new=r.target_true, target_true=None) for r in paired]
+        true = request_nll(model, target_batch(model, trues, TARGET_NEW)).tolist()
+        losing += [r for r, a, b in zip(paired, new, true) if a >= b]
+    alone = [r for r in requests if r.target_true is None]
+    if alone:
+        hits = request_hits(model, target_batch(model, alone, TARGET_NEW))
+        losing += [r for r, hit in zip(alone, hits) if not hit]
+    return losing
+
+
+def _joined(model: LoadedModel, requests: Sequence[EditRequest], hp: UltraEditHparams,
+            params: Sequence[str], turns: list[Patch]) -> Patch:
+    """One patch for a call's turns: their changes summed per matrix, their statistics
+    merged, their keys preserved together under the new patch's id."""
+    groups = _groups(model, params, hp.statistics)
+    stats = {}
+    for g in groups:
+        merged = _merge([m for t in turns if (m := _stored(t, g)) is not None])
+        stats[g.key] = {"params": list(g.params), **merged.to_json()}
+    info = dict(turns[0].metrics["edit"])
+    info["turns"] = [len(t.requests) for t in turns]
+    patch = Patch(parts=WeightDelta.compose([part for t in turns for part in t.parts]), method=METHOD,
+                  model_fingerprint=model.fingerprint, model_name=model.name, hparams=asdict(hp),
+                  requests=list(requests), metrics={"edit": info, STATS_KEY: stats})
+    if hp.preserve:
+        keys = [model.stack.edit_keys.pop(t.patch_id) for t in turns]
+        model.stack.edit_keys[patch.patch_id] = {p: torch.cat([k[p] for k in keys]) for p in params}
+    return patch
+
+
+def _turn(model: LoadedModel, requests: Sequence[EditRequest], hp: UltraEditHparams) -> Patch:
+    """One UltraEdit turn: every request in one update of every edited matrix."""
     params = edit_params(model, hp)
     groups = _groups(model, params, hp.statistics)
     earlier = running_statistics(model, params, hp)
