@@ -79,7 +79,7 @@ import logging
 import math
 import time
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -91,7 +91,7 @@ from lmpatch.methods.learned_editing import MODULE_KINDS, edit_modules
 from lmpatch.methods.locate.solve import KeyCovariance, batch_update, layer_covariances
 from lmpatch.methods.memit import edit_layers
 from lmpatch.methods.registry import Method, OneOff, register
-from lmpatch.methods.teacher import TARGET_NEW, request_nll, target_batch
+from lmpatch.methods.teacher import TARGET_NEW, request_hits, request_nll, target_batch
 from lmpatch.methods.token_grads import gradient_factors
 from lmpatch.model.hooks import capture_input
 from lmpatch.model.loading import LoadedModel, cache_dir
@@ -531,18 +531,14 @@ def apply_ultraedit(model: LoadedModel, requests: Sequence[EditRequest], hp: Ult
 @torch.no_grad()
 def _still_losing(model: LoadedModel, requests: Sequence[EditRequest]) -> list[EditRequest]:
     """The requests the model does not yet answer with the new target: its mean NLL not
-    below the true target's, or, without a true target, not every token the argmax."""
-    from dataclasses import replace
-
-    from lmpatch.methods.teacher import request_hits
-
+    below the true target's (both read in one pass), or, without a true target, not every
+    token the argmax."""
     paired = [r for r in requests if r.target_true is not None]
     losing = []
     if paired:
-        new = request_nll(model, target_batch(model, paired, TARGET_NEW)).tolist()
         trues = [replace(r, target_new=r.target_true, target_true=None) for r in paired]
-        true = request_nll(model, target_batch(model, trues, TARGET_NEW)).tolist()
-        losing += [r for r, a, b in zip(paired, new, true) if a >= b]
+        nll = request_nll(model, target_batch(model, [*paired, *trues], TARGET_NEW)).tolist()
+        losing += [r for r, new, true in zip(paired, nll, nll[len(paired):]) if new >= true]
     alone = [r for r in requests if r.target_true is None]
     if alone:
         hits = request_hits(model, target_batch(model, alone, TARGET_NEW))
