@@ -231,6 +231,33 @@ def test_preserve_scale_batch_weighs_the_earlier_keys_as_one_batch():
         torch.testing.assert_close(a.materialize(), b.materialize())
 
 
+def test_the_losing_check_reads_one_token_true_targets_from_the_new_targets_pass():
+    """The check between turns compares each request's new-target NLL with its true
+    target's. A one-token true target is read where the new target's first token is (same
+    prompt), a longer one from its own sequence, and with the lower layers replayed the
+    answer is the same: equal to the two targets scored apart, and the requests with new
+    and true swapped lose exactly where the originals win."""
+    from lmpatch.methods.frozen_bottom import FrozenBottom
+    from lmpatch.methods.ultraedit import _bottom
+
+    model = tiny_model("llama")
+    requests = [*REQS, MORE[0],
+                lmpatch.EditRequest(prompt="Water boils at", subject="Water", target_new="forty degrees",
+                                    target_true="one hundred degrees Celsius"),
+                lmpatch.EditRequest(prompt="Ice melts at", subject="Ice", target_new="zero degrees", target_true="Rome")]
+    swapped = [replace(r, target_new=r.target_true, target_true=r.target_new) for r in requests]
+    trues = [replace(r, target_new=r.target_true, target_true=None) for r in requests]
+    new, true = _nll(model, requests).tolist(), _nll(model, trues).tolist()
+    expected = [r for r, a, b in zip(requests, new, true) if a >= b]
+    assert 0 < len(expected) < len(requests)  # some of each, or the test tells nothing
+    bottom = _bottom(model, UltraEditHparams(**FAST))
+    assert isinstance(bottom, FrozenBottom) and bottom.layer > 0
+    for check in (lambda rs: _still_losing(model, rs), lambda rs: _still_losing(model, rs, bottom)):
+        assert check(requests) == expected
+        assert {r.prompt for r in check(swapped)} == {r.prompt for r in requests} - {r.prompt for r in expected}
+    assert bottom.states  # the replayed pass kept the lower layers' states
+
+
 def test_turns_re_edit_the_requests_that_still_lose_in_one_patch():
     """turns=2: the first turn edits every request; applied, the requests that still lose
     get a second turn computed on top of it (its statistics and preserved keys counting the

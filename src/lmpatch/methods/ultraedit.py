@@ -78,7 +78,7 @@ import json
 import logging
 import math
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -87,12 +87,14 @@ import torch
 
 from lmpatch.errors import InvalidRequestError
 from lmpatch.fileio import atomic_write_json
+from lmpatch.methods.frozen_bottom import FrozenBottom
 from lmpatch.methods.learned_editing import MODULE_KINDS, edit_modules
 from lmpatch.methods.locate.solve import KeyCovariance, batch_update, layer_covariances
 from lmpatch.methods.memit import edit_layers
 from lmpatch.methods.registry import Method, OneOff, register
-from lmpatch.methods.teacher import TARGET_NEW, request_hits, request_nll, target_batch
+from lmpatch.methods.teacher import TARGET_NEW, request_nll, target_batch, target_logprobs
 from lmpatch.methods.token_grads import gradient_factors
+from lmpatch.model.forced import pair_ids
 from lmpatch.model.hooks import capture_input
 from lmpatch.model.loading import LoadedModel, cache_dir
 from lmpatch.model.spec import factors_to_param_layout, linear_dims
@@ -326,13 +328,16 @@ def edit_params(model: LoadedModel, hp: UltraEditHparams) -> list[str]:
 
 
 def token_features(
-    model: LoadedModel, requests: Sequence[EditRequest], params: Sequence[str]
+    model: LoadedModel, requests: Sequence[EditRequest], params: Sequence[str],
+    bottom: FrozenBottom | None = None,
 ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
     """Per matrix, (keys, output gradients) at the positions that predict target tokens,
     one row per target token (float64), from one forward/backward pass; and each request's
-    NLL of its new target before the edit."""
+    NLL of its new target before the edit. With ``bottom`` the layers below the edited ones
+    are replayed from (or kept in) it."""
     batch = target_batch(model, list(requests), TARGET_NEW)
-    factors, losses = gradient_factors(model, edit_modules(model, params), requests, batch=batch)
+    with _replaying(bottom, batch):
+        factors, losses = gradient_factors(model, edit_modules(model, params), requests, batch=batch)
     rows, cols = batch.pos_rows, batch.pos_cols
     out = {}
     for name, f in zip(params, factors):
@@ -502,19 +507,19 @@ def apply_ultraedit(model: LoadedModel, requests: Sequence[EditRequest], hp: Ult
     """UltraEdit: one turn for every request (see the module docstring), then, up to
     ``hp.turns``, more turns for the requests that still lose; one patch."""
     hp.check()
-    first = _turn(model, requests, hp)
     if hp.turns == 1:
-        return first
+        return _turn(model, requests, hp)
     params = edit_params(model, hp)
+    bottom = _bottom(model, hp)
     memos = {p: model.stack.solves.get((GRAM_MEMO, p)) for p in params}
-    turns = [first]
+    turns = [_turn(model, requests, hp, bottom)]
     try:
-        first.apply(model)
+        turns[0].apply(model)
         for _ in range(hp.turns - 1):
-            losing = _still_losing(model, requests)
+            losing = _still_losing(model, requests, bottom)
             if not losing:
                 break
-            turns.append(_turn(model, losing, hp))
+            turns.append(_turn(model, losing, hp, bottom))
             turns[-1].apply(model)
     finally:
         for patch in reversed(turns):
@@ -528,21 +533,58 @@ def apply_ultraedit(model: LoadedModel, requests: Sequence[EditRequest], hp: Ult
     return _joined(model, requests, hp, params, turns)
 
 
+def _bottom(model: LoadedModel, hp: UltraEditHparams) -> FrozenBottom | None:
+    """The layers below the lowest edited one, kept for the turns of one call.
+
+    No turn changes them, so each text's state there is computed once per call: the
+    first turn's pass keeps it, and the checks and later turns run the edited layers and
+    up only (a third of SmolLM2 for the defaults). Not for an encoder-decoder, whose
+    decoder reads an encoder output the edit may change."""
+    lowest = min(edit_layers(model, hp))
+    return FrozenBottom(model, lowest) if lowest > 0 and not model.spec.encoder_decoder else None
+
+
+def _replaying(bottom: FrozenBottom | None, batch):
+    return bottom.replaying(batch.input_ids, batch.attention_mask) if bottom is not None else nullcontext()
+
+
 @torch.no_grad()
-def _still_losing(model: LoadedModel, requests: Sequence[EditRequest]) -> list[EditRequest]:
+def _still_losing(model: LoadedModel, requests: Sequence[EditRequest],
+                  bottom: FrozenBottom | None = None) -> list[EditRequest]:
     """The requests the model does not yet answer with the new target: its mean NLL not
-    below the true target's (both read in one pass), or, without a true target, not every
-    token the argmax."""
-    paired = [r for r in requests if r.target_true is not None]
+    below the true target's, or, without a true target, not every token the argmax.
+
+    One pass over the new targets' sequences (the texts the turn was computed on, so
+    ``bottom`` has them): a one-token true target is read where the new target's first
+    token is, from the same prompt; only longer true targets add a sequence of their own."""
+    true_ids = [None if r.target_true is None else pair_ids(model, model.format_prompt(r.prompt), r.target_true).target_ids
+                for r in requests]
+    longer = [i for i, ids in enumerate(true_ids) if ids is not None and len(ids) > 1]
+    rows = [*requests, *(replace(requests[i], target_new=requests[i].target_true, target_true=None) for i in longer)]
+    batch = target_batch(model, rows, TARGET_NEW)
+    with _replaying(bottom, batch):
+        logp = target_logprobs(model, batch, None)
+    owner = batch.pos_rows[batch.pick].tolist()
+    picked = logp.gather(1, batch.tokens[:, None])[:, 0].double().tolist()
+    right = (logp.argmax(-1) == batch.tokens).tolist()
+    first: dict[int, int] = {}
+    nll, count, hit = [0.0] * len(rows), [0] * len(rows), [True] * len(rows)
+    for i, row in enumerate(owner):
+        first.setdefault(row, i)
+        nll[row] -= picked[i]
+        count[row] += 1
+        hit[row] = hit[row] and right[i]
+    mean = [total / n for total, n in zip(nll, count)]
+    true_nll = {i: mean[len(requests) + j] for j, i in enumerate(longer)}
     losing = []
-    if paired:
-        trues = [replace(r, target_new=r.target_true, target_true=None) for r in paired]
-        nll = request_nll(model, target_batch(model, [*paired, *trues], TARGET_NEW)).tolist()
-        losing += [r for r, new, true in zip(paired, nll, nll[len(paired):]) if new >= true]
-    alone = [r for r in requests if r.target_true is None]
-    if alone:
-        hits = request_hits(model, target_batch(model, alone, TARGET_NEW))
-        losing += [r for r, hit in zip(alone, hits) if not hit]
+    for i, (r, ids) in enumerate(zip(requests, true_ids)):
+        if ids is None:
+            lost = not hit[i]
+        else:
+            true = true_nll[i] if i in true_nll else -float(logp[first[i], ids[0]])
+            lost = mean[i] >= true
+        if lost:
+            losing.append(r)
     return losing
 
 
@@ -566,15 +608,17 @@ def _joined(model: LoadedModel, requests: Sequence[EditRequest], hp: UltraEditHp
     return patch
 
 
-def _turn(model: LoadedModel, requests: Sequence[EditRequest], hp: UltraEditHparams) -> Patch:
-    """One UltraEdit turn: every request in one update of every edited matrix."""
+def _turn(model: LoadedModel, requests: Sequence[EditRequest], hp: UltraEditHparams,
+          bottom: FrozenBottom | None = None) -> Patch:
+    """One UltraEdit turn: every request in one update of every edited matrix (the layers
+    below the edited ones replayed from ``bottom`` when given)."""
     params = edit_params(model, hp)
     groups = _groups(model, params, hp.statistics)
     earlier = running_statistics(model, params, hp)
     grams = earlier_key_grams(model, params) if hp.preserve else {}
     covs = key_covariances(model, params, hp)
     t0 = time.perf_counter()
-    features, losses = token_features(model, requests, params)
+    features, losses = token_features(model, requests, params, bottom)
     t1 = time.perf_counter()
     n_tokens = int(next(iter(features.values()))[0].shape[0])
     n_preserved = sum(int(model.stack.edit_keys[e.patch_id][params[0]].shape[0])
