@@ -304,6 +304,28 @@ def test_turns_re_edit_the_requests_that_still_lose_in_one_patch():
     assert all(torch.equal(v, before[k]) for k, v in model.model.state_dict().items())
 
 
+def test_a_third_turn_takes_only_the_second_turns_losers(monkeypatch):
+    """Turn k > 1 re-reads only turn k - 1's requests: the ones an earlier turn won are held
+    by the keys its update preserves, and re-reading them would cost a pass per turn."""
+    from lmpatch.methods import ultraedit
+
+    model = tiny_model("llama")
+    hp = UltraEditHparams(**{**FAST, "lr": 1e-6}, preserve=1.0, ridge=0.5, turns=3)
+    requests = [*REQS, MORE[0]]
+    seen: list[list[str]] = []
+    real = ultraedit._still_losing
+
+    def spy(m, reqs, bottom=None):
+        seen.append([r.prompt for r in reqs])
+        return real(m, reqs, bottom)
+
+    monkeypatch.setattr(ultraedit, "_still_losing", spy)
+    patch = lmpatch.edit(model, requests, "ultraedit", hp)
+    counts = patch.metrics["edit"]["turns"]
+    assert len(counts) == 3 and counts[0] == len(requests)  # a step this small wins nothing at once
+    assert seen[0] == [r.prompt for r in requests] and len(seen[1]) == counts[1] < len(requests)
+
+
 def test_covariance_weighs_the_ridge_by_the_keys_of_ordinary_text():
     """covariance=True solves ΔW = Vᵀ K (KᵀK + λC0)⁻¹ with MEMIT's C0 of each edited layer,
     computed by the method's one-off; without it the same batch gets λI."""

@@ -79,7 +79,7 @@ import logging
 import math
 import time
 from contextlib import ExitStack, nullcontext
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -144,8 +144,8 @@ class UltraEditHparams:
       update moves the outputs of ordinary text's keys least. Down projections only;
       ``stats_corpus`` / ``stats_tokens`` say what C0 is estimated from.
     * ``turns``: at most this many turns per call (1: the paper). Turn k > 1 edits, on top
-      of the turns before it, only the requests whose new target does not yet beat the
-      true one (or, without a true one, is not yet every token's argmax): a late batch in
+      of the turns before it, only those of turn k - 1's requests whose new target does not
+      yet beat the true one (or, without a true one, is not yet every token's argmax): a late batch in
       a long stream is written weakly against the keys already preserved, and a second
       turn writes those edits from where the first left them. The call still returns one
       patch (the turns' changes summed, their statistics and keys together).
@@ -454,8 +454,9 @@ def earlier_key_grams(model: LoadedModel, params: Sequence[str]) -> dict[str, to
         else:
             done, gram = (), None
         for pid in ids[len(done):]:
-            k = model.stack.edit_keys[pid][p].double()
-            gram = k.T @ k if gram is None else gram + k.T @ k
+            k = model.stack.edit_keys[pid][p].float()  # kept in float32; one batch's product in float32
+            term = (k.T @ k).double()                  # is 4× faster and summed in float64
+            gram = term if gram is None else gram + term
         if gram is not None:
             model.stack.solves[(GRAM_MEMO, p)] = (ids, gram)
             out[p] = gram
@@ -510,16 +511,18 @@ def apply_ultraedit(model: LoadedModel, requests: Sequence[EditRequest], hp: Ult
     if hp.turns == 1:
         return _turn(model, requests, hp)
     params = edit_params(model, hp)
-    bottom = _bottom(model, hp)
+    call = _Call(bottom=_bottom(model, hp))
     memos = {p: model.stack.solves.get((GRAM_MEMO, p)) for p in params}
-    turns = [_turn(model, requests, hp, bottom)]
+    turns = [_turn(model, requests, hp, call)]
     try:
         turns[0].apply(model)
         for _ in range(hp.turns - 1):
-            losing = _still_losing(model, requests, bottom)
+            # a turn's own requests only: the ones it won were held by its update's
+            # preserved keys, and re-reading all of them every turn would cost a pass each
+            losing = _still_losing(model, turns[-1].requests, call.bottom)
             if not losing:
                 break
-            turns.append(_turn(model, losing, hp, bottom))
+            turns.append(_turn(model, losing, hp, call))
             turns[-1].apply(model)
     finally:
         for patch in reversed(turns):
@@ -531,6 +534,30 @@ def apply_ultraedit(model: LoadedModel, requests: Sequence[EditRequest], hp: Ult
             else:
                 model.stack.solves[(GRAM_MEMO, p)] = memo
     return _joined(model, requests, hp, params, turns)
+
+
+@dataclass
+class _Call:
+    """What the turns of one call share, so that a later turn costs little more than its pass.
+
+    * ``bottom``: the layers below the edited ones, computed once per text (:func:`_bottom`).
+    * ``ridges``, ``weight``, ``n_preserved``: the first turn's ridge matrix per edited
+      matrix (λC0 plus the keys of the patches applied before the call), whose Cholesky
+      factor the matrix object caches, and the weight of those keys.
+    * ``keys``: the keys of the call's turns so far, per matrix. A later turn must also
+      preserve them; rather than a new d_in × d_in factorisation per turn, they join the
+      turn's own keys as rows with zero residual, scaled by √weight. That is the same
+      least-squares problem (the normal equations gain w·KᵀK of those rows and nothing on the
+      right-hand side), solved with the first turn's factor and a slightly larger n × n system.
+      The weight is the first turn's (it differs from a fresh call's only under
+      ``preserve_scale="batch"``, where it depends on the turn's token count).
+    """
+
+    bottom: FrozenBottom | None = None
+    ridges: dict[str, KeyCovariance | None] | None = None
+    weight: float = 0.0
+    n_preserved: int = 0
+    keys: dict[str, list[torch.Tensor]] = field(default_factory=dict)
 
 
 def _bottom(model: LoadedModel, hp: UltraEditHparams) -> FrozenBottom | None:
@@ -609,21 +636,25 @@ def _joined(model: LoadedModel, requests: Sequence[EditRequest], hp: UltraEditHp
 
 
 def _turn(model: LoadedModel, requests: Sequence[EditRequest], hp: UltraEditHparams,
-          bottom: FrozenBottom | None = None) -> Patch:
-    """One UltraEdit turn: every request in one update of every edited matrix (the layers
-    below the edited ones replayed from ``bottom`` when given)."""
+          call: _Call | None = None) -> Patch:
+    """One UltraEdit turn: every request in one update of every edited matrix. Within a
+    call of several turns, ``call`` carries what the turns share (see :class:`_Call`)."""
+    call = call if call is not None else _Call()
     params = edit_params(model, hp)
     groups = _groups(model, params, hp.statistics)
     earlier = running_statistics(model, params, hp)
-    grams = earlier_key_grams(model, params) if hp.preserve else {}
-    covs = key_covariances(model, params, hp)
     t0 = time.perf_counter()
-    features, losses = token_features(model, requests, params, bottom)
+    features, losses = token_features(model, requests, params, call.bottom)
     t1 = time.perf_counter()
     n_tokens = int(next(iter(features.values()))[0].shape[0])
-    n_preserved = sum(int(model.stack.edit_keys[e.patch_id][params[0]].shape[0])
-                      for e in model.applied if e.method == METHOD) if grams else 0
-    weight = preserve_weight(hp, n_tokens, n_preserved)
+    if call.ridges is None:  # the call's first turn: the earlier edits' keys and C0 into one ridge
+        grams = earlier_key_grams(model, params) if hp.preserve else {}
+        covs = key_covariances(model, params, hp)
+        call.n_preserved = sum(int(model.stack.edit_keys[e.patch_id][params[0]].shape[0])
+                               for e in model.applied if e.method == METHOD) if grams else 0
+        call.weight = preserve_weight(hp, n_tokens, call.n_preserved)
+        call.ridges = {p: _ridge_matrix(covs.get(p), grams.get(p), call.weight, hp) for p in params}
+    preserved = call.n_preserved + sum(int(k.shape[0]) for k in call.keys.get(params[0], []))
     mine = {g.key: _contribution(g, features) for g in groups}
     stats = {g.key: earlier[g.key].merged(mine[g.key]) if g.key in earlier else mine[g.key] for g in groups}
     deltas: list[WeightDelta] = []
@@ -635,18 +666,24 @@ def _turn(model: LoadedModel, requests: Sequence[EditRequest], hp: UltraEditHpar
             normed = stats[group.key].normalise(torch.cat([keys, grads], dim=1))
             k_hat, g_hat = normed[:, :d_in], normed[:, d_in:]
             values = -hp.lr * (k_hat * k_hat).sum(-1, keepdim=True) * g_hat        # tokens × d_out
-            # ΔW = Vᵀ K (KᵀK + λI + α K_pᵀK_p)⁻¹ (α = 0: the paper's ridge; λC0 for I with covariance)
-            ridge = _ridge_matrix(covs.get(param), grams.get(param), weight, hp)
-            left, right = batch_update(keys, values, ridge, hp.ridge)
+            # ΔW = Vᵀ K (KᵀK + λI + α K_pᵀK_p)⁻¹ (α = 0: the paper's ridge; λC0 for I with covariance);
+            # the call's earlier turns' keys as zero-residual rows (see _Call)
+            held = call.keys.get(param, [])
+            rows = torch.cat([keys, *(math.sqrt(call.weight) * k for k in held)])
+            targets = torch.cat([values, values.new_zeros(rows.shape[0] - keys.shape[0], values.shape[1])])
+            left, right = batch_update(rows, targets, call.ridges[param], hp.ridge)
             deltas.append(_weight_delta(model, param, left, right))
             layers.append(_info(param, keys, values, left, right))
+    if hp.preserve:
+        for param in params:
+            call.keys.setdefault(param, []).append(features[param][0])
     info = {
         "tokens": n_tokens,
         "pre_edit_nll": round(float(losses.mean()), 4),
         "statistics_count": {key: m.count for key, m in stats.items()},
         "earlier_count": {key: m.count for key, m in earlier.items()},
-        "preserved_keys": n_preserved,
-        "preserve_weight": weight,
+        "preserved_keys": preserved,
+        "preserve_weight": call.weight,
         "gradient_seconds": round(t1 - t0, 4),
         "solve_seconds": round(time.perf_counter() - t1, 4),
         "layers": layers,
