@@ -326,6 +326,24 @@ def test_a_third_turn_takes_only_the_second_turns_losers(monkeypatch):
     assert seen[0] == [r.prompt for r in requests] and len(seen[1]) == counts[1] < len(requests)
 
 
+def test_turns_never_replay_the_patches_below(monkeypatch):
+    """The turns go in and out of the weights as one patch on top of the stack, so each
+    change costs one sum per edited matrix however many patches a sequential run has
+    applied (taking out a patch below the top replays every patch above the base)."""
+    from lmpatch.patch import stack
+
+    model = tiny_model("llama")
+    hp = UltraEditHparams(**{**FAST, "lr": 1e-6}, preserve=1.0, ridge=0.5, turns=3)
+    for request in MORE:
+        lmpatch.edit(model, [request], "ultraedit", hp).apply(model)
+    sums = []
+    real = stack._summed
+    monkeypatch.setattr(stack, "_summed", lambda p, d, pid: sums.append(pid) or real(p, d, pid))
+    patch = lmpatch.edit(model, REQS, "ultraedit", hp)
+    assert len(patch.metrics["edit"]["turns"]) == 3
+    assert len(sums) == 3 * len(edit_params(model, hp))  # one apply per turn, no replay
+
+
 def test_covariance_weighs_the_ridge_by_the_keys_of_ordinary_text():
     """covariance=True solves ΔW = Vᵀ K (KᵀK + λC0)⁻¹ with MEMIT's C0 of each edited layer,
     computed by the method's one-off; without it the same batch gets λI."""

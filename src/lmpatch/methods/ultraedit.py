@@ -514,8 +514,12 @@ def apply_ultraedit(model: LoadedModel, requests: Sequence[EditRequest], hp: Ult
     call = _Call(bottom=_bottom(model, hp))
     memos = {p: model.stack.solves.get((GRAM_MEMO, p)) for p in params}
     turns = [_turn(model, requests, hp, call)]
+    # The turns so far are in the weights as *one* patch on top of the stack: taking the top
+    # patch out restores its saved weights, where taking out a patch below it would replay
+    # every patch of a long sequential run (the turns' time grew with the run's length).
+    current = turns[0]
     try:
-        turns[0].apply(model)
+        current.apply(model)
         for _ in range(hp.turns - 1):
             # a turn's own requests only: the ones it won were held by its update's
             # preserved keys, and re-reading all of them every turn would cost a pass each
@@ -523,11 +527,12 @@ def apply_ultraedit(model: LoadedModel, requests: Sequence[EditRequest], hp: Ult
             if not losing:
                 break
             turns.append(_turn(model, losing, hp, call))
-            turns[-1].apply(model)
+            current.revert(model)
+            current = _combined(model, requests, hp, params, turns)
+            current.apply(model)
     finally:
-        for patch in reversed(turns):
-            if patch.is_applied(model):
-                patch.revert(model)
+        if current.is_applied(model):
+            current.revert(model)
         for p, memo in memos.items():  # the running K_pᵀK_p of the patches in the weights
             if memo is None:
                 model.stack.solves.pop((GRAM_MEMO, p), None)
@@ -615,10 +620,9 @@ def _still_losing(model: LoadedModel, requests: Sequence[EditRequest],
     return losing
 
 
-def _joined(model: LoadedModel, requests: Sequence[EditRequest], hp: UltraEditHparams,
-            params: Sequence[str], turns: list[Patch]) -> Patch:
-    """One patch for a call's turns: their changes summed per matrix, their statistics
-    merged, their keys preserved together under the new patch's id."""
+def _combined(model: LoadedModel, requests: Sequence[EditRequest], hp: UltraEditHparams,
+              params: Sequence[str], turns: list[Patch]) -> Patch:
+    """One patch for a call's turns: their changes summed per matrix, their statistics merged."""
     groups = _groups(model, params, hp.statistics)
     stats = {}
     for g in groups:
@@ -626,9 +630,15 @@ def _joined(model: LoadedModel, requests: Sequence[EditRequest], hp: UltraEditHp
         stats[g.key] = {"params": list(g.params), **merged.to_json()}
     info = dict(turns[0].metrics["edit"])
     info["turns"] = [len(t.requests) for t in turns]
-    patch = Patch(parts=WeightDelta.compose([part for t in turns for part in t.parts]), method=METHOD,
-                  model_fingerprint=model.fingerprint, model_name=model.name, hparams=asdict(hp),
-                  requests=list(requests), metrics={"edit": info, STATS_KEY: stats})
+    return Patch(parts=WeightDelta.compose([part for t in turns for part in t.parts]), method=METHOD,
+                 model_fingerprint=model.fingerprint, model_name=model.name, hparams=asdict(hp),
+                 requests=list(requests), metrics={"edit": info, STATS_KEY: stats})
+
+
+def _joined(model: LoadedModel, requests: Sequence[EditRequest], hp: UltraEditHparams,
+            params: Sequence[str], turns: list[Patch]) -> Patch:
+    """The call's patch: :func:`_combined`, and the turns' keys preserved together under its id."""
+    patch = _combined(model, requests, hp, params, turns)
     if hp.preserve:
         keys = [model.stack.edit_keys.pop(t.patch_id) for t in turns]
         model.stack.edit_keys[patch.patch_id] = {p: torch.cat([k[p] for k in keys]) for p in params}
