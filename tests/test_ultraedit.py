@@ -342,6 +342,9 @@ def test_turns_never_replay_the_patches_below(monkeypatch):
     patch = lmpatch.edit(model, REQS, "ultraedit", hp)
     assert len(patch.metrics["edit"]["turns"]) == 3
     assert len(sums) == 3 * len(edit_params(model, hp))  # one apply per turn, no replay
+    # the running K_pᵀK_p the first turn read stays for the next call, which adds one product
+    applied = tuple(e.patch_id for e in model.applied)
+    assert all(model.stack.solves[("ultraedit-earlier-keys", p)][0] == applied for p in edit_params(model, hp))
 
 
 def test_covariance_weighs_the_ridge_by_the_keys_of_ordinary_text():

@@ -512,7 +512,8 @@ def apply_ultraedit(model: LoadedModel, requests: Sequence[EditRequest], hp: Ult
         return _turn(model, requests, hp)
     params = edit_params(model, hp)
     call = _Call(bottom=_bottom(model, hp))
-    memos = {p: model.stack.solves.get((GRAM_MEMO, p)) for p in params}
+    # Only the first turn reads the running K_pᵀK_p (the later ones reuse its ridge), so the
+    # memo it leaves covers the patches applied before the call and stays valid after it.
     turns = [_turn(model, requests, hp, call)]
     # The turns so far are in the weights as *one* patch on top of the stack: taking the top
     # patch out restores its saved weights, where taking out a patch below it would replay
@@ -533,11 +534,6 @@ def apply_ultraedit(model: LoadedModel, requests: Sequence[EditRequest], hp: Ult
     finally:
         if current.is_applied(model):
             current.revert(model)
-        for p, memo in memos.items():  # the running K_pᵀK_p of the patches in the weights
-            if memo is None:
-                model.stack.solves.pop((GRAM_MEMO, p), None)
-            else:
-                model.stack.solves[(GRAM_MEMO, p)] = memo
     return _joined(model, requests, hp, params, turns)
 
 
