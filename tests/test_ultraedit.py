@@ -304,6 +304,34 @@ def test_turns_re_edit_the_requests_that_still_lose_in_one_patch():
     assert all(torch.equal(v, before[k]) for k, v in model.model.state_dict().items())
 
 
+def test_features_read_in_runs_of_similar_length_equal_one_padded_batch():
+    """token_features runs requests of similar length together (a padded batch of
+    CounterFact prompts is ~45% padding) and gives the rows back in request order, equal to
+    one pass over the whole padded batch; the check between turns reads them the same way."""
+    from lmpatch.methods.token_grads import gradient_factors
+    from lmpatch.methods.ultraedit import _length_runs
+
+    model = tiny_model("llama")
+    words = "north south east west river hill town field".split()
+    requests = [lmpatch.EditRequest(prompt=" ".join(words[j % 8] for j in range(2 + (5 * i) % 37)),
+                                    subject=words[0], target_new=("Rome", "New York City")[i % 2],
+                                    target_true=("Paris", "the old town of Lyon")[i % 3 % 2])
+                for i in range(40)]
+    assert len(_length_runs(model, requests)) > 1
+    params = edit_params(model, UltraEditHparams(**FAST))
+    features, losses = token_features(model, requests, params)
+    batch = target_batch(model, requests, TARGET_NEW)
+    factors, whole = gradient_factors(model, [model.model.get_submodule(p.rsplit(".", 1)[0]) for p in params],
+                                      requests, batch=batch)
+    torch.testing.assert_close(losses, whole.float(), rtol=1e-5, atol=1e-6)
+    for p, f in zip(params, factors):
+        torch.testing.assert_close(features[p][0], f.inputs[batch.pos_rows, batch.pos_cols].double(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(features[p][1], f.grads[batch.pos_rows, batch.pos_cols].double(), rtol=1e-4, atol=1e-7)
+    trues = [replace(r, target_new=r.target_true, target_true=None) for r in requests]
+    new, true = _nll(model, requests).tolist(), _nll(model, trues).tolist()
+    assert _still_losing(model, requests) == [r for r, a, b in zip(requests, new, true) if a >= b]
+
+
 def test_a_third_turn_takes_only_the_second_turns_losers(monkeypatch):
     """Turn k > 1 re-reads only turn k - 1's requests: the ones an earlier turn won are held
     by the keys its update preserves, and re-reading them would cost a pass per turn."""

@@ -90,6 +90,7 @@ from lmpatch.fileio import atomic_write_json
 from lmpatch.methods.frozen_bottom import FrozenBottom
 from lmpatch.methods.learned_editing import MODULE_KINDS, edit_modules
 from lmpatch.methods.locate.solve import KeyCovariance, batch_update, layer_covariances
+from lmpatch.methods.locate.values import length_buckets
 from lmpatch.methods.memit import edit_layers
 from lmpatch.methods.registry import Method, OneOff, register
 from lmpatch.methods.teacher import TARGET_NEW, request_nll, target_batch, target_logprobs
@@ -327,21 +328,41 @@ def edit_params(model: LoadedModel, hp: UltraEditHparams) -> list[str]:
     return names
 
 
+def _length_runs(model: LoadedModel, requests: Sequence[EditRequest]) -> list[list[int]]:
+    """The requests' indices in runs of similar length (MEMIT's target search splits the
+    same way): CounterFact's prompts run from 5 to 17 tokens, so one padded batch of 100
+    computes about 45% padding."""
+    lengths = []
+    for r in requests:
+        ids = pair_ids(model, model.format_prompt(r.prompt), r.target_new)
+        lengths.append(len(ids.prompt_ids) + len(ids.target_ids))
+    return length_buckets(lengths)
+
+
 def token_features(
     model: LoadedModel, requests: Sequence[EditRequest], params: Sequence[str],
     bottom: FrozenBottom | None = None,
 ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
     """Per matrix, (keys, output gradients) at the positions that predict target tokens,
-    one row per target token (float64), from one forward/backward pass; and each request's
-    NLL of its new target before the edit. With ``bottom`` the layers below the edited ones
-    are replayed from (or kept in) it."""
-    batch = target_batch(model, list(requests), TARGET_NEW)
-    with _replaying(bottom, batch):
-        factors, losses = gradient_factors(model, edit_modules(model, params), requests, batch=batch)
-    rows, cols = batch.pos_rows, batch.pos_cols
-    out = {}
-    for name, f in zip(params, factors):
-        out[name] = (f.inputs[rows, cols].double(), f.grads[rows, cols].double())
+    one row per target token in request order (float64); and each request's NLL of its new
+    target before the edit. One forward/backward pass per run of similar-length requests
+    (a request's features do not depend on the others in its pass); with ``bottom`` the
+    layers below the edited ones are replayed from (or kept in) it."""
+    pieces: dict[str, list[tuple[torch.Tensor, torch.Tensor] | None]] = {p: [None] * len(requests) for p in params}
+    losses = torch.zeros(len(requests))
+    for run in _length_runs(model, requests):
+        batch = target_batch(model, [requests[i] for i in run], TARGET_NEW)
+        with _replaying(bottom, batch):
+            factors, run_losses = gradient_factors(model, edit_modules(model, params), [requests[i] for i in run],
+                                                   batch=batch)
+        losses[run] = run_losses.float()
+        counts = torch.bincount(batch.pos_rows, minlength=len(run)).tolist()
+        for name, f in zip(params, factors):
+            keys = f.inputs[batch.pos_rows, batch.pos_cols].double().split(counts)
+            grads = f.grads[batch.pos_rows, batch.pos_cols].double().split(counts)
+            for i, k, g in zip(run, keys, grads):
+                pieces[name][i] = (k, g)
+    out = {name: (torch.cat([k for k, _ in rows]), torch.cat([g for _, g in rows])) for name, rows in pieces.items()}
     return out, losses
 
 
@@ -583,33 +604,39 @@ def _still_losing(model: LoadedModel, requests: Sequence[EditRequest],
     below the true target's, or, without a true target, not every token the argmax.
 
     One pass over the new targets' sequences (the texts the turn was computed on, so
-    ``bottom`` has them): a one-token true target is read where the new target's first
-    token is, from the same prompt; only longer true targets add a sequence of their own."""
+    ``bottom`` has them), in runs of similar length: a one-token true target is read where
+    the new target's first token is, from the same prompt; only longer true targets add a
+    sequence of their own."""
     true_ids = [None if r.target_true is None else pair_ids(model, model.format_prompt(r.prompt), r.target_true).target_ids
                 for r in requests]
     longer = [i for i, ids in enumerate(true_ids) if ids is not None and len(ids) > 1]
     rows = [*requests, *(replace(requests[i], target_new=requests[i].target_true, target_true=None) for i in longer)]
-    batch = target_batch(model, rows, TARGET_NEW)
-    with _replaying(bottom, batch):
-        logp = target_logprobs(model, batch, None)
-    owner = batch.pos_rows[batch.pick].tolist()
-    picked = logp.gather(1, batch.tokens[:, None])[:, 0].double().tolist()
-    right = (logp.argmax(-1) == batch.tokens).tolist()
-    first: dict[int, int] = {}
-    nll, count, hit = [0.0] * len(rows), [0] * len(rows), [True] * len(rows)
-    for i, row in enumerate(owner):
-        first.setdefault(row, i)
-        nll[row] -= picked[i]
-        count[row] += 1
-        hit[row] = hit[row] and right[i]
-    mean = [total / n for total, n in zip(nll, count)]
+    # per row: its mean NLL, whether every token is the argmax, and the log-probabilities
+    # where its first token is read (for a one-token true target)
+    mean, hit, first = [0.0] * len(rows), [True] * len(rows), [None] * len(rows)
+    for run in _length_runs(model, rows):
+        batch = target_batch(model, [rows[i] for i in run], TARGET_NEW)
+        with _replaying(bottom, batch):
+            logp = target_logprobs(model, batch, None)
+        owner = batch.pos_rows[batch.pick].tolist()
+        picked = logp.gather(1, batch.tokens[:, None])[:, 0].double().tolist()
+        right = (logp.argmax(-1) == batch.tokens).tolist()
+        nll, count = [0.0] * len(run), [0] * len(run)
+        for t, j in enumerate(owner):
+            if first[run[j]] is None:
+                first[run[j]] = logp[t]
+            nll[j] -= picked[t]
+            count[j] += 1
+            hit[run[j]] = hit[run[j]] and right[t]
+        for j, i in enumerate(run):
+            mean[i] = nll[j] / count[j]
     true_nll = {i: mean[len(requests) + j] for j, i in enumerate(longer)}
     losing = []
     for i, (r, ids) in enumerate(zip(requests, true_ids)):
         if ids is None:
             lost = not hit[i]
         else:
-            true = true_nll[i] if i in true_nll else -float(logp[first[i], ids[0]])
+            true = true_nll[i] if i in true_nll else -float(first[i][ids[0]])
             lost = mean[i] >= true
         if lost:
             losing.append(r)
