@@ -50,6 +50,22 @@ def test_push_through_equals_direct_and_auto_picks_by_size():
     assert torch.equal(auto[0] @ auto[1], direct[0] @ direct[1])
 
 
+@pytest.mark.parametrize("form", ["push_through", "direct"])
+def test_held_keys_are_zero_residual_rows_with_factors_as_narrow_as_the_fitted_keys(form):
+    """``held`` keys enter the least squares as rows with a zero residual (UltraEdit's later
+    turns hold its earlier turns' keys so), and the change keeps rank n: its factors are n wide."""
+    cov, keys, residuals = _problem(seed=6, n=4, d_ff=16)
+    held = torch.randn(5, keys.shape[1], dtype=keys.dtype, generator=torch.Generator().manual_seed(7))
+    left, right = batch_update(keys, residuals, cov, 0.7, form, held=held)
+    assert left.shape[1] == right.shape[0] == keys.shape[0]
+    rows = torch.cat([keys, held])
+    padded = torch.cat([residuals, residuals.new_zeros(held.shape[0], residuals.shape[1])])
+    reference = batch_update(rows, padded, cov, 0.7, form)
+    torch.testing.assert_close(left @ right, reference[0] @ reference[1], rtol=1e-9, atol=1e-10)
+    plain = batch_update(keys, residuals, cov, 0.7, form)
+    assert not torch.allclose(left @ right, plain[0] @ plain[1])  # the held rows change the update
+
+
 def test_small_lambda_maps_every_key_to_its_residual():
     """In the λ→0 limit (n ≤ d_ff, independent keys) the update writes each fact exactly;
     with a large λ it writes almost nothing (preservation wins)."""

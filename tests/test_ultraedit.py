@@ -332,6 +332,24 @@ def test_features_read_in_runs_of_similar_length_equal_one_padded_batch():
     assert _still_losing(model, requests) == [r for r, a, b in zip(requests, new, true) if a >= b]
 
 
+def test_retry_lr_is_the_step_of_the_later_turns_only():
+    model = tiny_model("llama")
+    hp = UltraEditHparams(**{**FAST, "lr": 1e-6}, preserve=1.0, ridge=0.5, turns=2)
+
+    def change(h):
+        return [d.materialize() for d in lmpatch.edit(model, REQS, "ultraedit", h).deltas]
+
+    def equal(a, b):
+        return all(torch.equal(x, y) for x, y in zip(a, b))
+
+    base = change(hp)
+    assert equal(change(replace(hp, retry_lr=1e-6)), base)
+    assert not equal(change(replace(hp, retry_lr=1e-5)), base)
+    assert equal(change(replace(hp, turns=1, retry_lr=1e-5)), change(replace(hp, turns=1)))
+    with pytest.raises(lmpatch.LmpatchError, match="retry_lr"):
+        lmpatch.edit(model, REQS, "ultraedit", replace(hp, retry_lr=0.0))
+
+
 def test_a_third_turn_takes_only_the_second_turns_losers(monkeypatch):
     """Turn k > 1 re-reads only turn k - 1's requests: the ones an earlier turn won are held
     by the keys its update preserves, and re-reading them would cost a pass per turn."""

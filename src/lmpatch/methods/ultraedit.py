@@ -150,6 +150,7 @@ class UltraEditHparams:
       a long stream is written weakly against the keys already preserved, and a second
       turn writes those edits from where the first left them. The call still returns one
       patch (the turns' changes summed, their statistics and keys together).
+    * ``retry_lr``: the step of the turns after the first (None: ``lr``).
     """
 
     modules: tuple[str, ...] = ("mlp_out",)
@@ -163,6 +164,7 @@ class UltraEditHparams:
     preserve_scale: str = "sum"
     covariance: bool = True
     turns: int = 1
+    retry_lr: float | None = None
     stats_corpus: str = "wikitext-2-raw"
     stats_tokens: int = 100_000
 
@@ -200,6 +202,9 @@ class UltraEditHparams:
             self.stats_config()  # a bad corpus size is one clear error before anything runs
         if not (isinstance(self.preserve, (int, float)) and math.isfinite(self.preserve) and self.preserve >= 0):
             raise InvalidRequestError(f"UltraEdit preserve must be a finite number >= 0, got {self.preserve!r}.")
+        if self.retry_lr is not None and not (isinstance(self.retry_lr, (int, float)) and math.isfinite(self.retry_lr)
+                                              and self.retry_lr > 0):
+            raise InvalidRequestError(f"UltraEdit retry_lr must be a finite number > 0 or None, got {self.retry_lr!r}.")
         if isinstance(self.turns, bool) or not isinstance(self.turns, int) or self.turns < 1:
             raise InvalidRequestError(f"UltraEdit turns must be a whole number >= 1, got {self.turns!r}.")
         if self.preserve_scale not in PRESERVE_SCALES:
@@ -568,9 +573,10 @@ class _Call:
       factor the matrix object caches, and the weight of those keys.
     * ``keys``: the keys of the call's turns so far, per matrix. A later turn must also
       preserve them; rather than a new d_in × d_in factorisation per turn, they join the
-      turn's own keys as rows with zero residual, scaled by √weight. That is the same
-      least-squares problem (the normal equations gain w·KᵀK of those rows and nothing on the
-      right-hand side), solved with the first turn's factor and a slightly larger n × n system.
+      turn's own keys as rows with zero residual (``held``), scaled by √weight. That is the
+      same least-squares problem (the normal equations gain w·KᵀK of those rows and nothing
+      on the right-hand side), solved with the first turn's factor and a slightly larger
+      n × n system; the turn's change keeps rank ≤ its own token count.
       The weight is the first turn's (it differs from a fresh call's only under
       ``preserve_scale="batch"``, where it depends on the turn's token count).
     """
@@ -680,7 +686,8 @@ def _turn(model: LoadedModel, requests: Sequence[EditRequest], hp: UltraEditHpar
     features, losses = token_features(model, requests, params, call.bottom)
     t1 = time.perf_counter()
     n_tokens = int(next(iter(features.values()))[0].shape[0])
-    if call.ridges is None:  # the call's first turn: the earlier edits' keys and C0 into one ridge
+    first = call.ridges is None
+    if first:  # the call's first turn: the earlier edits' keys and C0 into one ridge
         grams = earlier_key_grams(model, params) if hp.preserve else {}
         covs = key_covariances(model, params, hp)
         call.n_preserved = sum(int(model.stack.edit_keys[e.patch_id][params[0]].shape[0])
@@ -688,6 +695,7 @@ def _turn(model: LoadedModel, requests: Sequence[EditRequest], hp: UltraEditHpar
         call.weight = preserve_weight(hp, n_tokens, call.n_preserved)
         call.ridges = {p: _ridge_matrix(covs.get(p), grams.get(p), call.weight, hp) for p in params}
     preserved = call.n_preserved + sum(int(k.shape[0]) for k in call.keys.get(params[0], []))
+    lr = hp.lr if first or hp.retry_lr is None else hp.retry_lr
     mine = {g.key: _contribution(g, features) for g in groups}
     stats = {g.key: earlier[g.key].merged(mine[g.key]) if g.key in earlier else mine[g.key] for g in groups}
     deltas: list[WeightDelta] = []
@@ -698,13 +706,12 @@ def _turn(model: LoadedModel, requests: Sequence[EditRequest], hp: UltraEditHpar
             keys, grads = features[param]
             normed = stats[group.key].normalise(torch.cat([keys, grads], dim=1))
             k_hat, g_hat = normed[:, :d_in], normed[:, d_in:]
-            values = -hp.lr * (k_hat * k_hat).sum(-1, keepdim=True) * g_hat        # tokens × d_out
+            values = -lr * (k_hat * k_hat).sum(-1, keepdim=True) * g_hat           # tokens × d_out
             # ΔW = Vᵀ K (KᵀK + λI + α K_pᵀK_p)⁻¹ (α = 0: the paper's ridge; λC0 for I with covariance);
             # the call's earlier turns' keys as zero-residual rows (see _Call)
-            held = call.keys.get(param, [])
-            rows = torch.cat([keys, *(math.sqrt(call.weight) * k for k in held)])
-            targets = torch.cat([values, values.new_zeros(rows.shape[0] - keys.shape[0], values.shape[1])])
-            left, right = batch_update(rows, targets, call.ridges[param], hp.ridge)
+            earlier_turns = call.keys.get(param, [])
+            held = torch.cat([math.sqrt(call.weight) * k for k in earlier_turns]) if earlier_turns else None
+            left, right = batch_update(keys, values, call.ridges[param], hp.ridge, held=held)
             deltas.append(_weight_delta(model, param, left, right))
             layers.append(_info(param, keys, values, left, right))
     if hp.preserve:

@@ -144,6 +144,7 @@ def batch_update(
     covariance: KeyCovariance | None,
     weight: float,
     form: str = "auto",
+    held: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """MEMIT's least-squares update ΔW = R Kᵀ (λC0 + K Kᵀ)⁻¹ as factors (left, right), float64.
 
@@ -158,6 +159,11 @@ def batch_update(
     C0's cached Cholesky factor and an n × n system are needed: O(d_ff²·n + n³) instead of
     the ``direct`` d_ff × d_ff factorisation, O(d_ff³), done afresh for every batch.
     ``auto`` takes push-through whenever n < d_ff.
+
+    ``held`` (m × d_ff, optional) are keys whose outputs the update should leave where they
+    are: rows of the least squares with a zero residual (scale them for their weight), so
+    λC0 + KᵀK gains HᵀH. They only constrain: the change still has rank ≤ n, and its factors
+    are n wide (ΔW = Rᵀ [(I + K_s A⁻¹ K_sᵀ)⁻¹ K_s A⁻¹]_{first n rows}, K_s = [K; H]).
     """
     if form not in SOLVE_FORMS:
         raise ValueError(f"unknown solve form {form!r}; choose one of {SOLVE_FORMS}")
@@ -166,19 +172,23 @@ def batch_update(
     k = keys.double()
     r = residuals.double().to(k.device)
     n, d_ff = k.shape
+    h = held.double().to(k.device) if held is not None and held.shape[0] else None
+    ks = k if h is None else torch.cat([k, h])                  # every row of the least squares
     if form == "auto":
-        form = "push_through" if n < d_ff else "direct"
+        form = "push_through" if ks.shape[0] < d_ff else "direct"
     if form == "push_through":
-        x = preserved_solve(covariance, k.T) / weight            # A⁻¹Kᵀ, d_ff × n
+        x = preserved_solve(covariance, ks.T) / weight           # A⁻¹K_sᵀ, d_ff × (n + m)
         x = x.to(k.device)
-        gram = k @ x
+        gram = ks @ x
         gram = (gram + gram.T) / 2
-        gram.diagonal().add_(1.0)                                # I + K A⁻¹ Kᵀ: SPD
-        left = torch.linalg.solve(gram, r).T                     # R (I + K A⁻¹ Kᵀ)⁻¹ (gram symmetric)
-        return left, x.T
+        gram.diagonal().add_(1.0)                                # I + K_s A⁻¹ K_sᵀ: SPD
+        if h is None:
+            left = torch.linalg.solve(gram, r).T                 # R (I + K A⁻¹ Kᵀ)⁻¹ (gram symmetric)
+            return left, x.T
+        return r.T, torch.linalg.solve(gram, x.T)[:n]            # held rows' residuals are zero
     a = (covariance.matrix.to(k.device, torch.float64) if covariance is not None
          else torch.eye(d_ff, dtype=torch.float64, device=k.device))
-    system = weight * a + k.T @ k
+    system = weight * a + ks.T @ ks
     system = (system + system.T) / 2
     chol, info = torch.linalg.cholesky_ex(system)
     if int(info) == 0:
