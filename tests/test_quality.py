@@ -120,11 +120,12 @@ def test_shipped_mend_quality(real_model, held_out):
 
 
 # UltraEdit with its defaults, 5 sequential batches of 100 held-out edits. Measured with
-# the defaults of 2026-12-05 (layers 20-28, lr 5e-4): efficacy 0.91 on these 100 scored
-# edits, perplexity 23.33 -> 24.31 (+4%). The scale run (docs/ultraedit.md) measured 0.90
-# and +9% after 1,000 and 0.73 and +42% by 10,000, a known gap this test does not hide (it
-# checks the range the defaults are good for); 0.88 leaves room for three records to flip
-# between CPUs' float32 kernels.
+# the defaults of 2026-12-06 (layers 20-28, lr 3e-4, three turns): efficacy 0.98 on these
+# 100 scored edits, perplexity 23.33 -> 23.75 (+2%); one turn at 5e-4 gave 0.91 and +4%.
+# The scale run (docs/ultraedit.md) measured 0.96 and +4% after 1,000 edits and 0.845 and
+# +19% by 10,000, a known gap in efficacy this test does not hide (it checks the range the
+# defaults are good for); 0.95 leaves room for three records to flip between CPUs' float32
+# kernels.
 def test_ultraedit_sequential_quality(real_model):
     from lmpatch.eval.perplexity import perplexity
 
@@ -146,6 +147,6 @@ def test_ultraedit_sequential_quality(real_model):
             patch.revert(real_model)
     assert len(patches) == 5 and patches[-1].metrics["edit"]["preserved_keys"] > 0
     assert unedited["metrics_pre"]["efficacy_score"] < 0.5  # the edits really change something
-    assert scored["efficacy_score"] >= 0.88, scored
-    assert after <= 1.1 * before, (before, after)
+    assert scored["efficacy_score"] >= 0.95, scored
+    assert after <= 1.06 * before, (before, after)
     assert perplexity(real_model, max_tokens=4096, progress=False).value == before  # reverted exactly

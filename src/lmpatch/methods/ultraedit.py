@@ -67,6 +67,10 @@ again (after its edit a fact's gradient is much smaller than when it was written
   +26% perplexity, where the identity gave 0.81 for +22% or 0.94 for more than +50%.
 * ``statistics="shape"`` (default) keeps the reference's sharing of one normaliser by
   all edited matrices of the same shape; ``"module"`` gives each matrix its own.
+* ``turns`` (default 3): a call makes up to three turns, each later one for the requests
+  the one before left losing, at a smaller step (3e-4 against one turn's 5e-4). At 10,000
+  sequential edits this kept 0.845 of them at +19% perplexity, where one turn kept 0.730
+  at +42%; ``turns=1`` is the paper's single turn.
 
 Defaults are adapted to SmolLM2-135M and measured on ``counterfact-train`` records 5000 on
 (see :class:`UltraEditHparams` and ``docs/ultraedit.md``).
@@ -144,7 +148,7 @@ class UltraEditHparams:
       statistics, ``lmpatch stats``) instead of the identity, λ C0 in place of λ I, so the
       update moves the outputs of ordinary text's keys least. Down projections only;
       ``stats_corpus`` / ``stats_tokens`` say what C0 is estimated from.
-    * ``turns``: at most this many turns per call (1: the paper). Turn k > 1 edits, on top
+    * ``turns``: at most this many turns per call (1: the paper; 3 by default). Turn k > 1 edits, on top
       of the turns before it, only those of turn k - 1's requests whose new target does not
       yet beat the true one (or, without a true one, is not yet every token's argmax): a late batch in
       a long stream is written weakly against the keys already preserved, and a second
@@ -156,14 +160,14 @@ class UltraEditHparams:
     modules: tuple[str, ...] = ("mlp_out",)
     layers: tuple[int, ...] | None = None
     layer_range: tuple[float, float] = (0.67, 0.93)
-    lr: float = 5e-4
+    lr: float = 3e-4
     ridge: float = 100.0
     statistics: str = "shape"
     warmup: int = 100
     preserve: float = 1.0
     preserve_scale: str = "sum"
     covariance: bool = True
-    turns: int = 1
+    turns: int = 3
     retry_lr: float | None = None
     stats_corpus: str = "wikitext-2-raw"
     stats_tokens: int = 100_000
