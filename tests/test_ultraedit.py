@@ -34,7 +34,7 @@ from tiny import ARCHS, SEQ2SEQ_ARCHS, tiny_model
 #: Quick on a 64-wide model: a small warm-up, and a step small enough for a first-order
 #: (loss-lowering) change of its tiny weights; the identity ridge (the paper's), so no key
 #: statistics are needed (covariance=True has its own test and the conformance run).
-FAST = dict(warmup=8, lr=1e-3, covariance=False)
+FAST = dict(warmup=8, lr=1e-3, covariance=False, turns=1)
 
 MORE = [
     lmpatch.EditRequest(prompt="The capital of Japan is", subject="Japan", target_new="Lima", target_true="Tokyo"),
@@ -334,7 +334,7 @@ def test_features_read_in_runs_of_similar_length_equal_one_padded_batch():
 
 def test_retry_lr_is_the_step_of_the_later_turns_only():
     model = tiny_model("llama")
-    hp = UltraEditHparams(**{**FAST, "lr": 1e-6}, preserve=1.0, ridge=0.5, turns=2)
+    hp = UltraEditHparams(**{**FAST, "lr": 1e-6, "turns": 2}, preserve=1.0, ridge=0.5)
 
     def change(h):
         return [d.materialize() for d in lmpatch.edit(model, REQS, "ultraedit", h).deltas]
@@ -356,7 +356,7 @@ def test_a_third_turn_takes_only_the_second_turns_losers(monkeypatch):
     from lmpatch.methods import ultraedit
 
     model = tiny_model("llama")
-    hp = UltraEditHparams(**{**FAST, "lr": 1e-6}, preserve=1.0, ridge=0.5, turns=3)
+    hp = UltraEditHparams(**{**FAST, "lr": 1e-6, "turns": 3}, preserve=1.0, ridge=0.5)
     requests = [*REQS, MORE[0]]
     seen: list[list[str]] = []
     real = ultraedit._still_losing
@@ -379,7 +379,7 @@ def test_turns_never_replay_the_patches_below(monkeypatch):
     from lmpatch.patch import stack
 
     model = tiny_model("llama")
-    hp = UltraEditHparams(**{**FAST, "lr": 1e-6}, preserve=1.0, ridge=0.5, turns=3)
+    hp = UltraEditHparams(**{**FAST, "lr": 1e-6, "turns": 3}, preserve=1.0, ridge=0.5)
     for request in MORE:
         lmpatch.edit(model, [request], "ultraedit", hp).apply(model)
     sums = []
@@ -466,4 +466,12 @@ def test_life_cycle_on_every_architecture(arch, tmp_path, monkeypatch):
     """The conformance life cycle (edit, apply, generate, revert bit-exact, save, load, same
     logits), with this module's fast settings; T5 is refused with the registry's error."""
     monkeypatch.setitem(conformance.FAST, "ultraedit", FAST)
+    conformance.test_method_life_cycle("ultraedit", arch, tmp_path, monkeypatch)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_turns_on_every_architecture(arch, tmp_path, monkeypatch):
+    """The same life cycle with the default three turns at a step too small to win at once,
+    so the replayed lower layers and the held keys run on every block layout."""
+    monkeypatch.setitem(conformance.FAST, "ultraedit", {**FAST, "lr": 1e-6, "turns": 3})
     conformance.test_method_life_cycle("ultraedit", arch, tmp_path, monkeypatch)
