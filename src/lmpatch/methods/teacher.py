@@ -106,25 +106,43 @@ def target_nll(model: LoadedModel, batch: TargetBatch, compute_dtype: torch.dtyp
 def request_nll(model: LoadedModel, batch: TargetBatch, compute_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Each request's own mean NLL over its target tokens, shape (n_requests,): what an
     editor that learns from one request's gradient at a time needs from a batch."""
-    terms = _weighted_nll(model, batch, compute_dtype) * batch.n_requests
-    owner = batch.pos_rows.to(terms.device)[batch.pick.to(terms.device)]
-    return torch.zeros(batch.n_requests, dtype=terms.dtype, device=terms.device).index_add(0, owner, terms)
+    return nll_per_request(batch, target_logprobs(model, batch, compute_dtype))
 
 
 def request_hits(model: LoadedModel, batch: TargetBatch) -> list[bool]:
     """Per request: is every target token the argmax where it is read (teacher-forced success)?"""
-    logp = target_logprobs(model, batch, None)
-    right = (logp.argmax(-1) == batch.tokens.to(logp.device)).tolist()
-    owner = batch.pos_rows[batch.pick].tolist()
-    hits = [True] * batch.n_requests
-    for r, ok in zip(owner, right):
-        hits[r] = hits[r] and ok
-    return hits
+    return hits_per_request(batch, target_logprobs(model, batch, None))
+
+
+def nll_per_request(batch: TargetBatch, logp: torch.Tensor) -> torch.Tensor:
+    """:func:`request_nll` from the batch's log-probabilities (:func:`target_logprobs`), for a
+    caller that reads more than one thing from the same pass."""
+    terms = _weighted(batch, logp) * batch.n_requests
+    owner = batch.pos_rows.to(terms.device)[batch.pick.to(terms.device)]
+    return torch.zeros(batch.n_requests, dtype=terms.dtype, device=terms.device).index_add(0, owner, terms)
+
+
+def hits_per_request(batch: TargetBatch, logp: torch.Tensor) -> list[bool]:
+    """:func:`request_hits` from the batch's log-probabilities."""
+    wrong = (logp.argmax(-1) != batch.tokens.to(logp.device)).long()
+    owner = batch.pos_rows.to(logp.device)[batch.pick.to(logp.device)]
+    misses = torch.zeros(batch.n_requests, dtype=torch.long, device=logp.device).index_add(0, owner, wrong)
+    return (misses == 0).tolist()
+
+
+def first_token_rows(batch: TargetBatch) -> torch.Tensor:
+    """Per request, the row of :func:`target_logprobs` where its first target token is read."""
+    owner = batch.pos_rows[batch.pick]
+    first = torch.full((batch.n_requests,), len(owner), dtype=torch.long)
+    return first.scatter_reduce(0, owner, torch.arange(len(owner)), reduce="amin")
 
 
 def _weighted_nll(model: LoadedModel, batch: TargetBatch, compute_dtype: torch.dtype | None) -> torch.Tensor:
     """-weight * log p for every supervised token (summing them gives :func:`target_nll`)."""
-    logp = target_logprobs(model, batch, compute_dtype)
+    return _weighted(batch, target_logprobs(model, batch, compute_dtype))
+
+
+def _weighted(batch: TargetBatch, logp: torch.Tensor) -> torch.Tensor:
     picked = logp.gather(1, batch.tokens.to(logp.device)[:, None])[:, 0]
     return -(picked * batch.weights.to(logp.device))
 

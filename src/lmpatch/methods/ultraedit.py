@@ -97,7 +97,15 @@ from lmpatch.methods.locate.solve import KeyCovariance, batch_update, layer_cova
 from lmpatch.methods.locate.values import length_buckets
 from lmpatch.methods.memit import edit_layers
 from lmpatch.methods.registry import Method, OneOff, register
-from lmpatch.methods.teacher import TARGET_NEW, request_nll, target_batch, target_logprobs
+from lmpatch.methods.teacher import (
+    TARGET_NEW,
+    first_token_rows,
+    hits_per_request,
+    nll_per_request,
+    request_nll,
+    target_batch,
+    target_logprobs,
+)
 from lmpatch.methods.token_grads import gradient_factors
 from lmpatch.model.forced import pair_ids
 from lmpatch.model.hooks import capture_input
@@ -548,7 +556,7 @@ def apply_ultraedit(model: LoadedModel, requests: Sequence[EditRequest], hp: Ult
     # The turns so far are in the weights as *one* patch on top of the stack: taking the top
     # patch out restores its saved weights, where taking out a patch below it would replay
     # every patch of a long sequential run (the turns' time grew with the run's length).
-    current = turns[0]
+    current = _combined(model, requests, hp, params, turns)
     try:
         current.apply(model)
         for _ in range(hp.turns - 1):
@@ -564,7 +572,10 @@ def apply_ultraedit(model: LoadedModel, requests: Sequence[EditRequest], hp: Ult
     finally:
         if current.is_applied(model):
             current.revert(model)
-    return _joined(model, requests, hp, params, turns)
+    if hp.preserve:  # the turns' keys, preserved together under the call's patch
+        keys = [model.stack.edit_keys.pop(t.patch_id) for t in turns]
+        model.stack.edit_keys[current.patch_id] = {p: torch.cat([k[p] for k in keys]) for p in params}
+    return current
 
 
 @dataclass
@@ -575,6 +586,8 @@ class _Call:
     * ``ridges``, ``weight``, ``n_preserved``: the first turn's ridge matrix per edited
       matrix (λC0 plus the keys of the patches applied before the call), whose Cholesky
       factor the matrix object caches, and the weight of those keys.
+    * ``stats``: the lifelong statistics after the latest turn: the next turn's starting
+      point, which reading them again from every applied patch would only reproduce.
     * ``keys``: the keys of the call's turns so far, per matrix. A later turn must also
       preserve them; rather than a new d_in × d_in factorisation per turn, they join the
       turn's own keys as rows with zero residual (``held``), scaled by √weight. That is the
@@ -589,6 +602,7 @@ class _Call:
     ridges: dict[str, KeyCovariance | None] | None = None
     weight: float = 0.0
     n_preserved: int = 0
+    stats: dict[str, Moments] | None = None
     keys: dict[str, list[torch.Tensor]] = field(default_factory=dict)
 
 
@@ -621,36 +635,21 @@ def _still_losing(model: LoadedModel, requests: Sequence[EditRequest],
                 for r in requests]
     longer = [i for i, ids in enumerate(true_ids) if ids is not None and len(ids) > 1]
     rows = [*requests, *(replace(requests[i], target_new=requests[i].target_true, target_true=None) for i in longer)]
-    # per row: its mean NLL, whether every token is the argmax, and the log-probabilities
-    # where its first token is read (for a one-token true target)
-    mean, hit, first = [0.0] * len(rows), [True] * len(rows), [None] * len(rows)
+    # per row: its mean NLL, whether every token is the argmax, and the NLL of a one-token
+    # true target read where its first token is
+    nll, hit, true_nll = [0.0] * len(rows), [True] * len(rows), {}
     for run in _length_runs(model, rows):
         batch = target_batch(model, [rows[i] for i in run], TARGET_NEW)
         with _replaying(bottom, batch):
             logp = target_logprobs(model, batch, None)
-        owner = batch.pos_rows[batch.pick].tolist()
-        picked = logp.gather(1, batch.tokens[:, None])[:, 0].double().tolist()
-        right = (logp.argmax(-1) == batch.tokens).tolist()
-        nll, count = [0.0] * len(run), [0] * len(run)
-        for t, j in enumerate(owner):
-            if first[run[j]] is None:
-                first[run[j]] = logp[t]
-            nll[j] -= picked[t]
-            count[j] += 1
-            hit[run[j]] = hit[run[j]] and right[t]
-        for j, i in enumerate(run):
-            mean[i] = nll[j] / count[j]
-    true_nll = {i: mean[len(requests) + j] for j, i in enumerate(longer)}
-    losing = []
-    for i, (r, ids) in enumerate(zip(requests, true_ids)):
-        if ids is None:
-            lost = not hit[i]
-        else:
-            true = true_nll[i] if i in true_nll else -float(first[i][ids[0]])
-            lost = mean[i] >= true
-        if lost:
-            losing.append(r)
-    return losing
+        firsts = first_token_rows(batch).tolist()
+        for i, value, ok, first in zip(run, nll_per_request(batch, logp).tolist(), hits_per_request(batch, logp), firsts):
+            nll[i], hit[i] = value, ok
+            if i < len(requests) and true_ids[i] is not None and len(true_ids[i]) == 1:
+                true_nll[i] = -float(logp[first, true_ids[i][0]])
+    true_nll.update({i: nll[len(requests) + j] for j, i in enumerate(longer)})
+    return [r for i, r in enumerate(requests)
+            if (not hit[i] if true_ids[i] is None else nll[i] >= true_nll[i])]
 
 
 def _combined(model: LoadedModel, requests: Sequence[EditRequest], hp: UltraEditHparams,
@@ -668,16 +667,6 @@ def _combined(model: LoadedModel, requests: Sequence[EditRequest], hp: UltraEdit
                  requests=list(requests), metrics={"edit": info, STATS_KEY: stats})
 
 
-def _joined(model: LoadedModel, requests: Sequence[EditRequest], hp: UltraEditHparams,
-            params: Sequence[str], turns: list[Patch]) -> Patch:
-    """The call's patch: :func:`_combined`, and the turns' keys preserved together under its id."""
-    patch = _combined(model, requests, hp, params, turns)
-    if hp.preserve:
-        keys = [model.stack.edit_keys.pop(t.patch_id) for t in turns]
-        model.stack.edit_keys[patch.patch_id] = {p: torch.cat([k[p] for k in keys]) for p in params}
-    return patch
-
-
 def _turn(model: LoadedModel, requests: Sequence[EditRequest], hp: UltraEditHparams,
           call: _Call | None = None) -> Patch:
     """One UltraEdit turn: every request in one update of every edited matrix. Within a
@@ -685,7 +674,7 @@ def _turn(model: LoadedModel, requests: Sequence[EditRequest], hp: UltraEditHpar
     call = call if call is not None else _Call()
     params = edit_params(model, hp)
     groups = _groups(model, params, hp.statistics)
-    earlier = running_statistics(model, params, hp)
+    earlier = call.stats if call.stats is not None else running_statistics(model, params, hp)
     t0 = time.perf_counter()
     features, losses = token_features(model, requests, params, call.bottom)
     t1 = time.perf_counter()
@@ -702,6 +691,7 @@ def _turn(model: LoadedModel, requests: Sequence[EditRequest], hp: UltraEditHpar
     lr = hp.lr if first or hp.retry_lr is None else hp.retry_lr
     mine = {g.key: _contribution(g, features) for g in groups}
     stats = {g.key: earlier[g.key].merged(mine[g.key]) if g.key in earlier else mine[g.key] for g in groups}
+    call.stats = stats
     deltas: list[WeightDelta] = []
     layers: list[dict] = []
     for group in groups:
