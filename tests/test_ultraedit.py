@@ -34,7 +34,7 @@ from tiny import ARCHS, SEQ2SEQ_ARCHS, tiny_model
 #: Quick on a 64-wide model: a small warm-up, and a step small enough for a first-order
 #: (loss-lowering) change of its tiny weights; the identity ridge (the paper's), so no key
 #: statistics are needed (covariance=True has its own test and the conformance run).
-FAST = dict(warmup=8, lr=1e-3, covariance=False, turns=1)
+FAST = dict(warmup=8, lr=1e-3, covariance=False, turns=1, margin=0.0, refresh=0)
 
 MORE = [
     lmpatch.EditRequest(prompt="The capital of Japan is", subject="Japan", target_new="Lima", target_true="Tokyo"),
@@ -361,9 +361,9 @@ def test_a_third_turn_takes_only_the_second_turns_losers(monkeypatch):
     seen: list[list[str]] = []
     real = ultraedit._still_losing
 
-    def spy(m, reqs, bottom=None):
+    def spy(m, reqs, *rest):
         seen.append([r.prompt for r in reqs])
-        return real(m, reqs, bottom)
+        return real(m, reqs, *rest)
 
     monkeypatch.setattr(ultraedit, "_still_losing", spy)
     patch = lmpatch.edit(model, requests, "ultraedit", hp)
@@ -391,6 +391,74 @@ def test_turns_never_replay_the_patches_below(monkeypatch):
     # the running K_pᵀK_p the first turn read stays for the next call, which adds one product
     applied = tuple(e.patch_id for e in model.applied)
     assert all(model.stack.solves[("ultraedit-earlier-keys", p)][0] == applied for p in edit_params(model, hp))
+
+
+def test_margin_keeps_a_narrow_win_in_the_next_turn():
+    """With ``margin`` m a request still loses until its new target's mean NLL is m below
+    the true target's; a request without a true target needs every token the argmax, as
+    without a margin."""
+    model = tiny_model("llama")
+    requests = [*REQS, MORE[0], replace(MORE[1], target_true="one hundred degrees")]
+    trues = [replace(r, target_new=r.target_true, target_true=None) for r in requests]
+    new, true = _nll(model, requests).tolist(), _nll(model, trues).tolist()
+    gaps = sorted(b - a for a, b in zip(new, true))
+    m = (gaps[len(gaps) // 2] + gaps[len(gaps) // 2 - 1]) / 2 if gaps[0] < 0 else gaps[len(gaps) // 2]
+    expected = [r for r, a, b in zip(requests, new, true) if a >= b - max(m, 0.0)]
+    assert _still_losing(model, requests, margin=max(m, 0.0)) == expected
+    assert len(_still_losing(model, requests, margin=1e9)) == len(requests)
+    assert len(_still_losing(model, requests)) < len(expected) or m <= 0  # the margin adds some
+
+
+def _losing_batch(model, hp, requests):
+    """``requests`` applied in one patch too weak to win them (they lose afterwards)."""
+    patch = lmpatch.edit(model, requests, "ultraedit", replace(hp, lr=1e-9, turns=1))
+    patch.apply(model)
+    return patch
+
+
+def test_earlier_sample_takes_only_the_latest_ultraedit_edit_of_each_prompt():
+    """The refresh sample draws from the edits of applied UltraEdit patches, skipping one a
+    later patch (of any method) or the call itself edits again, and depends on the stack alone."""
+    from lmpatch.methods.ultraedit import earlier_sample
+
+    model = tiny_model("llama")
+    hp = UltraEditHparams(**FAST)
+    assert earlier_sample(model, REQS, 10) == []
+    _losing_batch(model, hp, [*REQS, MORE[1]])
+    newer = replace(REQS[0], target_new="Oslo")
+    lmpatch.edit(model, [newer], "ft", steps=1).apply(model)  # a later fact of REQS[0]'s prompt
+    pool = earlier_sample(model, MORE[:1], 100)
+    assert {r.prompt for r in pool} == {r.prompt for r in [*REQS[1:], MORE[1]]}
+    assert {r.prompt for r in earlier_sample(model, [MORE[1]], 100)} == {r.prompt for r in REQS[1:]}
+    two = earlier_sample(model, MORE[:1], 2)
+    assert len(two) == 2 and earlier_sample(model, MORE[:1], 2) == two  # a function of the stack
+    assert earlier_sample(model, MORE[:1], 0) == []
+
+
+def test_refresh_re_edits_the_earlier_edits_that_lose_in_the_first_turn():
+    """refresh=n: the call checks up to n earlier UltraEdit edits and re-edits those that
+    lose together with its own requests: the patch equals a call on both (one turn here),
+    its requests are the call's own, and it names the edits it re-asserted."""
+    from lmpatch.methods.ultraedit import earlier_sample
+
+    model = tiny_model("llama")
+    hp = UltraEditHparams(**{**FAST, "lr": 1e-3}, preserve=1.0, ridge=0.5)
+    _losing_batch(model, hp, REQS)
+    earlier = earlier_sample(model, MORE[:1], len(REQS))
+    losing = _still_losing(model, earlier)
+    assert losing  # the weak patch left some of them losing, or the test tells nothing
+    patch = lmpatch.edit(model, MORE[:1], "ultraedit", replace(hp, refresh=len(REQS)))
+    assert patch.requests == MORE[:1]
+    assert patch.metrics["edit"]["refreshed"] == [r.prompt for r in losing]
+    assert patch.metrics["edit"]["turns"] == [1 + len(losing)]
+    by_hand = lmpatch.edit(model, [MORE[0], *losing], "ultraedit", hp)
+    for a, b in zip(patch.deltas, by_hand.deltas):
+        torch.testing.assert_close(a.materialize(), b.materialize(), rtol=1e-5, atol=1e-7)
+    before = _nll(model, losing)
+    patch.apply(model)
+    assert bool((_nll(model, losing) < before).all())
+    without = lmpatch.edit(model, MORE[:1], "ultraedit", hp)
+    assert "refreshed" not in without.metrics["edit"]
 
 
 def test_covariance_weighs_the_ridge_by_the_keys_of_ordinary_text():
@@ -453,7 +521,8 @@ def test_warm_up_is_cached_and_optional():
     dict(lr=0.0), dict(lr=float("nan")), dict(ridge=-1.0), dict(statistics="layer"), dict(modules=("attn",)),
     dict(modules=()), dict(warmup=-1), dict(preserve=-1.0), dict(preserve=float("inf")), dict(preserve_scale="mean"),
     dict(covariance=True, modules=("mlp_in",)), dict(covariance=True, stats_tokens=0), dict(layers=(99,)), dict(layer_range=(0.9, 0.1)),
-    dict(turns=0), dict(turns=-2),
+    dict(turns=0), dict(turns=-2), dict(margin=-0.1), dict(margin=float("nan")), dict(refresh=-1), dict(refresh=1.5),
+    dict(refresh=True),
 ])
 def test_bad_settings_are_one_clear_error(bad):
     model = tiny_model("llama")
@@ -475,3 +544,22 @@ def test_turns_on_every_architecture(arch, tmp_path, monkeypatch):
     so the replayed lower layers and the held keys run on every block layout."""
     monkeypatch.setitem(conformance.FAST, "ultraedit", {**FAST, "lr": 1e-6, "turns": 3})
     conformance.test_method_life_cycle("ultraedit", arch, tmp_path, monkeypatch)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_refresh_and_margin_on_every_architecture(arch):
+    """A call that re-edits earlier edits (``refresh``) and keeps narrow wins for another
+    turn (``margin``) on every block layout: the model is left as it was, and its patch
+    applies and reverts bit-exactly on top of the earlier one."""
+    model = tiny_model(arch)
+    hp = UltraEditHparams(**{**FAST, "lr": 1e-6, "turns": 2, "margin": 0.5, "refresh": 10})
+    lmpatch.edit(model, REQS, "ultraedit", replace(hp, refresh=0)).apply(model)
+    before = _state(model)
+    patch = lmpatch.edit(model, MORE[:1], "ultraedit", hp)
+    assert patch.metrics["edit"]["refreshed"]  # a step this small left the earlier edits losing
+    assert patch.metrics["edit"]["turns"][0] == 1 + len(patch.metrics["edit"]["refreshed"])
+    assert all(torch.equal(v, before[k]) for k, v in model.model.state_dict().items())
+    patch.apply(model)
+    assert not all(torch.equal(v, before[k]) for k, v in model.model.state_dict().items())
+    patch.revert(model)
+    assert all(torch.equal(v, before[k]) for k, v in model.model.state_dict().items())

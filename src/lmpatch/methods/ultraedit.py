@@ -71,6 +71,9 @@ again (after its edit a fact's gradient is much smaller than when it was written
   the one before left losing, at a smaller step (3e-4 against one turn's 5e-4). At 10,000
   sequential edits this kept 0.845 of them at +19% perplexity, where one turn kept 0.730
   at +42%; ``turns=1`` is the paper's single turn.
+* ``margin`` and ``refresh`` aim at the edits a long stream loses after winning them: a
+  narrow win gets another turn, and a call re-edits a sample of earlier edits that later
+  batches turned back (``docs/ultraedit.md``, *Edits that last*).
 
 Defaults are adapted to SmolLM2-135M and measured on ``counterfact-train`` records 5000 on
 (see :class:`UltraEditHparams` and ``docs/ultraedit.md``).
@@ -81,6 +84,7 @@ import hashlib
 import json
 import logging
 import math
+import random
 import time
 from contextlib import ExitStack, nullcontext
 from dataclasses import asdict, dataclass, field, replace
@@ -163,6 +167,14 @@ class UltraEditHparams:
       turn writes those edits from where the first left them. The call still returns one
       patch (the turns' changes summed, their statistics and keys together).
     * ``retry_lr``: the step of the turns after the first (None: ``lr``).
+    * ``margin``: a request still loses, and is taken into the next turn, while its new
+      target's mean NLL is not at least this much (nats) below the true target's (0: it
+      only has to win). A fact written with room to spare survives more later batches.
+    * ``refresh``: before its first turn a call checks up to this many earlier UltraEdit
+      edits still in the model (a sample that depends only on the stack, see
+      :func:`earlier_sample`) and re-edits, with its own requests, those a later batch has
+      turned back (0: never). The latest edit of a prompt is the one kept; see
+      ``docs/ultraedit.md`` for what this means for reverting an earlier patch.
     """
 
     modules: tuple[str, ...] = ("mlp_out",)
@@ -177,6 +189,8 @@ class UltraEditHparams:
     covariance: bool = True
     turns: int = 3
     retry_lr: float | None = None
+    margin: float = 0.0
+    refresh: int = 0
     stats_corpus: str = "wikitext-2-raw"
     stats_tokens: int = 100_000
 
@@ -217,6 +231,10 @@ class UltraEditHparams:
         if self.retry_lr is not None and not (isinstance(self.retry_lr, (int, float)) and math.isfinite(self.retry_lr)
                                               and self.retry_lr > 0):
             raise InvalidRequestError(f"UltraEdit retry_lr must be a finite number > 0 or None, got {self.retry_lr!r}.")
+        if not (isinstance(self.margin, (int, float)) and math.isfinite(self.margin) and self.margin >= 0):
+            raise InvalidRequestError(f"UltraEdit margin must be a finite number >= 0, got {self.margin!r}.")
+        if isinstance(self.refresh, bool) or not isinstance(self.refresh, int) or self.refresh < 0:
+            raise InvalidRequestError(f"UltraEdit refresh must be a whole number >= 0, got {self.refresh!r}.")
         if isinstance(self.turns, bool) or not isinstance(self.turns, int) or self.turns < 1:
             raise InvalidRequestError(f"UltraEdit turns must be a whole number >= 1, got {self.turns!r}.")
         if self.preserve_scale not in PRESERVE_SCALES:
@@ -544,30 +562,33 @@ def _weight_delta(model: LoadedModel, param: str, left: torch.Tensor, right: tor
 
 def apply_ultraedit(model: LoadedModel, requests: Sequence[EditRequest], hp: UltraEditHparams) -> Patch:
     """UltraEdit: one turn for every request (see the module docstring), then, up to
-    ``hp.turns``, more turns for the requests that still lose; one patch."""
+    ``hp.turns``, more turns for the requests that still lose; one patch. With
+    ``hp.refresh``, the first turn also re-edits earlier edits a later batch turned back."""
     hp.check()
-    if hp.turns == 1:
+    if hp.turns == 1 and not hp.refresh:
         return _turn(model, requests, hp)
     params = edit_params(model, hp)
     call = _Call(bottom=_bottom(model, hp))
+    earlier = earlier_sample(model, requests, hp.refresh)
+    refreshed = _still_losing(model, earlier, call.bottom, hp.margin) if earlier else []
     # Only the first turn reads the running K_pᵀK_p (the later ones reuse its ridge), so the
     # memo it leaves covers the patches applied before the call and stays valid after it.
-    turns = [_turn(model, requests, hp, call)]
+    turns = [_turn(model, [*requests, *refreshed], hp, call)]
     # The turns so far are in the weights as *one* patch on top of the stack: taking the top
     # patch out restores its saved weights, where taking out a patch below it would replay
     # every patch of a long sequential run (the turns' time grew with the run's length).
-    current = _combined(model, requests, hp, params, turns)
+    current = _combined(model, requests, hp, params, turns, refreshed)
     try:
         current.apply(model)
         for _ in range(hp.turns - 1):
             # a turn's own requests only: the ones it won were held by its update's
             # preserved keys, and re-reading all of them every turn would cost a pass each
-            losing = _still_losing(model, turns[-1].requests, call.bottom)
+            losing = _still_losing(model, turns[-1].requests, call.bottom, hp.margin)
             if not losing:
                 break
             turns.append(_turn(model, losing, hp, call))
             current.revert(model)
-            current = _combined(model, requests, hp, params, turns)
+            current = _combined(model, requests, hp, params, turns, refreshed)
             current.apply(model)
     finally:
         if current.is_applied(model):
@@ -576,6 +597,26 @@ def apply_ultraedit(model: LoadedModel, requests: Sequence[EditRequest], hp: Ult
         keys = [model.stack.edit_keys.pop(t.patch_id) for t in turns]
         model.stack.edit_keys[current.patch_id] = {p: torch.cat([k[p] for k in keys]) for p in params}
     return current
+
+
+def earlier_sample(model: LoadedModel, requests: Sequence[EditRequest], n: int) -> list[EditRequest]:
+    """Up to ``n`` of the edits earlier UltraEdit patches put into the model, to check again.
+
+    Only an edit that is still the latest of its prompt qualifies: a later patch of any
+    method, or one of ``requests``, that edits the same prompt supersedes it, and
+    re-asserting it would undo the newer fact. The sample is drawn uniformly, seeded by the
+    number of applied patches, so it is a function of the stack alone (a resumed run
+    draws the same) and successive calls of a run look at different edits."""
+    if n <= 0:
+        return []
+    latest: dict[str, tuple[str, EditRequest]] = {}
+    for entry in model.applied:
+        for r in entry.requests:
+            latest.pop(r.prompt.strip(), None)  # re-inserted last: the pool keeps edit order
+            latest[r.prompt.strip()] = (entry.method, r)
+    mine = {r.prompt.strip() for r in requests}
+    pool = [r for key, (method, r) in latest.items() if method == METHOD and key not in mine]
+    return random.Random(len(model.applied)).sample(pool, min(n, len(pool)))
 
 
 @dataclass
@@ -623,9 +664,9 @@ def _replaying(bottom: FrozenBottom | None, batch):
 
 @torch.no_grad()
 def _still_losing(model: LoadedModel, requests: Sequence[EditRequest],
-                  bottom: FrozenBottom | None = None) -> list[EditRequest]:
+                  bottom: FrozenBottom | None = None, margin: float = 0.0) -> list[EditRequest]:
     """The requests the model does not yet answer with the new target: its mean NLL not
-    below the true target's, or, without a true target, not every token the argmax.
+    ``margin`` below the true target's, or, without a true target, not every token the argmax.
 
     One pass over the new targets' sequences (the texts the turn was computed on, so
     ``bottom`` has them), in runs of similar length: a one-token true target is read where
@@ -649,12 +690,13 @@ def _still_losing(model: LoadedModel, requests: Sequence[EditRequest],
                 true_nll[i] = -float(logp[first, true_ids[i][0]])
     true_nll.update({i: nll[len(requests) + j] for j, i in enumerate(longer)})
     return [r for i, r in enumerate(requests)
-            if (not hit[i] if true_ids[i] is None else nll[i] >= true_nll[i])]
+            if (not hit[i] if true_ids[i] is None else nll[i] >= true_nll[i] - margin)]
 
 
 def _combined(model: LoadedModel, requests: Sequence[EditRequest], hp: UltraEditHparams,
-              params: Sequence[str], turns: list[Patch]) -> Patch:
-    """One patch for a call's turns: their changes summed per matrix, their statistics merged."""
+              params: Sequence[str], turns: list[Patch], refreshed: Sequence[EditRequest] = ()) -> Patch:
+    """One patch for a call's turns: their changes summed per matrix, their statistics merged.
+    Its requests are the call's; earlier edits it re-asserted are named in its metrics."""
     groups = _groups(model, params, hp.statistics)
     stats = {}
     for g in groups:
@@ -662,6 +704,8 @@ def _combined(model: LoadedModel, requests: Sequence[EditRequest], hp: UltraEdit
         stats[g.key] = {"params": list(g.params), **merged.to_json()}
     info = dict(turns[0].metrics["edit"])
     info["turns"] = [len(t.requests) for t in turns]
+    if refreshed:
+        info["refreshed"] = [r.prompt for r in refreshed]
     return Patch(parts=WeightDelta.compose([part for t in turns for part in t.parts]), method=METHOD,
                  model_fingerprint=model.fingerprint, model_name=model.name, hparams=asdict(hp),
                  requests=list(requests), metrics={"edit": info, STATS_KEY: stats})
