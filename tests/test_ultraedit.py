@@ -462,6 +462,35 @@ def test_refresh_re_edits_the_earlier_edits_that_lose_in_the_first_turn():
     assert "refreshed" not in without.metrics["edit"]
 
 
+def test_refresh_keeps_the_lower_layers_states_while_they_are_unchanged():
+    """With refresh, the states below the edited layers outlive the call: the next call
+    finds the texts the last one ran (its requests) already there, and its patch equals
+    one computed with nothing kept. A patch that changes a lower layer, or a revert of it,
+    starts the states afresh."""
+    from lmpatch.methods.ultraedit import BOTTOM_MEMO, _bottom
+
+    model = tiny_model("llama")
+    hp = UltraEditHparams(**{**FAST, "lr": 1e-3, "refresh": len(REQS)}, preserve=1.0, ridge=0.5)
+    lmpatch.edit(model, REQS, "ultraedit", hp).apply(model)
+    kept = _bottom(model, hp)
+    assert kept is _bottom(model, hp) and kept.states  # the first call's texts are there
+    n_kept = len(kept.states)
+    patch = lmpatch.edit(model, MORE[:1], "ultraedit", hp)
+    assert _bottom(model, hp) is kept and len(kept.states) > n_kept
+    model.stack.solves.pop((BOTTOM_MEMO, kept.layer))  # nothing kept: the same patch
+    fresh = lmpatch.edit(model, MORE[:1], "ultraedit", hp)
+    for a, b in zip(patch.deltas, fresh.deltas):
+        torch.testing.assert_close(a.materialize(), b.materialize(), rtol=1e-5, atol=1e-7)
+    kept = _bottom(model, hp)
+    low = lmpatch.edit(model, MORE[1:], "ft", layers=[0], steps=2)
+    low.apply(model)
+    assert _bottom(model, hp) is not kept
+    kept = _bottom(model, hp)
+    low.revert(model)
+    assert _bottom(model, hp) is not kept
+    assert _bottom(model, replace(hp, refresh=0)) is not _bottom(model, replace(hp, refresh=0))  # per call
+
+
 def test_covariance_weighs_the_ridge_by_the_keys_of_ordinary_text():
     """covariance=True solves ΔW = Vᵀ K (KᵀK + λC0)⁻¹ with MEMIT's C0 of each edited layer,
     computed by the method's one-off; without it the same batch gets λI."""
