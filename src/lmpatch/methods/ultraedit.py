@@ -594,8 +594,7 @@ def apply_ultraedit(model: LoadedModel, requests: Sequence[EditRequest], hp: Ult
         if current.is_applied(model):
             current.revert(model)
     if hp.preserve:  # the turns' keys, preserved together under the call's patch
-        keys = [model.stack.edit_keys.pop(t.patch_id) for t in turns]
-        model.stack.edit_keys[current.patch_id] = {p: torch.cat([k[p] for k in keys]) for p in params}
+        model.stack.edit_keys[current.patch_id] = {p: torch.cat(call.keys[p]).float() for p in params}
     return current
 
 
@@ -744,6 +743,7 @@ def _turn(model: LoadedModel, requests: Sequence[EditRequest], hp: UltraEditHpar
           call: _Call | None = None) -> Patch:
     """One UltraEdit turn: every request in one update of every edited matrix. Within a
     call of several turns, ``call`` carries what the turns share (see :class:`_Call`)."""
+    alone = call is None  # a call of one turn: its patch is the call's, and keeps its keys
     call = call if call is not None else _Call()
     params = edit_params(model, hp)
     groups = _groups(model, params, hp.statistics)
@@ -801,7 +801,7 @@ def _turn(model: LoadedModel, requests: Sequence[EditRequest], hp: UltraEditHpar
     }
     patch = Patch(parts=deltas, method=METHOD, model_fingerprint=model.fingerprint, model_name=model.name,
                   hparams=asdict(hp), requests=list(requests), metrics=metrics)
-    if hp.preserve:
+    if hp.preserve and alone:
         model.stack.edit_keys[patch.patch_id] = {p: features[p][0].float() for p in params}
     return patch
 
