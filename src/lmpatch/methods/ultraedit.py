@@ -73,7 +73,11 @@ again (after its edit a fact's gradient is much smaller than when it was written
   at +42%; ``turns=1`` is the paper's single turn.
 * ``margin`` and ``refresh`` aim at the edits a long stream loses after winning them: a
   narrow win gets another turn, and a call re-edits a sample of earlier edits that later
-  batches turned back (``docs/ultraedit.md``, *Edits that last*).
+  batches turned back (``docs/ultraedit.md``, *Edits that last*). The edits a long stream
+  loses most are its latest, written weakly against everything preserved; a larger
+  ``retry_lr`` finishes them. For long streams of batches ``lr=2e-4, retry_lr=4e-4,
+  margin=0.5, refresh=200`` kept 0.926 of 10,000 edits at +18% perplexity (defaults: 0.845,
+  +19%), at half again the time; not the default, since ``refresh`` is a count per call.
 
 Defaults are adapted to SmolLM2-135M and measured on ``counterfact-train`` records 5000 on
 (see :class:`UltraEditHparams` and ``docs/ultraedit.md``).
