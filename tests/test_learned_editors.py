@@ -80,6 +80,17 @@ def test_replaying_the_frozen_bottom_gives_the_full_forward(model):
     assert torch.allclose(first, full, atol=1e-5) and torch.allclose(again, full[1:], atol=1e-5)
 
 
+def test_a_bounded_frozen_bottom_drops_the_longest_kept_states_never_the_current_ones(model):
+    bottom = FrozenBottom(model, model.spec.n_layers - 1, max_states=1)
+    for batch in (target_batch(model, REQS[:2], TARGET_NEW), target_batch(model, REQS[1:3], TARGET_NEW)):
+        with bottom.replaying(batch.input_ids, batch.attention_mask):
+            replayed = request_nll(model, batch)
+        assert torch.allclose(replayed, request_nll(model, batch), atol=1e-5)
+        assert set(bottom.states) == set(bottom._rows(batch.input_ids, batch.attention_mask))  # a pass's own stay
+    with pytest.raises(ValueError, match="max_states"):
+        FrozenBottom(model, 1, max_states=0)
+
+
 def test_running_norm_pools_moments_exactly_and_the_network_starts_as_the_identity():
     norm = RunningNorm(modes=2, dim=5)
     x = torch.randn(40, 5, dtype=torch.float64).float()

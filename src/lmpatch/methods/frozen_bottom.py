@@ -25,13 +25,20 @@ __all__ = ["FrozenBottom"]
 
 
 class FrozenBottom:
-    """The state entering block ``layer`` for each token sequence seen, in float32."""
+    """The state entering block ``layer`` for each token sequence seen, in float32.
 
-    def __init__(self, model: LoadedModel, layer: int) -> None:
+    ``max_states`` bounds how many sequences are kept (None: all): past it the ones kept
+    longest go first, never one the current pass needs. A bottom that outlives one call
+    (UltraEdit's ``refresh``) would otherwise grow with the stream."""
+
+    def __init__(self, model: LoadedModel, layer: int, max_states: int | None = None) -> None:
         if layer < 1:
             raise ValueError("Nothing lies below layer 0 to replay.")
+        if max_states is not None and max_states < 1:
+            raise ValueError(f"max_states must be at least 1 or None, got {max_states!r}.")
         self.model = model
         self.layer = layer
+        self.max_states = max_states
         self.blocks = [model.spec.block(model.model, i) for i in range(layer)]
         self.states: dict[tuple[int, ...], torch.Tensor] = {}
 
@@ -52,6 +59,15 @@ class FrozenBottom:
         out = store[0][0] if isinstance(store[0], tuple) else store[0]
         for j, r in enumerate(missing):
             self.states[rows[r]] = out[j, : len(rows[r])].float().clone()
+        self._evict(set(rows))
+
+    def _evict(self, needed: set[tuple[int, ...]]) -> None:
+        """Drop the longest-kept states past ``max_states``, keeping those in ``needed``."""
+        if self.max_states is None or len(self.states) <= self.max_states:
+            return
+        excess = len(self.states) - self.max_states
+        for key in [k for k in self.states if k not in needed][:excess]:
+            del self.states[key]
 
     @contextmanager
     def replaying(self, ids: torch.Tensor, mask: torch.Tensor) -> Iterator[None]:

@@ -653,6 +653,9 @@ class _Call:
 #: Where a run with ``refresh`` keeps the states below the edited layers between calls
 #: (``model.stack.solves``, the stack's caches derived from the current weights).
 BOTTOM_MEMO = "ultraedit-bottom"
+#: At most this many texts' states are kept between calls (about 35 KB each on SmolLM2,
+#: so at most about 1.8 GB); an edit brings at most two texts (new and true target).
+BOTTOM_KEEP = 50_000
 
 
 def _bottom(model: LoadedModel, hp: UltraEditHparams) -> FrozenBottom | None:
@@ -674,7 +677,7 @@ def _bottom(model: LoadedModel, hp: UltraEditHparams) -> FrozenBottom | None:
     key, stamp = (BOTTOM_MEMO, lowest), _bottom_stamp(model, lowest)
     found = model.stack.solves.get(key)
     if not (isinstance(found, tuple) and found[0] == stamp):
-        found = (stamp, FrozenBottom(model, lowest))
+        found = (stamp, FrozenBottom(model, lowest, max_states=BOTTOM_KEEP))
         model.stack.solves[key] = found
     return found[1]
 
