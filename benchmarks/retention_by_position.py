@@ -38,9 +38,14 @@ def by_slice(records: list[dict], slices: int) -> list[tuple[range, int, dict[st
     for start in range(0, last, size):
         part = [r for r in records if start <= r["update"] < start + size]
         if part:
-            means = {key: sum(float(r["post"].get(key, 0.0)) for r in part) / len(part) for key, _ in SCORES}
+            means = {key: _mean([float(r["post"][key]) for r in part if key in r["post"]]) for key, _ in SCORES}
             out.append((range(start, min(start + size, last)), len(part), means))
     return out
+
+
+def _mean(values: list[float]) -> float:
+    """Their mean; NaN for none (a score the run did not measure is not a zero)."""
+    return sum(values) / len(values) if values else float("nan")
 
 
 def main() -> None:

@@ -43,3 +43,10 @@ def test_slices_average_only_the_scored_edits_of_their_updates(script, tmp_path)
 def test_a_directory_without_records_is_one_clear_error(script, tmp_path):
     with pytest.raises(SystemExit, match="no records.jsonl"):
         script.scored_records(tmp_path)
+
+
+def test_a_score_no_edit_of_a_slice_has_is_not_counted_as_zero(script):
+    records = [{"update": 0, "post": {"efficacy": True}}, {"update": 0, "post": {"efficacy": False, "paraphrase_score": 1.0}}]
+    (_, n, means), = script.by_slice(records, 1)
+    assert n == 2 and means["efficacy"] == 0.5 and means["paraphrase_score"] == 1.0
+    assert means["neighborhood_score"] != means["neighborhood_score"]  # NaN: not measured

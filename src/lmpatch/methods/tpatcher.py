@@ -61,6 +61,7 @@ from lmpatch.methods.neurons import PLAIN, FFNNeurons, MlpForm, mlp_form
 from lmpatch.methods.registry import Method, register
 from lmpatch.methods.teacher import TARGET_NEW, target_batch
 from lmpatch.model.loading import LoadedModel
+from lmpatch.model.stamp import weights_stamp
 from lmpatch.patch import ModuleAddition, Patch
 from lmpatch.request import EditRequest
 
@@ -163,7 +164,7 @@ def _stamp(model: LoadedModel, place: str) -> tuple:
     """What the host's input depends on: every weight (version and storage), every added
     module elsewhere, and how prompts are formatted. Neurons at ``place`` itself act on
     the host's output and leave its input alone."""
-    weights = tuple((p._version, p.data_ptr()) for p in model.model.parameters())
+    weights = weights_stamp(model.model.parameters())
     others = tuple((a.place, id(a.module)) for a in model.stack.additions() if a.place != place)
     return weights, others, model.format_prompt("")
 

@@ -119,6 +119,7 @@ from lmpatch.model.forced import pair_ids
 from lmpatch.model.hooks import capture_input
 from lmpatch.model.loading import LoadedModel, cache_dir
 from lmpatch.model.spec import factors_to_param_layout, linear_dims
+from lmpatch.model.stamp import weights_stamp
 from lmpatch.patch import Patch, WeightDelta, dense_is_smaller
 from lmpatch.request import EditRequest
 
@@ -684,13 +685,12 @@ def _bottom(model: LoadedModel, hp: UltraEditHparams) -> FrozenBottom | None:
 
 def _bottom_stamp(model: LoadedModel, lowest: int) -> tuple:
     """What the states entering block ``lowest`` depend on: the token embedding and the
-    blocks below (each weight's version and storage) and every added module or memory
-    (conservatively, wherever it sits)."""
+    blocks below (:func:`~lmpatch.model.stamp.weights_stamp`) and every added module
+    (conservatively, wherever it sits). Retrieval memories rewrite the prompt's text, and
+    the states are kept per token sequence, so they need no part in it."""
     weights = [model.model.get_input_embeddings().weight,
                *(p for i in range(lowest) for p in model.spec.block(model.model, i).parameters())]
-    return (tuple((p._version, p.data_ptr()) for p in weights),
-            tuple(id(a.module) for a in model.stack.additions()),
-            tuple(id(m.runtime) for m in model.stack.memories()))
+    return weights_stamp(weights), tuple(id(a.module) for a in model.stack.additions())
 
 
 def _replaying(bottom: FrozenBottom | None, batch):

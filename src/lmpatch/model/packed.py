@@ -30,6 +30,8 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from lmpatch.model.stamp import weight_stamp
+
 log = logging.getLogger(__name__)
 
 #: The packed copies may take at most this share of the machine's memory.
@@ -116,7 +118,7 @@ class _Packing:
         self.pair: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def of(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        stamp = (weight._version, weight.data_ptr())
+        stamp = weight_stamp(weight)
         if self.pair is None or stamp != self.stamp:
             with torch.no_grad():
                 stored = weight.detach()

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from lmpatch.model.stamp import weight_stamp
+
 log = logging.getLogger(__name__)
 
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16", "model")
@@ -54,16 +56,12 @@ class Shadow:
         refreshed = 0
         with torch.no_grad():
             for i, (master, copy_) in enumerate(self.pairs):
-                stamp = _stamp(master)
+                stamp = weight_stamp(master)
                 if stamp != self.stamps[i]:
                     copy_.copy_(master)
                     self.stamps[i] = stamp
                     refreshed += 1
         return refreshed
-
-
-def _stamp(p: torch.Tensor) -> tuple[int, int]:
-    return (p._version, p.data_ptr())
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -200,7 +198,7 @@ def _build(master: nn.Module, dtype: torch.dtype, additions: list, packed: bool 
             module.set_attn_implementation("eager")
         except (ValueError, AttributeError, NotImplementedError) as err:
             log.debug("Keeping the model's attention implementation: %s", err)
-    return Shadow(module=module, dtype=dtype, pairs=pairs, stamps=[_stamp(p) for p, _ in pairs])
+    return Shadow(module=module, dtype=dtype, pairs=pairs, stamps=[weight_stamp(p) for p, _ in pairs])
 
 
 def _unique_params(module: nn.Module):
