@@ -400,6 +400,33 @@ def test_patch_id_is_a_content_hash(llama):
     assert a.patch_id != b.patch_id
 
 
+def test_a_remembered_patch_id_follows_every_change(llama):
+    """The id is remembered between calls (hashing a large patch's tensors is most of an
+    apply); each change below must still give the id a freshly built patch would have."""
+    def fresh(p: Patch) -> str:
+        return Patch(parts=p.parts, method=p.method, model_fingerprint=p.model_fingerprint,
+                     model_name=p.model_name, hparams=p.hparams, requests=list(p.requests)).patch_id
+
+    a = make_patch(llama, [(mlp_out(llama, 0), "low_rank"), (mlp_out(llama, 1), "dense")], requests=[request()])
+    first = a.patch_id
+    assert a.patch_id == first == fresh(a)
+    a.parts[1].dense = a.parts[1].dense.clone()  # new storage, same values: same patch
+    assert a.patch_id == first
+    a.parts[1].dense = a.parts[1].dense + 1.0
+    assert a.patch_id == fresh(a) != first
+    a.parts[0].right.mul_(2.0)
+    assert a.patch_id == fresh(a)
+    before = a.patch_id
+    a.requests.append(request(1))
+    assert a.patch_id == fresh(a) != before
+    before = a.patch_id
+    a.hparams["layers"] = [4]
+    assert a.patch_id == fresh(a) != before
+    before = a.patch_id
+    a.parts.pop()
+    assert a.patch_id == fresh(a) != before
+
+
 def test_manifest_fields_are_json_normalised(llama):
     @dataclass
     class HP:

@@ -29,6 +29,7 @@ import torch
 
 from lmpatch.errors import LmpatchError, PatchError
 from lmpatch.fileio import atomic_write_json, share_like_new_files
+from lmpatch.model.stamp import weight_stamp
 from lmpatch.patch.jsonable import canonical_json, json_dict
 from lmpatch.patch.parts import PART_KINDS, ModuleAddition, RetrievalMemory, WeightDelta
 from lmpatch.request import EditRequest
@@ -91,6 +92,8 @@ class Patch:
     metrics: dict = field(default_factory=dict)
     created_at: str = field(default_factory=_now)
     lmpatch_version: str = field(default_factory=_lmpatch_version)
+    # the last patch_id and what it was computed from (see patch_id); not a field of the patch
+    _id_memo: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         kinds = tuple(cls for cls, _ in PART_KINDS.values())
@@ -176,15 +179,30 @@ class Patch:
 
     @property
     def patch_id(self) -> str:
-        """Short content hash of the parts and the identifying manifest fields."""
-        h = hashlib.sha256(canonical_json(self._identity()).encode())
-        for section, parts in self.sections().items():
-            for i, part in enumerate(parts):
-                label = part.param if section == "deltas" else f"{section}.{i}"  # deltas: as in format 1
-                for role, t in part.tensors().items():
-                    h.update(f"{label}:{role}:{tuple(t.shape)}".encode())
-                    h.update(t.detach().to("cpu", torch.float32).contiguous().numpy())
-        return h.hexdigest()[:16]
+        """Short content hash of the parts and the identifying manifest fields.
+
+        Hashing the tensors is most of the cost (about 20 ms for a 32 MB patch) and an
+        edit asks for the id of the same patch many times (apply, revert, is it applied,
+        its preserved keys), so the id is remembered with the exact tensors it hashed: the
+        memo holds them, so none can be freed and another take its place, and it is used
+        only while the manifest is the same and no tensor was written since
+        (:func:`~lmpatch.model.stamp.weight_stamp`)."""
+        identity = canonical_json(self._identity())
+        labelled = [(part.param if section == "deltas" else f"{section}.{i}", role, t)  # deltas: as in format 1
+                    for section, parts in self.sections().items()
+                    for i, part in enumerate(parts) for role, t in part.tensors().items()]
+        tensors = [t for _, _, t in labelled]
+        stamps = [weight_stamp(t) for t in tensors]
+        memo = self._id_memo
+        if (memo is not None and memo[0] == identity and len(memo[1]) == len(tensors)
+                and all(a is b for a, b in zip(memo[1], tensors)) and memo[2] == stamps):
+            return memo[3]
+        h = hashlib.sha256(identity.encode())
+        for label, role, t in labelled:
+            h.update(f"{label}:{role}:{tuple(t.shape)}".encode())
+            h.update(t.detach().to("cpu", torch.float32).contiguous().numpy())
+        self._id_memo = (identity, tensors, stamps, h.hexdigest()[:16])
+        return self._id_memo[3]
 
     def __repr__(self) -> str:
         counts = ", ".join(f"{section}={len(parts)}" for section, parts in self.sections().items())
