@@ -10,6 +10,14 @@ import os as _os
 # Only takes effect when lmpatch is imported before torch; the environment can override it.
 _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 _os.environ.setdefault("GOMP_SPINCOUNT", "3000")
+# oneDNN (bfloat16 passes, packed weights) builds a kernel for every input shape it meets
+# and keeps it in two caches, ideep's and oneDNN's own, 1,024 entries each by default. An
+# edit's passes meet a new shape with nearly every batch (the row count is the batch's
+# tokens), so a 10,000-edit UltraEdit run grew by about 3 GB of kernels it never used
+# again. 128 of each hold what a ROME edit's passes reuse (64 made it ~5% slower) and
+# bound the growth (docs/speed.md). Read at oneDNN's first use, so as above.
+_os.environ.setdefault("LRU_CACHE_CAPACITY", "128")
+_os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "128")
 
 __version__ = "0.1.0"
 
