@@ -23,6 +23,7 @@ from lmpatch.methods.ultraedit import (
     UltraEditHparams,
     _still_losing,
     edit_params,
+    pass_dtype,
     running_statistics,
     token_features,
     token_keys,
@@ -34,7 +35,9 @@ from tiny import ARCHS, SEQ2SEQ_ARCHS, tiny_model
 #: Quick on a 64-wide model: a small warm-up, and a step small enough for a first-order
 #: (loss-lowering) change of its tiny weights; the identity ridge (the paper's), so no key
 #: statistics are needed (covariance=True has its own test and the conformance run).
-FAST = dict(warmup=8, lr=1e-3, covariance=False, turns=1, margin=0.0, refresh=0)
+#: float32 passes on every CPU, so the exact checks below hold where "auto" means bfloat16
+#: (bfloat16 passes have their own test).
+FAST = dict(warmup=8, lr=1e-3, retry_lr=None, covariance=False, turns=1, margin=0.0, refresh=0, compute_dtype="float32")
 
 MORE = [
     lmpatch.EditRequest(prompt="The capital of Japan is", subject="Japan", target_new="Lima", target_true="Tokyo"),
@@ -151,7 +154,7 @@ def test_sequential_batches_carry_the_lifelong_statistics(tmp_path):
     torch.testing.assert_close(both.m2, expected.m2, rtol=1e-12, atol=1e-12)
     # batch 2's contribution is its own rows, measured on the model with batch 1 in it
     second.revert(model)
-    features, _ = token_features(model, MORE, params)
+    features, _ = token_features(model, MORE, params, compute_dtype=pass_dtype(model, hp))  # as the edit reads
     mine = Moments.of(torch.cat([torch.cat(features[p], 1) for p in params]))
     stored = Moments.from_json(second.metrics[STATS_KEY][key])
     torch.testing.assert_close(stored.mean, mine.mean, rtol=1e-12, atol=1e-15)
@@ -436,6 +439,17 @@ def test_earlier_sample_takes_only_the_latest_ultraedit_edit_of_each_prompt():
     assert earlier_sample(model, MORE[:1], 0) == []
 
 
+@pytest.mark.parametrize("refresh, n_requests, expected", [
+    (0, 100, 0), (2, 100, 200), (2, 1, 2), (0.5, 3, 2), (0.01, 1, 1), (0.3, 10, 3),
+])
+def test_refresh_is_a_number_of_earlier_edits_per_request(refresh, n_requests, expected):
+    """A batch of 100 with refresh=2 checks 200 earlier edits, a single edit 2: a stream
+    checks as many per edit whichever way it comes; any refresh > 0 checks at least one."""
+    from lmpatch.methods.ultraedit import refresh_count
+
+    assert refresh_count(UltraEditHparams(**{**FAST, "refresh": refresh}), n_requests) == expected
+
+
 def test_refresh_re_edits_the_earlier_edits_that_lose_in_the_first_turn():
     """refresh=n: the call checks up to n earlier UltraEdit edits and re-edits those that
     lose together with its own requests: the patch equals a call on both (one turn here),
@@ -477,7 +491,7 @@ def test_refresh_keeps_the_lower_layers_states_while_they_are_unchanged():
     n_kept = len(kept.states)
     patch = lmpatch.edit(model, MORE[:1], "ultraedit", hp)
     assert _bottom(model, hp) is kept and len(kept.states) > n_kept
-    model.stack.solves.pop((BOTTOM_MEMO, kept.layer))  # nothing kept: the same patch
+    model.stack.solves.pop((BOTTOM_MEMO, kept.layer, kept.compute_dtype))  # nothing kept: the same patch
     fresh = lmpatch.edit(model, MORE[:1], "ultraedit", hp)
     for a, b in zip(patch.deltas, fresh.deltas):
         torch.testing.assert_close(a.materialize(), b.materialize(), rtol=1e-5, atol=1e-7)
@@ -551,8 +565,8 @@ def test_warm_up_is_cached_and_optional():
     dict(lr=0.0), dict(lr=float("nan")), dict(ridge=-1.0), dict(statistics="layer"), dict(modules=("attn",)),
     dict(modules=()), dict(warmup=-1), dict(preserve=-1.0), dict(preserve=float("inf")), dict(preserve_scale="mean"),
     dict(covariance=True, modules=("mlp_in",)), dict(covariance=True, stats_tokens=0), dict(layers=(99,)), dict(layer_range=(0.9, 0.1)),
-    dict(turns=0), dict(turns=-2), dict(margin=-0.1), dict(margin=float("nan")), dict(refresh=-1), dict(refresh=1.5),
-    dict(refresh=True),
+    dict(turns=0), dict(turns=-2), dict(margin=-0.1), dict(margin=float("nan")), dict(refresh=-1), dict(refresh=float("inf")),
+    dict(refresh=float("nan")), dict(refresh=True), dict(compute_dtype="int8"),
 ])
 def test_bad_settings_are_one_clear_error(bad):
     model = tiny_model("llama")
@@ -593,3 +607,34 @@ def test_refresh_and_margin_on_every_architecture(arch):
     assert not all(torch.equal(v, before[k]) for k, v in model.model.state_dict().items())
     patch.revert(model)
     assert all(torch.equal(v, before[k]) for k, v in model.model.state_dict().items())
+
+
+def test_bfloat16_passes_give_the_float32_update_to_their_rounding():
+    """compute_dtype="bfloat16" (what "auto" picks where the CPU multiplies bfloat16 in
+    hardware) runs the passes - keys, gradients, the checks, the kept lower layers - in a
+    bfloat16 copy of the model; the update is still solved in float64 and written in
+    float32, and it is the float32 passes' update up to bfloat16 rounding. The model's
+    own weights stay float32 and untouched."""
+    from lmpatch.methods.ultraedit import _bottom
+    from lmpatch.model.shadow import cpu_has_fast_bf16
+
+    model = tiny_model("llama")
+    before = _state(model)
+    hp32 = UltraEditHparams(**FAST, preserve=1.0, ridge=0.5)
+    hp16 = replace(hp32, compute_dtype="bfloat16")
+    assert pass_dtype(model, hp32) is None and pass_dtype(model, hp16) == torch.bfloat16
+    assert pass_dtype(model, replace(hp32, compute_dtype="auto")) == (torch.bfloat16 if cpu_has_fast_bf16() else None)
+    exact = lmpatch.edit(model, REQS, "ultraedit", hp32)
+    rounded = lmpatch.edit(model, REQS, "ultraedit", hp16)
+    for a, b in zip(exact.deltas, rounded.deltas):
+        wa, wb = a.materialize(), b.materialize()
+        assert wb.dtype == torch.float32
+        error = float((wa - wb).norm() / wa.norm())
+        assert 0 < error < 0.05, error  # bfloat16 keeps 8 bits: different, and close
+    for name, value in _state(model).items():
+        assert torch.equal(value, before[name])
+    kept = _bottom(model, replace(hp16, refresh=2))
+    assert next(kept.blocks[0].parameters()).dtype == torch.bfloat16
+    start = _nll(model, REQS)
+    rounded.apply(model)
+    assert bool((_nll(model, REQS) < start).all())  # and it edits

@@ -29,9 +29,13 @@ class FrozenBottom:
 
     ``max_states`` bounds how many sequences are kept (None: all): past it the ones kept
     longest go first, never one the current pass needs. A bottom that outlives one call
-    (UltraEdit's ``refresh``) would otherwise grow with the stream."""
+    (UltraEdit's ``refresh``) would otherwise grow with the stream.
 
-    def __init__(self, model: LoadedModel, layer: int, max_states: int | None = None) -> None:
+    ``compute_dtype`` is that of the passes it serves (:meth:`LoadedModel.forward`): the
+    states are computed by, and replayed into, the module that runs in it."""
+
+    def __init__(self, model: LoadedModel, layer: int, max_states: int | None = None,
+                 compute_dtype: torch.dtype | None = None) -> None:
         if layer < 1:
             raise ValueError("Nothing lies below layer 0 to replay.")
         if max_states is not None and max_states < 1:
@@ -39,7 +43,9 @@ class FrozenBottom:
         self.model = model
         self.layer = layer
         self.max_states = max_states
-        self.blocks = [model.spec.block(model.model, i) for i in range(layer)]
+        self.compute_dtype = compute_dtype
+        net = model.network(compute_dtype)
+        self.blocks = [model.spec.block(net, i) for i in range(layer)]
         self.states: dict[tuple[int, ...], torch.Tensor] = {}
 
     @staticmethod
@@ -54,7 +60,7 @@ class FrozenBottom:
         store: list = []
         sel = torch.tensor(missing)
         with capture_output(self.blocks[-1], store):
-            run_until(self.model.forward, self.blocks[-1], body_only=True, input_ids=ids[sel],
+            run_until(self.model.forward, self.blocks[-1], compute_dtype=self.compute_dtype, body_only=True, input_ids=ids[sel],
                       attention_mask=mask[sel], use_cache=False)
         out = store[0][0] if isinstance(store[0], tuple) else store[0]
         for j, r in enumerate(missing):

@@ -51,8 +51,10 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
             if value.lower() in ("0", "false", "no", "off"):
                 return False
             raise ValueError(value)
-        if target is int and (isinstance(value, bool) or (isinstance(value, float) and not value.is_integer())):
-            raise ValueError(value)  # int() would quietly make 1.5 or True a 1
+        if target in (int, float) and isinstance(value, bool):
+            raise ValueError(value)  # int() or float() would quietly make True a 1
+        if target is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError(value)  # int() would quietly make 1.5 a 1
         if target in (int, float, str, bool):
             return target(value)
         if typing.get_origin(target) is tuple and isinstance(value, (list, tuple)):

@@ -85,8 +85,10 @@ def top_layer_params(model: LoadedModel, top_layers: int, modules: Sequence[str]
     return layer_params(model, edit_layers(model, top_layers), modules)
 
 
-def edit_modules(model: LoadedModel, params: Sequence[str]) -> list[nn.Module]:
-    return [model.model.get_submodule(p.rsplit(".", 1)[0]) for p in params]
+def edit_modules(model: LoadedModel, params: Sequence[str], compute_dtype: torch.dtype | None = None) -> list[nn.Module]:
+    """The modules owning ``params`` in the module that runs passes in ``compute_dtype``."""
+    net = model.network(compute_dtype)
+    return [net.get_submodule(p.rsplit(".", 1)[0]) for p in params]
 
 
 def _lowest_layer(model: LoadedModel, params: Sequence[str]) -> int:

@@ -64,14 +64,16 @@ def token_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 def gradient_factors(
     model: LoadedModel, modules: Sequence[nn.Module], requests: Sequence[EditRequest],
-    batch: TargetBatch | None = None,
+    batch: TargetBatch | None = None, compute_dtype: torch.dtype | None = None,
 ) -> tuple[list[TokenFactors], torch.Tensor]:
     """Per-token (input, output-gradient) pairs at ``modules`` for each request's NLL of
     its new target; also returns each request's loss.
 
     Each row's loss is the mean NLL over its target tokens, and the rows' losses are
     summed, so a row's factors do not depend on what else is in the batch. ``batch`` is
-    the requests' ``target_new`` batch when the caller has built it already.
+    the requests' ``target_new`` batch when the caller has built it already. The pass
+    runs in ``compute_dtype`` (:meth:`LoadedModel.forward`), so ``modules`` must be those
+    of ``model.network(compute_dtype)``; the factors come back in float32.
     """
     batch = batch if batch is not None else target_batch(model, list(requests), TARGET_NEW)
     inputs: dict[int, torch.Tensor] = {}
@@ -90,7 +92,7 @@ def gradient_factors(
         for i, m in enumerate(modules):
             handle = m.register_forward_hook(hook_for(i))
             stack.callback(handle.remove)
-        losses = request_nll(model, batch)
+        losses = request_nll(model, batch, compute_dtype)
         grads = torch.autograd.grad(losses.sum(), [outputs[i] for i in range(len(modules))], allow_unused=True)
     factors = []
     for i, (g, mask) in enumerate(zip(grads, _token_masks(model, modules, batch))):
