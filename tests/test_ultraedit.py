@@ -638,3 +638,53 @@ def test_bfloat16_passes_give_the_float32_update_to_their_rounding():
     start = _nll(model, REQS)
     rounded.apply(model)
     assert bool((_nll(model, REQS) < start).all())  # and it edits
+
+
+def test_added_rows_inverse_is_the_inverse_with_the_rows_added():
+    from lmpatch.methods.locate.solve import added_rows_inverse
+
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(40, 24, generator=gen, dtype=torch.float64)
+    a = base.T @ base / 40 + 0.1 * torch.eye(24, dtype=torch.float64)
+    rows = torch.randn(3, 24, generator=gen, dtype=torch.float64)
+    expected = torch.linalg.inv(a + 0.7 * rows.T @ rows)
+    torch.testing.assert_close(added_rows_inverse(torch.linalg.inv(a), rows, 0.7), expected, rtol=1e-10, atol=1e-12)
+
+
+def test_a_stream_of_small_edits_keeps_the_ridge_inverse_and_gets_the_same_patches():
+    """A small call keeps its ridge's inverse on the model; the next adds the keys of the
+    patches applied since (Woodbury) instead of factorising afresh. Its patch must be the
+    one a fresh factorisation gives; a revert below the top, or a call too large, starts
+    afresh."""
+    from lmpatch.methods.ultraedit import RIDGE_MEMO
+
+    model = tiny_model("llama")
+    hp = UltraEditHparams(**FAST, preserve=1.0, ridge=0.5)
+    params = edit_params(model, hp)
+    stream = [*REQS, *MORE]
+    patches = []
+    for r in stream:
+        patches.append(lmpatch.edit(model, [r], "ultraedit", hp))
+        patches[-1].apply(model)
+    kept = [model.stack.solves[(RIDGE_MEMO, p)] for p in params]
+    # the first call has no earlier keys, the second inverts afresh, each later one updates
+    assert all(k[4] == len(stream) - 2 for k in kept)
+
+    def fresh(requests):
+        for p in params:
+            model.stack.solves.pop((RIDGE_MEMO, p), None)
+        return lmpatch.edit(model, requests, "ultraedit", hp)
+
+    probe = [replace(REQS[0], target_new="Oslo")]
+    chained = lmpatch.edit(model, probe, "ultraedit", hp)
+    assert model.stack.solves[(RIDGE_MEMO, params[0])][4] == len(stream) - 1  # the last patch's keys added
+    for a, b in zip(chained.deltas, fresh(probe).deltas):
+        torch.testing.assert_close(a.materialize(), b.materialize(), rtol=1e-6, atol=1e-9)
+    patches[1].revert(model)  # the kept inverse holds its keys: it must not be used
+    after_revert = lmpatch.edit(model, probe, "ultraedit", hp)
+    assert model.stack.solves[(RIDGE_MEMO, params[0])][4] == 0
+    for a, b in zip(after_revert.deltas, fresh(probe).deltas):
+        torch.testing.assert_close(a.materialize(), b.materialize(), rtol=1e-6, atol=1e-9)
+    many = [replace(REQS[0], prompt=f"Fact number {i} is", subject=f"number {i}") for i in range(40)]
+    lmpatch.edit(model, many, "ultraedit", hp)  # more tokens than a small call: nothing kept
+    assert (RIDGE_MEMO, params[0]) not in model.stack.solves
