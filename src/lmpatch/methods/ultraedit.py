@@ -529,11 +529,9 @@ def earlier_key_grams(model: LoadedModel, params: Sequence[str]) -> dict[str, to
     out: dict[str, torch.Tensor] = {}
     for p in params:
         memo = model.stack.solves.get((GRAM_MEMO, p))
-        if memo is not None and memo[0] == ids[: len(memo[0])]:
-            done, gram = memo
-        else:
-            done, gram = (), None
-        for pid in ids[len(done):]:
+        added = _added_since(memo[0], ids) if memo is not None else None
+        gram = memo[1] if added is not None else None
+        for pid in added if added is not None else ids:
             k = model.stack.edit_keys[pid][p].float()  # kept in float32; one batch's product in float32
             term = (k.T @ k).double()                  # is 4× faster and summed in float64
             gram = term if gram is None else gram + term
@@ -543,6 +541,13 @@ def earlier_key_grams(model: LoadedModel, params: Sequence[str]) -> dict[str, to
     return out
 
 
+def _added_since(done: tuple[str, ...], ids: tuple[str, ...]) -> tuple[str, ...] | None:
+    """The patch ids applied after ``done``, when a memo covering ``done`` can be brought up
+    to ``ids`` by adding them; None when ``done`` is not where ``ids`` starts (a patch under
+    the memo's last one was reverted or reordered), and the memo must be recomputed."""
+    return ids[len(done):] if ids[: len(done)] == done else None
+
+
 def _ridge_matrix(base: KeyCovariance | None, gram: torch.Tensor | None, weight: float,
                   hp: UltraEditHparams) -> KeyCovariance | None:
     """A of the solve's λA: the identity (None) or C0, plus (w/λ) K_pᵀK_p for ``preserve``,
@@ -550,9 +555,12 @@ def _ridge_matrix(base: KeyCovariance | None, gram: torch.Tensor | None, weight:
     on as it is (its factor is cached)."""
     if gram is None or not weight:
         return base
-    matrix = (base.matrix.double() if base is not None
-              else torch.eye(gram.shape[0], dtype=torch.float64, device=gram.device))
-    return KeyCovariance(matrix + (weight / hp.ridge) * gram.to(matrix.device))
+    scale = weight / hp.ridge
+    if base is not None:  # one pass over d × d, promoted to float64 (C0 is kept in float32)
+        return KeyCovariance(torch.add(base.matrix, gram.to(base.matrix.device), alpha=scale))
+    matrix = gram.mul(scale)
+    matrix.diagonal().add_(1.0)
+    return KeyCovariance(matrix)
 
 
 #: Where a stream of small calls keeps each matrix's ridge inverse between calls (``model.stack.solves``).
@@ -603,9 +611,10 @@ def _kept_inverse(model: LoadedModel, kept: tuple | None, ids: tuple, param: str
     if kept is None:
         return None, 0
     done, kept_base, kept_scale, inverse, updates = kept
-    if kept_base is not base or kept_scale != scale or ids[: len(done)] != done:
+    added = _added_since(done, ids)
+    if kept_base is not base or kept_scale != scale or added is None:
         return None, 0
-    new = [model.stack.edit_keys[pid][param] for pid in ids[len(done):]]
+    new = [model.stack.edit_keys[pid][param] for pid in added]
     if not new:
         return inverse, updates
     rows = torch.cat(new)
