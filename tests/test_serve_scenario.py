@@ -60,7 +60,7 @@ def test_ask_edit_restart_revert_on_the_real_model(tmp_path):
         assert "Paris" in text and gen == 2, text
 
 
-FT = {"method": "ft-m", "hparams": {"steps": 60}}  # ~1 s on the tiny model: long enough to be killed inside
+FT = {"method": "ft-m", "hparams": {"steps": 100}}  # long enough on the tiny model to be killed inside
 KILLS = 10
 
 
@@ -89,6 +89,15 @@ def _poll_until(ledger, edit_id: str, states: tuple[str, ...], timeout: float = 
     finally:
         db.close()
     raise AssertionError(f"edit {edit_id} never reached {states}")
+
+
+def _seconds_running(ledger, edit_id: str) -> float:
+    """How long the edit stayed ``running`` in the ledger: the window a kill must land in.
+    Measured, because it differs between machines (and fell below the fixed sleep once)."""
+    _poll_until(ledger, edit_id, ("running", "committed", "failed"))
+    start = time.perf_counter()
+    _poll_until(ledger, edit_id, ("committed", "failed"), timeout=120)
+    return time.perf_counter() - start
 
 
 def _status_at_kill(ledger, edit_id: str) -> str:
@@ -125,6 +134,11 @@ def test_sigkill_during_edits_and_reverts_loses_nothing_and_invents_nothing(tmp_
     at_kill: dict[str, list[str]] = {"edit": [], "revert": []}
     server = ServerProcess(ledger=ledger, token=TOKEN, args=args).start()
     try:
+        warm = {"prompt": "A calibration fact is about", "subject": "A calibration fact", "target_new": "timing"}
+        r = httpx.post(f"{server.url}/v1/edits", json={"requests": warm, **FT}, headers=AUTH, timeout=30)
+        assert r.status_code == 202, r.text
+        accepted.append(r.json()["id"])
+        window = _seconds_running(ledger, accepted[-1])  # this machine's edit time, not a guess
         for trial in range(KILLS):
             request = {"prompt": f"Fact number {trial} is about", "subject": f"Fact number {trial}",
                        "target_new": f"topic {trial}"}
@@ -132,7 +146,7 @@ def test_sigkill_during_edits_and_reverts_loses_nothing_and_invents_nothing(tmp_
             assert r.status_code == 202, r.text
             accepted.append(r.json()["id"])
             _poll_until(ledger, accepted[-1], ("running", "committed", "failed"))
-            time.sleep(rng.uniform(0.0, 0.6))  # an ft-m edit of the tiny model computes for ~1 s
+            time.sleep(rng.uniform(0.0, 0.6 * window))  # the edit is still computing (loading was before)
             server.kill()
             at_kill["edit"].append(_status_at_kill(ledger, accepted[-1]))
             server = ServerProcess(ledger=ledger, token=TOKEN, args=args).start()
@@ -154,7 +168,8 @@ def test_sigkill_during_edits_and_reverts_loses_nothing_and_invents_nothing(tmp_
     finally:
         server.stop()
 
-    print("ledger status of the edit at each kill:", {k: sorted(v) for k, v in at_kill.items()})
+    print(f"an edit ran {window:.2f} s; ledger status of the edit at each kill:",
+          {k: sorted(v) for k, v in at_kill.items()})
     assert at_kill["edit"].count("running") >= 5  # the kills really landed inside edits
     assert at_kill["revert"].count("reverting") >= 3  # ... and inside reverts
     status = {r["id"]: r["status"] for r in rows}
@@ -163,6 +178,6 @@ def test_sigkill_during_edits_and_reverts_loses_nothing_and_invents_nothing(tmp_
         assert status[edit_id] == ("reverted" if edit_id in reverted else "committed"), (edit_id, status[edit_id])
     db = Ledger(ledger)
     live = [{"commit_seq": r.commit_seq, "patch_file": r.patch_file} for r in db.live()]
-    assert served["edits"] == len(live) == KILLS - len(reverted)
+    assert served["edits"] == len(live) == len(accepted) - len(reverted) == KILLS + 1 - len(reverted)
     assert served["state_fingerprint"] == db.state_fingerprint == _reference_fingerprint(model_dir, live)
     db.close()
