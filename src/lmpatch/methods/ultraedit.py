@@ -563,11 +563,11 @@ def _ridge_matrix(base: KeyCovariance | None, gram: torch.Tensor | None, weight:
     return KeyCovariance(matrix)
 
 
-#: Where a stream of small calls keeps each matrix's ridge inverse between calls (``model.stack.solves``).
+#: Where a stream of small calls keeps each matrix's ridge between calls (``model.stack.solves``).
 RIDGE_MEMO = "ultraedit-ridge-inverse"
-#: A call counts as small, and keeps its ridge's inverse for the next call, when its tokens are
-#: at most 1/SMALL of the matrix's input width (SmolLM2: 192 of 1536); the next call then adds
-#: the keys the stack gained since, if they are as few, by a Woodbury update.
+#: A call counts as small, and keeps its ridge for the next call, when its tokens are at most
+#: 1/SMALL of the matrix's input width (SmolLM2: 192 of 1536); the next call then adds the
+#: keys the stack gained since, if they are as few, by a Woodbury update of the ridge's inverse.
 SMALL = 8
 #: A kept inverse is computed afresh after this many Woodbury updates in a row.
 RIDGE_REFRESH = 64
@@ -578,14 +578,20 @@ def _ridges(model: LoadedModel, params: Sequence[str], covs: dict[str, KeyCovari
             n_tokens: int) -> dict[str, KeyCovariance | None]:
     """The ridge of each matrix for a call's first turn (:func:`_ridge_matrix`).
 
-    Why the inverse is kept: the ridge changes with every call (it holds every earlier
-    edit's keys), and factorising it costs O(d³): nine 1536 × 1536 factorisations were about
-    half the time of a single edit on SmolLM2 (0.4 of 0.85 s). A stream of small calls
-    (single edits, the service's case) adds a few keys per call, so a small call keeps the
-    inverse of its ridge on the model, and the next one adds the keys of the patches applied
-    since with :func:`~lmpatch.methods.locate.solve.added_rows_inverse`, O(d²k). A large call,
-    another patch order (a revert below the top), other statistics or another weight start
-    afresh, and so does every :data:`RIDGE_REFRESH`-th update, so rounding cannot pile up."""
+    Why the ridge is kept: it changes with every call (it holds every earlier edit's keys),
+    and factorising it costs O(d³): nine 1536 × 1536 factorisations were about half the
+    time of a single edit on SmolLM2 (0.4 of 0.85 s). A stream of small calls (single
+    edits, the service's case) adds a few keys per call, so a small call keeps its ridge on
+    the model, and the next one adds the keys of the patches applied since to the ridge's
+    inverse with :func:`~lmpatch.methods.locate.solve.added_rows_inverse`, O(d²k). A large
+    call, another patch order (a revert below the top), other statistics or another weight
+    start afresh, and so does every :data:`RIDGE_REFRESH`-th update, so rounding cannot pile up.
+
+    The inverse is formed only when the next call does add few keys. A freshly factorised
+    ridge is kept as it is (its Cholesky factor), because a call of a hundred requests also
+    counts as small but is followed by one that adds all its turns' keys, too many for an
+    update: forming its inverse anyway cost 0.3 s of a 7.5 s late call (nine
+    ``cholesky_inverse``), for nothing."""
     ids = tuple(e.patch_id for e in model.applied if e.method == METHOD)
     scale = weight / hp.ridge
     out: dict[str, KeyCovariance | None] = {}
@@ -599,27 +605,31 @@ def _ridges(model: LoadedModel, params: Sequence[str], covs: dict[str, KeyCovari
         if n_tokens * SMALL > d:
             continue
         inverse, updates = _kept_inverse(model, kept, ids, p, base, scale, d)
-        ridge._inverse = inverse if inverse is not None else ridge.inverse()
-        model.stack.solves[(RIDGE_MEMO, p)] = (ids, base, scale, ridge._inverse, updates)
+        if inverse is not None:
+            ridge._inverse = inverse
+        model.stack.solves[(RIDGE_MEMO, p)] = (ids, base, scale, inverse if inverse is not None else ridge, updates)
     return out
 
 
 def _kept_inverse(model: LoadedModel, kept: tuple | None, ids: tuple, param: str, base: KeyCovariance | None,
                   scale: float, d: int) -> tuple[torch.Tensor | None, int]:
-    """The kept inverse brought up to the current stack (None if it cannot be), and how many
-    Woodbury updates it has had since it was last computed afresh."""
+    """The kept ridge's inverse brought up to the current stack (None if it cannot be), and
+    how many Woodbury updates it has had since the ridge was last factorised afresh. The
+    kept ridge is an inverse, or a ridge factorised by the call that kept it, whose inverse
+    is formed here from its cached factor."""
     if kept is None:
         return None, 0
-    done, kept_base, kept_scale, inverse, updates = kept
+    done, kept_base, kept_scale, held, updates = kept
     added = _added_since(done, ids)
     if kept_base is not base or kept_scale != scale or added is None:
         return None, 0
     new = [model.stack.edit_keys[pid][param] for pid in added]
-    if not new:
-        return inverse, updates
-    rows = torch.cat(new)
-    if rows.shape[0] * SMALL > d or updates + 1 >= RIDGE_REFRESH:
+    rows = torch.cat(new) if new else None
+    if rows is not None and (rows.shape[0] * SMALL > d or updates + 1 >= RIDGE_REFRESH):
         return None, 0
+    inverse = held.inverse() if isinstance(held, KeyCovariance) else held
+    if rows is None:
+        return inverse, updates
     return added_rows_inverse(inverse, rows, scale), updates + 1
 
 
