@@ -529,3 +529,19 @@ def test_metrics_do_not_depend_on_batch_size_real(real):
     assert set(one.pre) == set(eight.pre) and len(one.pre) >= 8
     for key, m in one.pre.items():
         assert eight.pre[key].value == pytest.approx(m.value, abs=1e-6), key
+
+
+def test_a_models_remembered_pair_ids_are_the_computed_ones_and_its_own():
+    """The memo of token IDs is per model (each tokenizer its own) and returns what
+    tokenising afresh gives."""
+    from lmpatch.model.forced import compute_pair_ids, pair_ids
+    from tiny import tiny_model
+
+    llama, gpt2 = tiny_model("llama"), tiny_model("gpt2")
+    for model in (llama, gpt2):
+        first = pair_ids(model, "The capital of France is", " Paris")
+        assert first == compute_pair_ids(model, "The capital of France is", " Paris")
+        assert pair_ids(model, "The capital of France is", " Paris") is first  # remembered
+        assert pair_ids(model, "The capital of France is", " Rome") == compute_pair_ids(
+            model, "The capital of France is", " Rome")
+    assert llama.pair_ids is not gpt2.pair_ids

@@ -32,6 +32,12 @@ def pad_id(model) -> int:
 
 
 def pair_ids(model, prompt_text: str, target: str) -> PromptTarget:
+    """The IDs of an already formatted prompt and of its target, as the model reads them
+    (:func:`compute_pair_ids`, remembered per model: :attr:`LoadedModel.pair_ids`)."""
+    return model.pair_ids(prompt_text, target)
+
+
+def compute_pair_ids(model, prompt_text: str, target: str) -> PromptTarget:
     """The IDs of an already formatted prompt and of its target, as the model reads them.
 
     Decoder-only: the ID-level join of :func:`lmpatch.tokens.prompt_target`. Encoder-decoder:
