@@ -15,9 +15,10 @@ The trained editor gives each edit a change ΔW. This script scores, on the same
   other subjects produce should leave their answers alone.
 
 Scored with the evaluation's CounterFact values on ``counterfact-train`` records from
-5100 (never trained on by the shipped editor, and not an evaluation split).
+5100 (never trained on by the shipped editor, and not an evaluation split), or with
+``--data counterfact-edit --offset 0`` on the evaluation records, to report.
 
-    python benchmarks/mend_specificity.py --n 60
+    python benchmarks/mend_specificity.py --n 100
 """
 from __future__ import annotations
 
@@ -106,6 +107,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=60)
     ap.add_argument("--offset", type=int, default=5100)
+    ap.add_argument("--data", default="counterfact-train", help="counterfact-train (tuning) or counterfact-edit (report)")
     ap.add_argument("--pool", type=int, default=16, help="pseudo-neighbour subjects per edit")
     ap.add_argument("--rho", type=float, action="append", help="projection softness (repeatable; default 1 and 10)")
     args = ap.parse_args()
@@ -118,7 +120,7 @@ def main() -> None:
     probe = Probe(model)
     pool = [r.subject for r in load_dataset("counterfact-train", n=5000)]  # training subjects only
     random.Random(0).shuffle(pool)
-    records = [r for r in load_dataset("counterfact-train", n=args.n, offset=args.offset) if r.rephrase and r.locality]
+    records = [r for r in load_dataset(args.data, n=args.n, offset=args.offset) if r.rephrase and r.locality]
     unedited = measure(model, records, COUNTERFACT)
     variants = ["as trained", "smallest step, P(new) > P(true)", "smallest step, argmax"]
     variants += [f"off neighbour keys, ρ={rho}" for rho in rhos]
@@ -145,7 +147,7 @@ def main() -> None:
             totals[name]["steps"].append(step)
         console.print(f"record {i + 1}/{len(records)}")
     n = len(records)
-    table = Table(title=f"shipped MEND editor, {n} counterfact-train records from {args.offset} "
+    table = Table(title=f"shipped MEND editor, {n} {args.data} records from {args.offset} "
                         f"(unedited neighbourhood {base / n:.2f})")
     for col in ("variant", "efficacy", "paraphrase", "neighbourhood", "median step"):
         table.add_column(col, justify="right")
