@@ -588,7 +588,7 @@ def _ridges(model: LoadedModel, params: Sequence[str], covs: dict[str, KeyCovari
     start afresh, and so does every :data:`RIDGE_REFRESH`-th update, so rounding cannot pile up.
 
     The inverse is formed only when the next call does add few keys. A freshly factorised
-    ridge is kept as it is (its Cholesky factor), because a call of a hundred requests also
+    ridge is kept as its Cholesky factor, because a call of a hundred requests also
     counts as small but is followed by one that adds all its turns' keys, too many for an
     update: forming its inverse anyway cost 0.3 s of a 7.5 s late call (nine
     ``cholesky_inverse``), for nothing."""
@@ -607,7 +607,10 @@ def _ridges(model: LoadedModel, params: Sequence[str], covs: dict[str, KeyCovari
         inverse, updates = _kept_inverse(model, kept, ids, p, base, scale, d)
         if inverse is not None:
             ridge._inverse = inverse
-        model.stack.solves[(RIDGE_MEMO, p)] = (ids, base, scale, inverse if inverse is not None else ridge, updates)
+            held = ("inverse", inverse)
+        else:  # the factor the first turn's solve computes anyway; kept alone (not the d × d ridge)
+            held = ("factor", ridge.cholesky())
+        model.stack.solves[(RIDGE_MEMO, p)] = (ids, base, scale, held, updates)
     return out
 
 
@@ -615,8 +618,8 @@ def _kept_inverse(model: LoadedModel, kept: tuple | None, ids: tuple, param: str
                   scale: float, d: int) -> tuple[torch.Tensor | None, int]:
     """The kept ridge's inverse brought up to the current stack (None if it cannot be), and
     how many Woodbury updates it has had since the ridge was last factorised afresh. The
-    kept ridge is an inverse, or a ridge factorised by the call that kept it, whose inverse
-    is formed here from its cached factor."""
+    kept ridge is ("inverse", its inverse), or ("factor", the Cholesky factor of a ridge
+    factorised afresh by the call that kept it), whose inverse is formed here."""
     if kept is None:
         return None, 0
     done, kept_base, kept_scale, held, updates = kept
@@ -627,7 +630,8 @@ def _kept_inverse(model: LoadedModel, kept: tuple | None, ids: tuple, param: str
     rows = torch.cat(new) if new else None
     if rows is not None and (rows.shape[0] * SMALL > d or updates + 1 >= RIDGE_REFRESH):
         return None, 0
-    inverse = held.inverse() if isinstance(held, KeyCovariance) else held
+    kind, tensor = held
+    inverse = torch.cholesky_inverse(tensor) if kind == "factor" else tensor
     if rows is None:
         return inverse, updates
     return added_rows_inverse(inverse, rows, scale), updates + 1
