@@ -79,12 +79,6 @@ class KeyCovariance:
         x = torch.cholesky_solve(b[:, None] if vec else b, chol)
         return x[:, 0] if vec else x
 
-    def inverse(self) -> torch.Tensor:
-        """The explicit inverse in float64 (from the cached factor), kept once computed."""
-        if self._inverse is None:
-            self._inverse = torch.cholesky_inverse(self.cholesky())
-        return self._inverse
-
 
 def added_rows_inverse(inverse: torch.Tensor, rows: torch.Tensor, scale: float) -> torch.Tensor:
     """(A + scale·UᵀU)⁻¹ from A⁻¹ (Woodbury), U = ``rows`` (k × d), float64.
