@@ -41,15 +41,24 @@ LAYER_SETS = ((27, 28, 29), (20, 21, 22), (12, 13, 14), (6, 7, 8))
 COUNTERFACT = frozenset({"counterfact"})
 
 
-def scores_at(model, params, modules, record, factors: list[TokenFactors], step: float, unedited) -> dict:
+def change_patch(model, params, modules, record, changes, factors: list[TokenFactors]) -> Patch:
+    """The per-matrix (U, D) ``changes`` of one record's edit as a weight-delta patch."""
+    return Patch(parts=weight_deltas(params, modules, changes, factors), method="probe",
+                 model_fingerprint=model.fingerprint, model_name=model.name, requests=[record])
+
+
+def change_scores(model, params, modules, record, changes, factors: list[TokenFactors], unedited) -> dict:
     """The evaluation's CounterFact values (efficacy, paraphrase_score, neighborhood_score)
-    with the gradient step ΔW = -step ∇W applied as a patch."""
-    changes = [(f.inputs, -step * f.grads) for f in factors]
-    patch = Patch(parts=weight_deltas(params, modules, changes, factors), method="gradient-step",
-                  model_fingerprint=model.fingerprint, model_name=model.name, requests=[record])
-    with patch.applied(model):
+    with ``changes`` applied as a patch."""
+    with change_patch(model, params, modules, record, changes, factors).applied(model):
         edited = measure(model, [record], COUNTERFACT)[0]
     return request_values(record, edited, unedited, COUNTERFACT)
+
+
+def scores_at(model, params, modules, record, factors: list[TokenFactors], step: float, unedited) -> dict:
+    """:func:`change_scores` of the gradient step ΔW = -step ∇W."""
+    changes = [(f.inputs, -step * f.grads) for f in factors]
+    return change_scores(model, params, modules, record, changes, factors, unedited)
 
 
 def at_subject(model, record, factors: list[TokenFactors]) -> list[TokenFactors]:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import random
+from contextlib import ExitStack
 from dataclasses import replace
 
 import lmpatch  # noqa: F401 - first: it sets lmpatch's OpenMP wait policy before torch starts its threads
@@ -31,20 +32,20 @@ import lmpatch  # noqa: F401 - first: it sets lmpatch's OpenMP wait policy befor
 # isort: split
 
 import torch
-from lifelong import cpu_info, cpu_line  # benchmarks/ is on sys.path when this script runs
+from gradient_depth import COUNTERFACT, change_patch, change_scores  # benchmarks/ is on sys.path when this script runs
+from lifelong import cpu_info, cpu_line
 from rich.console import Console
 from rich.table import Table
 
 from lmpatch.data import load_dataset
 from lmpatch.eval.metrics import measure, request_values
-from lmpatch.methods.learned_editing import edit_modules, load_trained, weight_deltas
+from lmpatch.methods.learned_editing import edit_modules, load_trained
 from lmpatch.methods.mend import METHOD, MendHparams, new_editor
 from lmpatch.methods.teacher import TARGET_NEW, request_hits, request_nll, target_batch
 from lmpatch.methods.token_grads import gradient_factors
-from lmpatch.patch import Patch
+from lmpatch.model.hooks import capture_input
 from lmpatch.request import EditRequest
 
-COUNTERFACT = frozenset({"counterfact"})
 STEPS = [2.0 ** (k / 2) for k in range(-6, 9)]
 
 
@@ -57,41 +58,38 @@ class Probe:
         self.editor, _ = load_trained(METHOD, model, hp, lambda: new_editor(model, hp))
         self.modules = edit_modules(model, self.editor.params)
 
-    def patch(self, record, changes, factors, step: float) -> Patch:
-        scaled = [(x, step * d) for x, d in changes]
-        return Patch(parts=weight_deltas(self.editor.params, self.modules, scaled, factors), method="probe",
-                     model_fingerprint=self.model.fingerprint, model_name=self.model.name, requests=[record])
+    def _scaled(self, changes, step: float):
+        return [(x, step * d) for x, d in changes]
 
     def values(self, record, changes, factors, step: float, unedited) -> dict:
-        with self.patch(record, changes, factors, step).applied(self.model):
-            edited = measure(self.model, [record], COUNTERFACT)[0]
-        return request_values(record, edited, unedited, COUNTERFACT)
+        return change_scores(self.model, self.editor.params, self.modules, record, self._scaled(changes, step),
+                             factors, unedited)
 
     def wins(self, record, changes, factors, step: float, unedited, argmax: bool) -> bool:
         if argmax:
-            with self.patch(record, changes, factors, step).applied(self.model), torch.no_grad():
+            patch = change_patch(self.model, self.editor.params, self.modules, record,
+                                 self._scaled(changes, step), factors)
+            with patch.applied(self.model), torch.no_grad():
                 return request_hits(self.model, target_batch(self.model, [record], TARGET_NEW))[0]
         prompt_only = replace(record, rephrase=(), locality=())
         return bool(self.values(prompt_only, changes, factors, step, unedited)["efficacy"])
 
     def smallest_step(self, record, changes, factors, unedited, argmax: bool = False) -> tuple[float, dict]:
+        """The smallest step of the grid that wins; a grid, not gradient_depth's bisection,
+        because a trained change scaled far up can lose again."""
         step = next((s for s in STEPS if self.wins(record, changes, factors, s, unedited, argmax)), STEPS[-1])
         return step, self.values(record, changes, factors, step, unedited)
 
     def keys(self, requests) -> list[torch.Tensor]:
         """Every real token's input to each edited matrix, over ``requests``' prompts and new targets."""
         batch = target_batch(self.model, requests, TARGET_NEW)
-        got: dict[int, torch.Tensor] = {}
-        handles = [m.register_forward_hook(lambda _m, a, _o, i=i: got.__setitem__(i, a[0].detach()))
-                   for i, m in enumerate(self.modules)]
-        try:
-            with torch.no_grad():
-                request_nll(self.model, batch)
-        finally:
-            for h in handles:
-                h.remove()
+        stores: list[list] = [[] for _ in self.modules]
+        with ExitStack() as stack, torch.no_grad():
+            for module, store in zip(self.modules, stores):
+                stack.enter_context(capture_input(module, store))
+            request_nll(self.model, batch)
         mask = batch.attention_mask.bool()
-        return [got[i].reshape(*mask.shape, -1)[mask].float() for i in range(len(self.modules))]
+        return [store[0].reshape(*mask.shape, -1)[mask].float() for store in stores]
 
 
 def off_keys(inputs: torch.Tensor, keys: torch.Tensor, rho: float) -> torch.Tensor:
