@@ -8,6 +8,7 @@ import stat
 import pytest
 
 from lmpatch.fileio import (
+    atomic_dir,
     atomic_path,
     atomic_write_bytes,
     atomic_write_json,
@@ -117,3 +118,30 @@ def test_write_jsonl_goes_through_atomic_write(tmp_path, umask):
     assert read_records(path) == [{"a": 1}, {"b": 2}]
     assert _mode(path) == 0o640
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl.gz"]
+
+
+def _has_marker(path):
+    return (path / "done").is_file()
+
+
+def test_atomic_dir_keeps_a_copy_another_process_placed_meanwhile(tmp_path):
+    # Two jobs building the same cache entry: the first to finish may already be reading
+    # its copy, so the second must not delete it to put its own in place.
+    dest = tmp_path / "entry"
+    with atomic_dir(dest, complete=_has_marker) as tmp:
+        (tmp / "done").write_text("mine")
+        dest.mkdir()
+        (dest / "done").write_text("theirs")
+        inode = dest.stat().st_ino
+    assert (dest / "done").read_text() == "theirs" and dest.stat().st_ino == inode
+    assert [p.name for p in tmp_path.iterdir()] == ["entry"]   # the temporary copy is gone
+
+
+def test_atomic_dir_replaces_an_incomplete_leftover(tmp_path):
+    dest = tmp_path / "entry"
+    dest.mkdir()
+    (dest / "half").write_text("crashed writer")
+    with atomic_dir(dest, complete=_has_marker) as tmp:
+        (tmp / "done").write_text("mine")
+    assert sorted(p.name for p in dest.iterdir()) == ["done"]
+    assert (dest / "done").read_text() == "mine"

@@ -87,13 +87,15 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_dir(path: str | os.PathLike, complete: Callable[[Path], bool]) -> Iterator[Path]:
     """Yield a fresh temporary directory next to ``path``; on success it becomes ``path``,
     on failure it is removed, so no reader ever sees a half-written directory.
 
-    A leftover at ``path`` (an older crash) is replaced. If another process renames its
-    own copy into place first, that copy is kept and this one dropped: both were written
-    from the same inputs.
+    ``complete`` says whether a directory already at ``path`` is a finished copy. When
+    another process placed one while this one was writing (two jobs building the same
+    cache entry), that copy is kept and this one dropped: both came from the same inputs,
+    and the other process may already be reading it. Only an incomplete leftover is
+    replaced.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -101,12 +103,14 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
         share_like_new_files(tmp)
+        if path.exists() and complete(path):
+            return
         if path.exists():
             shutil.rmtree(path, ignore_errors=True)
         try:
             os.rename(tmp, path)
         except OSError:
-            if not path.exists():  # not a lost race with an equally good copy
+            if not (path.exists() and complete(path)):  # not a lost race with an equally good copy
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -18,6 +18,7 @@ import json
 import logging
 import random
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -60,14 +61,18 @@ def finetuned_copy(base: LoadedModel, requests: Sequence[EditRequest], config: M
         raise LmpatchError(f"Nothing to train the {kind} copy on.")
     blob = json.dumps({"base": base.fingerprint, **identity, **asdict(config)}, sort_keys=True)
     folder = cache_dir() / kind / hashlib.sha256(blob.encode()).hexdigest()[:16]
-    if not (folder / "config.json").is_file():
+    if not _built(folder):
         trained = _train(base, requests, config, show, kind)
-        with atomic_dir(folder) as tmp, quiet_transformers():
+        with atomic_dir(folder, complete=_built) as tmp, quiet_transformers():
             trained.save_pretrained(tmp, safe_serialization=True)
             base.tokenizer.save_pretrained(tmp)
             (tmp / f"{kind}.json").write_text(blob + "\n")
         log.info("Trained the %s copy on %d answers into %s", kind, len(requests), folder)
     return load_model(folder, device=str(base.device), chat=base.chat)
+
+
+def _built(folder: Path) -> bool:
+    return (folder / "config.json").is_file()
 
 
 def _train(base: LoadedModel, requests: Sequence[EditRequest], config: MemoriseConfig, show: bool,

@@ -512,7 +512,7 @@ def _gguf_float32_copy(gguf_path: Path, cache_name: str | None = None) -> Path:
         del model.config.quantization_config
     model.is_quantized = False
     try:
-        with atomic_dir(dest) as tmp:
+        with atomic_dir(dest, complete=_is_model_dir) as tmp:
             model.save_pretrained(tmp, safe_serialization=True)
             tok.save_pretrained(tmp)
     except OSError as exc:
