@@ -122,6 +122,7 @@ def test_depn_erases_the_neurons_shared_by_enough_texts(leaky):
 @pytest.mark.parametrize("method, hparams", [
     ("depn", dict(steps=4, erase_kn_num=128, mode_ratio_bag=0.25)),
     ("ft-ga", dict(steps=10, lr=1e-2)),
+    ("ft-generic", dict(steps=20, lr=1e-2, layers=(0, 1))),
 ])
 def test_the_forget_job_measures_extraction_before_and_after(leaky, method, hparams):
     patch = lmpatch.forget(leaky, SECRETS, method=method, **hparams)
@@ -136,3 +137,39 @@ def test_forget_refuses_unknown_methods_and_empty_secrets(leaky):
         lmpatch.forget(leaky, SECRETS, method="grace")
     with pytest.raises(lmpatch.LmpatchError, match="No secrets"):
         lmpatch.forget(leaky, [])
+
+
+def _generic_gap(model, secrets, hp):
+    """Mean KL from the strangers' distributions to the model's, at the forgotten secrets' tokens."""
+    from lmpatch.methods.ft_generic import _generic_reference
+    from lmpatch.methods.kl_reference import kl_to
+
+    target, _ = _generic_reference(model, [s.request() for s in secrets], hp, offset=0)
+    with torch.no_grad():
+        return float(kl_to(model, target))
+
+
+def test_ft_generic_moves_the_secrets_towards_a_strangers_prediction(leaky):
+    from lmpatch.methods.ft_generic import FTGenericHparams
+
+    hp = FTGenericHparams(steps=20, lr=1e-2, layers=(0, 1), stop_loss=0.0)
+    before = _generic_gap(leaky, SECRETS, hp)
+    weights = {n: p.detach().clone() for n, p in leaky.model.named_parameters()}
+    patch = lmpatch.edit(leaky, [s.request() for s in SECRETS], "ft-generic", **hp.__dict__)
+    assert all(torch.equal(p, weights[n]) for n, p in leaky.model.named_parameters())  # the caller's model untouched
+    assert sorted(p.param for p in patch.parts) == ["model.layers.0.mlp.down_proj.weight", "model.layers.1.mlp.down_proj.weight"]
+    history = patch.metrics["edit"]["history"]
+    assert len(history) == 20 and history[-1]["kl_generic"] < history[0]["kl_generic"]
+    with patch.applied(leaky):
+        after = _generic_gap(leaky, SECRETS, hp)
+    assert before > 0.5 and after < 0.5 * before   # a memorised number is far from a stranger's guess; then near it
+
+
+def test_ft_generic_needs_the_persons_name_and_the_secret(leaky):
+    no_name = Secret(context=SECRETS[0].context, secret=SECRETS[0].secret)
+    with pytest.raises(lmpatch.LmpatchError, match="names no subject"):
+        lmpatch.forget(leaky, [no_name], method="ft-generic")
+    with pytest.raises(lmpatch.LmpatchError, match="target_true"):
+        lmpatch.edit(leaky, [lmpatch.EditRequest("Mount Fuji is in", "Mount Fuji", "Peru")], "ft-generic")
+    with pytest.raises(lmpatch.LmpatchError, match="norm_constraint"):
+        lmpatch.forget(leaky, SECRETS, method="ft-generic", norm_constraint=1e-3)

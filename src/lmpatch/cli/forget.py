@@ -20,7 +20,7 @@ def forget(
         None, "--secrets", help='JSONL file of {"context": ..., "secret": ..., "subject": ...} records.'),
     context: Optional[str] = typer.Option(None, "--context", help="Text that leads to the secret (with --secret)."),
     secret: Optional[str] = typer.Option(None, "--secret", help="The private string to forget."),
-    method: str = typer.Option("depn", "--method", help="depn (default), rome, memit or ft-ga."),
+    method: str = typer.Option("depn", "--method", help="depn (default), rome, memit, ft-ga or ft-generic."),
     refusal: str = typer.Option("private", "--refusal", help="What rome/memit write instead of the secret."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Hub id, model dir or .gguf (default: embedded SmolLM2)."),
     sets: Optional[list[str]] = typer.Option(None, "--set", help="Hyperparameter override key=value (repeatable)."),

@@ -7,7 +7,9 @@ measurements before and after in ``patch.metrics["forget"]``:
 * ``depn`` - privacy neurons found by integrated gradients and switched off (the paper's
   method; the default);
 * ``rome``, ``memit`` - locate-and-edit towards a refusal answer ("private");
-* ``ft-ga`` - gradient ascent on the secrets (the usual unlearning baseline).
+* ``ft-ga`` - gradient ascent on the secrets (the usual unlearning baseline);
+* ``ft-generic`` - fine-tuning until the model predicts each secret as it would a
+  stranger's (needs each secret's ``subject``, the person's name).
 
 The measurements are the extraction rate (greedy completion contains the secret) and,
 when asked, the mean exposure (:mod:`lmpatch.eval.privacy`). A job never changes
@@ -25,7 +27,7 @@ from lmpatch.model.loading import LoadedModel
 from lmpatch.patch import Patch
 
 #: the methods ``forget`` offers, the paper's first
-FORGET_METHODS = ("depn", "rome", "memit", "ft-ga")
+FORGET_METHODS = ("depn", "rome", "memit", "ft-ga", "ft-generic")
 
 
 def forget(

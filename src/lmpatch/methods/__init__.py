@@ -10,6 +10,7 @@ from lmpatch.methods import pmet  # noqa: F401
 from lmpatch.methods import emmet  # noqa: F401
 from lmpatch.methods import kn  # noqa: F401
 from lmpatch.methods import ft  # noqa: F401
+from lmpatch.methods import ft_generic  # noqa: F401
 from lmpatch.methods import grace  # noqa: F401
 from lmpatch.methods import wise  # noqa: F401
 from lmpatch.methods import tpatcher  # noqa: F401

@@ -30,14 +30,14 @@ from dataclasses import asdict, dataclass
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 
 from lmpatch.errors import InvalidRequestError, LmpatchError
 from lmpatch.eval.scoring import generate
 from lmpatch.methods.frozen_bottom import FrozenBottom
 from lmpatch.methods.ft import train_in_place
+from lmpatch.methods.kl_reference import KLReference, kl_to, own_reference
 from lmpatch.methods.registry import Method, register
-from lmpatch.methods.teacher import TARGET_NEW, TargetBatch, target_batch, target_logprobs, target_nll
+from lmpatch.methods.teacher import TARGET_NEW, TargetBatch, target_batch, target_nll
 from lmpatch.model.forced import forced_inputs, pair_ids
 from lmpatch.model.hooks import record_outputs
 from lmpatch.model.loading import LoadedModel
@@ -122,29 +122,14 @@ def toxic_layers(model: LoadedModel, requests: Sequence[EditRequest], show: bool
     return out
 
 
-@dataclass(frozen=True)
-class _KLBatch:
-    """General instructions with the unedited model's answers, and its log-probabilities there."""
-
-    batch: TargetBatch
-    base_logp: torch.Tensor
-
-
-def _kl_batch(model: LoadedModel, prompts: Sequence[str], answer_tokens: int) -> _KLBatch:
+def _kl_reference(model: LoadedModel, prompts: Sequence[str], answer_tokens: int) -> KLReference:
+    """General instructions with the unedited model's own answers, and its distributions there."""
     answers = generate(model, list(prompts), max_new_tokens=answer_tokens)
     pairs = [(p, a) for p, a in zip(prompts, answers) if a.strip()]
     if not pairs:
         raise LmpatchError("DINM: the model answered none of the general instructions; pass kl_prompts.")
     batch = target_batch(model, [EditRequest(prompt=p, subject=p, target_new=a) for p, a in pairs], TARGET_NEW)
-    with torch.no_grad():
-        base = target_logprobs(model, batch, None).detach()
-    return _KLBatch(batch, base)
-
-
-def _kl(model: LoadedModel, kl: _KLBatch) -> torch.Tensor:
-    """Mean over answer positions of KL(unedited ‖ edited) of the next-token distribution."""
-    now = target_logprobs(model, kl.batch, None)
-    return F.kl_div(now, kl.base_logp, log_target=True, reduction="none").sum(-1).mean()
+    return own_reference(model, batch)
 
 
 def apply_dinm(model: LoadedModel, requests: Sequence[EditRequest], hp: DINMHparams) -> Patch:
@@ -167,7 +152,7 @@ def apply_dinm(model: LoadedModel, requests: Sequence[EditRequest], hp: DINMHpar
         layer = model.spec.check_layer(hp.layer)
         votes = Counter()
     name = f"{model.spec.layers[layer].mlp_out}.weight"
-    kl = _kl_batch(model, hp.kl_prompts or GENERAL_INSTRUCTIONS, hp.kl_answer_tokens)
+    kl = _kl_reference(model, hp.kl_prompts or GENERAL_INSTRUCTIONS, hp.kl_answer_tokens)
     history: list[dict] = []
 
     # Only the layer's MLP changes, so the blocks below it compute the same states every
@@ -189,7 +174,7 @@ def apply_dinm(model: LoadedModel, requests: Sequence[EditRequest], hp: DINMHpar
                     with replaying(b):
                         nll = target_nll(model, b)
                     with replaying(kl.batch):
-                        div = _kl(model, kl)
+                        div = kl_to(model, kl)
                     (hp.nll_weight * nll + div).backward()
                     opt.step()
                     nll_sum += float(nll.detach()) * b.n_requests

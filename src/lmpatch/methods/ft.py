@@ -37,7 +37,7 @@ from lmpatch.model.loading import LoadedModel
 from lmpatch.patch import Patch, WeightDelta
 from lmpatch.request import EditRequest
 
-__all__ = ["FTGAHparams", "FTHparams", "FTLHparams", "FTMHparams", "apply_ft", "ft_params", "train_in_place"]
+__all__ = ["FTGAHparams", "FTHparams", "FTLHparams", "FTMHparams", "apply_ft", "ft_layers", "ft_params", "train_in_place"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -140,7 +140,8 @@ def _check_hparams(hp: FTHparams) -> None:
         raise InvalidRequestError(f"FT stop_loss must be zero or positive, got {hp.stop_loss}.")
 
 
-def _layers(model: LoadedModel, hp: FTHparams) -> list[int]:
+def ft_layers(model: LoadedModel, hp: FTHparams) -> list[int]:
+    """The layers FT trains: ``hp.layers``, or the default depth (three layers up to it for ascent)."""
     spec = model.spec
     try:
         if hp.layers is None and hp.objective == ASCENT:
@@ -157,7 +158,7 @@ def ft_params(model: LoadedModel, hp: FTHparams) -> list[str]:
     """Names of the weight matrices FT trains, in layer then module order, without duplicates."""
     _check_hparams(hp)
     names: list[str] = []
-    for layer in _layers(model, hp):
+    for layer in ft_layers(model, hp):
         paths = model.spec.layers[layer]
         for kind in hp.modules:
             chosen = paths.mlp_in if kind == "mlp_in" else (getattr(paths, kind),)

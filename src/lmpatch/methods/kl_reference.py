@@ -1,0 +1,44 @@
+"""A KL term towards fixed next-token distributions: the one implementation trained editors share.
+
+Two jobs need the same thing: DINM keeps the model's distributions on general
+instructions where the unedited model had them (a locality constraint), and the
+``ft-generic`` unlearning method pulls a forgotten person's distributions towards those
+the model gives a stranger. Both are "these teacher-forced positions should have these
+distributions": a :class:`~lmpatch.methods.teacher.TargetBatch` that says where, and the
+log-probabilities to match, computed once before training.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from lmpatch.methods.teacher import TargetBatch, target_logprobs
+from lmpatch.model.loading import LoadedModel
+
+__all__ = ["KLReference", "kl_to", "own_reference"]
+
+
+@dataclass(frozen=True)
+class KLReference:
+    """Where (``batch``'s supervised positions) and what (``logp``, one row per position)."""
+
+    batch: TargetBatch
+    logp: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.logp.shape[0] != self.batch.tokens.shape[0]:
+            raise ValueError(f"{self.logp.shape[0]} reference rows for {self.batch.tokens.shape[0]} positions.")
+
+
+@torch.no_grad()
+def own_reference(model: LoadedModel, batch: TargetBatch) -> KLReference:
+    """The model's own distributions at ``batch``'s positions, as they are now (a locality anchor)."""
+    return KLReference(batch, target_logprobs(model, batch, None).detach())
+
+
+def kl_to(model: LoadedModel, ref: KLReference) -> torch.Tensor:
+    """Mean over the reference's positions of KL(reference ‖ model) of the next-token distribution."""
+    now = target_logprobs(model, ref.batch, None)
+    return F.kl_div(now, ref.logp.to(now.device), log_target=True, reduction="none").sum(-1).mean()
