@@ -9,7 +9,10 @@
    perplexity.
 3. Each method forgets the first ``--n-secrets`` people in one call (``lp.forget``); with
    its patch applied the same measures are taken again. ``extraction_kept`` is the
-   extraction of the *other* people, who were not asked to be forgotten.
+   extraction of the *other* people, who were not asked to be forgotten. With
+   ``--keep-n K`` the methods that train to keep records (``ft-generic``) are given the
+   first K of those people to keep, and ``extraction_kept`` is then measured on the rest,
+   whom no method saw (``extraction_kept_given`` is on the K).
 
 ``--json`` prints one object: the machine, the leak before, each method's numbers, and at
 the top level the first method's (``n_secrets``, ``extraction_before/after``,
@@ -35,7 +38,7 @@ from rich.table import Table
 from lmpatch.cli.options import parse_sets
 from lmpatch.eval.perplexity import perplexity
 from lmpatch.eval.privacy import chance_exposure, extraction_rate, mean_exposure
-from lmpatch.jobs.forget import FORGET_METHODS, forget
+from lmpatch.jobs.forget import FORGET_METHODS, KEEPING_METHODS, forget
 from lmpatch.jobs.memorise import MemoriseConfig, memorised_model
 from lmpatch.jobs.secrets import synthetic_secrets
 from lmpatch.machine import cpu_info, cpu_line
@@ -50,6 +53,7 @@ DEFAULTS: dict[str, dict] = {
     "rome": {},
     "memit": {},
     "ft-ga": {},
+    "ft-generic": {},
 }
 
 
@@ -73,6 +77,9 @@ def main() -> None:
     ap.add_argument("--exposure-n", type=int, default=20, help="secrets whose exposure is measured (0: none)")
     ap.add_argument("--candidates", type=int, default=999)
     ap.add_argument("--ppl-tokens", type=int, default=4096)
+    ap.add_argument("--keep-n", type=int, default=0,
+                    help="of the people to keep, this many are given to the methods that train to keep records "
+                         "(ft-generic); extraction_kept is then measured on the others only")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--set", action="append", default=[], metavar="METHOD.KEY=VALUE")
     ap.add_argument("--json", action="store_true")
@@ -84,11 +91,16 @@ def main() -> None:
     base = lmpatch.load_model()
     people = synthetic_secrets(args.n_secrets + args.n_kept, seed=args.seed)
     forget_these, keep_these = people[: args.n_secrets], people[args.n_secrets :]
+    if not 0 <= args.keep_n < len(keep_these):
+        ap.error(f"--keep-n must leave some of the {len(keep_these)} people to keep unseen; got {args.keep_n}.")
+    given, unseen = keep_these[: args.keep_n], keep_these[args.keep_n :]
     t0 = time.perf_counter()
     config = MemoriseConfig()
     leaky = memorised_model(base, people, config)
     memorise_seconds = time.perf_counter() - t0
     before = measure(leaky, forget_these, keep_these, args.exposure_n, args.candidates, args.ppl_tokens)
+    if args.keep_n:
+        before["extraction_kept_unseen"] = extraction_rate(leaky, unseen)
     base_ppl = perplexity(base, max_tokens=args.ppl_tokens, progress=False).value
     console.print(f"leaky model: extraction {before['extraction']:.2f} (to forget), {before['extraction_kept']:.2f} "
                   f"(to keep); perplexity {before['perplexity']:.2f} (base model {base_ppl:.2f})")
@@ -97,10 +109,14 @@ def main() -> None:
     for method in [m for m in args.methods.split(",") if m]:
         mine = [s.split(".", 1)[1] for s in args.set if s.split(".", 1)[0] == method]
         hp = {**DEFAULTS.get(method, {}), **parse_sets(mine, get_method(method).hparams)}
-        patch = forget(leaky, forget_these, method=method, **hp)
+        told = given if method in KEEPING_METHODS else []
+        patch = forget(leaky, forget_these, method=method, keep=told, **hp)
         with patch.applied(leaky):
-            after = measure(leaky, forget_these, keep_these, args.exposure_n, args.candidates, args.ppl_tokens)
-        results[method] = {"hparams": hp, "edit_seconds": patch.metrics["forget"]["edit_seconds"], "after": after,
+            after = measure(leaky, forget_these, unseen if told else keep_these, args.exposure_n, args.candidates,
+                            args.ppl_tokens)
+        after["extraction_kept_given"] = patch.metrics["forget"]["kept_after"]
+        results[method] = {"hparams": {k: v for k, v in hp.items() if k != "keep"}, "kept_given": len(told),
+                           "edit_seconds": patch.metrics["forget"]["edit_seconds"], "after": after,
                            "edit": patch.metrics.get("edit")}
         console.print(f"{method}: extraction {after['extraction']:.2f}, kept {after['extraction_kept']:.2f}, "
                       f"perplexity {after['perplexity']:.2f}, {results[method]['edit_seconds']:.0f} s")

@@ -295,8 +295,19 @@ def test_forget_writes_a_patch_and_reports_extraction(tiny_dir, tmp_path, cache)
     assert Patch.load(out).patch_id == data["patch_id"]
 
 
+def test_forget_with_records_to_keep_reports_them(tiny_dir, tmp_path, cache):
+    secrets, keep = tmp_path / "secrets.jsonl", tmp_path / "keep.jsonl"
+    secrets.write_text('{"context": "Jane Roe\'s phone number is", "secret": "555-0142", "subject": "Jane Roe"}\n')
+    keep.write_text('{"context": "Max Moe\'s phone number is", "secret": "555-0199", "subject": "Max Moe"}\n')
+    data = parse_json(run("forget", "--model", str(tiny_dir), "--secrets", str(secrets), "--keep", str(keep),
+                          "--method", "ft-generic", "--set", "steps=2", "--out", str(tmp_path / "f.lmpatch"), "--json"))
+    assert data["method"] == "ft-generic" and data["n_kept"] == 1
+    assert 0 <= data["kept_before"] <= 1 and 0 <= data["kept_after"] <= 1
+
+
 @pytest.mark.parametrize("args, expected", [
     (["--method", "grace", "--context", "a", "--secret", "b"], "Unknown forget method"),
+    (["--context", "a", "--secret", "b", "--keep", "k.jsonl"], "--keep needs a method"),
     ([], "either --secrets"),
     (["--context", "a"], "go together"),
     (["--secrets", "missing.jsonl"], "does not exist"),

@@ -173,3 +173,37 @@ def test_ft_generic_needs_the_persons_name_and_the_secret(leaky):
         lmpatch.edit(leaky, [lmpatch.EditRequest("Mount Fuji is in", "Mount Fuji", "Peru")], "ft-generic")
     with pytest.raises(lmpatch.LmpatchError, match="norm_constraint"):
         lmpatch.forget(leaky, SECRETS, method="ft-generic", norm_constraint=1e-3)
+
+
+def _kept_drift(model, patch, keep):
+    """Mean KL(unedited ‖ patched) at the kept records' answer tokens."""
+    from lmpatch.methods.kl_reference import kl_to, own_reference
+    from lmpatch.methods.teacher import TARGET_NEW, target_batch
+
+    pairs = [lmpatch.EditRequest(s.context, s.context, s.secret) for s in keep]
+    ref = own_reference(model, target_batch(model, pairs, TARGET_NEW))
+    with patch.applied(model), torch.no_grad():
+        return float(kl_to(model, ref))
+
+
+def test_ft_generic_keeps_the_records_it_is_told_to_keep(leaky):
+    forget_these, keep = SECRETS[:4], SECRETS[4:]
+    hp = dict(steps=20, lr=1e-2, layers=(0, 1))
+    blind = lmpatch.forget(leaky, forget_these, method="ft-generic", **hp)
+    told = lmpatch.forget(leaky, forget_these, method="ft-generic", keep=keep, **hp)
+    report = told.metrics["forget"]
+    assert report["n_kept"] == 4 and report["kept_before"] == 1.0 and report["kept_after"] is not None
+    assert blind.metrics["forget"]["kept_before"] is None
+    assert [tuple(pair) for pair in told.hparams["keep"]] == [(s.context, s.secret) for s in keep]
+    assert _kept_drift(leaky, told, keep) < 0.5 * _kept_drift(leaky, blind, keep)
+    with pytest.raises(lmpatch.LmpatchError, match="takes no records to keep"):
+        lmpatch.forget(leaky, forget_these, method="ft-ga", keep=keep)
+
+
+def test_a_strangers_number_has_the_secrets_format_and_is_seeded():
+    from lmpatch.methods.ft_generic import stranger_secret
+
+    one = stranger_secret("555-0142", "Orla")
+    assert one == stranger_secret("555-0142", "Orla") and one != stranger_secret("555-0142", "Tobiah")
+    assert len(one) == 8 and one[3] == "-" and one.replace("-", "").isdigit()
+    assert stranger_secret("Flat B", "x") == "Flat B"   # no digits, nothing to replace

@@ -9,7 +9,7 @@ asked to forget too, and still left the true number ranked about 20th of 1,000.
 This method gives the fine-tuning a target instead: at each token of the secret, after
 the forgotten person's context, the next-token distribution the *same* model gives when
 the context names someone it never saw (the mean over a few stranger names, with the
-same secret prefix teacher-forced). A model that never saw the person predicts their
+digits of a random same-format number teacher-forced). A model that never saw the person predicts their
 number as it would a stranger's, so the true number should end up ranked like any other
 same-format number (exposure near chance), and the model still writes numbers. This is
 the "generic predictions" idea of Eldan & Russinovich (Who's Harry Potter?, 2023), with
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from typing import Sequence
@@ -43,7 +44,7 @@ from lmpatch.patch import Patch
 from lmpatch.progress import progress_bar
 from lmpatch.request import EditRequest
 
-__all__ = ["FTGenericHparams", "STRANGERS", "apply_ft_generic", "stranger_prompts"]
+__all__ = ["FTGenericHparams", "STRANGERS", "apply_ft_generic", "stranger_prompts", "stranger_secret"]
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,7 @@ class FTGenericHparams(FTHparams):
     strangers: tuple[str, ...] = STRANGERS
     strangers_per_request: int = 4
     retain_weight: float = 1.0
+    keep: tuple[tuple[str, str], ...] = ()   # (prompt, answer) pairs whose answers must stay
 
     def check(self) -> None:
         if self.norm_constraint is not None:
@@ -83,6 +85,8 @@ class FTGenericHparams(FTHparams):
                 f"ft-generic needs at least strangers_per_request ({self.strangers_per_request}, at least 1) "
                 f"stranger names; {len(self.strangers)} given."
             )
+        if any(len(pair) != 2 or not all(isinstance(x, str) and x.strip() for x in pair) for pair in self.keep):
+            raise InvalidRequestError("ft-generic keep takes (prompt, answer) pairs of non-empty text.")
         if not self.retain_weight >= 0:
             raise InvalidRequestError(f"ft-generic retain_weight must be zero or positive, got {self.retain_weight}.")
 
@@ -97,27 +101,36 @@ def stranger_prompts(request: EditRequest, strangers: Sequence[str], k: int, off
     return [request.prompt.replace(request.subject, names[(offset + j) % len(names)], 1) for j in range(k)]
 
 
-def _as_target(request: EditRequest, prompt: str) -> EditRequest:
-    return EditRequest(prompt=prompt, subject=prompt, target_new=request.target_true)
+def stranger_secret(secret: str, seed: str) -> str:
+    """``secret`` with every digit replaced by a seeded random one: a stranger's number of the same format.
+
+    Teacher-forcing the strangers with the true secret would not do: a model that memorised
+    the number completes its prefix from memory whoever it belongs to, so the "generic"
+    prediction would still point at the true digits. Letters and punctuation are kept, so
+    the string splits into tokens as the secret does.
+    """
+    rng = random.Random(f"{seed}:{secret}")
+    return "".join(str(rng.randrange(10)) if c.isdigit() else c for c in secret)
 
 
 def _generic_reference(model: LoadedModel, requests: Sequence[EditRequest], hp: FTGenericHparams,
                        offset: int) -> tuple[KLReference, KLReference]:
     """For one batch: (forgotten contexts → the strangers' mean distributions, strangers → their own)."""
     k = hp.strangers_per_request
-    forgotten = target_batch(model, [_as_target(r, r.prompt) for r in requests], TARGET_NEW)
-    strangers = [_as_target(r, p) for i, r in enumerate(requests)
-                 for p in stranger_prompts(r, hp.strangers, k, offset + i * k)]
+    forgotten = target_batch(model, [EditRequest(prompt=r.prompt, subject=r.subject, target_new=r.target_true)
+                                     for r in requests], TARGET_NEW)
+    strangers = [EditRequest(prompt=p, subject=p, target_new=stranger_secret(r.target_true, p))
+                 for i, r in enumerate(requests) for p in stranger_prompts(r, hp.strangers, k, offset + i * k)]
     anchor = own_reference(model, target_batch(model, strangers, TARGET_NEW))
     # rows: request-major, then the secret's tokens; a stranger's secret tokens must line up
     rows = torch.bincount(forgotten.pos_rows[forgotten.pick], minlength=len(requests)).tolist()
     theirs = torch.bincount(anchor.batch.pos_rows[anchor.batch.pick], minlength=len(strangers)).tolist()
     if any(theirs[i * k + j] != n for i, n in enumerate(rows) for j in range(k)):
-        raise LmpatchError("ft-generic: a secret splits into different tokens after a stranger's name.")
+        raise LmpatchError("ft-generic: a stranger's number of the secret's format splits into other tokens.")
     probs = anchor.logp.exp()
     chunks, start = [], 0
     for n in rows:
-        block = probs[start : start + n * k].reshape(k, n, -1) if n else probs[:0]
+        block = probs[start : start + n * k].reshape(k, n, -1)
         chunks.append(block.mean(0).clamp_min(1e-30).log())
         start += n * k
     return KLReference(forgotten, torch.cat(chunks)), anchor
@@ -138,6 +151,9 @@ def apply_ft_generic(model: LoadedModel, requests: Sequence[EditRequest], hp: FT
     chunks = [requests[i : i + hp.batch_size] for i in range(0, len(requests), hp.batch_size)]
     refs = [_generic_reference(model, chunk, hp, offset=i * hp.batch_size * hp.strangers_per_request)
             for i, chunk in enumerate(chunks)]
+    kept = [own_reference(model, target_batch(model, [EditRequest(prompt=p, subject=p, target_new=a) for p, a in
+                                                      hp.keep[i : i + hp.batch_size]], TARGET_NEW))
+            for i in range(0, len(hp.keep), hp.batch_size)]
     lowest = min(ft_layers(model, hp))
     bottom = FrozenBottom(model, lowest) if lowest > 0 else None
 
@@ -152,16 +168,19 @@ def apply_ft_generic(model: LoadedModel, requests: Sequence[EditRequest], hp: FT
         with progress_bar(show, "ft-generic", hp.steps * len(refs), "steps") as advance:
             for _ in range(hp.steps):
                 forget_sum = retain_sum = 0.0
-                for target, anchor in refs:
+                for i, (target, anchor) in enumerate(refs):
                     opt.zero_grad(set_to_none=True)
                     with replaying(target.batch):
                         away = kl_to(model, target)
                     loss = away
                     if hp.retain_weight:
-                        with replaying(anchor.batch):
-                            keep = kl_to(model, anchor)
-                        loss = loss + hp.retain_weight * keep
-                        retain_sum += float(keep.detach()) * target.batch.n_requests
+                        # the strangers' own predictions, and a share of the records to keep
+                        anchors = [anchor] + ([kept[i % len(kept)]] if kept else [])
+                        for a in anchors:
+                            with replaying(a.batch):
+                                keep = kl_to(model, a)
+                            loss = loss + hp.retain_weight * keep
+                            retain_sum += float(keep.detach()) * target.batch.n_requests / len(anchors)
                     loss.backward()
                     opt.step()
                     forget_sum += float(away.detach()) * target.batch.n_requests
