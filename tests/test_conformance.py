@@ -29,6 +29,7 @@ FAST: dict[str, dict] = {
     "ft-l": dict(steps=3),
     "ft-m": dict(steps=3),
     "ft-ga": dict(steps=3),
+    "ft-generic": dict(steps=3),
     "grace": dict(steps=5),
     # the paper's act_ratio: after 5 steps on a random model the edit prompt's Δ without its
     # target sits too close to the recorded one for the 0.98 tuned on SmolLM2
