@@ -59,8 +59,9 @@ class FTHparams:
     together.
     """
 
-    layers: tuple[int, ...] | None = None  # None: (spec.depth_layer(layer_fraction),)
+    layers: tuple[int, ...] | None = None  # None: n_layers layers up to spec.depth_layer(layer_fraction)
     layer_fraction: float = 0.66
+    n_layers: int = 1
     modules: tuple[str, ...] = ("mlp_out",)  # any of "mlp_out", "mlp_in", "attn_out"
     lr: float = 5e-4
     steps: int = 25                        # passes over all requests (epochs)
@@ -106,6 +107,7 @@ class FTGAHparams(FTHparams):
 
     objective: str = ASCENT
     layers: tuple[int, ...] | None = None
+    n_layers: int = 3
     lr: float = 1e-4
     steps: int = 20
     norm_constraint: float | None = None
@@ -124,6 +126,8 @@ def _check_hparams(hp: FTHparams) -> None:
     unknown = [m for m in hp.modules if m not in MODULES]
     if unknown:
         raise InvalidRequestError(f"Unknown FT module {unknown[0]!r}; choose from {', '.join(MODULES)}.")
+    if isinstance(hp.n_layers, bool) or not isinstance(hp.n_layers, int) or hp.n_layers < 1:
+        raise InvalidRequestError(f"FT n_layers must be a positive integer, got {hp.n_layers!r}.")
     if hp.layers is not None and len(hp.layers) == 0:
         raise InvalidRequestError("FT layers is empty; give at least one layer index, or None for the default.")
     if not hp.lr > 0:
@@ -141,14 +145,12 @@ def _check_hparams(hp: FTHparams) -> None:
 
 
 def ft_layers(model: LoadedModel, hp: FTHparams) -> list[int]:
-    """The layers FT trains: ``hp.layers``, or the default depth (three layers up to it for ascent)."""
+    """The layers FT trains: ``hp.layers``, or ``hp.n_layers`` layers up to the default depth."""
     spec = model.spec
     try:
-        if hp.layers is None and hp.objective == ASCENT:
-            top = spec.depth_layer(hp.layer_fraction)
-            return list(range(max(0, top - 2), top + 1))
         if hp.layers is None:
-            return [spec.depth_layer(hp.layer_fraction)]
+            top = spec.depth_layer(hp.layer_fraction)
+            return list(range(max(0, top - hp.n_layers + 1), top + 1))
         return sorted({spec.check_layer(layer) for layer in hp.layers})
     except LmpatchError as exc:
         raise InvalidRequestError(f"Bad FT layers: {exc}") from None

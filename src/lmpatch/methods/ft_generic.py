@@ -60,12 +60,20 @@ STRANGERS = (
 @dataclass(frozen=True)
 class FTGenericHparams(FTHparams):
     """FT on the answer's distributions, not its tokens. ``stop_loss`` is the mean KL to the
-    generic distributions (nats per secret token) below which training stops."""
+    generic distributions (nats per secret token) below which training stops.
+
+    Layers 4-6 of SmolLM2's 30 (0.2 of the depth and the two below) and lr 1e-3 were
+    chosen on a second leaky model (docs/applications.md): against layers 18-20 they bring
+    the forgotten numbers closer to chance (exposure 3.9 against 7.1 bits) and keep a
+    little more of the people not named.
+    """
 
     objective: str = TARGET_NEW          # the secret's tokens are teacher-forced; the loss is a KL
     layers: tuple[int, ...] | None = None
+    layer_fraction: float = 0.2
+    n_layers: int = 3
     modules: tuple[str, ...] = ("mlp_out",)
-    lr: float = 5e-4
+    lr: float = 1e-3
     steps: int = 30
     norm_constraint: float | None = None
     stop_loss: float = 0.05
