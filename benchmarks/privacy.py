@@ -101,6 +101,7 @@ def main() -> None:
     before = measure(leaky, forget_these, keep_these, args.exposure_n, args.candidates, args.ppl_tokens)
     if args.keep_n:
         before["extraction_kept_unseen"] = extraction_rate(leaky, unseen)
+        before["extraction_kept_given"] = extraction_rate(leaky, given)
     base_ppl = perplexity(base, max_tokens=args.ppl_tokens, progress=False).value
     console.print(f"leaky model: extraction {before['extraction']:.2f} (to forget), {before['extraction_kept']:.2f} "
                   f"(to keep); perplexity {before['perplexity']:.2f} (base model {base_ppl:.2f})")

@@ -177,11 +177,9 @@ def test_ft_generic_needs_the_persons_name_and_the_secret(leaky):
 
 def _kept_drift(model, patch, keep):
     """Mean KL(unedited ‖ patched) at the kept records' answer tokens."""
-    from lmpatch.methods.kl_reference import kl_to, own_reference
-    from lmpatch.methods.teacher import TARGET_NEW, target_batch
+    from lmpatch.methods.kl_reference import answers_reference, kl_to
 
-    pairs = [lmpatch.EditRequest(s.context, s.context, s.secret) for s in keep]
-    ref = own_reference(model, target_batch(model, pairs, TARGET_NEW))
+    ref = answers_reference(model, [(s.context, s.secret) for s in keep])
     with patch.applied(model), torch.no_grad():
         return float(kl_to(model, ref))
 

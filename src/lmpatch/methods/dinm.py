@@ -35,7 +35,7 @@ from lmpatch.errors import InvalidRequestError, LmpatchError
 from lmpatch.eval.scoring import generate
 from lmpatch.methods.frozen_bottom import FrozenBottom
 from lmpatch.methods.ft import train_in_place
-from lmpatch.methods.kl_reference import KLReference, kl_to, own_reference
+from lmpatch.methods.kl_reference import KLReference, answers_reference, kl_to
 from lmpatch.methods.registry import Method, register
 from lmpatch.methods.teacher import TARGET_NEW, TargetBatch, target_batch, target_nll
 from lmpatch.model.forced import forced_inputs, pair_ids
@@ -128,8 +128,7 @@ def _kl_reference(model: LoadedModel, prompts: Sequence[str], answer_tokens: int
     pairs = [(p, a) for p, a in zip(prompts, answers) if a.strip()]
     if not pairs:
         raise LmpatchError("DINM: the model answered none of the general instructions; pass kl_prompts.")
-    batch = target_batch(model, [EditRequest(prompt=p, subject=p, target_new=a) for p, a in pairs], TARGET_NEW)
-    return own_reference(model, batch)
+    return answers_reference(model, pairs)
 
 
 def apply_dinm(model: LoadedModel, requests: Sequence[EditRequest], hp: DINMHparams) -> Patch:

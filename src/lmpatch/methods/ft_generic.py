@@ -6,18 +6,21 @@ shares with every other one: here, how the model writes a phone number at all. M
 the leaky model (docs/applications.md), it wiped the numbers of the people it was not
 asked to forget too, and still left the true number ranked about 20th of 1,000.
 
-This method gives the fine-tuning a target instead: at each token of the secret, after
-the forgotten person's context, the next-token distribution the *same* model gives when
-the context names someone it never saw (the mean over a few stranger names, with the
-digits of a random same-format number teacher-forced). A model that never saw the person predicts their
-number as it would a stranger's, so the true number should end up ranked like any other
-same-format number (exposure near chance), and the model still writes numbers. This is
-the "generic predictions" idea of Eldan & Russinovich (Who's Harry Potter?, 2023), with
-the generic distribution read from the model itself instead of a reinforced copy.
+This method gives the fine-tuning a target instead. At each token of the secret, after
+the forgotten person's context, the target is the next-token distribution the *same*
+model gives when the context names someone it never saw: the mean over a few stranger
+names, each teacher-forced with a random number of the secret's format. A model that never
+saw the person would predict their number as it predicts a stranger's. The true number
+should then rank like any other same-format number (exposure near chance), and the model
+still writes numbers. This is the "generic predictions" idea of Eldan & Russinovich
+(Who's Harry Potter?, 2023), with the generic distribution read from the model itself
+instead of a reinforced copy. Measured on the leaky SmolLM2 it gets the true number down
+from first of 1,000 to about tenth, not to chance (docs/applications.md).
 
 A second KL term keeps the strangers' own distributions where they were, so the target
-cannot drift while training moves towards it. Loss per step:
-``KL(generic ‖ model | forgotten context) + retain_weight · KL(unedited ‖ model | stranger contexts)``.
+cannot drift while training moves towards it; records given in ``keep`` get the same
+term. Loss per step: ``KL(generic ‖ model | forgotten contexts) + retain_weight ·
+(KL(unedited ‖ model | strangers) + KL(unedited ‖ model | records to keep))``.
 Training goes through :func:`lmpatch.methods.ft.train_in_place` (dense weight deltas that
 save, apply and revert like FT's); the blocks below the lowest trained layer run once per
 text (:class:`~lmpatch.methods.frozen_bottom.FrozenBottom`).
@@ -36,7 +39,7 @@ import torch
 from lmpatch.errors import InvalidRequestError, LmpatchError
 from lmpatch.methods.frozen_bottom import FrozenBottom
 from lmpatch.methods.ft import FTHparams, ft_layers, ft_params, train_in_place
-from lmpatch.methods.kl_reference import KLReference, kl_to, own_reference
+from lmpatch.methods.kl_reference import KLReference, answers_reference, kl_to, own_reference
 from lmpatch.methods.registry import Method, register
 from lmpatch.methods.teacher import TARGET_NEW, TargetBatch, target_batch
 from lmpatch.model.loading import LoadedModel
@@ -159,9 +162,7 @@ def apply_ft_generic(model: LoadedModel, requests: Sequence[EditRequest], hp: FT
     chunks = [requests[i : i + hp.batch_size] for i in range(0, len(requests), hp.batch_size)]
     refs = [_generic_reference(model, chunk, hp, offset=i * hp.batch_size * hp.strangers_per_request)
             for i, chunk in enumerate(chunks)]
-    kept = [own_reference(model, target_batch(model, [EditRequest(prompt=p, subject=p, target_new=a) for p, a in
-                                                      hp.keep[i : i + hp.batch_size]], TARGET_NEW))
-            for i in range(0, len(hp.keep), hp.batch_size)]
+    kept = [answers_reference(model, hp.keep[i : i + hp.batch_size]) for i in range(0, len(hp.keep), hp.batch_size)]
     lowest = min(ft_layers(model, hp))
     bottom = FrozenBottom(model, lowest) if lowest > 0 else None
 

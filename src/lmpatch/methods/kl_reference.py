@@ -10,14 +10,16 @@ log-probabilities to match, computed once before training.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
-from lmpatch.methods.teacher import TargetBatch, target_logprobs
+from lmpatch.methods.teacher import TARGET_NEW, TargetBatch, target_batch, target_logprobs
 from lmpatch.model.loading import LoadedModel
+from lmpatch.request import EditRequest
 
-__all__ = ["KLReference", "kl_to", "own_reference"]
+__all__ = ["KLReference", "answers_reference", "kl_to", "own_reference"]
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,12 @@ class KLReference:
 def own_reference(model: LoadedModel, batch: TargetBatch) -> KLReference:
     """The model's own distributions at ``batch``'s positions, as they are now (a locality anchor)."""
     return KLReference(batch, target_logprobs(model, batch, None).detach())
+
+
+def answers_reference(model: LoadedModel, pairs: Sequence[tuple[str, str]]) -> KLReference:
+    """The model's own distributions at each answer token of (prompt, answer) pairs, teacher-forced."""
+    requests = [EditRequest(prompt=p, subject=p, target_new=a) for p, a in pairs]
+    return own_reference(model, target_batch(model, requests, TARGET_NEW))
 
 
 def kl_to(model: LoadedModel, ref: KLReference) -> torch.Tensor:
