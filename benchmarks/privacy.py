@@ -101,7 +101,6 @@ def main() -> None:
     before = measure(leaky, forget_these, keep_these, args.exposure_n, args.candidates, args.ppl_tokens)
     if args.keep_n:
         before["extraction_kept_unseen"] = extraction_rate(leaky, unseen)
-        before["extraction_kept_given"] = extraction_rate(leaky, given)
     base_ppl = perplexity(base, max_tokens=args.ppl_tokens, progress=False).value
     console.print(f"leaky model: extraction {before['extraction']:.2f} (to forget), {before['extraction_kept']:.2f} "
                   f"(to keep); perplexity {before['perplexity']:.2f} (base model {base_ppl:.2f})")
@@ -115,7 +114,9 @@ def main() -> None:
         with patch.applied(leaky):
             after = measure(leaky, forget_these, unseen if told else keep_these, args.exposure_n, args.candidates,
                             args.ppl_tokens)
+        # the job measured the given records itself, before and after
         after["extraction_kept_given"] = patch.metrics["forget"]["kept_after"]
+        after["extraction_kept_given_before"] = patch.metrics["forget"]["kept_before"]
         results[method] = {"hparams": {k: v for k, v in hp.items() if k != "keep"}, "kept_given": len(told),
                            "edit_seconds": patch.metrics["forget"]["edit_seconds"], "after": after,
                            "edit": patch.metrics.get("edit")}

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
@@ -33,11 +32,11 @@ import torch
 
 from lmpatch.errors import InvalidRequestError, LmpatchError
 from lmpatch.eval.scoring import generate
-from lmpatch.methods.frozen_bottom import FrozenBottom
+from lmpatch.methods.frozen_bottom import FrozenBottom, replaying_batch
 from lmpatch.methods.ft import train_in_place
 from lmpatch.methods.kl_reference import KLReference, answers_reference, kl_to
 from lmpatch.methods.registry import Method, register
-from lmpatch.methods.teacher import TARGET_NEW, TargetBatch, target_batch, target_nll
+from lmpatch.methods.teacher import TARGET_NEW, target_batch, target_nll
 from lmpatch.model.forced import forced_inputs, pair_ids
 from lmpatch.model.hooks import record_outputs
 from lmpatch.model.loading import LoadedModel
@@ -158,9 +157,6 @@ def apply_dinm(model: LoadedModel, requests: Sequence[EditRequest], hp: DINMHpar
     # step: keep them once per text and replay them (a step then costs the top layers).
     bottom = FrozenBottom(model, layer) if layer > 0 else None
 
-    def replaying(b: TargetBatch):
-        return bottom.replaying(b.input_ids, b.attention_mask) if bottom is not None else nullcontext()
-
     def train(params: list[torch.nn.Parameter]) -> None:
         opt = torch.optim.Adam(params, lr=hp.lr)
         batches = [target_batch(model, requests[i : i + hp.batch_size], TARGET_NEW)
@@ -170,9 +166,9 @@ def apply_dinm(model: LoadedModel, requests: Sequence[EditRequest], hp: DINMHpar
                 nll_sum = kl_sum = 0.0
                 for b in batches:
                     opt.zero_grad(set_to_none=True)
-                    with replaying(b):
+                    with replaying_batch(bottom, b):
                         nll = target_nll(model, b)
-                    with replaying(kl.batch):
+                    with replaying_batch(bottom, kl.batch):
                         div = kl_to(model, kl)
                     (hp.nll_weight * nll + div).backward()
                     opt.step()

@@ -13,7 +13,7 @@ every batch it is padded into.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Iterator
 
 import torch
@@ -21,7 +21,7 @@ import torch
 from lmpatch.model.hooks import capture_output, replay_outputs, run_until
 from lmpatch.model.loading import LoadedModel
 
-__all__ = ["FrozenBottom"]
+__all__ = ["FrozenBottom", "replaying_batch"]
 
 
 class FrozenBottom:
@@ -87,3 +87,9 @@ class FrozenBottom:
             hidden[r, : len(key)] = self.states[key]
         with replay_outputs(self.blocks, [hidden] * len(self.blocks)):
             yield
+
+
+def replaying_batch(bottom: FrozenBottom | None, batch) -> AbstractContextManager[None]:
+    """``bottom.replaying`` over a batch's ``input_ids`` and ``attention_mask``; a plain pass
+    without a bottom (an edit that reaches layer 0 has nothing below it to keep)."""
+    return bottom.replaying(batch.input_ids, batch.attention_mask) if bottom is not None else nullcontext()

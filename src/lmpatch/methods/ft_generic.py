@@ -30,18 +30,17 @@ from __future__ import annotations
 import logging
 import math
 import random
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
 import torch
 
 from lmpatch.errors import InvalidRequestError, LmpatchError
-from lmpatch.methods.frozen_bottom import FrozenBottom
+from lmpatch.methods.frozen_bottom import FrozenBottom, replaying_batch
 from lmpatch.methods.ft import FTHparams, ft_layers, ft_params, train_in_place
 from lmpatch.methods.kl_reference import KLReference, answers_reference, kl_to, own_reference
 from lmpatch.methods.registry import Method, register
-from lmpatch.methods.teacher import TARGET_NEW, TargetBatch, target_batch
+from lmpatch.methods.teacher import TARGET_NEW, target_batch
 from lmpatch.model.loading import LoadedModel
 from lmpatch.patch import Patch
 from lmpatch.progress import progress_bar
@@ -104,7 +103,7 @@ class FTGenericHparams(FTHparams):
 
 def stranger_prompts(request: EditRequest, strangers: Sequence[str], k: int, offset: int = 0) -> list[str]:
     """The request's prompt with its subject replaced by ``k`` stranger names (rotating by ``offset``)."""
-    if request.subject == request.prompt or request.subject not in request.prompt:
+    if request.subject == request.prompt:   # (EditRequest already checks that the subject is in the prompt)
         raise InvalidRequestError(
             f"ft-generic puts strangers in place of the person's name; {request.prompt!r} names no subject inside it."
         )
@@ -166,9 +165,6 @@ def apply_ft_generic(model: LoadedModel, requests: Sequence[EditRequest], hp: FT
     lowest = min(ft_layers(model, hp))
     bottom = FrozenBottom(model, lowest) if lowest > 0 else None
 
-    def replaying(b: TargetBatch):
-        return bottom.replaying(b.input_ids, b.attention_mask) if bottom is not None else nullcontext()
-
     history: list[dict] = []
     show = len(requests) > 1
 
@@ -179,14 +175,14 @@ def apply_ft_generic(model: LoadedModel, requests: Sequence[EditRequest], hp: FT
                 forget_sum = retain_sum = 0.0
                 for i, (target, anchor) in enumerate(refs):
                     opt.zero_grad(set_to_none=True)
-                    with replaying(target.batch):
+                    with replaying_batch(bottom, target.batch):
                         away = kl_to(model, target)
                     loss = away
                     if hp.retain_weight:
                         # the strangers' own predictions, and a share of the records to keep
                         anchors = [anchor] + ([kept[i % len(kept)]] if kept else [])
                         for a in anchors:
-                            with replaying(a.batch):
+                            with replaying_batch(bottom, a.batch):
                                 keep = kl_to(model, a)
                             loss = loss + hp.retain_weight * keep
                             retain_sum += float(keep.detach()) * target.batch.n_requests / len(anchors)

@@ -14,7 +14,6 @@ scores, the patch an edit returns, and finding, training and saving the trained 
 from __future__ import annotations
 
 import time
-from contextlib import nullcontext
 from dataclasses import asdict
 from typing import Any, Callable, Sequence
 
@@ -32,7 +31,7 @@ from lmpatch.methods.editor_training import (
     save_artefact,
     train_editor,
 )
-from lmpatch.methods.frozen_bottom import FrozenBottom
+from lmpatch.methods.frozen_bottom import FrozenBottom, replaying_batch
 from lmpatch.methods.teacher import TARGET_NEW, request_hits, request_nll, target_batch, target_logprobs
 from lmpatch.methods.token_grads import gradient_factors, row_deltas
 from lmpatch.model.loading import LoadedModel, cache_dir
@@ -127,13 +126,10 @@ class _Passes:
         self.model, self.editor, self.bottom, self.together = model, editor, bottom, together
         self.modules = edit_modules(model, editor.params)
 
-    def _replay(self, batch):
-        return self.bottom.replaying(batch.input_ids, batch.attention_mask) if self.bottom else nullcontext()
-
     def edit(self, examples: Sequence[EditExample], update_norm: bool):
         reqs = [e.request for e in examples]
         batch = target_batch(self.model, reqs, TARGET_NEW)
-        with self._replay(batch):
+        with replaying_batch(self.bottom, batch):
             factors, _ = gradient_factors(self.model, self.modules, reqs, batch=batch)
         return self.editor.changes(reqs, factors, update_norm)
 
@@ -142,14 +138,14 @@ class _Passes:
         n = len(examples)
         batch = target_batch(self.model, [e.request for e in examples] + [e.paraphrase_request for e in examples],
                              TARGET_NEW)
-        with self._replay(batch), row_deltas(self.modules, _per_row(changes, torch.arange(2 * n) % n, self.together)):
+        with replaying_batch(self.bottom, batch), row_deltas(self.modules, _per_row(changes, torch.arange(2 * n) % n, self.together)):
             return fn(self.model, batch)
 
     def locality(self, examples: Sequence[EditExample], changes):
         """Log-probabilities at the locality answers' positions, unedited and edited, and
         which example each position belongs to."""
         batch = target_batch(self.model, [e.locality_request for e in examples], TARGET_NEW)
-        with self._replay(batch):
+        with replaying_batch(self.bottom, batch):
             with torch.no_grad():
                 pre = target_logprobs(self.model, batch, None)
             with row_deltas(self.modules, _per_row(changes, torch.arange(len(examples)), self.together)):

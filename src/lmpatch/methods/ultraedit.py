@@ -92,7 +92,7 @@ import logging
 import math
 import random
 import time
-from contextlib import ExitStack, nullcontext
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -101,7 +101,7 @@ import torch
 
 from lmpatch.errors import InvalidRequestError
 from lmpatch.fileio import atomic_write_json
-from lmpatch.methods.frozen_bottom import FrozenBottom
+from lmpatch.methods.frozen_bottom import FrozenBottom, replaying_batch
 from lmpatch.methods.learned_editing import MODULE_KINDS, edit_modules
 from lmpatch.methods.locate.solve import KeyCovariance, added_rows_inverse, batch_update, layer_covariances
 from lmpatch.methods.locate.values import length_buckets
@@ -411,7 +411,7 @@ def token_features(
     losses = torch.zeros(len(requests))
     for run in _length_runs(model, requests):
         batch = target_batch(model, [requests[i] for i in run], TARGET_NEW)
-        with _replaying(bottom, batch):
+        with replaying_batch(bottom, batch):
             factors, run_losses = gradient_factors(model, modules, [requests[i] for i in run],
                                                    batch=batch, compute_dtype=compute_dtype)
         losses[run] = run_losses.float()
@@ -817,10 +817,6 @@ def _bottom_stamp(model: LoadedModel, lowest: int) -> tuple:
     return weights_stamp(weights), tuple(id(a.module) for a in model.stack.additions())
 
 
-def _replaying(bottom: FrozenBottom | None, batch):
-    return bottom.replaying(batch.input_ids, batch.attention_mask) if bottom is not None else nullcontext()
-
-
 @torch.no_grad()
 def _still_losing(model: LoadedModel, requests: Sequence[EditRequest], bottom: FrozenBottom | None = None,
                   margin: float = 0.0, dtype: torch.dtype | None = None) -> list[EditRequest]:
@@ -840,7 +836,7 @@ def _still_losing(model: LoadedModel, requests: Sequence[EditRequest], bottom: F
     nll, hit, true_nll = [0.0] * len(rows), [True] * len(rows), {}
     for run in _length_runs(model, rows):
         batch = target_batch(model, [rows[i] for i in run], TARGET_NEW)
-        with _replaying(bottom, batch):
+        with replaying_batch(bottom, batch):
             logp = target_logprobs(model, batch, dtype)
         firsts = first_token_rows(batch).tolist()
         for i, value, ok, first in zip(run, nll_per_request(batch, logp).tolist(), hits_per_request(batch, logp), firsts):
