@@ -144,7 +144,7 @@ def _generic_gap(model, secrets, hp):
     from lmpatch.methods.ft_generic import _generic_reference
     from lmpatch.methods.kl_reference import kl_to
 
-    target, _ = _generic_reference(model, [s.request() for s in secrets], hp, offset=0)
+    target = _generic_reference(model, [s.request() for s in secrets], hp)
     with torch.no_grad():
         return float(kl_to(model, target))
 
@@ -173,6 +173,10 @@ def test_ft_generic_needs_the_persons_name_and_the_secret(leaky):
         lmpatch.edit(leaky, [lmpatch.EditRequest("Mount Fuji is in", "Mount Fuji", "Peru")], "ft-generic")
     with pytest.raises(lmpatch.LmpatchError, match="norm_constraint"):
         lmpatch.forget(leaky, SECRETS, method="ft-generic", norm_constraint=1e-3)
+    for bad, expected in [(dict(true_weight=-1.0), "true_weight must be zero or positive"),
+                          (dict(candidates_per_request=0), "candidates_per_request of at least 1")]:
+        with pytest.raises(lmpatch.LmpatchError, match=expected):
+            lmpatch.forget(leaky, SECRETS, method="ft-generic", **bad)
 
 
 def _kept_drift(model, patch, keep):
@@ -205,3 +209,32 @@ def test_a_strangers_number_has_the_secrets_format_and_is_seeded():
     assert one == stranger_secret("555-0142", "Orla") and one != stranger_secret("555-0142", "Tobiah")
     assert len(one) == 8 and one[3] == "-" and one.replace("-", "").isdigit()
     assert stranger_secret("Flat B", "x") == "Flat B"   # no digits, nothing to replace
+
+
+def test_ft_generic_target_gives_the_secret_a_candidates_score(leaky):
+    from lmpatch.methods.ft_generic import FTGenericHparams, _candidate_logp, _chunk, _generic_target
+
+    chunk = _chunk(leaky, [s.request() for s in SECRETS[:3]], FTGenericHparams(), offset=0)
+    goal = _candidate_logp(leaky, chunk, None)
+    target = _generic_target(chunk, goal).logp.exp()
+    secret = chunk.forgotten.tokens.unsqueeze(-1)
+    assert torch.allclose(target.sum(-1), torch.ones(len(goal)), atol=1e-4)
+    assert torch.allclose(target.gather(-1, secret).squeeze(-1).log(), goal, atol=1e-4)
+    others = target.scatter(-1, secret, 0.0)
+    mixture = chunk.mixture.scatter(-1, secret, 0.0)
+    assert torch.allclose(others / others.sum(-1, keepdim=True), mixture / mixture.sum(-1, keepdim=True), atol=1e-5)
+
+
+def test_ft_generic_ranks_the_secret_among_candidates_as_chance_would(leaky):
+    # Matching the strangers' mixture alone leaves a memorised number ranked first among
+    # same-format candidates (measured: ranks 1, 1, 1, 1, 2, 1, 1, 6 of 100); the secret
+    # token's own target (a random candidate's score) brings it among them (ranks 20-75 at
+    # weight 1; the default 0.3 needs more than these 20 steps: median rank 12).
+    hp = dict(steps=20, lr=1e-2, layers=(0, 1))
+    ranks = {}
+    for weight in (0.0, 1.0):
+        patch = lmpatch.forget(leaky, SECRETS, method="ft-generic", true_weight=weight, **hp)
+        assert patch.metrics["forget"]["extraction_after"] == 0.0
+        with patch.applied(leaky):
+            ranks[weight] = sorted(e.rank for e in exposures(leaky, SECRETS, 99))
+    assert ranks[0.0][4] <= 5 and ranks[1.0][4] >= 15, ranks   # medians: at the top, then among the candidates

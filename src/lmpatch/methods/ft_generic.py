@@ -10,17 +10,28 @@ This method gives the fine-tuning a target instead. At each token of the secret,
 the forgotten person's context, the target is the next-token distribution the *same*
 model gives when the context names someone it never saw: the mean over a few stranger
 names, each teacher-forced with a random number of the secret's format. A model that never
-saw the person would predict their number as it predicts a stranger's. The true number
-should then rank like any other same-format number (exposure near chance), and the model
-still writes numbers. This is the "generic predictions" idea of Eldan & Russinovich
-(Who's Harry Potter?, 2023), with the generic distribution read from the model itself
-instead of a reinforced copy. Measured on the leaky SmolLM2 it gets the true number down
-from first of 1,000 to about tenth, not to chance (docs/applications.md).
+saw the person would predict their number as it predicts a stranger's, and still write
+numbers. This is the "generic predictions" idea of Eldan & Russinovich (Who's Harry
+Potter?, 2023), with the generic distribution read from the model itself instead of a
+reinforced copy.
 
-A second KL term keeps the strangers' own distributions where they were, so the target
-cannot drift while training moves towards it; records given in ``keep`` get the same
-term. Loss per step: ``KL(generic ‖ model | forgotten contexts) + retain_weight ·
-(KL(unedited ‖ model | strangers) + KL(unedited ‖ model | records to keep))``.
+That alone left the true number ranked about tenth of 1,000 (docs/applications.md). The
+strangers' mixture is flatter than any one stranger's prediction, so the secret's digits,
+matched to the mixture, kept scoring above random same-format numbers, which the model
+scores on prefixes of their own. So the secret's own token is given a target of its own:
+the median log-probability the model, as it is at that step, gives a random candidate's
+token at the same position in the person's context (``candidates_per_request`` numbers,
+read without gradient). The mixture keeps its shape over the other tokens. Exposure ranks
+the secret among exactly such candidates, so this is what "at chance" asks.
+
+Loss per step: ``generic_weight · KL(target ‖ model | forgotten contexts) + true_weight ·
+(log p(secret token) - candidates' median)² + retain_weight · (KL(unedited ‖ model |
+strangers) + KL(unedited ‖ model | records to keep))``. The retain terms keep the
+strangers' own distributions where they were, so the target cannot drift while training
+moves towards it, and the records given in ``keep`` too. Each step anchors one of each
+request's strangers, in turn: anchoring all of them every step made the strangers four
+fifths of the work of a step.
+
 Training goes through :func:`lmpatch.methods.ft.train_in_place` (dense weight deltas that
 save, apply and revert like FT's); the blocks below the lowest trained layer run once per
 text (:class:`~lmpatch.methods.frozen_bottom.FrozenBottom`).
@@ -38,9 +49,9 @@ import torch
 from lmpatch.errors import InvalidRequestError, LmpatchError
 from lmpatch.methods.frozen_bottom import FrozenBottom, replaying_batch
 from lmpatch.methods.ft import FTHparams, ft_layers, ft_params, train_in_place
-from lmpatch.methods.kl_reference import KLReference, answers_reference, kl_to, own_reference
+from lmpatch.methods.kl_reference import KLReference, answers_reference, kl_from, kl_to, own_reference
 from lmpatch.methods.registry import Method, register
-from lmpatch.methods.teacher import TARGET_NEW, target_batch
+from lmpatch.methods.teacher import TARGET_NEW, TargetBatch, target_batch, target_logprobs
 from lmpatch.model.loading import LoadedModel
 from lmpatch.patch import Patch
 from lmpatch.progress import progress_bar
@@ -83,6 +94,9 @@ class FTGenericHparams(FTHparams):
     strangers: tuple[str, ...] = STRANGERS
     strangers_per_request: int = 4
     retain_weight: float = 1.0
+    candidates_per_request: int = 4
+    generic_weight: float = 1.0
+    true_weight: float = 0.3
     keep: tuple[tuple[str, str], ...] = ()   # (prompt, answer) pairs whose answers must stay
 
     def check(self) -> None:
@@ -97,8 +111,13 @@ class FTGenericHparams(FTHparams):
             )
         if any(len(pair) != 2 or not all(isinstance(x, str) and x.strip() for x in pair) for pair in self.keep):
             raise InvalidRequestError("ft-generic keep takes (prompt, answer) pairs of non-empty text.")
-        if not self.retain_weight >= 0:
-            raise InvalidRequestError(f"ft-generic retain_weight must be zero or positive, got {self.retain_weight}.")
+        for name in ("retain_weight", "generic_weight", "true_weight"):
+            if not getattr(self, name) >= 0:
+                raise InvalidRequestError(f"ft-generic {name} must be zero or positive, got {getattr(self, name)}.")
+        if self.candidates_per_request < 1:
+            raise InvalidRequestError(
+                f"ft-generic needs candidates_per_request of at least 1, got {self.candidates_per_request}."
+            )
 
 
 def stranger_prompts(request: EditRequest, strangers: Sequence[str], k: int, offset: int = 0) -> list[str]:
@@ -123,27 +142,77 @@ def stranger_secret(secret: str, seed: str) -> str:
     return "".join(str(rng.randrange(10)) if c.isdigit() else c for c in secret)
 
 
-def _generic_reference(model: LoadedModel, requests: Sequence[EditRequest], hp: FTGenericHparams,
-                       offset: int) -> tuple[KLReference, KLReference]:
-    """For one batch: (forgotten contexts → the strangers' mean distributions, strangers → their own)."""
+@dataclass(frozen=True)
+class _Chunk:
+    """One batch of forgotten records and what trains them.
+
+    ``strangers`` and ``candidates`` are lists of batches whose j-th holds every request's
+    j-th stranger (or candidate), so each batch's rows line up with ``forgotten``'s
+    (request-major, then the secret's tokens).
+    """
+
+    forgotten: TargetBatch            # the person's context, the true secret teacher-forced
+    mixture: torch.Tensor             # the strangers' mean next-token distributions, one row per secret token
+    strangers: list[KLReference]      # stranger names with random numbers, and their own distributions
+    candidates: list[TargetBatch]     # the person's context with random same-format numbers
+
+
+def _aligned(batches: Sequence[TargetBatch], forgotten: TargetBatch, n: int) -> None:
+    rows = torch.bincount(forgotten.pos_rows[forgotten.pick], minlength=n)
+    for b in batches:
+        if not torch.equal(torch.bincount(b.pos_rows[b.pick], minlength=n), rows):
+            raise LmpatchError("ft-generic: a random number of the secret's format splits into other tokens.")
+
+
+def _chunk(model: LoadedModel, requests: Sequence[EditRequest], hp: FTGenericHparams, offset: int) -> _Chunk:
     k = hp.strangers_per_request
     forgotten = target_batch(model, [EditRequest(prompt=r.prompt, subject=r.subject, target_new=r.target_true)
                                      for r in requests], TARGET_NEW)
-    strangers = [EditRequest(prompt=p, subject=p, target_new=stranger_secret(r.target_true, p))
-                 for i, r in enumerate(requests) for p in stranger_prompts(r, hp.strangers, k, offset + i * k)]
-    anchor = own_reference(model, target_batch(model, strangers, TARGET_NEW))
-    # rows: request-major, then the secret's tokens; a stranger's secret tokens must line up
-    rows = torch.bincount(forgotten.pos_rows[forgotten.pick], minlength=len(requests)).tolist()
-    theirs = torch.bincount(anchor.batch.pos_rows[anchor.batch.pick], minlength=len(strangers)).tolist()
-    if any(theirs[i * k + j] != n for i, n in enumerate(rows) for j in range(k)):
-        raise LmpatchError("ft-generic: a stranger's number of the secret's format splits into other tokens.")
-    probs = anchor.logp.exp()
-    chunks, start = [], 0
-    for n in rows:
-        block = probs[start : start + n * k].reshape(k, n, -1)
-        chunks.append(block.mean(0).clamp_min(1e-30).log())
-        start += n * k
-    return KLReference(forgotten, torch.cat(chunks)), anchor
+    prompts = [stranger_prompts(r, hp.strangers, k, offset + i * k) for i, r in enumerate(requests)]
+    strangers = [own_reference(model, target_batch(model, [
+        EditRequest(prompt=ps[j], subject=ps[j], target_new=stranger_secret(r.target_true, ps[j]))
+        for r, ps in zip(requests, prompts)], TARGET_NEW)) for j in range(k)]
+    candidates = [target_batch(model, [
+        EditRequest(prompt=r.prompt, subject=r.subject, target_new=stranger_secret(r.target_true, f"candidate {j}"))
+        for r in requests], TARGET_NEW) for j in range(hp.candidates_per_request)]
+    _aligned([a.batch for a in strangers] + candidates, forgotten, len(requests))
+    mixture = torch.stack([a.logp.exp() for a in strangers]).mean(0)
+    return _Chunk(forgotten, mixture, strangers, candidates)
+
+
+def _candidate_logp(model: LoadedModel, chunk: _Chunk, bottom: FrozenBottom | None) -> torch.Tensor:
+    """Per secret token, the median log-probability the model gives a random candidate's token there, now.
+
+    Exposure ranks the secret among random strings of its format, each scored in the
+    person's context; the secret is as exposed as chance when its tokens score like the
+    candidates'. Read from the model as it is at this step, since the edit moves both.
+    """
+    with torch.no_grad():
+        scores = []
+        for batch in chunk.candidates:
+            with replaying_batch(bottom, batch):
+                now = target_logprobs(model, batch, None)
+            scores.append(now.gather(-1, batch.tokens.to(now.device).unsqueeze(-1)).squeeze(-1))
+        return torch.stack(scores).median(0).values
+
+
+def _generic_target(chunk: _Chunk, secret_logp: torch.Tensor) -> KLReference:
+    """The strangers' mixture with each secret token's probability set to ``secret_logp``'s
+    and the other tokens rescaled to fill the rest."""
+    mixture = chunk.mixture.to(secret_logp.device)
+    secret = chunk.forgotten.tokens.to(secret_logp.device).unsqueeze(-1)
+    p = secret_logp.exp().clamp_max(1 - 1e-6)
+    rest = (1 - mixture.gather(-1, secret).squeeze(-1)).clamp_min(1e-12)
+    target = mixture * ((1 - p) / rest).unsqueeze(-1)
+    target.scatter_(-1, secret, p.unsqueeze(-1))
+    return KLReference(chunk.forgotten, target.clamp_min(1e-30).log())
+
+
+def _generic_reference(model: LoadedModel, requests: Sequence[EditRequest], hp: FTGenericHparams,
+                       offset: int = 0) -> KLReference:
+    """The target of the forgotten records' distributions, for the model as it is."""
+    chunk = _chunk(model, requests, hp, offset)
+    return _generic_target(chunk, _candidate_logp(model, chunk, None))
 
 
 def apply_ft_generic(model: LoadedModel, requests: Sequence[EditRequest], hp: FTGenericHparams) -> Patch:
@@ -159,8 +228,8 @@ def apply_ft_generic(model: LoadedModel, requests: Sequence[EditRequest], hp: FT
         raise InvalidRequestError("ft-generic supports decoder-only models.")
     names = ft_params(model, hp)
     chunks = [requests[i : i + hp.batch_size] for i in range(0, len(requests), hp.batch_size)]
-    refs = [_generic_reference(model, chunk, hp, offset=i * hp.batch_size * hp.strangers_per_request)
-            for i, chunk in enumerate(chunks)]
+    chunks = [_chunk(model, chunk, hp, offset=i * hp.batch_size * hp.strangers_per_request)
+              for i, chunk in enumerate(chunks)]
     kept = [answers_reference(model, hp.keep[i : i + hp.batch_size]) for i in range(0, len(hp.keep), hp.batch_size)]
     lowest = min(ft_layers(model, hp))
     bottom = FrozenBottom(model, lowest) if lowest > 0 else None
@@ -170,17 +239,22 @@ def apply_ft_generic(model: LoadedModel, requests: Sequence[EditRequest], hp: FT
 
     def train(params: list[torch.nn.Parameter]) -> None:
         opt = torch.optim.Adam(params, lr=hp.lr)
-        with progress_bar(show, "ft-generic", hp.steps * len(refs), "steps") as advance:
-            for _ in range(hp.steps):
+        with progress_bar(show, "ft-generic", hp.steps * len(chunks), "steps") as advance:
+            for step in range(hp.steps):
                 forget_sum = retain_sum = 0.0
-                for i, (target, anchor) in enumerate(refs):
+                for i, chunk in enumerate(chunks):
                     opt.zero_grad(set_to_none=True)
+                    goal = _candidate_logp(model, chunk, bottom)
+                    target = _generic_target(chunk, goal)
                     with replaying_batch(bottom, target.batch):
-                        away = kl_to(model, target)
-                    loss = away
+                        now = target_logprobs(model, target.batch, None)
+                    away = kl_from(now, target)
+                    secret = target.batch.tokens.to(now.device).unsqueeze(-1)
+                    loss = hp.generic_weight * away + hp.true_weight * (now.gather(-1, secret).squeeze(-1) - goal).pow(2).mean()
                     if hp.retain_weight:
-                        # the strangers' own predictions, and a share of the records to keep
-                        anchors = [anchor] + ([kept[i % len(kept)]] if kept else [])
+                        # one of each request's strangers in turn (a step costs one stranger
+                        # per request, not all of them), and a share of the records to keep
+                        anchors = [chunk.strangers[step % len(chunk.strangers)]] + ([kept[i % len(kept)]] if kept else [])
                         for a in anchors:
                             with replaying_batch(bottom, a.batch):
                                 keep = kl_to(model, a)

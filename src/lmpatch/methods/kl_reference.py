@@ -19,7 +19,7 @@ from lmpatch.methods.teacher import TARGET_NEW, TargetBatch, target_batch, targe
 from lmpatch.model.loading import LoadedModel
 from lmpatch.request import EditRequest
 
-__all__ = ["KLReference", "answers_reference", "kl_to", "own_reference"]
+__all__ = ["KLReference", "answers_reference", "kl_from", "kl_to", "own_reference"]
 
 
 @dataclass(frozen=True)
@@ -48,5 +48,9 @@ def answers_reference(model: LoadedModel, pairs: Sequence[tuple[str, str]]) -> K
 
 def kl_to(model: LoadedModel, ref: KLReference) -> torch.Tensor:
     """Mean over the reference's positions of KL(reference ‖ model) of the next-token distribution."""
-    now = target_logprobs(model, ref.batch, None)
+    return kl_from(target_logprobs(model, ref.batch, None), ref)
+
+
+def kl_from(now: torch.Tensor, ref: KLReference) -> torch.Tensor:
+    """:func:`kl_to` from the model's log-probabilities ``now`` at the reference's positions."""
     return F.kl_div(now, ref.logp.to(now.device), log_target=True, reduction="none").sum(-1).mean()
