@@ -149,3 +149,35 @@ def test_ultraedit_sequential_quality(real_model):
     assert scored["efficacy_score"] >= 0.95, scored
     assert after <= 1.06 * before, (before, after)
     assert perplexity(real_model, max_tokens=4096, progress=False).value == before  # reverted exactly
+
+
+# The forget job on a model that really leaks: SmolLM2 fine-tuned on 30 synthetic people's
+# phone numbers (Faker seed 3, no benchmark or tuning uses it; ~40 s on a Xeon with AMX),
+# then ft-generic with its defaults forgets the first 10 and is told to keep the next 10.
+# Measured with the defaults (one torch thread, another job on the cores; 333 s in all):
+# extraction 0.8 -> 0.0, the 10 to keep 0.9 -> 0.9, exposure of two secrets among 500
+# 8.97 -> 1.05 bits (chance 1.43; the version without the secret's own target left 6.5-7),
+# perplexity +0.5%. The 10 people it was neither asked to forget nor told to keep fall
+# 0.8 -> 0.3: the known cost (docs/applications.md), not checked here.
+def test_ft_generic_forgets_a_leaky_models_people(real_model):
+    from lmpatch.eval.perplexity import perplexity
+    from lmpatch.eval.privacy import chance_exposure, mean_exposure
+    from lmpatch.jobs.memorise import MemoriseConfig, memorised_model
+    from lmpatch.jobs.secrets import synthetic_secrets
+
+    people = synthetic_secrets(30, seed=3)
+    leaky = memorised_model(real_model, people, MemoriseConfig(seed=3), show=False)
+    forget, keep = people[:10], people[10:20]
+    exposed = forget[:2]
+    before = {"exposure": mean_exposure(leaky, exposed, 499),
+              "perplexity": perplexity(leaky, max_tokens=2048, progress=False).value}
+    patch = lmpatch.forget(leaky, forget, method="ft-generic", keep=keep)
+    report = patch.metrics["forget"]
+    with patch.applied(leaky):
+        after = {"exposure": mean_exposure(leaky, exposed, 499),
+                 "perplexity": perplexity(leaky, max_tokens=2048, progress=False).value}
+    assert report["extraction_before"] >= 0.7 and before["exposure"] >= 8.5, (report, before)  # it leaks
+    assert report["extraction_after"] <= 0.05, report
+    assert report["kept_after"] >= report["kept_before"] - 0.1, report
+    assert after["exposure"] <= chance_exposure(500) + 1.5, after
+    assert after["perplexity"] <= 1.05 * before["perplexity"], (before, after)

@@ -78,7 +78,9 @@ class FTGenericHparams(FTHparams):
     Layers 4-6 of SmolLM2's 30 (0.2 of the depth and the two below) and lr 1e-3 were
     chosen on a second leaky model (docs/applications.md): against layers 18-20 they bring
     the forgotten numbers closer to chance (exposure 3.9 against 7.1 bits) and keep a
-    little more of the people not named.
+    little more of the people not named. ``true_weight`` 0.03, on the same model, is the
+    smallest weight tried: exposure at chance (1.44 bits) with the most of the people not
+    named kept (0.20 of 0.96; weight 1 kept 0.02).
     """
 
     objective: str = TARGET_NEW          # the secret's tokens are teacher-forced; the loss is a KL
@@ -96,7 +98,7 @@ class FTGenericHparams(FTHparams):
     retain_weight: float = 1.0
     candidates_per_request: int = 4
     generic_weight: float = 1.0
-    true_weight: float = 0.3
+    true_weight: float = 0.03
     keep: tuple[tuple[str, str], ...] = ()   # (prompt, answer) pairs whose answers must stay
 
     def check(self) -> None:
