@@ -141,10 +141,11 @@ def test_forget_refuses_unknown_methods_and_empty_secrets(leaky):
 
 def _generic_gap(model, secrets, hp):
     """Mean KL from the strangers' distributions to the model's, at the forgotten secrets' tokens."""
-    from lmpatch.methods.ft_generic import _generic_reference
+    from lmpatch.methods.ft_generic import _candidate_logp, _chunk, _generic_target
     from lmpatch.methods.kl_reference import kl_to
 
-    target = _generic_reference(model, [s.request() for s in secrets], hp)
+    chunk = _chunk(model, [s.request() for s in secrets], hp, offset=0)
+    target = _generic_target(chunk, _candidate_logp(model, chunk, None))
     with torch.no_grad():
         return float(kl_to(model, target))
 
@@ -229,7 +230,7 @@ def test_ft_generic_ranks_the_secret_among_candidates_as_chance_would(leaky):
     # Matching the strangers' mixture alone leaves a memorised number ranked first among
     # same-format candidates (measured: ranks 1, 1, 1, 1, 2, 1, 1, 6 of 100); the secret
     # token's own target (a random candidate's score) brings it among them (ranks 20-75 at
-    # weight 1; the default 0.3 needs more than these 20 steps: median rank 12).
+    # weight 1; weight 0.3 needs more than these 20 steps: median rank 12).
     hp = dict(steps=20, lr=1e-2, layers=(0, 1))
     ranks = {}
     for weight in (0.0, 1.0):

@@ -24,7 +24,7 @@ token at the same position in the person's context (``candidates_per_request`` n
 read without gradient). The mixture keeps its shape over the other tokens. Exposure ranks
 the secret among exactly such candidates, so this is what "at chance" asks.
 
-Loss per step: ``generic_weight · KL(target ‖ model | forgotten contexts) + true_weight ·
+Loss per step: ``KL(target ‖ model | forgotten contexts) + true_weight ·
 (log p(secret token) - candidates' median)² + retain_weight · (KL(unedited ‖ model |
 strangers) + KL(unedited ‖ model | records to keep))``. The retain terms keep the
 strangers' own distributions where they were, so the target cannot drift while training
@@ -51,7 +51,7 @@ from lmpatch.methods.frozen_bottom import FrozenBottom, replaying_batch
 from lmpatch.methods.ft import FTHparams, ft_layers, ft_params, train_in_place
 from lmpatch.methods.kl_reference import KLReference, answers_reference, kl_from, kl_to, own_reference
 from lmpatch.methods.registry import Method, register
-from lmpatch.methods.teacher import TARGET_NEW, TargetBatch, target_batch, target_logprobs
+from lmpatch.methods.teacher import TARGET_NEW, TargetBatch, target_batch, target_logprobs, token_logprobs
 from lmpatch.model.loading import LoadedModel
 from lmpatch.patch import Patch
 from lmpatch.progress import progress_bar
@@ -97,7 +97,6 @@ class FTGenericHparams(FTHparams):
     strangers_per_request: int = 4
     retain_weight: float = 1.0
     candidates_per_request: int = 4
-    generic_weight: float = 1.0
     true_weight: float = 0.03
     keep: tuple[tuple[str, str], ...] = ()   # (prompt, answer) pairs whose answers must stay
 
@@ -113,7 +112,7 @@ class FTGenericHparams(FTHparams):
             )
         if any(len(pair) != 2 or not all(isinstance(x, str) and x.strip() for x in pair) for pair in self.keep):
             raise InvalidRequestError("ft-generic keep takes (prompt, answer) pairs of non-empty text.")
-        for name in ("retain_weight", "generic_weight", "true_weight"):
+        for name in ("retain_weight", "true_weight"):
             if not getattr(self, name) >= 0:
                 raise InvalidRequestError(f"ft-generic {name} must be zero or positive, got {getattr(self, name)}.")
         if self.candidates_per_request < 1:
@@ -194,7 +193,7 @@ def _candidate_logp(model: LoadedModel, chunk: _Chunk, bottom: FrozenBottom | No
         for batch in chunk.candidates:
             with replaying_batch(bottom, batch):
                 now = target_logprobs(model, batch, None)
-            scores.append(now.gather(-1, batch.tokens.to(now.device).unsqueeze(-1)).squeeze(-1))
+            scores.append(token_logprobs(batch, now))
         return torch.stack(scores).median(0).values
 
 
@@ -210,13 +209,6 @@ def _generic_target(chunk: _Chunk, secret_logp: torch.Tensor) -> KLReference:
     return KLReference(chunk.forgotten, target.clamp_min(1e-30).log())
 
 
-def _generic_reference(model: LoadedModel, requests: Sequence[EditRequest], hp: FTGenericHparams,
-                       offset: int = 0) -> KLReference:
-    """The target of the forgotten records' distributions, for the model as it is."""
-    chunk = _chunk(model, requests, hp, offset)
-    return _generic_target(chunk, _candidate_logp(model, chunk, None))
-
-
 def apply_ft_generic(model: LoadedModel, requests: Sequence[EditRequest], hp: FTGenericHparams) -> Patch:
     """Fine-tune the chosen matrices until every request's ``target_true`` is predicted as a stranger's."""
     hp.check()
@@ -229,9 +221,8 @@ def apply_ft_generic(model: LoadedModel, requests: Sequence[EditRequest], hp: FT
     if model.spec.encoder_decoder:
         raise InvalidRequestError("ft-generic supports decoder-only models.")
     names = ft_params(model, hp)
-    chunks = [requests[i : i + hp.batch_size] for i in range(0, len(requests), hp.batch_size)]
-    chunks = [_chunk(model, chunk, hp, offset=i * hp.batch_size * hp.strangers_per_request)
-              for i, chunk in enumerate(chunks)]
+    chunks = [_chunk(model, requests[start : start + hp.batch_size], hp, offset=start * hp.strangers_per_request)
+              for start in range(0, len(requests), hp.batch_size)]
     kept = [answers_reference(model, hp.keep[i : i + hp.batch_size]) for i in range(0, len(hp.keep), hp.batch_size)]
     lowest = min(ft_layers(model, hp))
     bottom = FrozenBottom(model, lowest) if lowest > 0 else None
@@ -251,8 +242,7 @@ def apply_ft_generic(model: LoadedModel, requests: Sequence[EditRequest], hp: FT
                     with replaying_batch(bottom, target.batch):
                         now = target_logprobs(model, target.batch, None)
                     away = kl_from(now, target)
-                    secret = target.batch.tokens.to(now.device).unsqueeze(-1)
-                    loss = hp.generic_weight * away + hp.true_weight * (now.gather(-1, secret).squeeze(-1) - goal).pow(2).mean()
+                    loss = away + hp.true_weight * (token_logprobs(target.batch, now) - goal).pow(2).mean()
                     if hp.retain_weight:
                         # one of each request's strangers in turn (a step costs one stranger
                         # per request, not all of them), and a share of the records to keep

@@ -143,8 +143,12 @@ def _weighted_nll(model: LoadedModel, batch: TargetBatch, compute_dtype: torch.d
 
 
 def _weighted(batch: TargetBatch, logp: torch.Tensor) -> torch.Tensor:
-    picked = logp.gather(1, batch.tokens.to(logp.device)[:, None])[:, 0]
-    return -(picked * batch.weights.to(logp.device))
+    return -(token_logprobs(batch, logp) * batch.weights.to(logp.device))
+
+
+def token_logprobs(batch: TargetBatch, logp: torch.Tensor) -> torch.Tensor:
+    """Each supervised token's own log-probability, from the batch's :func:`target_logprobs`."""
+    return logp.gather(1, batch.tokens.to(logp.device)[:, None])[:, 0]
 
 
 def target_logprobs(model: LoadedModel, batch: TargetBatch, compute_dtype: torch.dtype | None) -> torch.Tensor:
