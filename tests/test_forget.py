@@ -203,6 +203,24 @@ def test_ft_generic_keeps_the_records_it_is_told_to_keep(leaky):
         lmpatch.forget(leaky, forget_these, method="ft-ga", keep=keep)
 
 
+def test_ft_generic_anchors_every_record_to_keep_when_they_outnumber_the_forgotten(leaky):
+    # one forgotten record and four to keep, one per batch: the records to keep take turns
+    # over the steps (the last of them was never anchored when the turn went by chunk only)
+    forget_these, keep = SECRETS[:1], SECRETS[4:]
+    hp = dict(steps=20, lr=1e-2, layers=(0, 1), batch_size=1)
+    blind = lmpatch.forget(leaky, forget_these, method="ft-generic", **hp)
+    told = lmpatch.forget(leaky, forget_these, method="ft-generic", keep=keep, **hp)
+    for record in keep:
+        assert _kept_drift(leaky, told, [record]) < 0.5 * _kept_drift(leaky, blind, [record])
+
+
+def test_ft_generic_warns_when_some_records_to_keep_would_never_be_anchored(leaky, caplog):
+    with caplog.at_level("WARNING", logger="lmpatch.methods.ft_generic"):
+        lmpatch.forget(leaky, SECRETS[:1], method="ft-generic", keep=SECRETS[4:], steps=2, batch_size=1,
+                       layers=(0,))
+    assert "reach 2 of the 4 batches of records to keep" in caplog.text
+
+
 def test_a_strangers_number_has_the_secrets_format_and_is_seeded():
     from lmpatch.methods.ft_generic import stranger_secret
 

@@ -224,6 +224,10 @@ def apply_ft_generic(model: LoadedModel, requests: Sequence[EditRequest], hp: FT
     chunks = [_chunk(model, requests[start : start + hp.batch_size], hp, offset=start * hp.strangers_per_request)
               for start in range(0, len(requests), hp.batch_size)]
     kept = [answers_reference(model, hp.keep[i : i + hp.batch_size]) for i in range(0, len(hp.keep), hp.batch_size)]
+    if hp.retain_weight and len(kept) > hp.steps * len(chunks):
+        log.warning("ft-generic anchors one batch of records to keep per chunk and step: %d steps over %d "
+                    "chunk(s) reach %d of the %d batches of records to keep; raise `steps` or `batch_size`.",
+                    hp.steps, len(chunks), hp.steps * len(chunks), len(kept))
     lowest = min(ft_layers(model, hp))
     bottom = FrozenBottom(model, lowest) if lowest > 0 else None
 
@@ -245,8 +249,11 @@ def apply_ft_generic(model: LoadedModel, requests: Sequence[EditRequest], hp: FT
                     loss = away + hp.true_weight * (token_logprobs(target.batch, now) - goal).pow(2).mean()
                     if hp.retain_weight:
                         # one of each request's strangers in turn (a step costs one stranger
-                        # per request, not all of them), and a share of the records to keep
-                        anchors = [chunk.strangers[step % len(chunk.strangers)]] + ([kept[i % len(kept)]] if kept else [])
+                        # per request, not all of them), and the next batch of records to
+                        # keep: counted over steps and chunks, so that every batch of them
+                        # is anchored even when there are more of them than of chunks
+                        turn = step * len(chunks) + i
+                        anchors = [chunk.strangers[step % len(chunk.strangers)]] + ([kept[turn % len(kept)]] if kept else [])
                         for a in anchors:
                             with replaying_batch(bottom, a.batch):
                                 keep = kl_to(model, a)
