@@ -10,7 +10,14 @@ import torch
 
 from lmpatch.machine import AVX2_ONLY
 from lmpatch.model import packed
-from lmpatch.model.packed import PackedConv1D, PackedLinear, pack_linears, packing_available, packing_wanted
+from lmpatch.model.packed import (
+    PackedConv1D,
+    PackedLinear,
+    dtype_packable,
+    pack_linears,
+    packing_available,
+    packing_wanted,
+)
 from lmpatch.model.shadow import computes_exactly
 from test_patch import make_patch, mlp_out, shift_patch
 from tiny import ARCHS, tiny_model
@@ -114,7 +121,8 @@ def test_the_packed_copy_follows_patches_and_added_modules():
 
 def test_no_packed_copy_beyond_the_memory_budget_or_in_other_dtypes(monkeypatch):
     model = tiny_model("llama")
-    assert packing_wanted(model.model, torch.float32) and packing_wanted(model.model, torch.bfloat16)
+    assert packing_wanted(model.model, torch.float32)
+    assert packing_wanted(model.model, torch.bfloat16) == dtype_packable(torch.bfloat16)
     assert not packing_wanted(model.model, torch.float16)
     monkeypatch.setattr(packed, "MEMORY_SHARE", 0.0)
     assert not packing_wanted(model.model, torch.float32)
@@ -122,11 +130,14 @@ def test_no_packed_copy_beyond_the_memory_budget_or_in_other_dtypes(monkeypatch)
 
 
 def test_the_bfloat16_copy_is_packed_and_follows_patches():
-    """The low-precision copy of CPUs with fast bfloat16 computes from packed bfloat16
-    weights, re-packed when the copy is re-cast after a patch."""
+    """The low-precision copy computes from packed bfloat16 weights where oneDNN has
+    bfloat16 kernels (plain products elsewhere: packing would raise there), re-packed when
+    the copy is re-cast after a patch."""
     model = tiny_model("llama")
     net = model.network(torch.bfloat16)
-    assert any(isinstance(m, PackedLinear) for m in net.modules())
+    supported = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert dtype_packable(torch.bfloat16) == supported and dtype_packable(torch.float32)
+    assert any(isinstance(m, PackedLinear) for m in net.modules()) == supported
     patch = make_patch(model, [(mlp_out(model, 0), "low_rank")])
     with torch.no_grad():
         before = model.forward(input_ids=IDS, compute_dtype=torch.bfloat16).logits.float()

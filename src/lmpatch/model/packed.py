@@ -50,6 +50,22 @@ def packing_available() -> bool:
 PACKED_DTYPES = (torch.float32, torch.bfloat16)
 
 
+def dtype_packable(dtype: torch.dtype) -> bool:
+    """Whether oneDNN can pack weights of ``dtype`` on this CPU.
+
+    float32 always; bfloat16 only where oneDNN has bfloat16 kernels (AVX-512 BW/VL/DQ or
+    AVX-NE-CONVERT). On an AVX2-only CPU, and under lmpatch's AVX2 hold on a bigger one,
+    packing a bfloat16 weight raises instead, so a bfloat16 copy there runs on plain
+    products.
+    """
+    if dtype not in PACKED_DTYPES:
+        return False
+    if dtype == torch.bfloat16:
+        probe = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+        return bool(probe is not None and probe())
+    return True
+
+
 def packed_bytes(model: nn.Module, dtype: torch.dtype) -> int:
     """What packed ``dtype`` copies of ``model``'s linear weights take (two per layer)."""
     seen: set[int] = set()
@@ -74,9 +90,9 @@ def packing_wanted(model: nn.Module, dtype: torch.dtype) -> bool:
     float32 or bfloat16 on CPU, oneDNN present, and the packed copies within
     :data:`MEMORY_SHARE` of the machine's memory (SmolLM2-135M: 1.1 GB in float32)."""
     first = next(model.parameters())
-    if dtype not in PACKED_DTYPES or not first.is_floating_point() or first.device.type != "cpu":
+    if not first.is_floating_point() or first.device.type != "cpu":
         return False
-    if not packing_available():
+    if not packing_available() or not dtype_packable(dtype):
         return False
     ram = physical_memory()
     return ram is not None and packed_bytes(model, dtype) <= MEMORY_SHARE * ram
@@ -88,7 +104,7 @@ def _packable(m: nn.Module) -> bool:
     if type(m) is not nn.Linear and type(m) is not Conv1D:
         return False
     w = m.weight
-    return w.dtype in PACKED_DTYPES and w.device.type == "cpu" and w.dim() == 2
+    return dtype_packable(w.dtype) and w.device.type == "cpu" and w.dim() == 2
 
 
 class _PackedProduct(torch.autograd.Function):
