@@ -129,7 +129,7 @@ def test_no_packed_copy_beyond_the_memory_budget_or_in_other_dtypes(monkeypatch)
     assert model.network(torch.float32) is model.model
 
 
-def test_the_bfloat16_copy_is_packed_and_follows_patches():
+def test_the_bfloat16_copy_is_packed_where_onednn_can_and_follows_patches():
     """The low-precision copy computes from packed bfloat16 weights where oneDNN has
     bfloat16 kernels (plain products elsewhere: packing would raise there), re-packed when
     the copy is re-cast after a patch."""

@@ -157,7 +157,8 @@ def test_ultraedit_sequential_quality(real_model):
 # Measured with the defaults (one torch thread, another job on the cores; 333 s in all):
 # extraction 0.8 -> 0.0, the 10 to keep 0.9 -> 0.9, exposure of two secrets among 500
 # 8.97 -> 1.05 bits (chance 1.43; the version without the secret's own target left 6.5-7),
-# perplexity +0.5%. The 10 people it was neither asked to forget nor told to keep fall
+# perplexity +0.5%. Alone with torch held to AVX2 (float32, cold cache, the leaky model
+# built too) the test took 236 s. The 10 people it was neither asked to forget nor told to keep fall
 # 0.8 -> 0.3: the known cost (docs/applications.md), not checked here.
 def test_ft_generic_forgets_a_leaky_models_people(real_model):
     from lmpatch.eval.perplexity import perplexity
