@@ -11,7 +11,10 @@ teacher-forced reliability / generalization / locality on both, and the generati
 work (ROME's statistics) runs before timing starts, and an editor must have been
 trained (``lmpatch train mend``) or shipped.
 
-Runs resume from ``--out/<data>/<method>[-batch]``.
+Settings are chosen on records no editor trains on and no report uses: ``--data
+counterfact-train --offset 5100`` (the training loop stops at 5099).
+
+Runs resume from ``--out/<data>[-<offset>]/<method>[-batch]``.
 
     OMP_NUM_THREADS=1 python benchmarks/learned_editors.py --method mend --method rome --batch
 """
@@ -63,6 +66,7 @@ def main() -> None:
     ap.add_argument("--method", action="append", help=f"repeatable; default {', '.join(DEFAULT_METHODS)}")
     ap.add_argument("--data", action="append", help=f"repeatable; default {', '.join(DATA)}")
     ap.add_argument("--n", type=int, default=100)
+    ap.add_argument("--offset", type=int, default=0, help="first record (5100 with counterfact-train: tuning records)")
     ap.add_argument("--batch", action="store_true", help="also edit all n requests in one call (not ROME)")
     ap.add_argument("--set", action="append", default=[], metavar="METHOD.KEY=VALUE")
     ap.add_argument("--out", type=Path, default=Path("runs/learned-editors"))
@@ -71,8 +75,9 @@ def main() -> None:
     console.print(cpu_line(cpu_info()))
     model = lmpatch.load_model()
     for data in args.data or DATA:
-        requests = load_dataset(data, n=args.n)
-        table = Table(title=f"{model.name}: first {len(requests)} {data} records")
+        requests = load_dataset(data, n=args.n, offset=args.offset)
+        where = data + (f"-{args.offset}" if args.offset else "")
+        table = Table(title=f"{model.name}: {len(requests)} {data} records from {args.offset}")
         table.add_column("method (regime)")
         for _, label in COLUMNS:
             table.add_column(label, justify="right")
@@ -84,7 +89,7 @@ def main() -> None:
             regimes = [False] + ([True] if args.batch and method != "rome" else [])
             for batch in regimes:
                 t0 = time.perf_counter()
-                summary = run(model, method, overrides, requests, args.out / data / (method + ("-batch" if batch else "")),
+                summary = run(model, method, overrides, requests, args.out / where / (method + ("-batch" if batch else "")),
                               batch)
                 post, pre = summary["metrics"], pre or summary.get("metrics_pre", {})
                 seconds = summary.get("edit_seconds", {}).get("median")

@@ -238,3 +238,56 @@ def test_mend_edits_exactly_the_layers_asked_for_and_names_a_bad_one(model, tmp_
     assert {d.param for d in patch.parts} == {f"{p}.weight" for p in (*spec.layers[0].mlp_in, spec.layers[0].mlp_out)}
     with pytest.raises(lmpatch.LmpatchError, match="layers must be indices"):
         lmpatch.edit(model, REQS[0], "mend", **{**FAST["mend"], "layers": (spec.n_layers,)})
+
+
+def test_the_symmetric_locality_term_charges_a_new_answer_the_forward_kl_lets_through():
+    """A token the unedited model ruled out (log-odds -5) rising to a tenth of the mass
+    costs the forward KL little and the symmetric one several times more; with nothing
+    moved both are zero, and a name that is neither is refused."""
+    from lmpatch.methods.learned_editing import locality_divergence
+
+    pre = torch.log_softmax(torch.tensor([[3.0, 1.0, -5.0]]), -1)
+    post = torch.log_softmax(torch.tensor([[2.8, 1.0, 1.0]]), -1)
+    forward, symmetric = locality_divergence(pre, post), locality_divergence(pre, post, "symmetric")
+    assert float(forward) < 0.2 and float(symmetric) > 4 * float(forward)
+    reverse = (post.exp() * (post - pre)).sum(-1).mean()
+    assert torch.allclose(symmetric, forward + reverse)
+    assert float(locality_divergence(pre, pre, "symmetric")) == pytest.approx(0.0, abs=1e-7)
+    with pytest.raises(lmpatch.LmpatchError, match="locality_kl must be one of forward, symmetric"):
+        locality_divergence(pre, post, "reverse")
+
+
+def test_mend_trains_with_the_symmetric_locality_term_under_its_own_key(model, tmp_path, monkeypatch):
+    from lmpatch.methods.learned_editing import training_settings
+    from lmpatch.methods.mend import MendHparams
+
+    assert "locality_kl" not in training_settings(MendHparams())  # the shipped editors' keys are unchanged
+    monkeypatch.setitem(FAST, "mend", {**FAST["mend"], "locality_kl": "symmetric"})
+    report = _train(model, tmp_path, monkeypatch)
+    assert report["validation"]
+    lmpatch.edit(model, REQS[0], "mend", **FAST["mend"])  # found under its own key
+    with pytest.raises(lmpatch.LmpatchError, match="lmpatch train mend"):
+        lmpatch.edit(model, REQS[0], "mend", **{**FAST["mend"], "locality_kl": "forward"})
+    with pytest.raises(lmpatch.LmpatchError, match="locality_kl must be one of"):
+        lmpatch.edit(model, REQS[0], "mend", **{**FAST["mend"], "locality_kl": "reverse"})
+
+
+@pytest.mark.parametrize("overrides", [{}, {"batched": True}], ids=["default", "batched"])
+def test_the_documented_mend_editors_ship_for_the_embedded_model(overrides):
+    """The default settings, and the batched ones the docs say need no training, find a
+    shipped editor trained for the embedded model with exactly those settings: changing a
+    default without shipping its editor fails here, not on a user's fresh install."""
+    import json
+
+    from lmpatch.methods.editor_training import artefact_key, shipped_dir
+    from lmpatch.methods.learned_editing import training_settings
+    from lmpatch.methods.mend import MendHparams
+
+    manifests = [json.loads(p.read_text()) for p in (shipped_dir() / "mend").glob("*/manifest.json")]
+    fingerprints = {m["fingerprint"] for m in manifests}
+    assert len(fingerprints) == 1  # one embedded model
+    settings = training_settings(MendHparams(**overrides))
+    key = artefact_key("mend", fingerprints.pop(), settings)
+    shipped = shipped_dir() / "mend" / key
+    assert (shipped / "editor.safetensors").stat().st_size < 5_000_000
+    assert json.loads((shipped / "manifest.json").read_text())["settings"] == json.loads(json.dumps(settings))

@@ -40,8 +40,8 @@ from lmpatch.patch import Patch, WeightDelta
 from lmpatch.request import EditRequest
 
 __all__ = [
-    "edit_layers", "edit_losses", "edit_modules", "edit_with_trained", "layer_params", "load_trained", "patch_from_editor",
-    "top_layer_params", "train_learned", "validate_editor", "weight_deltas",
+    "LOCALITY_KL", "edit_layers", "edit_losses", "edit_modules", "edit_with_trained", "layer_params", "load_trained",
+    "locality_divergence", "patch_from_editor", "top_layer_params", "train_learned", "validate_editor", "weight_deltas",
 ]
 
 MODULE_KINDS = ("mlp_in", "mlp_out")
@@ -153,17 +153,39 @@ class _Passes:
         return pre, post, batch.pos_rows[batch.pick]
 
 
+LOCALITY_KL = ("forward", "symmetric")
+
+
+def locality_divergence(pre: torch.Tensor, post: torch.Tensor, kind: str = "forward") -> torch.Tensor:
+    """The mean divergence of the edited next-token distributions (log-probabilities
+    ``post``) from the unedited ones (``pre``) over the locality positions.
+
+    "forward" is KL(unedited || edited), the papers' term. It weighs each token by its
+    unedited probability, so a token the unedited model all but ruled out may gain a
+    lot of mass cheaply: exactly what happens to the edit's new answer after a
+    neighbour's prompt. "symmetric" adds KL(edited || unedited), which weighs tokens by
+    their edited probability and so charges that gain in full.
+    """
+    forward = (pre.exp() * (pre - post)).sum(-1).mean()
+    if kind == "forward":
+        return forward
+    if kind == "symmetric":
+        return forward + (post.exp() * (post - pre)).sum(-1).mean()
+    raise InvalidRequestError(f"locality_kl must be one of {', '.join(LOCALITY_KL)}; got {kind!r}.")
+
+
 def edit_losses(model: LoadedModel, editor: nn.Module, examples: Sequence[EditExample],
-                bottom: FrozenBottom | None = None, together: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                bottom: FrozenBottom | None = None, together: bool = False,
+                locality_kl: str = "forward") -> tuple[torch.Tensor, torch.Tensor]:
     """The examples edited from the unedited model, each alone or (``together``) all as one
     batched edit: the new target's NLL on the edit prompts then the paraphrases (2n,), and
-    the mean KL(unedited || edited) over the locality answers' tokens."""
+    the locality divergence (:func:`locality_divergence`) over the locality answers' tokens."""
     passes = _Passes(model, editor, bottom, together)
     with torch.inference_mode(False), torch.enable_grad():
         changes = passes.edit(examples, update_norm=editor.training)
         nll = passes.asked(examples, changes, request_nll)
         pre, post, _ = passes.locality(examples, changes)
-        kl = (pre.exp() * (pre - post)).sum(-1).mean()
+        kl = locality_divergence(pre, post, locality_kl)
     return nll, kl
 
 
@@ -271,13 +293,14 @@ def edit_with_trained(method: str, model: LoadedModel, requests: Sequence[EditRe
 
 def train_learned(method: str, model: LoadedModel, editor: nn.Module, groups: list[dict], hparams: Any,
                   loss: Callable[[torch.Tensor, torch.Tensor, nn.Module], tuple[torch.Tensor, dict]],
-                  config: TrainingConfig, show: bool, together: bool = False) -> dict:
+                  config: TrainingConfig, show: bool, together: bool = False, locality_kl: str = "forward") -> dict:
     """Train ``editor`` with the shared loop and save it where editing finds it.
 
     ``loss(nll, kl, editor)`` combines the edit losses (:func:`edit_losses`) into the
     method's objective and returns it with numbers for the log. ``together`` trains on
     batched edits (each step's examples summed into one edit, as the paper trains MEND
     for batched editing); validation then scores single edits and batched ones.
+    ``locality_kl`` names the locality divergence (:func:`locality_divergence`).
     """
     settings = training_settings(hparams)
     key = artefact_key(method, model.fingerprint, settings)
@@ -289,7 +312,7 @@ def train_learned(method: str, model: LoadedModel, editor: nn.Module, groups: li
     bottom = FrozenBottom(model, lowest) if lowest > 0 and not model.spec.encoder_decoder else None
 
     def step(m: LoadedModel, net: nn.Module, examples: Sequence[EditExample]):
-        nll, kl = edit_losses(m, net, examples, bottom, together)
+        nll, kl = edit_losses(m, net, examples, bottom, together, locality_kl)
         total, numbers = loss(nll, kl, net)
         n, nll, kl = len(examples), nll.detach(), kl.detach()
         return total, {"edit_nll": float(nll[:n].mean()), "para_nll": float(nll[n:].mean()), "kl": float(kl),
