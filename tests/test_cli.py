@@ -213,7 +213,9 @@ def test_edit_json_writes_the_patch_it_reports(tiny_dir, tmp_path, cache):
 def test_train_then_edit_with_a_learned_editor(tiny_dir, tmp_path, cache):
     sets = ["--set", "steps=2", "--set", "batch_size=2", "--set", "rank=4"]
     untrained = run("edit", "--model", str(tiny_dir), *EIFFEL, "--method", "mend", *sets)
-    assert untrained.exit_code == 2 and "lmpatch train mend" in untrained.stderr
+    assert untrained.exit_code == 2
+    # the hint is the exact command that trains this editor, not a bare `lmpatch train mend`
+    assert f"`lmpatch train mend --model {tiny_dir} --set rank=4 --set steps=2 --set batch_size=2`" in untrained.stderr
     assert len([line for line in untrained.stderr.splitlines() if line.strip()]) == 1
     report = parse_json(run("train", "mend", "--model", str(tiny_dir), *sets, "--json"))
     assert report["method"] == "mend" and report["steps"] == 2 and report["validation"][-1]["step"] == 2

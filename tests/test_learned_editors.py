@@ -291,3 +291,19 @@ def test_the_documented_mend_editors_ship_for_the_embedded_model(overrides):
     shipped = shipped_dir() / "mend" / key
     assert (shipped / "editor.safetensors").stat().st_size < 5_000_000
     assert json.loads((shipped / "manifest.json").read_text())["settings"] == json.loads(json.dumps(settings))
+
+
+def test_the_untrained_error_names_the_command_for_exactly_these_settings():
+    """Only what differs from the default is set (bools and tuples as --set parses them),
+    and the embedded model needs no --model."""
+    from lmpatch.cli.options import parse_sets
+    from lmpatch.methods.learned_editing import train_command
+    from lmpatch.methods.mend import MendHparams
+
+    assert train_command("mend", "smollm2-135m-instruct", MendHparams()) == "lmpatch train mend"
+    hp = MendHparams(batched=True, layers=(20, 21), locality_kl="symmetric")
+    cmd = train_command("mend", "my dir/model", hp)
+    assert cmd == ("lmpatch train mend --model 'my dir/model' --set batched=true --set layers=20,21 "
+                   "--set locality_kl=symmetric")
+    sets = [a for a in cmd.split(" --set ")[1:]]
+    assert with_overrides(MendHparams, parse_sets(sets, MendHparams)) == hp

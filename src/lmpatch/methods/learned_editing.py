@@ -41,7 +41,8 @@ from lmpatch.request import EditRequest
 
 __all__ = [
     "LOCALITY_KL", "edit_layers", "edit_losses", "edit_modules", "edit_with_trained", "layer_params", "load_trained",
-    "locality_divergence", "patch_from_editor", "top_layer_params", "train_learned", "validate_editor", "weight_deltas",
+    "locality_divergence", "patch_from_editor", "top_layer_params", "train_command", "train_learned", "validate_editor",
+    "weight_deltas",
 ]
 
 MODULE_KINDS = ("mlp_in", "mlp_out")
@@ -264,6 +265,33 @@ def weight_deltas(params: Sequence[str], modules: Sequence[nn.Module], changes, 
 # --------------------------------------------------------------------------- artefacts
 
 
+def train_command(method: str, model_name: str, hparams: Any) -> str:
+    """The command that trains exactly the editor these settings ask for: ``--model`` unless
+    it is the embedded model, and a ``--set`` for every setting that is not the default
+    (a bare ``lmpatch train mend`` would train, or find, a different editor)."""
+    import shlex
+    from dataclasses import fields
+
+    from lmpatch.model.loading import DEFAULT_MODEL
+
+    parts = ["lmpatch", "train", method]
+    if model_name != DEFAULT_MODEL:
+        parts += ["--model", shlex.quote(model_name)]
+    default = type(hparams)()
+    for f in fields(hparams):
+        value = getattr(hparams, f.name)
+        if value == getattr(default, f.name):
+            continue
+        if isinstance(value, (tuple, list)):
+            text = ",".join(str(v) for v in value)
+        elif isinstance(value, bool):
+            text = str(value).lower()
+        else:
+            text = str(value)
+        parts += ["--set", shlex.quote(f"{f.name}={text}")]
+    return " ".join(parts)
+
+
 def load_trained(method: str, model: LoadedModel, hparams: Any, build: Callable[[], nn.Module]) -> tuple[nn.Module, dict]:
     """The trained editor for this model and hyperparameters (all of them key the
     artefact), or the error that says how to get one. The editor is built first, so a
@@ -273,8 +301,8 @@ def load_trained(method: str, model: LoadedModel, hparams: Any, build: Callable[
     if saved is None:
         raise LmpatchError(
             f"{method.upper()} has not been trained for {model.name} with these settings; run "
-            f"`lmpatch train {method}` first (about an hour on a 2-core CPU; the embedded model with default "
-            "settings needs no training)."
+            f"`{train_command(method, model.name, hparams)}` first (about an hour on a 2-core CPU; the embedded "
+            "model with default settings needs no training)."
         )
     state, manifest = saved
     editor.load_state_dict({k: v.float() for k, v in state.items()})
