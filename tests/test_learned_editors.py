@@ -305,5 +305,4 @@ def test_the_untrained_error_names_the_command_for_exactly_these_settings():
     cmd = train_command("mend", "my dir/model", hp)
     assert cmd == ("lmpatch train mend --model 'my dir/model' --set batched=true --set layers=20,21 "
                    "--set locality_kl=symmetric")
-    sets = [a for a in cmd.split(" --set ")[1:]]
-    assert with_overrides(MendHparams, parse_sets(sets, MendHparams)) == hp
+    assert with_overrides(MendHparams, parse_sets(cmd.split(" --set ")[1:], MendHparams)) == hp

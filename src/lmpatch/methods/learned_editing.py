@@ -13,8 +13,9 @@ scores, the patch an edit returns, and finding, training and saving the trained 
 """
 from __future__ import annotations
 
+import shlex
 import time
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from typing import Any, Callable, Sequence
 
 import torch
@@ -34,7 +35,7 @@ from lmpatch.methods.editor_training import (
 from lmpatch.methods.frozen_bottom import FrozenBottom, replaying_batch
 from lmpatch.methods.teacher import TARGET_NEW, request_hits, request_nll, target_batch, target_logprobs
 from lmpatch.methods.token_grads import gradient_factors, row_deltas
-from lmpatch.model.loading import LoadedModel, cache_dir
+from lmpatch.model.loading import DEFAULT_MODEL, LoadedModel, cache_dir
 from lmpatch.model.spec import factors_to_param_layout
 from lmpatch.patch import Patch, WeightDelta
 from lmpatch.request import EditRequest
@@ -110,8 +111,6 @@ def training_settings(hparams: Any) -> dict:
     """The settings that key a trained artefact: every field, except a field added after
     artefacts were shipped while it keeps the value those were trained with (declared in
     the field's metadata as ``key_unless``), so that older artefacts still load."""
-    from dataclasses import fields
-
     out = asdict(hparams)
     for f in fields(hparams):
         if "key_unless" in f.metadata and out[f.name] == f.metadata["key_unless"]:
@@ -269,11 +268,6 @@ def train_command(method: str, model_name: str, hparams: Any) -> str:
     """The command that trains exactly the editor these settings ask for: ``--model`` unless
     it is the embedded model, and a ``--set`` for every setting that is not the default
     (a bare ``lmpatch train mend`` would train, or find, a different editor)."""
-    import shlex
-    from dataclasses import fields
-
-    from lmpatch.model.loading import DEFAULT_MODEL
-
     parts = ["lmpatch", "train", method]
     if model_name != DEFAULT_MODEL:
         parts += ["--model", shlex.quote(model_name)]
