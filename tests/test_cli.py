@@ -382,6 +382,16 @@ def test_eval_json_summary_and_resume(tiny_dir, tmp_path, cache):
     assert again["n"] == 2 and again["metrics"] == data["metrics"]
     assert len((run_dir / "records.jsonl").read_text().splitlines()) == 2
 
+    # Another run's --out is not "resumed": ROME's records would be reported under the new name.
+    for change, named in ((["--method", "r-rome"], "method: \"rome\" there, \"r-rome\" now"),
+                          (["--set", "v_steps=3"], "hparams:")):
+        other = run(*args, *change)
+        assert other.exit_code == 2, (other.stdout, other.stderr)
+        assert named in other.stderr and "--no-resume" in other.stderr and "Traceback" not in other.output
+    fresh = parse_json(run(*args, "--method", "r-rome", "--no-resume"))
+    assert fresh["method"] == "r-rome"
+    assert {json.loads(line)["method"] for line in (run_dir / "records.jsonl").read_text().splitlines()} == {"r-rome"}
+
 
 def test_eval_table_names_each_protocol(tiny_dir, tmp_path, cache):
     result = run("eval", "--model", str(tiny_dir), "--data", "counterfact", "--n", "1", *FAST_ROME,

@@ -362,7 +362,14 @@ def test_runner_writes_records_and_summary_and_resumes(tiny, tmp_path):
     assert set(on_disk["metrics"]) == set(on_disk["protocols"]) == {"reliability", "locality", *M.GROUPS["counterfact"]}
 
     # Rerun: nothing to do. Add a request: only that one is edited.
-    run_single(tiny, reqs, edit_fn, tmp_path, progress=False, metrics=["reliability"])
+    run_single(tiny, reqs, edit_fn, tmp_path, progress=False, metrics=["reliability", "locality", "counterfact"])
+    assert calls == ["c0", "c1", "c2"]
+    # Other metrics or another method is another run: its records would mix with these.
+    with pytest.raises(LmpatchError, match="holds a different run .metrics"):
+        run_single(tiny, reqs, edit_fn, tmp_path, progress=False, metrics=["reliability"])
+    with pytest.raises(LmpatchError, match='method: none there, "other" now'):
+        run_single(tiny, reqs, edit_fn, tmp_path, progress=False, metrics=["reliability", "locality", "counterfact"],
+                   method="other")
     assert calls == ["c0", "c1", "c2"]
     more = reqs + tiny_requests(4)[3:]
     s2 = run_single(tiny, more, edit_fn, tmp_path, progress=False, metrics=["reliability", "locality", "counterfact"])

@@ -120,6 +120,10 @@ class Interrupting(Backend):
                 if k == self.stop_after:
                     raise KeyboardInterrupt
 
+    @property
+    def metric_groups(self):
+        return self.inner.metric_groups
+
 
 def assert_same_as_serial(summary: dict, run_dir: Path, serial: tuple[dict, dict]) -> None:
     reference, records = serial

@@ -76,7 +76,7 @@ def evaluate(
     from lmpatch.eval.runner import ModelIdentity, run_independent
     from lmpatch.eval.sequential import run_sequential
     from lmpatch.eval.tasks import TaskConfig, build_tasks
-    from lmpatch.methods.hparams import with_overrides
+    from lmpatch.methods.hparams import as_dict, with_overrides
     from lmpatch.methods.registry import get_method
 
     settings: Settings = ctx.obj
@@ -111,7 +111,10 @@ def evaluate(
     def edit_fn(m, reqs):
         return compute_edit(m, reqs, info.name, hparams)
 
-    common = dict(resume=resume, progress=True, metrics=groups, method=info.name, tasks=tasks, score_n=score_n)
+    # What makes this run this run: resuming --out with any of it changed is refused (eval/run_identity.py).
+    identity_settings = {"hparams": as_dict(hparams), "data": data, "offset": offset, "chat": chat}
+    common = dict(resume=resume, progress=True, metrics=groups, method=info.name, tasks=tasks, score_n=score_n,
+                  settings=identity_settings)
     try:
         if mode == "sequential":
             summary = run_sequential(loaded, requests, edit_fn, run_dir, batch_size=size, checkpoints=marks, **common)

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Iterator, Sequence
 
 from lmpatch.errors import LmpatchError
-from lmpatch.eval.metrics import DEFAULT_METRICS
+from lmpatch.eval.metrics import DEFAULT_METRICS, resolve_metrics
 from lmpatch.eval.runner import UpdateJob, UpdateResult, UpdateRunner
 from lmpatch.eval.tasks import TaskConfig
 from lmpatch.request import EditRequest
@@ -248,6 +248,11 @@ class Backend(ABC):
     def run(self, jobs: Sequence[UpdateJob]) -> Iterator[UpdateResult]:
         ...
 
+    @property
+    @abstractmethod
+    def metric_groups(self) -> list[str]:
+        """The metric groups every record gets: part of the run's identity, whichever backend runs it."""
+
 
 class SerialBackend(Backend):
     """The jobs one after another, in order, on a model already loaded in this process."""
@@ -257,6 +262,10 @@ class SerialBackend(Backend):
     def __init__(self, runner: UpdateRunner) -> None:
         self.runner = runner
         self.workers = 1
+
+    @property
+    def metric_groups(self) -> list[str]:
+        return sorted(self.runner.groups)
 
     def run(self, jobs: Sequence[UpdateJob]) -> Iterator[UpdateResult]:
         for job in jobs:
@@ -287,6 +296,10 @@ class LocalBackend(Backend):
     """``workers`` spawned processes on this machine, each loading the model once."""
 
     name = "local"
+
+    @property
+    def metric_groups(self) -> list[str]:
+        return sorted(resolve_metrics(self.spec.metrics))
 
     def __init__(self, spec: WorkerSpec, workers: int, gpus_per_worker: int = 0) -> None:
         self.spec, self.workers, self.gpus_per_worker = spec, workers, gpus_per_worker
@@ -349,6 +362,10 @@ class RayBackend(Backend):
     """
 
     name = "ray"
+
+    @property
+    def metric_groups(self) -> list[str]:
+        return sorted(resolve_metrics(self.spec.metrics))
 
     def __init__(self, spec: WorkerSpec, workers: int, address: str | None = None, gpus_per_worker: int = 0) -> None:
         self.spec, self.workers, self.address, self.gpus_per_worker = spec, workers, address, gpus_per_worker

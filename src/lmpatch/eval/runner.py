@@ -45,6 +45,7 @@ from lmpatch.eval.records import (
     scored_indices,
     timing,
 )
+from lmpatch.eval.run_identity import claim_run, run_identity
 from lmpatch.eval.tasks import Tasks, measure_tasks, task_metrics, task_protocols
 from lmpatch.fileio import atomic_write_json
 from lmpatch.model.loading import LoadedModel
@@ -159,6 +160,7 @@ def run_independent(
     tasks: Tasks | None = None,
     task_updates: int = 3,
     score_n: int | None = None,
+    settings: dict | None = None,
 ) -> dict:
     """Edit ``batch_size`` requests at a time, each update from the original model.
 
@@ -170,7 +172,9 @@ def run_independent(
     would cost more than the edits. With ``resume`` the updates whose requests are all
     in ``out_dir/records.jsonl`` are skipped; without it the file is started afresh.
     ``score_n`` scores only that many evenly spaced requests (:func:`scored_indices`);
-    the others are still edited and get a record without scores.
+    the others are still edited and get a record without scores. ``settings`` (the
+    method's hyperparameters, the data, ...) join the run's identity: a resume with other
+    settings is refused (:mod:`lmpatch.eval.run_identity`).
     Returns the summary also written to ``out_dir/summary.json``.
 
     This is :func:`run_updates` on this process's ``model``; the same run sharded over
@@ -181,7 +185,7 @@ def run_independent(
     worker = UpdateRunner(model, requests, edit_fn, metrics=metrics, eval_batch_size=eval_batch_size, tasks=tasks)
     return run_updates(SerialBackend(worker), requests, out_dir, identity=ModelIdentity.of(model),
                        batch_size=batch_size, resume=resume, progress=progress, method=method, tasks=tasks,
-                       task_updates=task_updates, score_n=score_n)
+                       task_updates=task_updates, score_n=score_n, settings=settings)
 
 
 # --------------------------------------------------------------------------- one update
@@ -336,6 +340,7 @@ def run_updates(
     tasks: Tasks | None = None,
     task_updates: int = 3,
     score_n: int | None = None,
+    settings: dict | None = None,
 ) -> dict:
     """Run an independent (single or batch) regime on ``backend`` and write its run directory.
 
@@ -352,6 +357,9 @@ def run_updates(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     regime = "single" if batch_size == 1 else "batch"
+    claim_run(out, run_identity(**{"method": method, "model": identity.fingerprint, "regime": regime,
+                                   "batch_size": batch_size, "metrics": backend.metric_groups,
+                                   **(settings or {})}), resume)
     records_path = out / RECORDS_FILE
     if not resume and records_path.exists():
         records_path.unlink()

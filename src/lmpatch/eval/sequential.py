@@ -40,6 +40,7 @@ from lmpatch.eval.records import (
     scored_indices,
     timing,
 )
+from lmpatch.eval.run_identity import claim_run, run_identity
 from lmpatch.eval.runner import EditFn, ModelState, _load_task_state, check_restored, unique_keys
 from lmpatch.eval.tasks import Tasks, measure_tasks, task_metrics, task_protocols
 from lmpatch.fileio import atomic_write_json
@@ -79,6 +80,7 @@ def run_sequential(
     method: str | None = None,
     tasks: Tasks | None = None,
     score_n: int | None = None,
+    settings: dict | None = None,
 ) -> dict:
     """Apply updates of ``batch_size`` requests one after another, keeping each one.
 
@@ -87,6 +89,7 @@ def run_sequential(
     one point of ``summary["curve"]``. The final checkpoint is the post-edit score of the
     whole run. ``score_n`` scores only that many evenly spaced requests, at every
     checkpoint (:func:`~lmpatch.eval.records.scored_indices`); all are still edited.
+    ``settings`` join the run's identity, as in :func:`~lmpatch.eval.runner.run_independent`.
     Returns the summary also written to ``out_dir/summary.json``.
     """
     if batch_size < 1:
@@ -101,6 +104,8 @@ def run_sequential(
     marks = sorted({min(int(c), n) for c in checkpoints} | {n}) if checkpoints else default_checkpoints(
         n_updates, batch_size, n
     )
+    claim_run(out, run_identity(**{"method": method, "model": model.fingerprint, "regime": "sequential",
+                                   "batch_size": batch_size, "metrics": sorted(groups), **(settings or {})}), resume)
     if not resume:
         for name in (RECORDS_FILE, UPDATES_FILE, CURVE_FILE, SUMMARY_FILE, TASKS_FILE):
             (out / name).unlink(missing_ok=True)
