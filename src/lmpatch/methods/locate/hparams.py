@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from lmpatch.errors import LmpatchError
 from lmpatch.methods.locate.templates import TemplateConfig
 from lmpatch.methods.locate.values import ValueConfig
 
@@ -40,6 +41,21 @@ class LocateHparams:
     #: Where the optimised vector is added (see ``ValueConfig.target``): ROME's MLP output,
     #: MEMIT's block output, PMET's attention and MLP outputs.
     value_target: ClassVar[str] = "mlp_out"
+
+    def __post_init__(self) -> None:
+        # Checked here, under the names a user sets, before any work: a zero step budget
+        # used to surface as an IndexError deep in the optimisation, and stats_tokens as
+        # StatsConfig.n_tokens, a name no user typed.
+        for name in ("v_steps", "stats_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise LmpatchError(f"{name} must be a whole number >= 1, got {value!r}.")
+        for name in ("v_lr", "clamp_norm_factor"):
+            if not getattr(self, name) > 0:
+                raise LmpatchError(f"{name} must be > 0, got {getattr(self, name)!r}.")
+        if any(not (length >= 1 and count >= 1) for length, count in self.template_lengths):
+            raise LmpatchError(f"template_lengths holds (tokens, count) pairs of whole numbers >= 1, "
+                               f"got {self.template_lengths!r}.")
 
     def value_config(self) -> ValueConfig:
         return ValueConfig(
