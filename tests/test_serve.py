@@ -220,6 +220,15 @@ def test_idempotency_key_and_revert_rules(client):
     assert first.status_code == 202 and again.status_code == 200 and first.json()["id"] == again.json()["id"]
     rec = _wait(client, first.json()["id"])
     assert len(client.get("/v1/edits").json()["data"]) == 1
+    # A retry after a timeout, with the generation it first read: its edit back, not "stale".
+    pinned = client.post("/v1/edits", json={**body, "expected_generation": 0}, headers=headers)
+    assert pinned.status_code == 200 and pinned.json()["id"] == rec["id"], pinned.text
+    # The same key for another request is refused, never answered with the first edit's record.
+    other = {**body, "requests": REQS[1].to_dict()}
+    r = client.post("/v1/edits", json=other, headers=headers)
+    assert r.status_code == 422 and r.json()["error"]["code"] == "idempotency_key_reused", r.text
+    assert "requests differ" in r.json()["error"]["message"]
+    assert len(client.get("/v1/edits").json()["data"]) == 1
     assert client.delete(f"/v1/edits/{rec['id']}", headers=AUTH).status_code == 200
     r = client.delete(f"/v1/edits/{rec['id']}", headers=AUTH)
     assert r.status_code == 409 and "reverted" in r.json()["error"]["message"]

@@ -26,6 +26,7 @@ from starlette.exceptions import HTTPException
 
 from lmpatch.errors import LmpatchError
 from lmpatch.serve.generation import Completion, Sampling
+from lmpatch.serve.ledger import IdempotencyConflictError
 from lmpatch.serve.schemas import ChatBody, CompletionBody, EditBody, SnapshotBody
 from lmpatch.serve.service import Service
 from lmpatch.serve.worker import Job
@@ -231,6 +232,12 @@ def create_app(service: Service) -> FastAPI:
             raise ApiError(404, f"No edit {edit_id!r} in the ledger.", "edit_not_found")
         return rec
 
+    def _replayed(key: str | None, **request):
+        try:
+            return service.ledger.replay(key, **request)
+        except IdempotencyConflictError as exc:
+            raise ApiError(422, str(exc), "idempotency_key_reused") from exc
+
     def _edit_answer(rec, status: int) -> JSONResponse:
         body = rec.public() | {"status_url": f"/v1/edits/{rec.id}"}
         if rec.status in ("committed", "reverted", "reverting") and rec.patch_file:
@@ -251,11 +258,17 @@ def create_app(service: Service) -> FastAPI:
         if not items:
             raise ApiError(422, "requests: give at least one edit request.", "invalid_body")
         requests = [EditRequest.from_dict(r).to_dict() for r in items]
+        prior = _replayed(idempotency_key, kind="edit", method=info.name, hparams=body.hparams, requests=requests)
+        if prior is not None:  # a retry: its edit back, even if the ledger has moved on since
+            return _edit_answer(prior, 200)
         if body.expected_generation is not None and body.expected_generation != service.ledger.generation:
             raise ApiError(409, f"The ledger is at generation {service.ledger.generation}, not "
                                 f"{body.expected_generation}; read the state again.", "stale_generation")
-        rec, created = service.ledger.add(actor=body.actor or actor, kind="edit", method=info.name,
-                                          hparams=body.hparams, requests=requests, idempotency_key=idempotency_key)
+        try:
+            rec, created = service.ledger.add(actor=body.actor or actor, kind="edit", method=info.name,
+                                              hparams=body.hparams, requests=requests, idempotency_key=idempotency_key)
+        except IdempotencyConflictError as exc:
+            raise ApiError(422, str(exc), "idempotency_key_reused") from exc
         if created:
             service.worker.submit(Job(kind="edit", edit_id=rec.id))
         return _edit_answer(rec, 202 if created else 200)
@@ -323,10 +336,14 @@ def create_app(service: Service) -> FastAPI:
             if isinstance(exc, ApiError):
                 raise
             raise ApiError(422, f"Not a readable patch: {exc}", "invalid_patch") from exc
-        rec, created = service.ledger.add(
-            actor=actor, kind="upload", method=patch.method, hparams=patch.hparams,
-            requests=[r.to_dict() for r in patch.requests], idempotency_key=idempotency_key,
-            patch=(patch.patch_id, str(path), file_sha256(path)))
+        try:
+            rec, created = service.ledger.add(
+                actor=actor, kind="upload", method=patch.method, hparams=patch.hparams,
+                requests=[r.to_dict() for r in patch.requests], idempotency_key=idempotency_key,
+                patch=(patch.patch_id, str(path), file_sha256(path)))
+        except IdempotencyConflictError as exc:
+            path.unlink(missing_ok=True)
+            raise ApiError(422, str(exc), "idempotency_key_reused") from exc
         if created:
             service.worker.submit(Job(kind="edit", edit_id=rec.id))
         else:

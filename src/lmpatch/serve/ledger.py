@@ -64,6 +64,10 @@ class LedgerMismatchError(LmpatchError):
     """The ledger belongs to another base model, or the rebuilt state differs from the recorded one."""
 
 
+class IdempotencyConflictError(LmpatchError):
+    """An Idempotency-Key already names a different request."""
+
+
 @dataclass
 class EditRecord:
     """One row of the ledger, as the API shows it."""
@@ -165,16 +169,32 @@ class Ledger:
 
     # ----------------------------------------------------------------- rows
 
+    def replay(self, idempotency_key: str | None, *, kind: str, method: str, hparams: dict, requests: list[dict],
+               patch_id: str | None = None) -> EditRecord | None:
+        """The edit ``idempotency_key`` already made, when this is a retry of the same request.
+
+        A client that retries after a timeout must get its edit back, whatever happened to
+        the ledger since (so this is asked before any check of the generation); the same
+        key with a different request is refused, never answered with another edit's record."""
+        if idempotency_key is None:
+            return None
+        with self._lock:
+            row = self._db.execute("SELECT * FROM edits WHERE idempotency_key = ?", (idempotency_key,)).fetchone()
+        return None if row is None else _same_or_refuse(EditRecord.from_row(row), idempotency_key, kind, method,
+                                                        hparams, requests, patch_id)
+
     def add(self, *, actor: str, kind: str, method: str, hparams: dict, requests: list[dict],
             idempotency_key: str | None = None, patch: tuple[str, str, str] | None = None) -> tuple[EditRecord, bool]:
-        """A new queued edit, or (same ``idempotency_key``) the one already made: (record, created)."""
+        """A new queued edit, or (same ``idempotency_key``, same request) the one already made:
+        (record, created). The same key with another request raises :class:`IdempotencyConflictError`."""
         edit_id = "ed_" + uuid.uuid4().hex[:16]
         patch_id, patch_file, sha = patch or (None, None, None)
         with self._tx() as db:
             if idempotency_key is not None:
                 row = db.execute("SELECT * FROM edits WHERE idempotency_key = ?", (idempotency_key,)).fetchone()
                 if row is not None:
-                    return EditRecord.from_row(row), False
+                    return _same_or_refuse(EditRecord.from_row(row), idempotency_key, kind, method, hparams,
+                                           requests, patch_id), False
             db.execute(
                 "INSERT INTO edits (id, created, actor, kind, method, hparams, requests, status, idempotency_key, "
                 "patch_id, patch_file, patch_sha256) VALUES (?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?)",
@@ -303,3 +323,18 @@ class _Transaction:
         finally:
             self.lock.release()
 
+
+def _same_or_refuse(prior: EditRecord, key: str, kind: str, method: str, hparams: dict, requests: list[dict],
+                    patch_id: str | None) -> EditRecord:
+    """``prior`` when it was made by the same request, else one clear refusal."""
+    asked = {"kind": kind, "method": method, "hparams": json.loads(json.dumps(hparams)),
+             "requests": json.loads(json.dumps(requests))}
+    made = {"kind": prior.kind, "method": prior.method, "hparams": prior.hparams, "requests": prior.requests}
+    if patch_id is not None:  # an upload names its patch; an edit's patch is what the worker made of it
+        asked["patch_id"], made["patch_id"] = patch_id, prior.patch_id
+    differ = [k for k in asked if asked[k] != made[k]]
+    if differ:
+        raise IdempotencyConflictError(
+            f"Idempotency-Key {key!r} was used for edit {prior.id}, a different request ({', '.join(differ)} "
+            "differ); use a new key for a new request.")
+    return prior
