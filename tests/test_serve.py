@@ -250,6 +250,13 @@ def test_patches_download_and_upload_and_a_foreign_patch_is_refused(client, tmp_
     assert r.status_code == 422
 
 
+def test_an_edit_the_model_cannot_read_is_refused_at_once(client):
+    long = {**REQS[0].to_dict(), "prompt": "word " * 600 + REQS[0].prompt}
+    r = client.post("/v1/edits", json={"requests": long, "hparams": ROME}, headers=AUTH)
+    assert r.status_code == 400 and "positions" in r.json()["error"]["message"], r.text
+    assert client.get("/v1/edits").json()["data"] == []  # nothing queued to run away
+
+
 def test_a_failed_edit_is_recorded_and_the_service_goes_on(client):
     bad = _edit(client, REQS[0], hparams={**ROME, "layer": 99})
     assert bad["status"] == "failed" and bad["error"]
@@ -266,6 +273,8 @@ def test_a_snapshot_is_a_checkpoint_of_the_current_state(client):
     assert all(torch.equal(v, served[k]) for k, v in loaded.model.state_dict().items())
     assert client.post("/v1/snapshots", json={"name": "snap"}, headers=AUTH).status_code == 409
     assert client.post("/v1/snapshots", json={"name": "../x"}, headers=AUTH).status_code == 422
+    for name in (".", ".."):  # the snapshots folder itself, or the ledger's
+        assert client.post("/v1/snapshots", json={"name": name}, headers=AUTH).status_code == 422, name
 
 
 def test_the_page_is_served(client):

@@ -8,6 +8,7 @@ from lmpatch.errors import InvalidRequestError
 from lmpatch.methods.hparams import with_overrides
 from lmpatch.methods.registry import get_method
 from lmpatch.model.context import memories_paused
+from lmpatch.model.fits import check_requests_fit
 from lmpatch.model.loading import LoadedModel
 from lmpatch.patch import Patch
 from lmpatch.request import EditRequest, as_requests
@@ -32,6 +33,7 @@ def edit(
     reqs = as_requests(requests, "edit")
     info = get_method(method)
     info.check_model(model)
+    check_requests_fit(model, reqs)
     if hparams is None:
         base: dict[str, Any] = {}
     elif isinstance(hparams, dict):

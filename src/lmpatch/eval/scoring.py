@@ -28,11 +28,13 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from lmpatch.errors import InvalidRequestError
 from lmpatch.eval.prefix import (
     decode_after_prefix,
     prefix_groups,
     score_after_prefix,
 )
+from lmpatch.model.fits import check_fits
 from lmpatch.model.forced import PADDING_SIDES, forced_inputs, pad_id, pair_ids
 from lmpatch.model.loading import LoadedModel
 from lmpatch.model.stops import CompletionCriterion, contains_any, cut_at, until_stop
@@ -174,16 +176,22 @@ def generate_ids(
     (:class:`lmpatch.model.stops.CompletionCriterion`). Without either nothing changes:
     ``generate`` gets exactly the same arguments.
     """
-    if isinstance(max_new_tokens, int):
-        limits = [max_new_tokens] * len(prompts)
-    else:
-        limits = [int(n) for n in max_new_tokens]
-        if len(limits) != len(prompts):
-            raise ValueError("max_new_tokens must be one int or one per prompt")
+    if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
+        raise InvalidRequestError("prompts must be a list of strings.")
+    limits = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    if len(limits) != len(prompts):
+        raise InvalidRequestError("max_new_tokens must be one int or one per prompt.")
+    if any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in limits):
+        raise InvalidRequestError(f"max_new_tokens must be whole numbers >= 1, got {max_new_tokens!r}.")
     tok = model.tokenizer
     pad = pad_id(model)
     stops = model.stop_ids
     encoded = [encode(tok, text) for text in model.format_prompts(prompts)]
+    for k, (ids, limit) in enumerate(zip(encoded, limits)):
+        what = "The prompt" if len(prompts) == 1 else f"Prompt {k + 1}"
+        if not ids:
+            raise InvalidRequestError(f"{what} is empty: there is nothing to continue.")
+        check_fits(model, len(ids), limit, what=what)
     results: list[list[int]] = [[] for _ in prompts]
     complete = _either(contains_any(stop_texts) if stop_texts else None, complete)
     rest = set(range(len(encoded)))

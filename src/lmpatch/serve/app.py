@@ -249,6 +249,7 @@ def create_app(service: Service) -> FastAPI:
                   idempotency_key: str | None = Header(None, max_length=200)):
         from lmpatch.methods.hparams import with_overrides
         from lmpatch.methods.registry import get_method
+        from lmpatch.model.fits import check_requests_fit
         from lmpatch.request import EditRequest
 
         info = get_method(body.method)
@@ -257,7 +258,9 @@ def create_app(service: Service) -> FastAPI:
         items = body.requests if isinstance(body.requests, list) else [body.requests]
         if not items:
             raise ApiError(422, "requests: give at least one edit request.", "invalid_body")
-        requests = [EditRequest.from_dict(r).to_dict() for r in items]
+        parsed = [EditRequest.from_dict(r) for r in items]
+        check_requests_fit(service.model, parsed)  # refused now: a runaway edit cannot be cancelled once running
+        requests = [r.to_dict() for r in parsed]
         prior = _replayed(idempotency_key, kind="edit", method=info.name, hparams=body.hparams, requests=requests)
         if prior is not None:  # a retry: its edit back, even if the ledger has moved on since
             return _edit_answer(prior, 200)

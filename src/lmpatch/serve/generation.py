@@ -27,6 +27,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from lmpatch.errors import LmpatchError
+from lmpatch.model.fits import check_fits
 from lmpatch.model.loading import LoadedModel
 from lmpatch.tokens import encode, pad_left
 
@@ -269,10 +270,7 @@ def _decode(model: LoadedModel, ids: list[list[int]], s: Sampling, max_new: int,
 
 def _check_length(model: LoadedModel, prompt_tokens: int, max_tokens: int) -> None:
     """Refuse a request the model cannot hold (prompt + answer beyond its positions)."""
-    limit = model.context_length
-    if limit is not None and prompt_tokens + max_tokens > limit:
-        raise LmpatchError(f"The prompt ({prompt_tokens} tokens) plus max_tokens ({max_tokens}) exceeds the "
-                           f"model's {limit} positions; shorten the prompt or lower max_tokens.")
+    check_fits(model, prompt_tokens, max_tokens, budget="max_tokens")
 
 
 def _first_stop(text: str, stops: tuple[str, ...]) -> int | None:

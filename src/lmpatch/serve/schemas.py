@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 __all__ = ["ChatBody", "CompletionBody", "EditBody", "Message", "SnapshotBody"]
 
@@ -65,4 +65,12 @@ class SnapshotBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str | None = Field(None, pattern=r"^[A-Za-z0-9._-]{1,100}$",
-                             description="Folder name under the ledger's snapshots/ (default: gen-N).")
+                             description="Folder name under the ledger's snapshots/ (default: gen-N; not . or ..).")
+
+    @field_validator("name")
+    @classmethod
+    def _not_a_parent(cls, name: str | None) -> str | None:
+        # "." and ".." pass the pattern but name the snapshots folder itself or the ledger's.
+        if name is not None and set(name) == {"."}:
+            raise ValueError("a snapshot name cannot be made of dots only")
+        return name
