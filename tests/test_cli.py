@@ -119,6 +119,9 @@ BAD_INPUT = {
     "--set no statistics": (["edit", *EIFFEL, "--method", "memit", "--set", "stats_tokens=-1"],
                             "stats_tokens must be a whole number >= 1"),
     "missing requests file": (["edit", "--requests", "{tmp}/nope.json"], "does not exist"),
+    "a bad record among good ones": (["edit", "--requests", "{mixed}"],
+                                     "1 of 2 records in {mixed} are not valid edit requests; first, record 2: "),
+    "a misspelt field": (["edit", "--requests", "{typo}"], "has a field 'rephrse'; did you mean 'rephrase'?"),
     "requests and inline": (["edit", "--requests", "{tmp}/x.json", *EIFFEL], "not both"),
     "missing target": (["edit", "--prompt", "a b", "--subject", "a"], "Missing --target"),
     "corrupt patch": (["inspect", "{corrupt}"], "not a readable patch file"),
@@ -134,7 +137,12 @@ BAD_INPUT = {
 @pytest.mark.parametrize("case", list(BAD_INPUT), ids=list(BAD_INPUT))
 def test_user_mistakes_are_one_red_line_and_exit_2(case, tmp_path):
     args, expected = BAD_INPUT[case]
-    args = [a.format(tmp=tmp_path, corrupt=_corrupt(tmp_path)) for a in args]
+    good = {"prompt": "The Eiffel Tower is in", "subject": "The Eiffel Tower", "target_new": "Rome"}
+    (tmp_path / "mixed.jsonl").write_text(json.dumps(good) + "\n" + json.dumps({**good, "subject": "Big Ben"}) + "\n")
+    (tmp_path / "typo.jsonl").write_text(json.dumps({**good, "rephrse": ["Where is the Eiffel Tower?"]}) + "\n")
+    files = dict(tmp=tmp_path, corrupt=_corrupt(tmp_path), mixed=tmp_path / "mixed.jsonl", typo=tmp_path / "typo.jsonl")
+    args = [a.format(**files) for a in args]
+    expected = expected.format(**files)
     result = run(*args)
     assert result.exit_code == 2, (result.stdout, result.stderr, result.exception)
     lines = [line for line in result.stderr.splitlines() if line.strip()]

@@ -257,6 +257,12 @@ def test_an_edit_the_model_cannot_read_is_refused_at_once(client):
     assert client.get("/v1/edits").json()["data"] == []  # nothing queued to run away
 
 
+def test_a_misspelt_request_field_is_refused_not_dropped(client):
+    typo = {**REQS[0].to_dict(), "rephrse": ["Where is it?"]}
+    r = client.post("/v1/edits", json={"requests": typo, "hparams": ROME}, headers=AUTH)
+    assert r.status_code == 400 and "did you mean 'rephrase'" in r.json()["error"]["message"], r.text
+
+
 def test_a_failed_edit_is_recorded_and_the_service_goes_on(client):
     bad = _edit(client, REQS[0], hparams={**ROME, "layer": 99})
     assert bad["status"] == "failed" and bad["error"]

@@ -5,6 +5,7 @@ reported as one sentence naming the field, long before any model work starts.
 """
 from __future__ import annotations
 
+import difflib
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
@@ -113,11 +114,25 @@ class EditRequest:
     def from_dict(cls, d: dict) -> "EditRequest":
         if not isinstance(d, dict):
             raise InvalidRequestError(f"An edit request must be a JSON object, got {type(d).__name__}.")
+        known = {f for f in cls.__dataclass_fields__}
+        check_field_names(d, known, "Edit request")
         missing = [k for k in ("prompt", "subject", "target_new") if k not in d]
         if missing:
             raise InvalidRequestError(f"Edit request is missing {', '.join(missing)}: {d!r:.200}")
-        known = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def check_field_names(record: dict, known: set[str] | Sequence[str], what: str) -> None:
+    """Refuse a key that reads as a misspelt field ("rephrse", "target"): kept as an unknown
+    key, the paraphrases or probes it holds would be dropped without a word and scored as
+    absent. Keys unlike any field stay the caller's to keep (as metadata) or ignore."""
+    known = set(known)
+    for key in record:
+        if key in known or not isinstance(key, str):
+            continue
+        close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.75)
+        if close:
+            raise InvalidRequestError(f"{what} has a field {key!r}; did you mean {close[0]!r}?")
 
 
 def as_requests(value: "EditRequest | Sequence[EditRequest]", what: str = "edit") -> list["EditRequest"]:

@@ -90,9 +90,16 @@ def _requests(prompt, subject, target, target_true, rephrase, requests_file) -> 
     if requests_file is not None:
         if inline:
             raise LmpatchError("Give either --requests FILE or --prompt/--subject/--target, not both.")
-        from lmpatch.data import load_dataset
+        from lmpatch.data.loaders import read_dataset
 
-        return load_dataset(check_file(requests_file, "Requests file"))
+        # The user's own file: a bad record is a mistake to fix, not one to skip (``eval``
+        # skips them in the large shipped datasets), or the patch holds fewer edits than asked.
+        result = read_dataset(check_file(requests_file, "Requests file"))
+        if result.skipped:
+            position, reason = result.skipped[0]
+            raise LmpatchError(f"{len(result.skipped)} of {result.total} records in {result.source} are not valid "
+                               f"edit requests; first, record {position + 1}: {reason}")
+        return list(result.requests)
     missing = [flag for flag, v in (("--prompt", prompt), ("--subject", subject), ("--target", target)) if v is None]
     if missing:
         raise LmpatchError(f"Missing {', '.join(missing)}: an edit needs --prompt, --subject and --target (or --requests FILE).")

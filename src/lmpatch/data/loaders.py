@@ -120,7 +120,7 @@ def load_dataset(name_or_path: str | Path, n: int | None = None, offset: int = 0
         position, reason = result.skipped[0]
         logger.warning(
             "Skipped %d of %d records in %s that are not valid edit requests (first, record %d: %s)",
-            len(result.skipped), result.total, result.source, position, reason,
+            len(result.skipped), result.total, result.source, position + 1, reason,
         )
     if result.fixes:
         logger.info("Repaired records in %s: %s", result.source, ", ".join(f"{k} x{v}" for k, v in sorted(result.fixes.items())))

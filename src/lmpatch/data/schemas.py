@@ -47,7 +47,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Callable, Literal
 
 from lmpatch.errors import InvalidRequestError, LmpatchError
-from lmpatch.request import EditRequest, Probe
+from lmpatch.request import EditRequest, Probe, check_field_names
 
 Fields = dict[str, Any]
 Side = Literal["locality", "portability"]
@@ -390,6 +390,7 @@ _REQUEST_FIELDS = ("prompt", "subject", "target_new", "target_true", "rephrase",
 
 def _lmpatch_fields(record: dict, position: int) -> Fields:
     """Records written by :func:`lmpatch.data.save_requests` (``EditRequest.to_dict``) or by hand."""
+    check_field_names(record, set(_REQUEST_FIELDS) | {"meta"}, f"Record {position + 1}")
     meta = dict(record.get("meta") or {})
     meta.update(_extras(record, set(_REQUEST_FIELDS) | {"meta"}))
     fields = {k: record[k] for k in _REQUEST_FIELDS if record.get(k) is not None}
