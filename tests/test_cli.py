@@ -59,6 +59,29 @@ def saved_patch(path: Path) -> Patch:
     return patch
 
 
+def test_a_patch_that_cannot_be_saved_where_asked_is_saved_elsewhere(tmp_path, monkeypatch):
+    """A full disk after minutes of editing: the patch lands in the temp directory, and the
+    one-line error says where."""
+    from lmpatch.cli.jobs import save_or_rescue
+    from lmpatch.errors import LmpatchError, PatchError
+
+    patch = saved_patch(tmp_path / "first.lmpatch")
+    real_save = Patch.save
+
+    def full_disk(self, path):
+        if Path(path).parent == tmp_path / "disk":
+            raise PatchError(f"Could not write patch to '{path}': No space left on device.")
+        return real_save(self, path)
+
+    monkeypatch.setattr(Patch, "save", full_disk)
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "rescue"))
+    (tmp_path / "rescue").mkdir()
+    with pytest.raises(LmpatchError, match="No space left on device. The patch is saved in '.*rescue") as caught:
+        save_or_rescue(patch, tmp_path / "disk" / "x.lmpatch")
+    rescued = Path(str(caught.value).split("saved in '")[1].split("'")[0])
+    assert Patch.load(rescued).patch_id == patch.patch_id
+
+
 # --------------------------------------------------------------------------- listings
 
 
@@ -122,6 +145,9 @@ BAD_INPUT = {
     "a bad record among good ones": (["edit", "--requests", "{mixed}"],
                                      "1 of 2 records in {mixed} are not valid edit requests; first, record 2: "),
     "a misspelt field": (["edit", "--requests", "{typo}"], "has a field 'rephrse'; did you mean 'rephrase'?"),
+    "output under a file": (["edit", *EIFFEL, "-o", "{tmp}/mixed.jsonl/x.lmpatch"], "mixed.jsonl' is not a directory"),
+    "output a directory": (["forget", "--context", "Call Ann at", "--secret", "555-0142", "-o", "{tmp}"],
+                           "it is a directory"),
     "requests and inline": (["edit", "--requests", "{tmp}/x.json", *EIFFEL], "not both"),
     "missing target": (["edit", "--prompt", "a b", "--subject", "a"], "Missing --target"),
     "corrupt patch": (["inspect", "{corrupt}"], "not a readable patch file"),

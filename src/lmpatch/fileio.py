@@ -62,6 +62,24 @@ def share_like_new_files(path: str | os.PathLike) -> None:
         os.chmod(file, mode)
 
 
+def writable_file_problem(path: str | os.PathLike) -> str | None:
+    """Why a file could not be written at ``path`` (None when it can), found without writing it.
+
+    Commands that compute for minutes before they save ask this first, so a mistyped
+    output path fails in a second instead of after the work."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        return "it is a directory"
+    parent = path.parent
+    while not parent.exists():  # the directories atomic_path would create: the first existing one decides
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"'{parent}' is not a directory"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"'{parent}' is not writable"
+    return None
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success it becomes ``path``, on failure it is removed.

@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from lmpatch.cli.console import out, spinner
-from lmpatch.cli.jobs import save_job_patch
+from lmpatch.cli.jobs import check_out_path, save_job_patch
 from lmpatch.cli.models import load
 from lmpatch.cli.options import Settings, check_file, parse_sets
 from lmpatch.errors import LmpatchError
@@ -50,6 +50,7 @@ def debias(
         if not requests:
             raise LmpatchError(f"{data} holds no prompts.")
     settings: Settings = ctx.obj
+    check_out_path(out_path)
     loaded, _ = load(settings, model, show=not as_json)
     patch = run_debias(loaded, requests, method=method, measure=None if measure == "none" else measure,
                        stage=lambda message: spinner(message, enabled=not as_json), **overrides)

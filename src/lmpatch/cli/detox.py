@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from lmpatch.cli.console import out, spinner
-from lmpatch.cli.jobs import save_job_patch
+from lmpatch.cli.jobs import check_out_path, save_job_patch
 from lmpatch.cli.models import load
 from lmpatch.cli.options import Settings, parse_sets
 from lmpatch.errors import LmpatchError
@@ -55,6 +55,7 @@ def detox(
         raise LmpatchError("No training probes left after the split; lower --test-fraction.")
     test = sample_probes(test, n_test, seed)
     settings: Settings = ctx.obj
+    check_out_path(out_path)
     loaded, _ = load(settings, model, chat=True, show=not as_json)
     with spinner(f"Detoxifying with {method} on {len(train)} probes, measuring on {len(test)} ...", enabled=not as_json):
         patch = run_detox(loaded, train, method=method, test_probes=test, judges=names, **overrides)

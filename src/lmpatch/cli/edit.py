@@ -10,6 +10,7 @@ import typer
 from rich.table import Table
 
 from lmpatch.cli.console import out, print_json, spinner
+from lmpatch.cli.jobs import check_out_path, save_or_rescue
 from lmpatch.cli.models import load
 from lmpatch.cli.options import Settings, check_file, default_patch_path, parse_sets
 from lmpatch.cli.patches import parts_tables
@@ -48,6 +49,7 @@ def edit(
     overrides = parse_sets(sets, info.hparams)
     hparams = with_overrides(info.hparams, overrides)  # bad names/values fail before loading a model
     requests = _requests(prompt, subject, target, target_true, rephrase, requests_file)
+    check_out_path(out_path)
     loaded, load_seconds = load(settings, model, chat=chat)
     prepare(loaded, info, hparams, show=True)
     prompts = _answer_prompts(requests) if show else []
@@ -61,7 +63,8 @@ def edit(
     if prompts:
         with patch.applied(loaded):
             after = {p: loaded.generate_text(p, ANSWER_TOKENS) for p in prompts}
-    path = patch.save(out_path or default_patch_path([r.subject for r in requests], info.name, patch.patch_id))
+    path = save_or_rescue(patch, out_path or default_patch_path([r.subject for r in requests], info.name,
+                                                                 patch.patch_id))
     summary = patch.summary()
     result = {
         "patch_id": patch.patch_id,
@@ -139,3 +142,4 @@ def _print_result(result: dict) -> None:
 
 def _one_line(text: str) -> str:
     return text.strip().splitlines()[0] if text.strip() else ""
+

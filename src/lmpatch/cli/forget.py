@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from lmpatch.cli.console import out, spinner
-from lmpatch.cli.jobs import save_job_patch
+from lmpatch.cli.jobs import check_out_path, save_job_patch
 from lmpatch.cli.models import load
 from lmpatch.cli.options import Settings, check_file, parse_sets
 from lmpatch.errors import LmpatchError
@@ -55,6 +55,7 @@ def forget(
     overrides = parse_sets(sets, info.hparams)
     with_overrides(info.hparams, overrides)  # bad names/values fail before loading a model
     settings: Settings = ctx.obj
+    check_out_path(out_path)
     loaded, _ = load(settings, model, show=not as_json)
     with spinner(f"Forgetting {len(secrets)} secret(s) with {method} ...", enabled=not as_json):
         patch = run_forget(loaded, secrets, method=method, refusal=refusal, exposure_candidates=exposure, keep=keep,

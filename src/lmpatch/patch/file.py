@@ -63,16 +63,22 @@ def tensors(patch: Patch) -> dict[str, torch.Tensor]:
 
 def write(patch: Patch, path: str | os.PathLike) -> Path:
     """Save ``patch`` at ``path`` atomically (a crash never leaves a half-written file there)."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
-    from lmpatch.fileio import atomic_path
+    from lmpatch.fileio import atomic_path, writable_file_problem
 
     path = Path(path).expanduser()
+    problem = writable_file_problem(path)
+    if problem:
+        raise PatchError(f"Could not write patch to '{path}': {problem}.")
     try:
         with atomic_path(path) as tmp:
             save_file(tensors(patch), str(tmp), metadata={MANIFEST_KEY: json.dumps(manifest(patch))})
     except OSError as exc:
         raise PatchError(f"Could not write patch to '{path}': {exc.strerror or exc}.") from exc
+    except SafetensorError as exc:  # safetensors reports its own I/O errors (a full disk) this way
+        raise PatchError(f"Could not write patch to '{path}': {str(exc).split(': ', 1)[-1]}.") from exc
     return path
 
 
