@@ -648,6 +648,22 @@ def test_merge_keeps_an_applied_patch_applied_and_refuses_occupied_dirs(llama, t
     patch.revert(llama)
 
 
+def test_a_failed_merge_leaves_nothing_that_blocks_the_retry(llama, tmp_path, monkeypatch):
+    import errno
+
+    patch = make_patch(llama, [(mlp_out(llama, 0), "low_rank")])
+
+    def full_disk(*_args, **_kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(llama.tokenizer, "save_pretrained", full_disk)  # after the weights: half a checkpoint
+        with pytest.raises(PatchError, match="No space left on device"):
+            patch.merge(llama, tmp_path / "m")
+    assert list(tmp_path.iterdir()) == []  # neither the folder nor its temporary twin
+    assert (patch.merge(llama, tmp_path / "m") / "config.json").is_file()
+
+
 # --------------------------------------------------------------------------- real model
 
 

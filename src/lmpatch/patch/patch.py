@@ -28,7 +28,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from lmpatch.errors import LmpatchError, PatchError
-from lmpatch.fileio import atomic_write_json, share_like_new_files
+from lmpatch.fileio import atomic_dir, atomic_write_json
 from lmpatch.model.stamp import weight_stamp
 from lmpatch.patch.jsonable import canonical_json, json_dict
 from lmpatch.patch.parts import PART_KINDS, ModuleAddition, RetrievalMemory, WeightDelta
@@ -326,21 +326,26 @@ def write_merged(model: Any, out_dir: str | os.PathLike, record: dict | None = N
     for entry in stack:
         if not entry.patch.mergeable:
             raise _unmergeable(entry.patch, note=" (it is applied to the model too)")
+    from safetensors import SafetensorError
+
+    # Written next to ``out`` and renamed into place when complete: a failure (a full disk)
+    # leaves no half checkpoint behind that would block the retry or be loaded as whole.
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        net = _with_additions_merged(model)
-        net.save_pretrained(out)
-        model.tokenizer.save_pretrained(out)
-        atomic_write_json(out / MERGE_MANIFEST, {
-            **(record or {}),
-            "applied_patch_ids": stack.ids(),
-            "base_model": model.name,
-            "base_fingerprint": model.fingerprint,
-            "merged_at": _now(),
-        })
-        share_like_new_files(out)  # save_pretrained writes its safetensors files 0600
+        with atomic_dir(out, complete=lambda _: False) as tmp:
+            net = _with_additions_merged(model)
+            net.save_pretrained(tmp)
+            model.tokenizer.save_pretrained(tmp)
+            atomic_write_json(tmp / MERGE_MANIFEST, {
+                **(record or {}),
+                "applied_patch_ids": stack.ids(),
+                "base_model": model.name,
+                "base_fingerprint": model.fingerprint,
+                "merged_at": _now(),
+            })
     except OSError as exc:
         raise PatchError(f"Could not write the merged checkpoint to '{out}': {exc.strerror or exc}.") from exc
+    except SafetensorError as exc:
+        raise PatchError(f"Could not write the merged checkpoint to '{out}': {str(exc).split(': ', 1)[-1]}.") from exc
     return out
 
 
