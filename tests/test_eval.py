@@ -439,6 +439,12 @@ def test_runner_and_evaluate_with_the_real_patch_class(tiny, tmp_path):
     report = evaluate(tiny, tiny_requests(1), patch=edit_fn(tiny, tiny_requests(1)[0]), metrics=["locality"])
     assert report.method == "rank1" and report.post["locality"].value < 1.0
     assert not before.differences(ModelState.of(tiny.model))
+    # A saved patch's path is read as the patch; anything else is refused by name.
+    edit_fn(tiny, tiny_requests(1)[0]).save(tmp_path / "p.lmpatch")
+    from_file = evaluate(tiny, tiny_requests(1), patch=str(tmp_path / "p.lmpatch"), metrics=["locality"])
+    assert from_file.method == "rank1" and from_file.post["locality"].value == report.post["locality"].value
+    with pytest.raises(LmpatchError, match="patch= takes a Patch or the path of a .lmpatch file, got int"):
+        evaluate(tiny, tiny_requests(1), patch=5)
 
 
 # --------------------------------------------------------------------------- real model

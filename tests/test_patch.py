@@ -498,6 +498,17 @@ def test_compose_refuses_different_base_models_and_empty_input(llama):
         compose([a, b])
     with pytest.raises(PatchError, match="at least one"):
         compose([])
+    with pytest.raises(PatchError, match="compose takes Patch objects .* got str"):
+        compose([a, "a.lmpatch"])
+
+
+def test_wrap_model_names_a_wrong_argument(llama):
+    from lmpatch.errors import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match="takes a transformers model .* got str"):
+        lmpatch.wrap_model("a", llama.tokenizer)
+    with pytest.raises(ModelLoadError, match="tokenizer second, got NoneType"):
+        lmpatch.wrap_model(llama.model, None)
 
 
 # --------------------------------------------------------------------------- save / load

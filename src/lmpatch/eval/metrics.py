@@ -64,10 +64,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Sequence
 
-from lmpatch.errors import LmpatchError
+from lmpatch.errors import InvalidRequestError, LmpatchError
 from lmpatch.eval import wild
 from lmpatch.eval.scoring import TargetScore, encode_pairs, generate, score_targets
 from lmpatch.eval.wild import WildGenerations
@@ -459,6 +460,18 @@ def _metrics_from(values: dict[str, float | None], counts: dict[str, int]) -> di
     }
 
 
+def _as_patch(patch: Any) -> Any:
+    """A saved patch's path read as the patch (the natural thing to pass); anything without
+    ``applied`` refused by name rather than as an AttributeError mid-evaluation."""
+    from lmpatch.patch import Patch
+
+    if isinstance(patch, (str, os.PathLike)):
+        return Patch.load(patch)
+    if patch is not None and not callable(getattr(patch, "applied", None)):
+        raise InvalidRequestError(f"patch= takes a Patch or the path of a .lmpatch file, got {type(patch).__name__}.")
+    return patch
+
+
 def _as_requests(requests: EditRequest | Sequence[EditRequest]) -> list[EditRequest]:
     return as_requests(requests, "evaluate")
 
@@ -470,7 +483,9 @@ def evaluate_records(
     metrics: Iterable[str] = DEFAULT_METRICS,
     batch_size: int = 16,
 ) -> list[dict]:
-    """Per-request ``{"case_id", "pre", "post"}`` records; one pre pass, one post pass."""
+    """Per-request ``{"case_id", "pre", "post"}`` records; one pre pass, one post pass.
+    ``patch`` is a :class:`~lmpatch.patch.Patch` or the path of a saved one."""
+    patch = _as_patch(patch)
     groups = resolve_metrics(metrics)
     pre = measure(model, requests, groups, batch_size)
     post = None
@@ -495,11 +510,12 @@ def evaluate(
 ) -> EvalReport:
     """Measure ``requests`` on the unedited model and, if given, with ``patch`` applied.
 
-    The patch is applied only inside ``patch.applied(model)``, so the model is restored
-    afterwards even if a measurement fails. All prompts of all requests are scored in one
-    batched call per pass.
+    The patch (a :class:`~lmpatch.patch.Patch` or a saved one's path) is applied only inside
+    ``patch.applied(model)``, so the model is restored afterwards even if a measurement
+    fails. All prompts of all requests are scored in one batched call per pass.
     """
     reqs = _as_requests(requests)
+    patch = _as_patch(patch)
     records = evaluate_records(model, reqs, patch, metrics, batch_size)
     s = summarize(records)
     return EvalReport(

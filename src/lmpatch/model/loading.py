@@ -259,6 +259,11 @@ _ARCH_KEYS = {
 
 def wrap_model(model: Any, tokenizer: Any, name: str | None = None, chat: bool = False) -> LoadedModel:
     """Use an already-loaded ``transformers`` model and tokenizer with lmpatch."""
+    if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
+        raise ModelLoadError(f"wrap_model takes a transformers model (a torch module with a config), got "
+                             f"{type(model).__name__}; lmpatch.load_model loads one from a name or path.")
+    if not callable(tokenizer):
+        raise ModelLoadError(f"wrap_model takes the model's tokenizer second, got {type(tokenizer).__name__}.")
     return LoadedModel(model=model, tokenizer=tokenizer, name=name or _model_name(model), chat=chat)
 
 

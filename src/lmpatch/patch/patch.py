@@ -392,6 +392,9 @@ def compose(patches: Sequence[Patch]) -> Patch:
     patches = list(patches)
     if not patches:
         raise PatchError("compose needs at least one patch.")
+    strangers = sorted({type(p).__name__ for p in patches if not isinstance(p, Patch)})
+    if strangers:
+        raise PatchError(f"compose takes Patch objects (Patch.load a saved one), got {', '.join(strangers)}.")
     fingerprints = {p.model_fingerprint for p in patches}
     if len(fingerprints) > 1:
         names = ", ".join(f"{p.patch_id} -> {p.model_name} ({p.model_fingerprint})" for p in patches)
