@@ -145,6 +145,7 @@ BAD_INPUT = {
     "a bad record among good ones": (["edit", "--requests", "{mixed}"],
                                      "1 of 2 records in {mixed} are not valid edit requests; first, record 2: "),
     "a misspelt field": (["edit", "--requests", "{typo}"], "has a field 'rephrse'; did you mean 'rephrase'?"),
+    "a patch given twice": (["generate", "--prompt", "x", "--patch", "{patch}", "--patch", "{patch}"], "is given twice"),
     "output under a file": (["edit", *EIFFEL, "-o", "{tmp}/mixed.jsonl/x.lmpatch"], "mixed.jsonl' is not a directory"),
     "output a directory": (["forget", "--context", "Call Ann at", "--secret", "555-0142", "-o", "{tmp}"],
                            "it is a directory"),
@@ -166,7 +167,9 @@ def test_user_mistakes_are_one_red_line_and_exit_2(case, tmp_path):
     good = {"prompt": "The Eiffel Tower is in", "subject": "The Eiffel Tower", "target_new": "Rome"}
     (tmp_path / "mixed.jsonl").write_text(json.dumps(good) + "\n" + json.dumps({**good, "subject": "Big Ben"}) + "\n")
     (tmp_path / "typo.jsonl").write_text(json.dumps({**good, "rephrse": ["Where is the Eiffel Tower?"]}) + "\n")
-    files = dict(tmp=tmp_path, corrupt=_corrupt(tmp_path), mixed=tmp_path / "mixed.jsonl", typo=tmp_path / "typo.jsonl")
+    saved_patch(tmp_path / "p.lmpatch")
+    files = dict(tmp=tmp_path, corrupt=_corrupt(tmp_path), mixed=tmp_path / "mixed.jsonl", typo=tmp_path / "typo.jsonl",
+                 patch=tmp_path / "p.lmpatch")
     args = [a.format(**files) for a in args]
     expected = expected.format(**files)
     result = run(*args)
@@ -349,6 +352,7 @@ def test_forget_with_records_to_keep_reports_them(tiny_dir, tmp_path, cache):
     (["--context", "a", "--secret", "b", "--keep", "k.jsonl"], "--keep needs a method"),
     ([], "either --secrets"),
     (["--context", "a"], "go together"),
+    (["--context", "Call Ann at", "--secret", ""], "--secret is empty"),
     (["--secrets", "missing.jsonl"], "does not exist"),
     (["--context", "a", "--secret", "b", "--set", "nope=1"], "Unknown hyperparameter"),
 ])

@@ -46,8 +46,10 @@ def forget(
         raise LmpatchError("Give either --secrets FILE.jsonl or --context and --secret, not both or neither.")
     if secrets_file is not None:
         secrets = read_secrets(check_file(secrets_file, "Secrets file"))
-    elif not context or not secret:
+    elif context is None or secret is None:
         raise LmpatchError("--context and --secret go together: give both.")
+    elif not context.strip() or not secret.strip():
+        raise LmpatchError(f"--{'context' if not context.strip() else 'secret'} is empty: give the text.")
     else:
         secrets = [Secret(context, secret)]
     keep = read_secrets(check_file(keep_file, "Keep file")) if keep_file is not None else []

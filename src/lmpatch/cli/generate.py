@@ -40,6 +40,9 @@ def generate(
 
     texts = _prompts(prompt, prompts_file)
     patches = [Patch.load(check_file(p, "Patch file")) for p in patch or ()]  # bad files fail before loading
+    for k, p in enumerate(patches):
+        if any(p.patch_id == q.patch_id for q in patches[:k]):
+            raise LmpatchError(f"--patch {patch[k]} is given twice (patch {p.patch_id}); give each patch once.")
     settings: Settings = ctx.obj
     loaded, _ = load(settings, model, chat=chat, show=not as_json)
     for p in patches:
@@ -57,7 +60,9 @@ def generate(
         return
     console = out()
     for row in rows:
-        console.print(f"[bold]{escape(_one_line(row['prompt']))}[/] {escape(_one_line(row['text']))}", soft_wrap=True)
+        text = _one_line(row["text"])
+        gap = "" if text[:1].isspace() or row["prompt"][-1:].isspace() else " "  # the answer often brings its own
+        console.print(f"[bold]{escape(_one_line(row['prompt']))}[/]{gap}{escape(text)}", soft_wrap=True)
 
 
 def _one_line(text: str) -> str:

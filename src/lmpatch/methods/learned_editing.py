@@ -30,6 +30,7 @@ from lmpatch.methods.editor_training import (
     artefact_key,
     load_artefact,
     save_artefact,
+    shipped_dir,
     train_editor,
 )
 from lmpatch.methods.frozen_bottom import FrozenBottom, replaying_batch
@@ -293,10 +294,12 @@ def load_trained(method: str, model: LoadedModel, hparams: Any, build: Callable[
     editor = build()
     saved = load_artefact(artefact_dir(method, artefact_key(method, model.fingerprint, training_settings(hparams))))
     if saved is None:
+        # Only a method with a shipped editor (MEND) can say some settings need no training.
+        ships = any((shipped_dir() / method).glob("*/manifest.json"))
+        note = "; the embedded model with default settings needs no training" if ships else ""
         raise LmpatchError(
             f"{method.upper()} has not been trained for {model.name} with these settings; run "
-            f"`{train_command(method, model.name, hparams)}` first (about an hour on a 2-core CPU; the embedded "
-            "model with default settings needs no training)."
+            f"`{train_command(method, model.name, hparams)}` first (about an hour on a 2-core CPU{note})."
         )
     state, manifest = saved
     editor.load_state_dict({k: v.float() for k, v in state.items()})
