@@ -155,14 +155,31 @@ def test_writes_need_the_token_and_reads_can_be_protected(client, tmp_path):
     ({"requests": REQS[0].to_dict(), "hparams": {"layerz": 1}}, 400, "layerz"),
     ({"requests": REQS[0].to_dict(), "expected_generation": 7}, 409, "generation 0"),
     ({"requests": REQS[0].to_dict(), "surprise": 1}, 422, "surprise"),
-    ("not json", 422, ""),
+    ("not json", 422, "The body is not valid JSON"),
+    ('{"requests": {"prompt": "x",', 422, "The body is not valid JSON"),
+    ({"requests": "text"}, 422, "requests: Input should be"),
 ])
 def test_bad_edit_requests_get_one_json_error(client, body, code, needle):
     kw = {"json": body} if not isinstance(body, str) else {"content": body, "headers": {**AUTH, "Content-Type": "application/json"}}
     r = client.post("/v1/edits", **({"headers": AUTH} | kw))
     assert r.status_code == code, r.text
     assert needle in r.json()["error"]["message"]
+    assert "dict[" not in r.json()["error"]["message"]  # no pydantic union branch names
     assert client.get("/health").json()["status"] == "ok"
+
+
+def test_the_wrong_content_type_and_a_mistyped_status_are_named(client, tmp_path):
+    # curl -d without -H sends a form type: the JSON inside is never read, so say so.
+    r = client.post("/v1/completions", content=b'{"prompt": "Hi"}',
+                    headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 415 and "Content-Type: application/json" in r.json()["error"]["message"], r.text
+    r = client.post("/v1/patches", files={"file": ("x.lmpatch", b"data")}, headers=AUTH)
+    assert r.status_code == 415 and "--data-binary" in r.json()["error"]["message"], r.text
+    r = client.post("/v1/patches", content=b"garbage", headers=AUTH)
+    assert r.status_code == 422 and "the uploaded file" in r.json()["error"]["message"], r.text
+    assert "upload-" not in r.json()["error"]["message"]  # the server's own file names stay private
+    r = client.get("/v1/edits?status=commited")
+    assert r.status_code == 400 and "committed" in r.json()["error"]["message"], r.text
 
 
 def test_bad_generation_requests_and_unknown_edits(client):

@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException
 
 from lmpatch.errors import LmpatchError
 from lmpatch.serve.generation import Completion, Sampling
-from lmpatch.serve.ledger import IdempotencyConflictError
+from lmpatch.serve.ledger import STATUSES, IdempotencyConflictError
 from lmpatch.serve.schemas import ChatBody, CompletionBody, EditBody, SnapshotBody
 from lmpatch.serve.service import Service
 from lmpatch.serve.worker import Job
@@ -99,6 +99,12 @@ class _GenerationHeader:
         return await self.app(scope, receive, stamped)
 
 
+def _union_tag(part: Any) -> bool:
+    """pydantic's name for the branch of a union it tried ("str", "dict[str,any]"): noise to a client."""
+    return isinstance(part, str) and (part in ("str", "int", "float", "bool", "none") or "[" in part
+                                      or part.startswith("function-"))
+
+
 def create_app(service: Service) -> FastAPI:
     """The app for ``service`` (``uvicorn.run(create_app(service))``)."""
     app = FastAPI(title="lmpatch", version=_version(),
@@ -109,9 +115,18 @@ def create_app(service: Service) -> FastAPI:
     # ----------------------------------------------------------------- errors
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_req: Request, exc: RequestValidationError):
+    async def _invalid(req: Request, exc: RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {}
-        where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
+        kind = req.headers.get("content-type", "").split(";")[0].strip().lower()
+        if first.get("type") == "json_invalid":
+            detail = (first.get("ctx") or {}).get("error", "")
+            return _error(422, f"The body is not valid JSON ({detail or 'it does not parse'}, at character "
+                               f"{first.get('loc', ('', '?'))[-1]}).", "invalid_json")
+        if first.get("loc", ())[:1] == ("body",) and kind not in ("application/json", ""):
+            # curl -d sends application/x-www-form-urlencoded: the JSON inside is then never read.
+            return _error(415, f"Send the body as JSON with 'Content-Type: application/json' (got {kind!r}).",
+                          "unsupported_media_type")
+        where = ".".join(str(x) for x in first.get("loc", ()) if x != "body" and not _union_tag(x))
         return _error(422, f"{where or 'body'}: {first.get('msg', 'invalid request')}", "invalid_body")
 
     @app.exception_handler(HTTPException)
@@ -279,6 +294,8 @@ def create_app(service: Service) -> FastAPI:
     @app.get("/v1/edits", dependencies=[Depends(reader)])
     def list_edits(limit: int = Query(50, ge=1, le=500), before: float | None = Query(None),
                    status: str | None = Query(None, max_length=20)):
+        if status is not None and status not in STATUSES:
+            raise ApiError(400, f"Unknown status {status!r}; choose one of {', '.join(STATUSES)}.", "invalid_query")
         page = service.ledger.page(limit, before, status)
         nxt = f"/v1/edits?limit={limit}&before={page[-1].created!r}" if len(page) == limit else None
         return JSONResponse({"object": "list", "data": [r.public() for r in page], "next": nxt,
@@ -321,6 +338,9 @@ def create_app(service: Service) -> FastAPI:
         from lmpatch.patch import Patch
         from lmpatch.serve.worker import file_sha256
 
+        if request.headers.get("content-type", "").lower().startswith("multipart/"):
+            raise ApiError(415, "Send the .lmpatch file itself as the body (curl --data-binary @FILE), not as a "
+                                "multipart form.", "unsupported_media_type")
         data = await request.body()
         if not data:
             raise ApiError(422, "Send the .lmpatch file as the request body.", "invalid_body")
@@ -338,7 +358,8 @@ def create_app(service: Service) -> FastAPI:
             path.unlink(missing_ok=True)
             if isinstance(exc, ApiError):
                 raise
-            raise ApiError(422, f"Not a readable patch: {exc}", "invalid_patch") from exc
+            told = str(exc).replace(f"'{path}'", "the uploaded file").replace(str(path), "the uploaded file")
+            raise ApiError(422, f"Not a readable patch: {told}", "invalid_patch") from exc
         try:
             rec, created = service.ledger.add(
                 actor=actor, kind="upload", method=patch.method, hparams=patch.hparams,

@@ -56,6 +56,8 @@ CREATE INDEX IF NOT EXISTS edits_created ON edits (created);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
+#: every status an edit can have (the module docstring says how they follow each other)
+STATUSES = ("queued", "running", "committed", "failed", "reverting", "reverted", "cancelled")
 #: statuses whose edit is in the model state
 LIVE = ("committed", "reverting")
 
