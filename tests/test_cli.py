@@ -521,6 +521,14 @@ def test_merge_bakes_the_patch_into_a_checkpoint(tiny_dir, tmp_path, cache):
     expected = base.model.get_parameter(name) + patch.deltas[0].materialize()
     assert torch.equal(merged.model.get_parameter(name), expected)
     assert (out_dir / "lmpatch-merge.json").is_file()
+    # From where the recorded name means nothing: the error says to pass --model.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    moved = Patch(parts=patch.parts, method=patch.method, model_fingerprint=patch.model_fingerprint,
+                  model_name="tiny-llama", requests=patch.requests)
+    moved.save(elsewhere / "m.lmpatch")
+    lost = run("merge", str(elsewhere / "m.lmpatch"), str(tmp_path / "merged2"))
+    assert lost.exit_code == 2 and "made on 'tiny-llama'" in lost.stderr and "pass --model" in lost.stderr
 
 
 def test_stats_computes_then_lists(tiny_dir, cache):

@@ -159,6 +159,33 @@ def test_unknown_hub_id_offline(repo_id, monkeypatch):
     assert f"huggingface-cli download {repo_id} --local-dir DIR" in msg
 
 
+def test_an_unreachable_hub_fails_at_once_without_retries(monkeypatch):
+    """No network and HF_HUB_OFFLINE unset: one failed connection, not huggingface_hub's retry rounds."""
+    import socket
+
+    import lmpatch.model.loading as loading
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    for proxy in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(proxy, raising=False)
+    tried = []
+
+    def no_network(address, timeout=None):
+        tried.append(address)
+        raise socket.gaierror("Name or service not known")
+
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    loads = []
+
+    def load(repo_id, **kwargs):
+        loads.append(kwargs)
+        raise ModelLoadError("not in the cache")
+
+    with pytest.raises(ModelLoadError, match="the hub cannot be reached from here"):
+        loading._from_hub("no-such-org/no-such-model", load)
+    assert tried == [("huggingface.co", 443)] and loads == [{"local_files_only": True}]  # the cache, no download
+
+
 def test_directory_without_tokenizer(saved, tmp_path):
     original, _ = saved
     original.model.save_pretrained(tmp_path)

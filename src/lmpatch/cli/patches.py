@@ -106,12 +106,21 @@ def merge(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Base model (default: the one the patch records)."),
 ) -> None:
     """Write the base model with the patch applied as a plain Hugging Face checkpoint."""
+    from lmpatch.errors import ModelLoadError
     from lmpatch.patch import Patch
     from lmpatch.progress import quiet_transformers
 
     settings: Settings = ctx.obj
     patch = Patch.load(patch_file)
-    loaded, _ = load(settings, model or patch.model_name)
+    try:
+        loaded, _ = load(settings, model or patch.model_name)
+    except ModelLoadError as exc:
+        if model:
+            raise
+        # The patch records the name the model was given by, often a path relative to
+        # wherever the edit ran: from here it may name nothing.
+        raise ModelLoadError(f"The patch was made on '{patch.model_name}', which cannot be loaded from here; pass "
+                             f"--model with that model's directory, .gguf file or hub id. ({exc})") from exc
     with quiet_transformers(show=settings.verbosity > 1):  # "Writing model shards" bar
         path = patch.merge(loaded, out_dir)
     out().print(

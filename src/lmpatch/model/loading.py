@@ -15,6 +15,8 @@ import json
 import logging
 import os
 import re
+import socket
+import urllib.parse
 from dataclasses import dataclass, field
 from functools import cached_property, lru_cache, partial
 from pathlib import Path
@@ -432,13 +434,27 @@ def _hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").strip().lower() not in ("0", "", "false", "no", "off")
 
 
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """One quick connection to the hub's host. Without it a machine with no network sat
+    through huggingface_hub's retry rounds (about 50 s, a dozen warning lines) before the
+    one-line error. Behind a proxy a direct connection proves nothing, so it is not tried."""
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    host = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or ""
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
 def _from_hub(repo_id: str, load: _Loader) -> Any:
     """Hub ids: the local HF cache first; a download only when the hub is reachable."""
     try:
         return load(repo_id, local_files_only=True)
     except ModelLoadError as exc:
         cached_error = exc
-    if _hub_offline():
+    if _hub_offline() or not _hub_reachable():
         raise ModelLoadError(_offline_message(repo_id)) from cached_error
     try:
         return load(repo_id)
