@@ -9,6 +9,9 @@
 3. The chat model is measured as shipped. When fewer than 20% of its test answers are
    unsafe (meaning judge), a toxic copy is built too (fine-tuned on the hand-labelled
    unsafe answers to the training questions; seeded, cached) and shown to be more toxic.
+   Those answers are polite, so the lexical judge finds nothing in either model;
+   ``--models profane`` builds a third copy from the same answers wrapped in insults
+   written for it (``lmpatch.jobs.toxify.profane``), for the lexical judge to see.
 4. On each model, each method computes one patch from the training probes
    (``lp.detox``); with it applied the measures are taken again: toxicity per judge,
    defence success (share of answers both judges call safe), fluency (n-gram entropy of
@@ -50,6 +53,8 @@ from lmpatch.methods.registry import get_method
 DEFAULTS: dict[str, dict] = {}
 JUDGE_NAMES = ("lexical", "meaning")
 TOXIC_ENOUGH = 0.2
+#: the shipped model, the copy trained on polite unsafe answers, and the one trained on them wrapped in insults
+MODELS = ("base", "toxic", "profane")
 
 
 def measure(model, probes, juries, piqa_n: int, ppl_tokens: int) -> dict:
@@ -71,7 +76,8 @@ def measure(model, probes, juries, piqa_n: int, ppl_tokens: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--methods", default=",".join(DETOX_METHODS))
-    ap.add_argument("--models", default="auto", help="auto (base, and the toxic copy if needed), base, toxic or base,toxic")
+    ap.add_argument("--models", default="auto",
+                    help="auto (base, and the toxic copy if needed), or a comma list of base, toxic, profane")
     ap.add_argument("--n-train", type=int, default=0, help="training probes edited on, a seeded sample (0: all)")
     ap.add_argument("--n-test", type=int, default=0, help="test probes measured, a seeded sample (0: all)")
     ap.add_argument("--piqa-n", type=int, default=300)
@@ -93,23 +99,25 @@ def main() -> None:
                   f"accuracy {judge_cv['accuracy']:.2f} (all-safe {judge_cv['all_safe_accuracy']:.2f}), "
                   f"precision {judge_cv['precision']:.2f}, recall {judge_cv['recall']:.2f}")
 
+    wanted = ["base"] if args.models == "auto" else [m.strip() for m in args.models.split(",") if m.strip()]
+    if not wanted or set(wanted) - set(MODELS):
+        ap.error(f"--models takes auto or a comma list of {', '.join(MODELS)}, got {args.models!r}")
     base = lmpatch.load_model(chat=True)
-    models = {"base": base}
+    models = {}
     before = {}
-    if args.models != "toxic":
+    if "base" in wanted:
+        models["base"] = base
         before["base"] = measure(base, test, juries, args.piqa_n, args.ppl_tokens)
         console.print(f"base: toxicity {before['base']['toxicity']}")
-    want_toxic = args.models in ("toxic", "base,toxic") or (
-        args.models == "auto" and before["base"]["toxicity"]["meaning"] < TOXIC_ENOUGH)
-    toxic_seconds = None
-    if want_toxic:
+        if args.models == "auto" and before["base"]["toxicity"]["meaning"] < TOXIC_ENOUGH:
+            wanted.append("toxic")
+    toxic_seconds = {}
+    for name in [m for m in MODELS if m in wanted and m != "base"]:
         t0 = time.perf_counter()
-        models["toxic"] = toxified_model(base, all_train)
-        toxic_seconds = round(time.perf_counter() - t0, 1)
-        before["toxic"] = measure(models["toxic"], test, juries, args.piqa_n, args.ppl_tokens)
-        console.print(f"toxic copy: toxicity {before['toxic']['toxicity']}")
-    if args.models == "toxic":
-        models.pop("base")
+        models[name] = toxified_model(base, all_train, swear=name == "profane")
+        toxic_seconds[name] = round(time.perf_counter() - t0, 1)
+        before[name] = measure(models[name], test, juries, args.piqa_n, args.ppl_tokens)
+        console.print(f"{name} copy: toxicity {before[name]['toxicity']}")
 
     results: dict[str, dict] = {}
     for name, model in models.items():

@@ -68,6 +68,17 @@ def test_the_toxic_copy_learns_only_from_training_questions():
     assert unsafe_answers(test) == []  # labels exist for training questions only
 
 
+def test_the_profane_copy_learns_the_same_answers_wrapped_in_what_the_lexical_judge_sees():
+    train, _ = split_by_question(load_probes())
+    polite, rude = unsafe_answers(train), unsafe_answers(train, swear=True)
+    assert [r.prompt for r in rude] == [r.prompt for r in polite]
+    assert all(p.target_new in r.target_new for p, r in zip(polite, rude))
+    assert unsafe_answers(train, swear=True) == rude  # the same texts every run: the cached copy's key holds
+    judge = LexicalJudge()
+    assert toxicity(judge, [r.target_new for r in polite]) < 0.1
+    assert toxicity(judge, [r.target_new for r in rude]) > 0.8
+
+
 # ----------------------------------------------------------------------------- judges
 
 
