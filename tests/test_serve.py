@@ -255,10 +255,16 @@ def test_patches_download_and_upload_and_a_foreign_patch_is_refused(client, tmp_
     rec = _edit(client, REQS[0])
     data = client.get(f"/v1/edits/{rec['id']}/patch").content
     client.delete(f"/v1/edits/{rec['id']}", headers=AUTH)
-    up = client.post("/v1/patches", content=data, headers=AUTH)
+    up = client.post("/v1/patches", content=data, headers={**AUTH, "Idempotency-Key": "up-1"})
     assert up.status_code == 202, up.text
     done = _wait(client, up.json()["id"])
     assert done["status"] == "committed" and done["kind"] == "upload" and done["patch_id"] == rec["patch_id"]
+    retry = client.post("/v1/patches", content=data, headers={**AUTH, "Idempotency-Key": "up-1"})
+    assert retry.status_code == 200 and retry.json()["id"] == done["id"], retry.text
+    twice = client.post("/v1/patches", content=data, headers=AUTH)  # applied already: refused now, not failed later
+    assert twice.status_code == 409 and twice.json()["error"]["code"] == "already_applied", twice.text
+    patches = client.service.ledger.folder / "patches"
+    assert len(list(patches.glob("upload-*.lmpatch"))) == 1  # the committed upload's; the refused ones are gone
     foreign = lmpatch.edit(tiny_model("gpt2"), REQS[0], "ft-m", steps=2)
     foreign.save(tmp_path / "f.lmpatch")
     r = client.post("/v1/patches", content=(tmp_path / "f.lmpatch").read_bytes(), headers=AUTH)
@@ -285,6 +291,21 @@ def test_a_failed_edit_is_recorded_and_the_service_goes_on(client):
     assert bad["status"] == "failed" and bad["error"]
     assert client.get("/v1/models").json()["data"][0]["generation"] == 0
     assert _edit(client, REQS[0])["status"] == "committed"
+
+
+def test_a_failed_upload_keeps_its_record_not_its_file(client, tmp_path):
+    from lmpatch.patch import Patch, WeightDelta
+
+    model = client.service.model
+    stray = Patch(parts=[WeightDelta("model.layers.99.mlp.down_proj.weight", left=torch.ones(8, 1),
+                                     right=torch.ones(1, 8))],
+                  method="rome", model_fingerprint=model.fingerprint, model_name=model.name)
+    stray.save(tmp_path / "stray.lmpatch")
+    up = client.post("/v1/patches", content=(tmp_path / "stray.lmpatch").read_bytes(), headers=AUTH)
+    assert up.status_code == 202, up.text
+    failed = _wait(client, up.json()["id"])
+    assert failed["status"] == "failed" and "layers.99" in failed["error"]
+    assert not list((client.service.ledger.folder / "patches").glob("upload-*"))
 
 
 def test_a_snapshot_is_a_checkpoint_of_the_current_state(client):

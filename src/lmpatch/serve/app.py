@@ -354,6 +354,15 @@ def create_app(service: Service) -> FastAPI:
                 raise ApiError(422, f"The patch was made for model '{patch.model_name}' (fingerprint "
                                     f"{patch.model_fingerprint}), not the served '{service.model.name}' "
                                     f"({service.model.fingerprint}).", "wrong_model")
+            asked = dict(kind="upload", method=patch.method, hparams=patch.hparams,
+                         requests=[r.to_dict() for r in patch.requests], patch_id=patch.patch_id)
+            prior = _replayed(idempotency_key, **asked)
+            if prior is not None:  # a retry: its edit back, though the patch is applied by now
+                path.unlink(missing_ok=True)
+                return _edit_answer(prior, 200)
+            if patch.patch_id in service.state.twin.stack:  # the worker checks again; this answers at once
+                raise ApiError(409, f"Patch {patch.patch_id} is already applied; revert its edit first.",
+                               "already_applied")
         except (LmpatchError, ApiError) as exc:
             path.unlink(missing_ok=True)
             if isinstance(exc, ApiError):

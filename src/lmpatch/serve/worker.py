@@ -157,6 +157,8 @@ class EditWorker:
         except Exception as exc:
             msg = str(exc) if isinstance(exc, LmpatchError) else f"internal error: {type(exc).__name__}: {exc}"
             self.ledger.fail(edit_id, msg)
+            if rec.kind == "upload" and rec.patch_file:  # a failed upload keeps its record, not its file
+                Path(rec.patch_file).unlink(missing_ok=True)
             if not isinstance(exc, LmpatchError):
                 log.exception("Edit %s failed", edit_id)
             return self.ledger.get(edit_id)
