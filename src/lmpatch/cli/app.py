@@ -1,7 +1,7 @@
 """The ``lmpatch`` command: a typer app whose commands live in one small module each.
 
-Error policy: a user mistake (any :class:`~lmpatch.errors.LmpatchError`) is one red line
-on stderr and exit code 2, never a traceback; anything else is a bug and keeps its
+Error policy: a user mistake (any :class:`~lmpatch.errors.LmpatchError`, or a usage
+error such as an unknown option) is one red line on stderr and exit code 2, never a traceback; anything else is a bug and keeps its
 traceback. The policy lives in :class:`_Group` so it also holds when the app is driven
 by typer's test runner instead of :func:`main`.
 """
@@ -9,6 +9,11 @@ from __future__ import annotations
 
 import typer
 from typer.core import TyperGroup
+
+try:  # typer vendors its own click from 0.2x on; its usage errors are that click's
+    from typer._click.exceptions import NoArgsIsHelpError, UsageError
+except ImportError:  # pragma: no cover - an older typer on the system click
+    from click.exceptions import NoArgsIsHelpError, UsageError
 
 from lmpatch.cli import (
     debias,
@@ -38,6 +43,14 @@ class _Group(TyperGroup):
             return super().invoke(ctx)
         except LmpatchError as exc:
             error_line(str(exc))
+            raise typer.Exit(USER_ERROR) from None
+        except UsageError as exc:
+            # A mistyped option or an out-of-range value is a user mistake like any other:
+            # the same one line, not typer's boxed panel under a usage block.
+            if isinstance(exc, NoArgsIsHelpError):
+                raise  # `lmpatch CMD` with nothing: the help itself
+            hint = f" (see `{exc.ctx.command_path} -h`)" if exc.ctx is not None else ""
+            error_line(f"{exc.format_message().rstrip('.')}{hint}")
             raise typer.Exit(USER_ERROR) from None
 
 
