@@ -92,6 +92,17 @@ def test_methods_lists_every_registered_method():
         assert name in result.stdout
 
 
+def test_the_readme_methods_table_has_a_row_for_every_registered_method():
+    import re
+
+    from lmpatch.methods.registry import method_names
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    section = readme.split("## Methods", 1)[1].split("\n## ", 1)[0]
+    rows = set(re.findall(r"^\| `([a-z0-9-]+)` \|", section, flags=re.M))
+    assert rows == set(method_names())
+
+
 def test_methods_json_lists_capabilities_from_the_registry():
     from lmpatch.methods.registry import REGIMES, all_methods
 

@@ -102,6 +102,9 @@ def evaluate(
     requests = load_dataset(data, n=n, offset=offset)
     if not requests:
         raise LmpatchError(f"No requests in {data!r} after skipping {offset}; lower --offset.")
+    if len(requests) < n:
+        notice(f"{data} has {len(requests)} usable requests after skipping {offset}, fewer than --n {n}; "
+               f"editing those {len(requests)}.")
     size = 1 if mode == "single" else batch_size or (len(requests) if mode == "batch" else 1)
     run_dir = out_dir or default_run_dir(info.name, data)
     loaded, _ = load(settings, model, chat=chat)
