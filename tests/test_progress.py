@@ -86,3 +86,25 @@ def test_cli_model_load_shows_the_bar_only_at_vv(tiny_dir, tmp_path, monkeypatch
         load(Settings(verbosity=verbosity), str(tiny_dir), show=False)
         assert ("Loading weights" in sys.stderr.getvalue()) is shown, verbosity
         assert hf_logging.is_progress_bar_enabled()  # the caller's setting survives the load
+
+
+def test_a_bar_off_a_terminal_still_says_how_far_it_got(capsys, monkeypatch):
+    """In a log file rich draws a bar once, at the end; a plain line at intervals says more."""
+    import io
+
+    from rich.console import Console
+
+    import lmpatch.progress as progress
+
+    now = [100.0]
+    monkeypatch.setattr(progress.time, "monotonic", lambda: now[0])
+    log = io.StringIO()
+    bar = progress._Progress(every=30, console=Console(file=log, force_terminal=False), get_time=lambda: now[0])
+    with bar:
+        task = bar.add_task("training", total=10)
+        for _ in range(10):
+            now[0] += 10
+            bar.advance(task)
+    lines = [line for line in log.getvalue().splitlines() if line.startswith("training:")]
+    assert lines == ["training: 3/10 after 30 s, eta 70 s", "training: 6/10 after 60 s, eta 40 s",
+                     "training: 9/10 after 90 s, eta 10 s"], log.getvalue()

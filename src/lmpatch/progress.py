@@ -8,6 +8,7 @@ both rules; :func:`quiet_transformers` hides them unless progress was asked for.
 from __future__ import annotations
 
 import logging
+import time
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Callable, Iterator
@@ -25,9 +26,43 @@ from rich.progress import (
 log = logging.getLogger(__name__)
 
 
+class _Progress(Progress):
+    """Rich's bar on a terminal; elsewhere (CI, ``nohup``, ``2> log``) also one plain line per
+    task every ``every`` seconds. Rich draws a bar on a non-terminal only once, when it
+    stops, so an hour of training in a log file showed nothing until it was over."""
+
+    def __init__(self, *columns, every: float = 60.0, **kwargs) -> None:
+        super().__init__(*columns, **kwargs)
+        self._plain = not self.disable and not self.console.is_terminal
+        self._every = every
+        self._said: dict = {}
+
+    def advance(self, task_id, advance: float = 1) -> None:
+        super().advance(task_id, advance)
+        self._say(task_id)
+
+    def update(self, task_id, **kwargs) -> None:
+        super().update(task_id, **kwargs)
+        self._say(task_id)
+
+    def _say(self, task_id) -> None:
+        if not self._plain:
+            return
+        with self._lock:
+            task = self._tasks[task_id]
+            now = time.monotonic()
+            if task.finished or now - self._said.get(task_id, task.start_time or now) < self._every:
+                return
+            self._said[task_id] = now
+            total = f"/{task.total:g}" if task.total is not None else ""
+            eta = f", eta {task.time_remaining:.0f} s" if task.time_remaining is not None else ""
+            line = f"{task.description}: {task.completed:g}{total} after {task.elapsed or 0:.0f} s{eta}"
+        self.console.print(line, markup=True, highlight=False, soft_wrap=True)
+
+
 def run_progress(enabled: bool) -> Progress:
     """A multi-task bar with elapsed time and ETA, for runners that add their own tasks."""
-    return Progress(
+    return _Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
@@ -47,7 +82,7 @@ def progress_bar(enabled: bool, label: str, total: int, unit: str) -> Iterator[C
         return
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn(unit),
                TimeRemainingColumn())
-    with Progress(*columns, console=Console(stderr=True)) as bar:
+    with _Progress(*columns, console=Console(stderr=True)) as bar:
         task = bar.add_task(label, total=total)
         yield lambda k: bar.advance(task, k)
 
