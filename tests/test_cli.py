@@ -113,6 +113,7 @@ def test_methods_json_lists_capabilities_from_the_registry():
         assert m["produces"] and m["hparams"] and isinstance(m["needs_prepare"], bool)
     rome = next(m for m in data if m["name"] == "rome")
     assert rome["produces"] == ["weight_deltas"] and rome["needs_prepare"] is True
+    assert rome["hparams"] == parse_json(run("methods", "rome", "--json"))["hparams"]  # one shape for both
 
 
 def test_methods_name_shows_hyperparameters_with_defaults():

@@ -22,7 +22,9 @@ def methods(
     if name is None:
         infos = all_methods()
         if as_json:
-            print_json(json.dumps([i.capabilities() for i in infos]))
+            # "hparams" has one shape whether one method or all are listed: the rows of its settings.
+            print_json(json.dumps([{**i.capabilities(), "hparams": hparam_rows(i.hparams)} for i in infos],
+                                  default=str))
             return
         table = Table(title="Editing methods", title_justify="left")
         table.add_column("method", style="bold cyan")
