@@ -180,6 +180,8 @@ def test_the_wrong_content_type_and_a_mistyped_status_are_named(client, tmp_path
     assert "upload-" not in r.json()["error"]["message"]  # the server's own file names stay private
     r = client.get("/v1/edits?status=commited")
     assert r.status_code == 400 and "committed" in r.json()["error"]["message"], r.text
+    r = client.get("/v1/edits?limit=0")
+    assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_query", r.text
 
 
 def test_bad_generation_requests_and_unknown_edits(client):
@@ -194,7 +196,7 @@ def test_bad_generation_requests_and_unknown_edits(client):
     assert client.get("/v1/edits/ed_nope/patch").status_code == 404
     big = client.post("/v1/completions", content=b"{" + b" " * (2 << 20) + b"}",
                       headers={"Content-Type": "application/json"})
-    assert big.status_code == 413
+    assert big.status_code == 413 and "--max-body-mb" in big.json()["error"]["message"]
     assert client.get("/nowhere").status_code == 404
 
 

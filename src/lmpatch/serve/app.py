@@ -57,9 +57,12 @@ class _BodyLimit:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        limit = self.upload_limit if scope["path"] == "/v1/patches" else self.json_limit
+        upload = scope["path"] == "/v1/patches"
+        limit = self.upload_limit if upload else self.json_limit
         declared = dict(scope.get("headers") or []).get(b"content-length")
-        too_big = _error(413, f"Request body over {limit} bytes.", "body_too_large")
+        message = (f"Request body over {limit} bytes (the server's {'--max-upload-mb' if upload else '--max-body-mb'} "
+                   "limit).")
+        too_big = _error(413, message, "body_too_large")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             return await too_big(scope, receive, send)
         seen = 0
@@ -70,7 +73,7 @@ class _BodyLimit:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > limit:
-                    raise ApiError(413, f"Request body over {limit} bytes.", "body_too_large")
+                    raise ApiError(413, message, "body_too_large")
             return message
 
         return await self.app(scope, counted, send)
@@ -127,7 +130,9 @@ def create_app(service: Service) -> FastAPI:
             return _error(415, f"Send the body as JSON with 'Content-Type: application/json' (got {kind!r}).",
                           "unsupported_media_type")
         where = ".".join(str(x) for x in first.get("loc", ()) if x != "body" and not _union_tag(x))
-        return _error(422, f"{where or 'body'}: {first.get('msg', 'invalid request')}", "invalid_body")
+        code = {"query": "invalid_query", "header": "invalid_header", "path": "invalid_path"}.get(
+            str(first.get("loc", ("body",))[0]), "invalid_body")
+        return _error(422, f"{where or 'body'}: {first.get('msg', 'invalid request')}", code)
 
     @app.exception_handler(HTTPException)
     async def _http(_req: Request, exc: HTTPException):
