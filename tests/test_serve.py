@@ -209,6 +209,13 @@ def test_chat_uses_the_chat_template(client):
     model = tiny_model("llama")
     chat = lmpatch.wrap_model(model.model, model.tokenizer, chat=True)
     assert message == {"role": "assistant", "content": generate(chat, ["Hi"], max_new_tokens=5)[0]}
+    # OpenAI's list form of the same content gets the same answer.
+    parts = client.post("/v1/chat/completions", json={"messages": [
+        {"role": "user", "content": [{"type": "text", "text": "H"}, {"type": "text", "text": "i"}]}], "max_tokens": 5})
+    assert parts.status_code == 200 and parts.json()["choices"][0]["message"] == message, parts.text
+    image = {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}
+    assert client.post("/v1/chat/completions", json={"messages": [image]}).status_code == 422
+    assert client.post("/v1/completions", json={"prompt": "Hi", "stream": "yes"}).status_code == 422
 
 
 def test_streaming_sends_the_same_text_as_one_answer(client):

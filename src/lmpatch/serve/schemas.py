@@ -22,7 +22,7 @@ class _Sampling(BaseModel):
     temperature: float = Field(0.0, ge=0.0, le=2.0, description="0 (the default) decodes greedily.")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     stop: Union[str, list[str], None] = Field(None, description="Up to 4 strings that end the answer.")
-    stream: bool = False
+    stream: bool = Field(False, strict=True, description="true or false (a JSON boolean).")
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     n: int = Field(1, ge=1, le=1, description="Only one answer per request.")
 
@@ -36,11 +36,29 @@ class CompletionBody(_Sampling):
     max_tokens: int = Field(16, ge=1, le=MAX_TOKENS_LIMIT)
 
 
+class TextPart(BaseModel):
+    """One part of a message's content in OpenAI's list form; only text parts can be read."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["text"]
+    text: str
+
+
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "user", "assistant"]
-    content: str = Field(..., max_length=100_000)
+    content: Union[str, list[TextPart]] = Field(..., description="Text, or OpenAI's list of text parts.")
+
+    @field_validator("content")
+    @classmethod
+    def _as_text(cls, content: str | list[TextPart]) -> str:
+        # Current OpenAI clients may send [{"type": "text", "text": ...}]; the parts are joined.
+        text = content if isinstance(content, str) else "".join(part.text for part in content)
+        if len(text) > 100_000:
+            raise ValueError("a message holds at most 100,000 characters")
+        return text
 
 
 class ChatBody(_Sampling):
