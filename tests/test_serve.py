@@ -328,6 +328,10 @@ def test_a_snapshot_is_a_checkpoint_of_the_current_state(client):
     assert client.post("/v1/snapshots", json={"name": "../x"}, headers=AUTH).status_code == 422
     for name in (".", ".."):  # the snapshots folder itself, or the ledger's
         assert client.post("/v1/snapshots", json={"name": name}, headers=AUTH).status_code == 422, name
+    grace = _edit(client, REQS[1], method="grace", hparams={})  # a codebook: no plain checkpoint holds it
+    r = client.post("/v1/snapshots", json={"name": "with-grace"}, headers=AUTH)
+    assert r.status_code == 409 and f"{grace['id']} (grace)" in r.json()["error"]["message"], r.text
+    assert not (client.service.ledger.folder / "snapshots" / "with-grace").exists()
 
 
 def test_the_page_is_served(client):

@@ -398,6 +398,14 @@ def create_app(service: Service) -> FastAPI:
             raise ApiError(409, f"Snapshot {name!r} already exists.", "snapshot_exists")
 
         def write(twin):
+            # Name the edits a plain checkpoint cannot hold by what a client can act on: their ids.
+            stuck = [r for r in service.ledger.live() if r.patch_id in {
+                e.patch.patch_id for e in twin.stack.entries if not e.patch.mergeable}]
+            if stuck:
+                ids = ", ".join(f"{r.id} ({r.method})" for r in stuck)
+                raise ApiError(409, f"Edit(s) {ids} add modules or memories a plain checkpoint cannot hold; revert "
+                                    "them (DELETE /v1/edits/ID) to snapshot the rest, or keep serving them as "
+                                    "patches.", "not_mergeable")
             write_merged(twin, out, {"generation": service.ledger.generation,
                                      "state_fingerprint": service.ledger.state_fingerprint})
             return {"object": "snapshot", "name": name, "path": str(out), "generation": service.ledger.generation,
