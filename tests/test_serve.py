@@ -295,9 +295,17 @@ def test_a_misspelt_request_field_is_refused_not_dropped(client):
     assert r.status_code == 400 and "did you mean 'rephrase'" in r.json()["error"]["message"], r.text
 
 
-def test_a_failed_edit_is_recorded_and_the_service_goes_on(client):
-    bad = _edit(client, REQS[0], hparams={**ROME, "layer": 99})
-    assert bad["status"] == "failed" and bad["error"]
+def test_a_failed_edit_is_recorded_and_the_service_goes_on(client, monkeypatch):
+    r = client.post("/v1/edits", json={"requests": REQS[0].to_dict(), "hparams": {**ROME, "layer": 99}}, headers=AUTH)
+    assert r.status_code == 400 and "Layer 99 does not exist" in r.json()["error"]["message"]  # refused at once
+
+    def fails(*_args, **_kwargs):
+        raise lmpatch.LmpatchError("the method gave up")
+
+    with monkeypatch.context() as m:
+        m.setattr(lmpatch, "edit", fails)  # what the worker calls; the request itself is valid
+        bad = _edit(client, REQS[0])
+    assert bad["status"] == "failed" and bad["error"] == "the method gave up"
     assert client.get("/v1/models").json()["data"][0]["generation"] == 0
     assert _edit(client, REQS[0])["status"] == "committed"
 

@@ -5,7 +5,7 @@ from dataclasses import asdict
 from typing import Any, Sequence
 
 from lmpatch.errors import InvalidRequestError
-from lmpatch.methods.hparams import with_overrides
+from lmpatch.methods.hparams import check_layers, with_overrides
 from lmpatch.methods.registry import get_method
 from lmpatch.model.context import memories_paused
 from lmpatch.model.fits import check_requests_fit
@@ -45,5 +45,6 @@ def edit(
             f"hparams for {info.name} must be a dict or {info.hparams.__name__}, got {type(hparams).__name__}."
         )
     hp = with_overrides(info.hparams, {**base, **overrides})
+    check_layers(hp, model)
     with memories_paused():  # an edit is computed from the model's own reading of the edit prompt
         return info.edit(model, reqs, hp)

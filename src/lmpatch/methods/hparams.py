@@ -37,6 +37,19 @@ def with_overrides(cls: type, overrides: dict[str, Any] | Any | None):
     return cls(**values)
 
 
+def check_layers(hparams: Any, model: Any) -> None:
+    """The layer indices a user set (``layer``, ``layers``) exist in ``model``, checked
+    before any work: the service queued an edit with ``layer=99`` and failed it later,
+    where every other mistake in the same request is refused at once. Encoder-decoders
+    are left to their methods, whose layers may count one stack only."""
+    if model.spec.encoder_decoder:
+        return
+    for name in ("layer", "layers"):
+        value = getattr(hparams, name, None)
+        for layer in value if isinstance(value, (tuple, list)) else () if value is None else (value,):
+            model.spec.check_layer(layer)
+
+
 def _coerce(name: str, value: Any, hint: Any) -> Any:
     """Accept CLI strings and JSON lists for typed fields."""
     origin = typing.get_origin(hint)

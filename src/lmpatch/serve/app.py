@@ -267,14 +267,14 @@ def create_app(service: Service) -> FastAPI:
     @app.post("/v1/edits", status_code=202)
     def make_edit(body: EditBody, actor: str = Depends(writer),
                   idempotency_key: str | None = Header(None, max_length=200)):
-        from lmpatch.methods.hparams import with_overrides
+        from lmpatch.methods.hparams import check_layers, with_overrides
         from lmpatch.methods.registry import get_method
         from lmpatch.model.fits import check_requests_fit
         from lmpatch.request import EditRequest
 
         info = get_method(body.method)
         info.check_model(service.model)
-        with_overrides(info.hparams, body.hparams)  # a typo is refused now, not in the background
+        check_layers(with_overrides(info.hparams, body.hparams), service.model)  # refused now, not in the background
         items = body.requests if isinstance(body.requests, list) else [body.requests]
         if not items:
             raise ApiError(422, "requests: give at least one edit request.", "invalid_body")
