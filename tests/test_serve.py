@@ -524,3 +524,21 @@ def test_the_ledger_commits_inside_the_swap_so_no_request_meets_the_old_model():
     with pytest.raises(RuntimeError):
         state.swap_in(patch, failing)
     assert patch.patch_id not in state.model.stack and state.generation == 2
+
+
+def test_an_edit_that_stops_the_service_every_time_is_failed_not_requeued_forever(tmp_path):
+    """A kill while computing requeues the edit; after MAX_RESTARTS such kills it is failed."""
+    from lmpatch.serve.ledger import MAX_RESTARTS, Ledger
+
+    ledger = Ledger(tmp_path / "ledger")
+    rec, _ = ledger.add(actor="t", kind="edit", method="rome", hparams={}, requests=[REQS[0].to_dict()])
+    for restart in range(1, MAX_RESTARTS):
+        assert ledger.start(rec.id, "computing")  # ... and the process is killed here
+        assert [r.id for r in ledger.interrupted()] == [rec.id]
+        again = ledger.get(rec.id)
+        assert again.status == "queued" and again.timings["restarts"] == restart
+    assert ledger.start(rec.id, "computing")
+    assert ledger.interrupted() == []
+    failed = ledger.get(rec.id)
+    assert failed.status == "failed" and f"{MAX_RESTARTS} times" in failed.error
+    ledger.close()

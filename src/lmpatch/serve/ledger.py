@@ -60,6 +60,8 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 STATUSES = ("queued", "running", "committed", "failed", "reverting", "reverted", "cancelled")
 #: statuses whose edit is in the model state
 LIVE = ("committed", "reverting")
+#: restarts during one edit's computation after which it is failed rather than queued again
+MAX_RESTARTS = 3
 
 
 class LedgerMismatchError(LmpatchError):
@@ -232,10 +234,22 @@ class Ledger:
         return [EditRecord.from_row(r) for r in rows]
 
     def interrupted(self) -> list[EditRecord]:
-        """Work a kill cut short, oldest first: edits to compute (again) and reverts to finish."""
+        """Work a kill cut short, oldest first: edits to compute (again) and reverts to finish.
+
+        An edit the service was computing each of the last :data:`MAX_RESTARTS` times it
+        stopped is failed instead of queued again: if the edit itself brings the service
+        down (memory, a runaway input), requeueing it would bring it down at every start."""
         with self._tx() as db:
-            db.execute("UPDATE edits SET status = 'queued', progress = 'requeued after a restart' "
-                       "WHERE status = 'running'")
+            for row in db.execute("SELECT id, timings FROM edits WHERE status = 'running'").fetchall():
+                timings = json.loads(row["timings"] or "{}")
+                timings["restarts"] = int(timings.get("restarts", 0)) + 1
+                if timings["restarts"] >= MAX_RESTARTS:
+                    db.execute("UPDATE edits SET status = 'failed', finished = ?, timings = ?, error = ? WHERE id = ?",
+                               (time.time(), json.dumps(timings), f"The service stopped while computing this edit "
+                                f"{timings['restarts']} times; it is not tried again.", row["id"]))
+                else:
+                    db.execute("UPDATE edits SET status = 'queued', progress = 'requeued after a restart', "
+                               "timings = ? WHERE id = ?", (json.dumps(timings), row["id"]))
             rows = db.execute("SELECT * FROM edits WHERE status IN ('queued', 'reverting') ORDER BY created").fetchall()
         return [EditRecord.from_row(r) for r in rows]
 
