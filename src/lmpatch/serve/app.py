@@ -102,6 +102,11 @@ class _GenerationHeader:
         return await self.app(scope, receive, stamped)
 
 
+def _reused(exc: IdempotencyConflictError) -> ApiError:
+    """The answer to an Idempotency-Key used before for another request."""
+    return ApiError(422, str(exc), "idempotency_key_reused")
+
+
 def _union_tag(part: Any) -> bool:
     """pydantic's name for the branch of a union it tried ("str", "dict[str,any]"): noise to a client."""
     return isinstance(part, str) and (part in ("str", "int", "float", "bool", "none") or "[" in part
@@ -256,7 +261,7 @@ def create_app(service: Service) -> FastAPI:
         try:
             return service.ledger.replay(key, **request)
         except IdempotencyConflictError as exc:
-            raise ApiError(422, str(exc), "idempotency_key_reused") from exc
+            raise _reused(exc) from exc
 
     def _edit_answer(rec, status: int) -> JSONResponse:
         body = rec.public() | {"status_url": f"/v1/edits/{rec.id}"}
@@ -291,7 +296,7 @@ def create_app(service: Service) -> FastAPI:
             rec, created = service.ledger.add(actor=body.actor or actor, kind="edit", method=info.name,
                                               hparams=body.hparams, requests=requests, idempotency_key=idempotency_key)
         except IdempotencyConflictError as exc:
-            raise ApiError(422, str(exc), "idempotency_key_reused") from exc
+            raise _reused(exc) from exc
         if created:
             service.worker.submit(Job(kind="edit", edit_id=rec.id))
         return _edit_answer(rec, 202 if created else 200)
@@ -381,7 +386,7 @@ def create_app(service: Service) -> FastAPI:
                 patch=(patch.patch_id, str(path), file_sha256(path)))
         except IdempotencyConflictError as exc:
             path.unlink(missing_ok=True)
-            raise ApiError(422, str(exc), "idempotency_key_reused") from exc
+            raise _reused(exc) from exc
         if created:
             service.worker.submit(Job(kind="edit", edit_id=rec.id))
         else:
