@@ -238,7 +238,7 @@ def test_mend_edits_exactly_the_layers_asked_for_and_names_a_bad_one(model, tmp_
     patch = lmpatch.edit(model, REQS[0], "mend", **FAST["mend"])
     spec = model.spec
     assert {d.param for d in patch.parts} == {f"{p}.weight" for p in (*spec.layers[0].mlp_in, spec.layers[0].mlp_out)}
-    with pytest.raises(lmpatch.LmpatchError, match="layers must be indices"):
+    with pytest.raises(lmpatch.LmpatchError, match=f"Layer {spec.n_layers} does not exist"):
         lmpatch.edit(model, REQS[0], "mend", **{**FAST["mend"], "layers": (spec.n_layers,)})
 
 

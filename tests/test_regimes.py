@@ -118,8 +118,11 @@ def test_sequential_refuses_a_directory_of_another_run(tiny, tmp_path):  # noqa:
     from lmpatch.errors import LmpatchError
 
     run_sequential(tiny, tiny_requests(2), seeded_patch, tmp_path, batch_size=1, progress=False, metrics=["reliability"])
-    with pytest.raises(LmpatchError, match="other requests or another batch size"):
+    with pytest.raises(LmpatchError, match="holds a different run .batch_size: 1 there, 2 now"):  # run.json says so
         run_sequential(tiny, tiny_requests(2), seeded_patch, tmp_path, batch_size=2, progress=False,
+                       metrics=["reliability"])
+    with pytest.raises(LmpatchError, match="other requests or another batch size"):  # the saved updates say so
+        run_sequential(tiny, tiny_requests(2)[::-1], seeded_patch, tmp_path, batch_size=1, progress=False,
                        metrics=["reliability"])
 
 
