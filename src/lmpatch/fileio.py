@@ -62,6 +62,15 @@ def share_like_new_files(path: str | os.PathLike) -> None:
         os.chmod(file, mode)
 
 
+def write_failure(exc: BaseException) -> str:
+    """What went wrong in a failed write, for a one-line error: the OS's words for an
+    ``OSError``, the part after safetensors' own prefix for its errors (it reports a full
+    disk as "Error while serializing: I/O error: No space left on device")."""
+    if isinstance(exc, OSError):
+        return exc.strerror or str(exc)
+    return str(exc).split(": ", 1)[-1]
+
+
 def writable_file_problem(path: str | os.PathLike) -> str | None:
     """Why a file could not be written at ``path`` (None when it can), found without writing it.
 

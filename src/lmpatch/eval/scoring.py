@@ -176,7 +176,7 @@ def generate_ids(
     (:class:`lmpatch.model.stops.CompletionCriterion`). Without either nothing changes:
     ``generate`` gets exactly the same arguments.
     """
-    prompts = [prompts] if isinstance(prompts, str) else list(prompts) if prompts is not None else [None]
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts or ())  # read once: it may be a generator
     if not all(isinstance(p, str) for p in prompts):
         raise InvalidRequestError("prompts must be a list of strings.")
     limits = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)

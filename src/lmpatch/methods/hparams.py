@@ -44,10 +44,11 @@ def check_layers(hparams: Any, model: Any) -> None:
     are left to their methods, whose layers may count one stack only."""
     if model.spec.encoder_decoder:
         return
-    for name in ("layer", "layers"):
-        value = getattr(hparams, name, None)
-        for layer in value if isinstance(value, (tuple, list)) else () if value is None else (value,):
-            model.spec.check_layer(layer)
+    chosen = getattr(hparams, "layers", None) or ()
+    if getattr(hparams, "layer", None) is not None:
+        chosen = (*chosen, hparams.layer)
+    for layer in chosen:
+        model.spec.check_layer(layer)
 
 
 def _coerce(name: str, value: Any, hint: Any) -> Any:

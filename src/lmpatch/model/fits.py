@@ -9,7 +9,7 @@ at once, in the same words.
 """
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import Iterable
 
 from lmpatch.errors import InvalidRequestError
 from lmpatch.model.loading import LoadedModel
@@ -24,15 +24,6 @@ def check_fits(model: LoadedModel, prompt_tokens: int, new_tokens: int, budget: 
     if limit is not None and prompt_tokens + new_tokens > limit:
         raise InvalidRequestError(f"{what} ({prompt_tokens} tokens) plus {budget} ({new_tokens}) exceeds the "
                                   f"model's {limit} positions; shorten the prompt or lower {budget}.")
-
-
-def check_prompts_fit(model: LoadedModel, prompts: Sequence[str], max_new_tokens: Sequence[int]) -> None:
-    """Every (chat-wrapped) prompt and its generation budget within the model's positions."""
-    if model.context_length is None:
-        return
-    for k, (text, budget) in enumerate(zip(model.format_prompts(list(prompts)), max_new_tokens)):
-        what = "The prompt" if len(prompts) == 1 else f"Prompt {k + 1}"
-        check_fits(model, len(encode(model.tokenizer, text)), budget, what=what)
 
 
 def check_requests_fit(model: LoadedModel, requests: Iterable[EditRequest]) -> None:

@@ -66,7 +66,7 @@ def write(patch: Patch, path: str | os.PathLike) -> Path:
     from safetensors import SafetensorError
     from safetensors.torch import save_file
 
-    from lmpatch.fileio import atomic_path, writable_file_problem
+    from lmpatch.fileio import atomic_path, writable_file_problem, write_failure
 
     path = Path(path).expanduser()
     problem = writable_file_problem(path)
@@ -75,10 +75,8 @@ def write(patch: Patch, path: str | os.PathLike) -> Path:
     try:
         with atomic_path(path) as tmp:
             save_file(tensors(patch), str(tmp), metadata={MANIFEST_KEY: json.dumps(manifest(patch))})
-    except OSError as exc:
-        raise PatchError(f"Could not write patch to '{path}': {exc.strerror or exc}.") from exc
-    except SafetensorError as exc:  # safetensors reports its own I/O errors (a full disk) this way
-        raise PatchError(f"Could not write patch to '{path}': {str(exc).split(': ', 1)[-1]}.") from exc
+    except (OSError, SafetensorError) as exc:  # safetensors reports its own I/O errors (a full disk) as the latter
+        raise PatchError(f"Could not write patch to '{path}': {write_failure(exc)}.") from exc
     return path
 
 

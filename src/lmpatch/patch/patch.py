@@ -28,7 +28,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from lmpatch.errors import LmpatchError, PatchError
-from lmpatch.fileio import atomic_dir, atomic_write_json
+from lmpatch.fileio import atomic_dir, atomic_write_json, write_failure
 from lmpatch.model.stamp import weight_stamp
 from lmpatch.patch.jsonable import canonical_json, json_dict
 from lmpatch.patch.parts import PART_KINDS, ModuleAddition, RetrievalMemory, WeightDelta
@@ -342,10 +342,8 @@ def write_merged(model: Any, out_dir: str | os.PathLike, record: dict | None = N
                 "base_fingerprint": model.fingerprint,
                 "merged_at": _now(),
             })
-    except OSError as exc:
-        raise PatchError(f"Could not write the merged checkpoint to '{out}': {exc.strerror or exc}.") from exc
-    except SafetensorError as exc:
-        raise PatchError(f"Could not write the merged checkpoint to '{out}': {str(exc).split(': ', 1)[-1]}.") from exc
+    except (OSError, SafetensorError) as exc:
+        raise PatchError(f"Could not write the merged checkpoint to '{out}': {write_failure(exc)}.") from exc
     return out
 
 

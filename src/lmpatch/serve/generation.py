@@ -228,7 +228,7 @@ class Batcher:
                 prompt = encode(model.tokenizer, job.build_prompt(model))
                 if not prompt:
                     raise LmpatchError("The prompt is empty: give the text the answer should continue.")
-                _check_length(model, len(prompt), job.sampling.max_tokens)
+                check_fits(model, len(prompt), job.sampling.max_tokens, budget="max_tokens")
                 job.prompt_tokens = len(prompt)
                 rows.append(job)
                 ids.append(prompt)
@@ -266,11 +266,6 @@ def _decode(model: LoadedModel, ids: list[list[int]], s: Sampling, max_new: int,
         model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new,
                        num_beams=1, pad_token_id=pad, eos_token_id=sorted(model.stop_ids), streamer=router,
                        stopping_criteria=StoppingCriteriaList([router]), **extra)
-
-
-def _check_length(model: LoadedModel, prompt_tokens: int, max_tokens: int) -> None:
-    """Refuse a request the model cannot hold (prompt + answer beyond its positions)."""
-    check_fits(model, prompt_tokens, max_tokens, budget="max_tokens")
 
 
 def _first_stop(text: str, stops: tuple[str, ...]) -> int | None:
