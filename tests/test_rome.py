@@ -95,6 +95,7 @@ def test_rome_runs_and_reverts_on_every_architecture(arch):
     layer = model.spec.depth_layer(ROMEHparams().layer_fraction)
     assert d.param == model.spec.layers[layer].mlp_out + ".weight"
     assert d.rank == 1
+    assert patch.hparams["layer"] == layer   # the layer chosen from the depth is recorded, not None
     param = dict(model.model.named_parameters())[d.param]
     assert d.shape == tuple(param.shape)
     for n, p in model.model.named_parameters():  # edit() left the model alone

@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import partial
 from typing import Callable, Sequence, TypeVar
 
 import torch
 
 from lmpatch.errors import InvalidRequestError, LmpatchError
+from lmpatch.methods.hparams import recorded
 from lmpatch.methods.registry import Method, register
 from lmpatch.methods.teacher import OBJECTIVES, PROMPT_LAST, TARGET_NEW, TargetBatch, target_batch, target_nll
 from lmpatch.model.loading import LoadedModel
@@ -300,7 +301,7 @@ def apply_ft(
     log.debug("%s on %d request(s): %s", method, len(requests), {k: metrics[k] for k in ("steps", "final_loss")})
     return Patch(
         parts=deltas, method=method, model_fingerprint=model.fingerprint, model_name=model.name,
-        hparams=asdict(hp), requests=requests, metrics=metrics,
+        hparams=recorded(hp, layers=ft_layers(model, hp)), requests=requests, metrics=metrics,
     )
 
 

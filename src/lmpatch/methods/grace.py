@@ -36,13 +36,14 @@ import hashlib
 import logging
 import time
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
 from torch import nn
 
 from lmpatch.errors import InvalidRequestError
+from lmpatch.methods.hparams import recorded
 from lmpatch.methods.registry import Method, register
 from lmpatch.methods.teacher import TARGET_NEW, target_batch, target_nll
 from lmpatch.model.hooks import capture_input, capture_output, edit_output, record_outputs, replay_outputs
@@ -186,7 +187,7 @@ def apply_grace(model: LoadedModel, requests: Sequence[EditRequest], hp: GraceHp
     )
     return Patch(
         parts=[ModuleAddition.of(place, book)], method="grace", model_fingerprint=model.fingerprint,
-        model_name=model.name, hparams=asdict(hp), requests=requests,
+        model_name=model.name, hparams=recorded(hp, layer=layer), requests=requests,
         metrics={"edit": {"layer": layer, "entries": len(entries), "requests": infos}},
     )
 

@@ -84,3 +84,16 @@ def _to_tuple(value):
 
 def as_dict(hparams: Any) -> dict:
     return dataclasses.asdict(hparams)
+
+
+def recorded(hparams: Any, **chosen: Any) -> dict:
+    """The hyperparameters as a patch records them: ``None`` fields ("chosen from the
+    model") replaced by what the method chose (``layer=17``), so ``inspect`` and a later
+    reader see the layer that was edited, not ``null``."""
+    out = dataclasses.asdict(hparams)
+    for name, value in chosen.items():
+        if name not in out:
+            raise KeyError(f"{type(hparams).__name__} has no field {name!r}")
+        if out[name] is None:
+            out[name] = list(value) if isinstance(value, (tuple, list)) else value
+    return out

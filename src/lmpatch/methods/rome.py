@@ -15,6 +15,7 @@ from typing import Sequence
 
 import torch
 
+from lmpatch.methods.hparams import recorded
 from lmpatch.methods.locate.batch import weight_delta
 from lmpatch.methods.locate.hparams import LocateHparams
 from lmpatch.methods.locate.prepare import locate_one_offs
@@ -148,20 +149,14 @@ def apply_rome(model: LoadedModel, requests: Sequence[EditRequest], hp: ROMEHpar
         log.debug("%s edit %r: %s", method, request.prompt, info)
         parts.append(Patch(
             parts=[delta], method=method, model_fingerprint=model.fingerprint, model_name=model.name,
-            hparams=_hparams_dict(hp), requests=[request], metrics={"edit": info},
+            hparams=recorded(hp, layer=layer), requests=[request], metrics={"edit": info},
         ))
     if len(parts) == 1:
         return parts[0]
     merged = compose(parts)
     merged.method = method
-    merged.hparams = _hparams_dict(hp)
+    merged.hparams = recorded(hp, layer=layer)
     return merged
-
-
-def _hparams_dict(hp: ROMEHparams) -> dict:
-    from dataclasses import asdict
-
-    return asdict(hp)
 
 
 def _one_offs(model: LoadedModel, hp: ROMEHparams):

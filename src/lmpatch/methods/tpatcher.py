@@ -49,12 +49,13 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
 
 from lmpatch.errors import InvalidRequestError
+from lmpatch.methods.hparams import recorded
 from lmpatch.methods.negatives import memory_texts, related_prompts
 from lmpatch.methods.neuron_train import hooked, host_inputs, nll_and_fixed, record_below, replaying
 from lmpatch.methods.neurons import PLAIN, FFNNeurons, MlpForm, mlp_form
@@ -232,7 +233,7 @@ def apply_tpatcher(model: LoadedModel, requests: Sequence[EditRequest], hp: TPat
     merged = _concat(form, patches)
     return Patch(
         parts=[ModuleAddition.of(form.place, merged)], method="t-patcher", model_fingerprint=model.fingerprint,
-        model_name=model.name, hparams=asdict(hp), requests=requests,
+        model_name=model.name, hparams=recorded(hp, layer=layer), requests=requests,
         metrics={"edit": {"layer": layer, "neurons": len(merged), "memory_inputs": int(memory.shape[0]),
                           "requests": infos}},
     )

@@ -94,7 +94,7 @@ import hashlib
 import logging
 import time
 from contextlib import ExitStack, contextmanager, nullcontext
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -102,6 +102,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmpatch.errors import InvalidRequestError
+from lmpatch.methods.hparams import recorded
 from lmpatch.methods.negatives import pool_sample, related_prompts, swapped_prompts
 from lmpatch.methods.registry import Method, register
 from lmpatch.methods.teacher import TARGET_NEW, target_batch, target_nll
@@ -573,7 +574,7 @@ def apply_wise(model: LoadedModel, requests: Sequence[EditRequest], hp: WiseHpar
                           config={**config, "shard": shard, "edit_act": min(acts)}, state={"values": total})
     return Patch(
         parts=[part], method="wise", model_fingerprint=model.fingerprint, model_name=model.name,
-        hparams=asdict(hp), requests=requests,
+        hparams=recorded(hp, layer=layer), requests=requests,
         metrics={"edit": {"layer": layer, "shard": shard, "earlier_edits": before, "requests": infos}},
     )
 

@@ -23,12 +23,13 @@ import logging
 import math
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
 from lmpatch.errors import LmpatchError
+from lmpatch.methods.hparams import recorded
 from lmpatch.methods.locate.keys import read_at
 from lmpatch.methods.locate.post_norm import input_change
 from lmpatch.methods.locate.target_cache import CachedTarget, TargetCache
@@ -431,5 +432,5 @@ def batch_edit(
     log.debug("%s edit of %d requests: %s", method, len(requests), info)
     return Patch(
         parts=deltas, method=method, model_fingerprint=model.fingerprint, model_name=model.name,
-        hparams=asdict(hp), requests=list(requests), metrics={"edit": info},
+        hparams=recorded(hp, layers=layers), requests=list(requests), metrics={"edit": info},
     )
