@@ -158,6 +158,8 @@ BAD_INPUT = {
                                      "1 of 2 records in {mixed} are not valid edit requests; first, record 2: "),
     "a misspelt field": (["edit", "--requests", "{typo}"], "has a field 'rephrse'; did you mean 'rephrase'?"),
     "a mistyped option": (["edit", "--targt", "Rome"], "No such option: --targt"),
+    "a mistyped global option": (["--verbos"], "No such option: --verbos"),
+    "a global option without its value": (["--device"], "Option '--device' requires an argument"),
     "a value out of range": (["generate", "--prompt", "x", "--max-new-tokens", "0"], "see `lmpatch generate -h`"),
     "a missing argument": (["inspect"], "Missing argument"),
     "a mistyped command": (["edt"], "Did you mean 'edit'?"),

@@ -7,6 +7,8 @@ by typer's test runner instead of :func:`main`.
 """
 from __future__ import annotations
 
+from typing import NoReturn
+
 import typer
 from typer.core import TyperGroup
 
@@ -38,6 +40,13 @@ USER_ERROR = 2
 
 
 class _Group(TyperGroup):
+    def make_context(self, info_name, args, parent=None, **extra):
+        # The group's own options are parsed here, before invoke: `lmpatch --bogus`.
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except UsageError as exc:
+            _usage_error(exc)
+
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
@@ -45,13 +54,17 @@ class _Group(TyperGroup):
             error_line(str(exc))
             raise typer.Exit(USER_ERROR) from None
         except UsageError as exc:
-            # A mistyped option or an out-of-range value is a user mistake like any other:
-            # the same one line, not typer's boxed panel under a usage block.
-            if isinstance(exc, NoArgsIsHelpError):
-                raise  # `lmpatch CMD` with nothing: the help itself
-            hint = f" (see `{exc.ctx.command_path} -h`)" if exc.ctx is not None else ""
-            error_line(f"{exc.format_message().rstrip('.')}{hint}")
-            raise typer.Exit(USER_ERROR) from None
+            _usage_error(exc)
+
+
+def _usage_error(exc: UsageError) -> NoReturn:
+    """A mistyped option or an out-of-range value is a user mistake like any other: the
+    same one line, not typer's boxed panel under a usage block."""
+    if isinstance(exc, NoArgsIsHelpError):
+        raise exc  # `lmpatch CMD` with nothing: the help itself
+    hint = f" (see `{exc.ctx.command_path} -h`)" if exc.ctx is not None else ""
+    error_line(f"{exc.format_message().rstrip('.')}{hint}")
+    raise typer.Exit(USER_ERROR) from None
 
 
 app = typer.Typer(
