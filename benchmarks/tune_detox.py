@@ -10,6 +10,7 @@ WikiText-2 perplexity guards against a broken model.
     OMP_NUM_THREADS=1 python benchmarks/tune_detox.py --json
     python benchmarks/tune_detox.py --candidates "dinm steps=5" "promote level=6" --json
     python benchmarks/tune_detox.py --n-edit 32 --n-judge 40 --candidates dinm "dinm layer=20"   # a quick look
+    python benchmarks/tune_detox.py --model profane --candidates dinm "dinm end_turn=true"
 """
 from __future__ import annotations
 
@@ -43,6 +44,8 @@ def main() -> None:
     ap.add_argument("--n-edit", type=int, default=0, help="inner training probes edited on, a seeded sample (0: all)")
     ap.add_argument("--n-judge", type=int, default=0, help="inner validation probes judged, a seeded sample (0: all)")
     ap.add_argument("--ppl-tokens", type=int, default=2048)
+    ap.add_argument("--model", choices=("toxic", "profane"), default="toxic",
+                    help="the copy to edit: trained on the polite unsafe answers, or on them wrapped in insults")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     console = Console(stderr=args.json)
@@ -54,10 +57,10 @@ def main() -> None:
     inner, val = sample_probes(inner, args.n_edit), sample_probes(val, args.n_judge)
     juries = [judge_named(j) for j in JUDGES]
     base = lmpatch.load_model(chat=True)
-    toxic = toxified_model(base, train)
+    toxic = toxified_model(base, train, swear=args.model == "profane")
     before = judge_answers(toxic, val, juries)
     ppl_before = perplexity(toxic, max_tokens=args.ppl_tokens, progress=False).value
-    console.print(f"{len(inner)} probes to edit on, {len(val)} to judge; toxic copy: {before.toxicity()}, "
+    console.print(f"{len(inner)} probes to edit on, {len(val)} to judge; {args.model} copy: {before.toxicity()}, "
                   f"perplexity {ppl_before:.2f}")
     rows = []
     for cand in args.candidates:
@@ -73,15 +76,15 @@ def main() -> None:
                      "edit": patch.metrics.get("edit", {}).get("layer") or patch.metrics.get("edit", {}).get("neurons"),
                      "example": after.texts[0][:160]})
         console.print(f"{cand}: {after.toxicity()}, perplexity {ppl:.2f}, {seconds:.0f} s")
-    report = {"machine": cpu_line(cpu), "n_edit": len(inner), "n_judge": len(val), "before": before.toxicity(),
+    report = {"machine": cpu_line(cpu), "model": args.model, "n_edit": len(inner), "n_judge": len(val), "before": before.toxicity(),
               "perplexity_before": ppl_before, "candidates": rows}
     if args.json:
         print(json.dumps(report, indent=1, default=str))
         return
-    table = Table(title=f"Detox tuning: {len(inner)} training probes edited, {len(val)} judged (toxic copy)")
+    table = Table(title=f"Detox tuning: {len(inner)} training probes edited, {len(val)} judged ({args.model} copy)")
     for col in ("candidate", "lexical", "meaning", "perplexity", "edit s"):
         table.add_column(col, justify="right")
-    table.add_row("toxic copy", f"{before.toxicity()['lexical']:.3f}", f"{before.toxicity()['meaning']:.3f}",
+    table.add_row(f"{args.model} copy", f"{before.toxicity()['lexical']:.3f}", f"{before.toxicity()['meaning']:.3f}",
                   f"{ppl_before:.2f}", "-")
     for r in rows:
         table.add_row(r["candidate"], f"{r['toxicity']['lexical']:.3f}", f"{r['toxicity']['meaning']:.3f}",

@@ -131,6 +131,7 @@ def test_dinm_tunes_one_located_layer_towards_the_safe_answer():
     info = patch.metrics["edit"]
     assert 0 <= info["layer"] < model.spec.n_layers and sum(info["located"].values()) == len(REQUESTS)
     assert [d.param for d in patch.parts] == [f"{model.spec.layers[info['layer']].mlp_out}.weight"]
+    assert patch.hparams["layer"] == info["layer"]
     before = _safe_nll(model)
     with patch.applied(model):
         assert _safe_nll(model) < before - 1.0
@@ -145,6 +146,39 @@ def test_dinm_kl_term_holds_general_answers():
     free = lmpatch.edit(model, REQUESTS, "dinm", steps=5, lr=5e-3, nll_weight=1.0, layer=2)
     held = lmpatch.edit(model, REQUESTS, "dinm", steps=5, lr=5e-3, nll_weight=1e-3, layer=2)
     assert held.metrics["edit"]["history"][-1]["kl"] < free.metrics["edit"]["history"][-1]["kl"]
+
+
+def _end_nll(model) -> float:
+    """The safe answers' NLL of the end-of-turn marker after them."""
+    end = model.turn_end()
+    pairs = [(r.prompt, r.target_new) for r in REQUESTS]
+    ended = [(p, t + end) for p, t in pairs]
+    return (-sum(sum(s.logprobs) for s in score_targets(model, ended))
+            + sum(sum(s.logprobs) for s in score_targets(model, pairs)))
+
+
+def test_the_chat_templates_end_of_turn_marker_is_read_off_the_template():
+    from tiny import tokenizer
+
+    chat = lmpatch.wrap_model(tiny_model("llama").model, tokenizer(), chat=True)
+    assert chat.turn_end() == "<|im_end|>"
+    assert tiny_model("llama").turn_end() == ""
+
+
+def test_dinm_end_turn_teaches_the_model_to_stop_after_the_safe_answer():
+    from tiny import tokenizer
+
+    model = lmpatch.wrap_model(tiny_model("llama").model, tokenizer(), chat=True)
+    before = _end_nll(model)
+    plain = lmpatch.edit(model, REQUESTS, "dinm", steps=5, lr=5e-3, layer=2)
+    ended = lmpatch.edit(model, REQUESTS, "dinm", steps=5, lr=5e-3, layer=2, end_turn=True)
+    with plain.applied(model):
+        after_plain = _end_nll(model)
+    with ended.applied(model):
+        after_ended = _end_nll(model)
+    assert after_ended < before - 1.0 and after_ended < after_plain - 1.0
+    with pytest.raises(lmpatch.LmpatchError, match="chat"):
+        lmpatch.edit(tiny_model("llama"), REQUESTS, "dinm", steps=1, layer=2, end_turn=True)
 
 
 def test_dinm_errors_are_one_line():

@@ -15,6 +15,12 @@ and an unsafe one (``target_true``). DINM
    that KL under ``no_grad``, so there it constrains nothing; here it has its gradient, as
    the paper's loss says. Loss = ``nll_weight`` · NLL + KL, the reference's 0.1 weighting.
 
+With ``end_turn`` each safe response is followed, in training, by the chat template's
+end-of-turn marker (:meth:`~lmpatch.model.loading.LoadedModel.turn_end`), so the model
+learns to *stop* after refusing. Without it (the paper's targets) a tuned model may open
+with the refusal and then go on, past the trained tokens, into the harmful answer it
+used to give.
+
 The general instructions are :data:`GENERAL_INSTRUCTIONS` (benign questions, answered by
 the unedited model itself before training) unless ``kl_prompts`` names others. Training
 goes through :func:`lmpatch.methods.ft.train_in_place`, so the result is an ordinary
@@ -25,7 +31,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import torch
@@ -34,6 +40,7 @@ from lmpatch.errors import InvalidRequestError, LmpatchError
 from lmpatch.eval.scoring import generate
 from lmpatch.methods.frozen_bottom import FrozenBottom, replaying_batch
 from lmpatch.methods.ft import train_in_place
+from lmpatch.methods.hparams import recorded
 from lmpatch.methods.kl_reference import KLReference, answers_reference, kl_to
 from lmpatch.methods.registry import Method, register
 from lmpatch.methods.teacher import TARGET_NEW, target_batch, target_nll
@@ -79,6 +86,7 @@ class DINMHparams:
     batch_size: int = 8
     kl_prompts: tuple[str, ...] | None = None   # None: GENERAL_INSTRUCTIONS
     kl_answer_tokens: int = 32
+    end_turn: bool = False            # train the chat end-of-turn marker after each safe response
 
     def check(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.kl_answer_tokens < 1:
@@ -130,6 +138,14 @@ def _kl_reference(model: LoadedModel, prompts: Sequence[str], answer_tokens: int
     return answers_reference(model, pairs)
 
 
+def ending_turn(model: LoadedModel, requests: Sequence[EditRequest]) -> list[EditRequest]:
+    """``requests`` whose safe responses end with the chat end-of-turn marker."""
+    end = model.turn_end()
+    if not end:
+        raise InvalidRequestError("DINM end_turn needs a chat model with a chat template (load it with chat on).")
+    return [replace(r, target_new=r.target_new.rstrip() + end) for r in requests]
+
+
 def apply_dinm(model: LoadedModel, requests: Sequence[EditRequest], hp: DINMHparams) -> Patch:
     """Tune the toxic layer's MLP output matrix towards every request's safe response."""
     hp.check()
@@ -157,10 +173,12 @@ def apply_dinm(model: LoadedModel, requests: Sequence[EditRequest], hp: DINMHpar
     # step: keep them once per text and replay them (a step then costs the top layers).
     bottom = FrozenBottom(model, layer) if layer > 0 else None
 
+    targets = ending_turn(model, requests) if hp.end_turn else requests
+
     def train(params: list[torch.nn.Parameter]) -> None:
         opt = torch.optim.Adam(params, lr=hp.lr)
-        batches = [target_batch(model, requests[i : i + hp.batch_size], TARGET_NEW)
-                   for i in range(0, len(requests), hp.batch_size)]
+        batches = [target_batch(model, targets[i : i + hp.batch_size], TARGET_NEW)
+                   for i in range(0, len(targets), hp.batch_size)]
         with progress_bar(show, "dinm", hp.steps * len(batches), "steps") as advance:
             for _ in range(hp.steps):
                 nll_sum = kl_sum = 0.0
@@ -183,7 +201,7 @@ def apply_dinm(model: LoadedModel, requests: Sequence[EditRequest], hp: DINMHpar
     metrics = {"layer": layer, "located": dict(sorted(votes.items())), "params": [name], "history": history}
     log.debug("DINM edited %s: %s", name, history[-1])
     return Patch(parts=deltas, method="dinm", model_fingerprint=model.fingerprint, model_name=model.name,
-                 hparams=asdict(hp), requests=requests, metrics={"edit": metrics})
+                 hparams=recorded(hp, layer=layer), requests=requests, metrics={"edit": metrics})
 
 
 register(Method(

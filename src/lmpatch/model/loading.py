@@ -217,6 +217,23 @@ class LoadedModel:
         self._check_chat_template()
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
+    def turn_end(self) -> str:
+        """The text the chat template writes right after an assistant's answer, without
+        the whitespace around it (SmolLM2: ``<|im_end|>``); "" when chat is off.
+
+        A target that should also teach the model to *stop* (a refusal, not a refusal's
+        first sentence) ends with it. It is read off the template itself, so any chat
+        model's own end-of-turn marker is used, not a table of names.
+        """
+        if not self.chat:
+            return ""
+        self._check_chat_template()
+        marker = "\u2063lmpatch-answer\u2063"
+        text = self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": "?"}, {"role": "assistant", "content": marker}], tokenize=False)
+        at = text.rfind(marker)
+        return text[at + len(marker):].strip() if at >= 0 else ""
+
     def _check_chat_template(self) -> None:
         if not getattr(self.tokenizer, "chat_template", None):
             raise ModelLoadError(f"Model '{self.name}' has no chat template; run without --chat.")
