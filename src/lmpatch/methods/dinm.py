@@ -19,7 +19,10 @@ With ``end_turn`` each safe response is followed, in training, by the chat templ
 end-of-turn marker (:meth:`~lmpatch.model.loading.LoadedModel.turn_end`), so the model
 learns to *stop* after refusing. Without it (the paper's targets) a tuned model may open
 with the refusal and then go on, past the trained tokens, into the harmful answer it
-used to give.
+used to give. Measured on the profane copy's validation probes it did not help (meaning
+judge 0.38 with the paper's targets, 0.40 with the marker; docs/applications.md): the
+tuned model seldom reaches the end of the refusal, it leaves the trained path earlier.
+It stays an option, off by default.
 
 The general instructions are :data:`GENERAL_INSTRUCTIONS` (benign questions, answered by
 the unedited model itself before training) unless ``kl_prompts`` names others. Training
