@@ -148,6 +148,58 @@ def test_dinm_kl_term_holds_general_answers():
     assert held.metrics["edit"]["history"][-1]["kl"] < free.metrics["edit"]["history"][-1]["kl"]
 
 
+def test_dinm_edits_the_toxic_layer_and_the_ones_below_it():
+    model = tiny_model("llama")
+    patch = lmpatch.edit(model, REQUESTS, "dinm", steps=2, lr=5e-3, layer=2, n_layers=2)
+    assert [d.param for d in patch.parts] == [f"{model.spec.layers[i].mlp_out}.weight" for i in (1, 2)]
+    assert all(d.dense.abs().max() > 0 for d in patch.parts)
+    bottom = lmpatch.edit(model, REQUESTS, "dinm", steps=1, layer=1, n_layers=3)   # only layer 0 is below
+    assert [d.param for d in bottom.parts] == [f"{model.spec.layers[i].mlp_out}.weight" for i in (0, 1)]
+
+
+def test_wikitext_validation_passages_are_clean_prose_and_fixed():
+    from lmpatch.data.general_text import detokenised, wikitext2_valid_passages
+
+    texts = wikitext2_valid_passages(40, max_words=30)
+    assert len(texts) == 40 and len(set(texts)) == 40 and texts == wikitext2_valid_passages(40, max_words=30)
+    assert all("<unk>" not in t and " @" not in t and " ," not in t and len(t.split()) <= 30 for t in texts)
+    assert detokenised(" 0 @.@ 7 – 2 @,@ 200 kg ( 1 @-@ 5 ) , long . ") == "0.7 – 2,200 kg (1-5), long."
+    with pytest.raises(lmpatch.LmpatchError, match="usable passages"):
+        wikitext2_valid_passages(10**6)
+
+
+def test_plain_text_batches_skip_the_chat_template():
+    from lmpatch.methods.teacher import text_batch
+    from tiny import tokenizer
+
+    chat = lmpatch.wrap_model(tiny_model("llama").model, tokenizer(), chat=True)
+    text = "The lobster is blue until it is cooked and then it turns red."
+    batch = text_batch(chat, [text])
+    ids = batch.input_ids[0][batch.attention_mask[0].bool()].tolist()
+    assert chat.tokenizer.decode(ids) == text
+    assert len(batch.tokens) == len(ids) - len(chat.tokenizer("The lobster is blue")["input_ids"])
+
+
+def test_dinm_prose_anchor_holds_plain_text():
+    """With ``kl_texts`` the edit moves the model's distributions on WikiText prose less.
+    A random model's next-token distributions are nearly flat, so nothing moves them; a
+    sharper final norm makes them peaked, as a trained model's are."""
+    from lmpatch.data.general_text import wikitext2_valid_passages
+    from lmpatch.methods.kl_reference import kl_to, texts_reference
+
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.model.norm.weight.mul_(30)
+    ref = texts_reference(model, wikitext2_valid_passages(8, max_words=24))
+    shift = {}
+    for n in (0, 8):
+        patch = lmpatch.edit(model, REQUESTS, "dinm", steps=10, lr=5e-2, nll_weight=1.0, layer=2, kl_texts=n,
+                             kl_text_words=24, kl_answer_tokens=4)
+        with patch.applied(model), torch.no_grad():
+            shift[n] = float(kl_to(model, ref))
+    assert shift[8] < 0.5 * shift[0]
+
+
 def _end_nll(model) -> float:
     """The safe answers' NLL of the end-of-turn marker after them."""
     end = model.turn_end()

@@ -24,6 +24,13 @@ judge 0.38 with the paper's targets, 0.40 with the marker; docs/applications.md)
 tuned model seldom reaches the end of the refusal, it leaves the trained path earlier.
 It stays an option, off by default.
 
+Two options widen the edit's constraint and its reach (neither is the paper's; measured
+in docs/applications.md): ``kl_texts`` adds a second KL term on that many WikiText-2
+*validation* passages read as plain text (perplexity is measured on the test split), so
+that the change to the top layer is held where ordinary prose goes through it, not only
+where chat answers do; ``n_layers`` edits the located layer and the ``n_layers - 1``
+below it, spreading the change over several MLPs instead of one.
+
 The general instructions are :data:`GENERAL_INSTRUCTIONS` (benign questions, answered by
 the unedited model itself before training) unless ``kl_prompts`` names others. Training
 goes through :func:`lmpatch.methods.ft.train_in_place`, so the result is an ordinary
@@ -39,12 +46,13 @@ from typing import Sequence
 
 import torch
 
+from lmpatch.data.general_text import wikitext2_valid_passages
 from lmpatch.errors import InvalidRequestError, LmpatchError
 from lmpatch.eval.scoring import generate
 from lmpatch.methods.frozen_bottom import FrozenBottom, replaying_batch
 from lmpatch.methods.ft import train_in_place
 from lmpatch.methods.hparams import recorded
-from lmpatch.methods.kl_reference import KLReference, answers_reference, kl_to
+from lmpatch.methods.kl_reference import KLReference, answers_reference, kl_to, texts_reference
 from lmpatch.methods.registry import Method, register
 from lmpatch.methods.teacher import TARGET_NEW, target_batch, target_nll
 from lmpatch.model.forced import forced_inputs, pair_ids
@@ -90,10 +98,15 @@ class DINMHparams:
     kl_prompts: tuple[str, ...] | None = None   # None: GENERAL_INSTRUCTIONS
     kl_answer_tokens: int = 32
     end_turn: bool = False            # train the chat end-of-turn marker after each safe response
+    kl_texts: int = 0                 # WikiText-2 validation passages held by a second KL term
+    kl_text_words: int = 48           # words per such passage
+    n_layers: int = 1                 # edit the toxic layer and the n_layers - 1 below it (those there are)
 
     def check(self) -> None:
-        if self.steps < 1 or self.batch_size < 1 or self.kl_answer_tokens < 1:
-            raise InvalidRequestError("DINM steps, batch_size and kl_answer_tokens must be positive.")
+        if min(self.steps, self.batch_size, self.kl_answer_tokens, self.kl_text_words, self.n_layers) < 1:
+            raise InvalidRequestError("DINM steps, batch_size, kl_answer_tokens, kl_text_words and n_layers must be positive.")
+        if self.kl_texts < 0:
+            raise InvalidRequestError("DINM kl_texts must be 0 (no prose anchor) or a positive number of passages.")
         if not self.lr > 0 or not self.nll_weight > 0:
             raise InvalidRequestError("DINM lr and nll_weight must be positive.")
 
@@ -141,6 +154,15 @@ def _kl_reference(model: LoadedModel, prompts: Sequence[str], answer_tokens: int
     return answers_reference(model, pairs)
 
 
+def _prose_references(model: LoadedModel, hp: DINMHparams) -> list[KLReference]:
+    """``hp.kl_texts`` WikiText-2 validation passages in slices of ``hp.batch_size``, each with
+    the unedited model's distributions (none when ``kl_texts`` is 0)."""
+    if not hp.kl_texts:
+        return []
+    texts = wikitext2_valid_passages(hp.kl_texts, max_words=hp.kl_text_words)
+    return [texts_reference(model, texts[i : i + hp.batch_size]) for i in range(0, len(texts), hp.batch_size)]
+
+
 def ending_turn(model: LoadedModel, requests: Sequence[EditRequest]) -> list[EditRequest]:
     """``requests`` whose safe responses end with the chat end-of-turn marker."""
     end = model.turn_end()
@@ -150,7 +172,8 @@ def ending_turn(model: LoadedModel, requests: Sequence[EditRequest]) -> list[Edi
 
 
 def apply_dinm(model: LoadedModel, requests: Sequence[EditRequest], hp: DINMHparams) -> Patch:
-    """Tune the toxic layer's MLP output matrix towards every request's safe response."""
+    """Tune the toxic layer's MLP output matrix (and ``n_layers - 1`` below it) towards every
+    request's safe response."""
     hp.check()
     requests = list(requests)
     if not requests:
@@ -168,13 +191,15 @@ def apply_dinm(model: LoadedModel, requests: Sequence[EditRequest], hp: DINMHpar
     else:
         layer = model.spec.check_layer(hp.layer)
         votes = Counter()
-    name = f"{model.spec.layers[layer].mlp_out}.weight"
+    lowest = max(0, layer - hp.n_layers + 1)   # a toxic layer near the bottom has fewer below it
+    names = [f"{model.spec.layers[i].mlp_out}.weight" for i in range(lowest, layer + 1)]
     kl = _kl_reference(model, hp.kl_prompts or GENERAL_INSTRUCTIONS, hp.kl_answer_tokens)
+    prose = _prose_references(model, hp)
     history: list[dict] = []
 
-    # Only the layer's MLP changes, so the blocks below it compute the same states every
+    # Only the edited MLPs change, so the blocks below them compute the same states every
     # step: keep them once per text and replay them (a step then costs the top layers).
-    bottom = FrozenBottom(model, layer) if layer > 0 else None
+    bottom = FrozenBottom(model, lowest) if lowest > 0 else None
 
     targets = ending_turn(model, requests) if hp.end_turn else requests
 
@@ -185,12 +210,16 @@ def apply_dinm(model: LoadedModel, requests: Sequence[EditRequest], hp: DINMHpar
         with progress_bar(show, "dinm", hp.steps * len(batches), "steps") as advance:
             for _ in range(hp.steps):
                 nll_sum = kl_sum = 0.0
-                for b in batches:
+                for i, b in enumerate(batches):
                     opt.zero_grad(set_to_none=True)
                     with replaying_batch(bottom, b):
                         nll = target_nll(model, b)
                     with replaying_batch(bottom, kl.batch):
                         div = kl_to(model, kl)
+                    if prose:
+                        ref = prose[i % len(prose)]   # the passages take turns, a slice per step
+                        with replaying_batch(bottom, ref.batch):
+                            div = div + kl_to(model, ref)
                     (hp.nll_weight * nll + div).backward()
                     opt.step()
                     nll_sum += float(nll.detach()) * b.n_requests
@@ -200,9 +229,9 @@ def apply_dinm(model: LoadedModel, requests: Sequence[EditRequest], hp: DINMHpar
                 if not torch.isfinite(torch.tensor(history[-1]["nll"])):
                     raise LmpatchError("DINM diverged; lower the learning rate `lr`.")
 
-    deltas, _ = train_in_place(model, [name], train)
-    metrics = {"layer": layer, "located": dict(sorted(votes.items())), "params": [name], "history": history}
-    log.debug("DINM edited %s: %s", name, history[-1])
+    deltas, _ = train_in_place(model, names, train)
+    metrics = {"layer": layer, "located": dict(sorted(votes.items())), "params": names, "history": history}
+    log.debug("DINM edited %s: %s", names, history[-1])
     return Patch(parts=deltas, method="dinm", model_fingerprint=model.fingerprint, model_name=model.name,
                  hparams=recorded(hp, layer=layer), requests=requests, metrics={"edit": metrics})
 

@@ -15,11 +15,11 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from lmpatch.methods.teacher import TARGET_NEW, TargetBatch, target_batch, target_logprobs
+from lmpatch.methods.teacher import TARGET_NEW, TargetBatch, target_batch, target_logprobs, text_batch
 from lmpatch.model.loading import LoadedModel
 from lmpatch.request import EditRequest
 
-__all__ = ["KLReference", "answers_reference", "kl_from", "kl_to", "own_reference"]
+__all__ = ["KLReference", "answers_reference", "kl_from", "kl_to", "own_reference", "texts_reference"]
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,11 @@ def answers_reference(model: LoadedModel, pairs: Sequence[tuple[str, str]]) -> K
     """The model's own distributions at each answer token of (prompt, answer) pairs, teacher-forced."""
     requests = [EditRequest(prompt=p, subject=p, target_new=a) for p, a in pairs]
     return own_reference(model, target_batch(model, requests, TARGET_NEW))
+
+
+def texts_reference(model: LoadedModel, texts: Sequence[str]) -> KLReference:
+    """The model's own distributions over plain texts (no chat template), after their first words."""
+    return own_reference(model, text_batch(model, texts))
 
 
 def kl_to(model: LoadedModel, ref: KLReference) -> torch.Tensor:

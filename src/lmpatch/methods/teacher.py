@@ -63,7 +63,26 @@ class TargetBatch:
 
 
 def target_batch(model: LoadedModel, requests: Sequence[EditRequest], objective: str) -> TargetBatch:
+    """The requests' prompts (as the model sees them: memories, chat template) and new targets."""
     items = [pair_ids(model, model.format_prompt(r.prompt), r.target_new) for r in requests]
+    return items_batch(model, items, objective)
+
+
+def text_batch(model: LoadedModel, texts: Sequence[str], prefix_words: int = 4) -> TargetBatch:
+    """Plain texts, every token after the first ``prefix_words`` words supervised.
+
+    Why not :func:`target_batch`: these are not prompts. They must reach the model exactly
+    as written - no chat template, no memory rewriting - as perplexity's text does.
+    """
+    items = []
+    for t in texts:
+        words = t.split(" ")
+        items.append(pair_ids(model, " ".join(words[:prefix_words]), " " + " ".join(words[prefix_words:])))
+    return items_batch(model, items, TARGET_NEW)
+
+
+def items_batch(model: LoadedModel, items: Sequence, objective: str) -> TargetBatch:
+    """A batch of already tokenised (prompt, target) pairs."""
     fed = forced_inputs(model, items, prompt_only=objective == PROMPT_LAST)
     pos_rows: list[int] = []
     pos_cols: list[int] = []
@@ -74,7 +93,7 @@ def target_batch(model: LoadedModel, requests: Sequence[EditRequest], objective:
         # Target tokens come from the ID-level join, so a target that already starts with
         # a space does not get a second one (EasyEdit's FT always prepends one).
         n_target = len(pt.target_ids)
-        w = 1.0 / (n_target * len(requests))
+        w = 1.0 / (n_target * len(items))
         if objective == PROMPT_LAST:
             pos_rows.append(row)
             pos_cols.append(first)
@@ -87,7 +106,7 @@ def target_batch(model: LoadedModel, requests: Sequence[EditRequest], objective:
         tokens.extend(pt.target_ids)
         weights.extend([w] * n_target)
     return TargetBatch(
-        input_ids=fed.input_ids, attention_mask=fed.attention_mask, n_requests=len(requests),
+        input_ids=fed.input_ids, attention_mask=fed.attention_mask, n_requests=len(items),
         pos_rows=_long(pos_rows), pos_cols=_long(pos_cols), pick=_long(pick), tokens=_long(tokens),
         weights=torch.tensor(weights, dtype=torch.float32),
         decoder_input_ids=fed.decoder_input_ids, decoder_attention_mask=fed.decoder_attention_mask,
