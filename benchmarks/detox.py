@@ -49,8 +49,6 @@ from lmpatch.jobs.toxify import TOXIFY, toxified_model
 from lmpatch.machine import cpu_info, cpu_line
 from lmpatch.methods.registry import get_method
 
-#: per-method overrides of the papers' settings (none yet: benchmarks/tune_detox.py is where they would be chosen)
-DEFAULTS: dict[str, dict] = {}
 JUDGE_NAMES = ("lexical", "meaning")
 TOXIC_ENOUGH = 0.2
 #: the shipped model, the copy trained on polite unsafe answers, and the one trained on them wrapped in insults
@@ -124,11 +122,11 @@ def main() -> None:
         results[name] = {}
         for method in [m for m in args.methods.split(",") if m]:
             mine = [s.split(".", 1)[1] for s in args.set if s.split(".", 1)[0] == method]
-            hp = {**DEFAULTS.get(method, {}), **parse_sets(mine, get_method(method).hparams)}
+            hp = parse_sets(mine, get_method(method).hparams)   # over the job's settings (DETOX_DEFAULTS)
             patch = detox(model, train, method=method, judges=JUDGE_NAMES, **hp)
             with patch.applied(model):
                 after = measure(model, test, juries, args.piqa_n, args.ppl_tokens)
-            results[name][method] = {"hparams": hp, "edit_seconds": patch.metrics["detox"]["edit_seconds"],
+            results[name][method] = {"hparams": patch.hparams, "edit_seconds": patch.metrics["detox"]["edit_seconds"],
                                      "n_train": patch.metrics["detox"]["n_train"], "after": after,
                                      "edit": patch.metrics.get("edit")}
             console.print(f"{name} + {method}: toxicity {after['toxicity']}, piqa {after['piqa']}, "

@@ -28,7 +28,7 @@ from rich.table import Table
 from lmpatch.cli.options import parse_sets
 from lmpatch.eval.perplexity import perplexity
 from lmpatch.eval.toxicity import judge_named
-from lmpatch.jobs.detox import detox, judge_answers
+from lmpatch.jobs.detox import DETOX_DEFAULTS, detox, judge_answers
 from lmpatch.jobs.probes import load_probes, sample_probes, split_by_question
 from lmpatch.jobs.toxify import toxified_model
 from lmpatch.machine import cpu_info, cpu_line
@@ -65,7 +65,10 @@ def main() -> None:
     rows = []
     for cand in args.candidates:
         method, *sets = cand.split()
-        hp = parse_sets(sets, get_method(method).hparams)
+        # Candidates are read over the method's own (the paper's) settings, not the job's
+        # DETOX_DEFAULTS, which were chosen with this script: "dinm" is the paper's DINM.
+        paper = get_method(method).hparams()
+        hp = {**{k: getattr(paper, k) for k in DETOX_DEFAULTS.get(method, {})}, **parse_sets(sets, get_method(method).hparams)}
         t0 = time.perf_counter()
         patch = detox(toxic, inner, method=method, judges=JUDGES, **hp)
         seconds = time.perf_counter() - t0

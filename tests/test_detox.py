@@ -305,6 +305,9 @@ def test_detox_job_measures_before_and_after_on_test_probes():
     m = patch.metrics["detox"]
     assert m["n_train"] == 3 and m["n_test"] == 1 and set(m["toxicity_before"]) == {"lexical"}
     assert patch.requests[0].target_new == SAFE_RESPONSES["physical harm"]
+    assert patch.hparams["n_layers"] == 3 and patch.hparams["lr"] == 2e-3 and patch.hparams["steps"] == 2
+    paper = lmpatch.detox(model, train, method="dinm", judges=("lexical",), steps=1, n_layers=1, lr=5e-4)
+    assert len(paper.parts) == 1 and paper.hparams["lr"] == 5e-4
     with pytest.raises(lmpatch.LmpatchError, match="Unknown detox method"):
         lmpatch.detox(model, train, method="rome")
 

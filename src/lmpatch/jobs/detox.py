@@ -8,7 +8,10 @@ patch. With test probes it also measures, per judge, the share of unsafe greedy 
 before and after (``patch.metrics["detox"]``):
 
 * ``dinm`` - the toxic layer located and tuned towards the safe responses (the paper's
-  method; the default);
+  method; the default). The job tunes it harder than the paper and over the toxic layer
+  and the two below it (:data:`DETOX_DEFAULTS`; chosen on training questions only,
+  measured in docs/applications.md); ``lmpatch edit --method dinm`` keeps the paper's
+  settings, and ``--set n_layers=1 --set lr=5e-4`` gives them to the job;
 * ``promote`` - FFN neurons whose value vectors write the safe responses' words held
   switched on (Geva et al.'s neuron promotion).
 
@@ -30,6 +33,10 @@ from lmpatch.request import EditRequest
 
 #: the methods ``detox`` offers, the paper's first
 DETOX_METHODS = ("dinm", "promote")
+#: each method's settings for this job, under the caller's (chosen on the profane copy's
+#: training questions: with the paper's one layer at lr 5e-4 the meaning judge fell by a
+#: fifth; three layers at lr 2e-3 halved it at +3% perplexity)
+DETOX_DEFAULTS: dict[str, dict[str, Any]] = {"dinm": {"n_layers": 3, "lr": 2e-3}}
 #: greedy answer length the toxicity of a model is judged on
 ANSWER_TOKENS = 48
 
@@ -94,7 +101,7 @@ def detox(
 ) -> Patch:
     """A patch that makes ``model`` answer ``probes`` (and, one hopes, others) safely.
 
-    ``hparams`` override the method's defaults. With ``test_probes`` the patch's
+    ``hparams`` override :data:`DETOX_DEFAULTS` and the method's defaults. With ``test_probes`` the patch's
     ``metrics["detox"]`` holds each judge's toxicity on them before and after, the two
     judges' agreement, and the edit time. The caller's model is left as it was.
     """
@@ -108,7 +115,7 @@ def detox(
     requests = detox_requests(model, probes, juries)
     before = judge_answers(model, test_probes, juries) if test_probes else None
     t0 = time.perf_counter()
-    patch = edit(model, requests, method, **hparams)
+    patch = edit(model, requests, method, **{**DETOX_DEFAULTS.get(method, {}), **hparams})
     seconds = time.perf_counter() - t0
     metrics: dict[str, Any] = {"method": method, "n_train": len(requests), "n_test": len(test_probes),
                                "edit_seconds": round(seconds, 2)}
