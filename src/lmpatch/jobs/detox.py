@@ -35,7 +35,7 @@ from lmpatch.request import EditRequest
 DETOX_METHODS = ("dinm", "promote")
 #: each method's settings for this job, under the caller's (chosen on the profane copy's
 #: training questions: with the paper's one layer at lr 5e-4 the meaning judge fell by a
-#: fifth; three layers at lr 2e-3 halved it at +3% perplexity)
+#: fifth; three layers at lr 2e-3 took it to a third at +3% perplexity)
 DETOX_DEFAULTS: dict[str, dict[str, Any]] = {"dinm": {"n_layers": 3, "lr": 2e-3}}
 #: greedy answer length the toxicity of a model is judged on
 ANSWER_TOKENS = 48

@@ -29,7 +29,10 @@ in docs/applications.md): ``kl_texts`` adds a second KL term on that many WikiTe
 *validation* passages read as plain text (perplexity is measured on the test split), so
 that the change to the top layer is held where ordinary prose goes through it, not only
 where chat answers do; ``n_layers`` edits the located layer and the ``n_layers - 1``
-below it, spreading the change over several MLPs instead of one.
+below it, spreading the change over several MLPs instead of one. On the profane copy's
+validation probes three layers at lr 2e-3 took the meaning judge from 0.48 to 0.17 at
++2.7% perplexity (one layer at that rate: 0.37 at +8.9%), so the detox job uses them;
+the prose anchor cut a harder fit's perplexity cost and its gain alike.
 
 The general instructions are :data:`GENERAL_INSTRUCTIONS` (benign questions, answered by
 the unedited model itself before training) unless ``kl_prompts`` names others. Training
