@@ -19,6 +19,7 @@ import torch
 from lmpatch.model.forced import forced_inputs, pair_ids
 from lmpatch.model.loading import LoadedModel
 from lmpatch.request import EditRequest
+from lmpatch.tokens import PromptTarget
 
 PROMPT_LAST = "prompt_last"
 TARGET_NEW = "target_new"
@@ -81,8 +82,8 @@ def text_batch(model: LoadedModel, texts: Sequence[str], prefix_words: int = 4) 
     return items_batch(model, items, TARGET_NEW)
 
 
-def items_batch(model: LoadedModel, items: Sequence, objective: str) -> TargetBatch:
-    """A batch of already tokenised (prompt, target) pairs."""
+def items_batch(model: LoadedModel, items: Sequence[PromptTarget], objective: str) -> TargetBatch:
+    """A batch of already tokenised (prompt, target) pairs: what both builders above share."""
     fed = forced_inputs(model, items, prompt_only=objective == PROMPT_LAST)
     pos_rows: list[int] = []
     pos_cols: list[int] = []
